@@ -1,0 +1,26 @@
+# sphinx-x: the two commands a newcomer runs are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -x -q
+
+demo: $(STAMP)
+	$(BIN)/sphinx-x demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,459 @@
+"""The one cluster spec: a YAML file, validated by pydantic, that drives every stage.
+
+Sections (DESIGN.md §2): ``name``, ``cluster``, ``storage``, ``data``, ``model``,
+``train``, ``serve``. Unknown keys are errors everywhere. The defaults give the embedded
+local setup (local Ray + an S3 server on 127.0.0.1), so ``ClusterSpec()`` is a valid spec.
+
+Credentials are never stored here: the spec names the environment variables that hold them
+(``storage.access_key_id_env``, ``serve.api_keys_env``).
+
+    >>> spec = load_spec("cluster/examples/local.yaml")
+    >>> spec.train.global_batch            # micro_batch * grad_accum * data-parallel size
+    8
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GROUP_RESOURCE_PREFIX = "sphinx_group_"
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}")
+
+
+def _at(field: str, reason: str) -> _FieldError:
+    return _FieldError(field, reason)
+
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _env_name(value: Optional[str]) -> Optional[str]:
+    if value is not None and not _ENV_RE.match(value):
+        raise ValueError(f"must be an environment variable name, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- cluster
+
+
+class NodeGroup(_Strict):
+    """Resources of one node type; the head and every worker group use it."""
+
+    cpus: int = Field(2, ge=0)
+    gpus: int = Field(0, ge=0)
+    memory_gb: float = Field(8, gt=0)
+    instance_type: Optional[str] = None
+    resources: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkerGroup(NodeGroup):
+    name: str
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(1, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"must be a lowercase DNS label (a-z, 0-9, '-'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "WorkerGroup":
+        if self.min_workers > self.max_workers:
+            raise _at("min_workers", f"min_workers ({self.min_workers}) > max_workers ({self.max_workers})")
+        return self
+
+    @property
+    def placement_resource(self) -> str:
+        """Custom resource every node of this group declares; stages placed here ask for it."""
+        return f"{GROUP_RESOURCE_PREFIX}{self.name.replace('-', '_')}"
+
+
+class ClusterSection(_Strict):
+    address: str = "local"
+    image: str = "rayproject/ray:2.60.0-py311-cpu"
+    namespace: str = "default"
+    provider: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "aws", "region": "us-east-1"},
+        description="cluster-launcher provider block (rendered by `render --to launcher`)",
+    )
+    head: NodeGroup = Field(default_factory=NodeGroup)
+    worker_groups: list[WorkerGroup] = Field(default_factory=list)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if v == "local" or re.match(r"^(https?|ray)://[^/\s]+(:\d+)?/?$", v):
+            return v
+        raise ValueError(f"must be 'local' or a URL like http://HEAD:8265, got {v!r}")
+
+    @model_validator(mode="after")
+    def _unique_groups(self) -> "ClusterSection":
+        names = [g.name for g in self.worker_groups]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"worker group names must be unique, repeated: {dupes}")
+        return self
+
+    def group(self, name: Optional[str]) -> Optional[WorkerGroup]:
+        return next((g for g in self.worker_groups if g.name == name), None)
+
+
+# ---------------------------------------------------------------- storage
+
+
+class StorageSection(_Strict):
+    """Where everything lives: an ``s3://bucket/prefix`` or a local directory.
+
+    ``endpoint_url``: ``embedded`` starts moto's S3 server on 127.0.0.1; a URL targets any
+    S3-compatible server; ``null`` means AWS itself.
+    """
+
+    uri: str = "s3://sphinx-x/runs/local"
+    endpoint_url: Optional[str] = "embedded"
+    region: str = "us-east-1"
+    access_key_id_env: Optional[str] = "AWS_ACCESS_KEY_ID"
+    secret_access_key_env: Optional[str] = "AWS_SECRET_ACCESS_KEY"
+    session_token_env: Optional[str] = "AWS_SESSION_TOKEN"
+
+    _env = field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")(
+        classmethod(lambda cls, v: _env_name(v))
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", v):
+                raise ValueError(f"not a valid s3://bucket/prefix URI: {v!r}")
+        elif "://" in v:
+            raise ValueError(f"only s3:// URIs or local paths are supported, got {v!r}")
+        return v.rstrip("/") or v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: Optional[str]) -> Optional[str]:
+        if v in (None, "embedded") or re.match(r"^https?://[^/\s]+", v):
+            return v
+        raise ValueError(f"must be 'embedded', an http(s) URL, or null for AWS, got {v!r}")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    @property
+    def bucket(self) -> Optional[str]:
+        return self.uri[5:].split("/", 1)[0] if self.is_s3 else None
+
+    @model_validator(mode="after")
+    def _embedded_needs_s3(self) -> "StorageSection":
+        if self.endpoint_url == "embedded" and not self.is_s3:
+            # a local path simply ignores the endpoint; keep it quiet but consistent
+            object.__setattr__(self, "endpoint_url", None)
+        return self
+
+
+# ---------------------------------------------------------------- data
+
+
+class SourceSpec(_Strict):
+    """One dataset source. ``ratio`` < 1 subsamples deterministically, > 1 repeats."""
+
+    name: str
+    path: str
+    image_root: Optional[str] = None
+    ratio: float = Field(1.0, gt=0)
+    format: Literal["auto", "json", "jsonl", "webdataset", "parquet"] = "auto"
+
+
+class DataSection(_Strict):
+    sources: list[SourceSpec] = Field(default_factory=list)
+    output: str = "shards"
+    max_seq_len: int = Field(2048, ge=16)
+    overflow: Literal["truncate", "quarantine"] = "truncate"
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    rows_per_shard: int = Field(1024, ge=1)
+    num_cpus_per_worker: float = Field(1, gt=0)
+    concurrency: int = Field(2, ge=1, description="actor-pool size of the tiling stage")
+    group: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "DataSection":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {dupes}")
+        return self
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelSection(_Strict):
+    flavour: str = "debug"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    weights: Optional[str] = None
+    tokenizer: Optional[str] = None
+
+    @field_validator("flavour")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _known_flavour(v)
+
+
+def _known_flavour(name: str) -> str:
+    from models.flavours import FLAVOURS
+
+    if name not in FLAVOURS:
+        raise ValueError(f"unknown flavour {name!r}; known: {sorted(FLAVOURS)}")
+    return name
+
+
+def _is_moe(name: str) -> bool:
+    from models.flavours import FLAVOURS
+
+    return FLAVOURS[name].is_moe
+
+
+# ---------------------------------------------------------------- train
+
+
+class TrainSection(_Strict):
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    group: Optional[str] = None
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    expert_parallel: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    micro_batch: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    aux_loss_weight: float = Field(0.01, ge=0)
+    activation_checkpointing: bool = False
+    train_encoders: bool = False
+    steps: Optional[int] = Field(100, ge=1)
+    epochs: Optional[int] = Field(None, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1)
+    seed: int = 0
+    output: str = "train"
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "TrainSection":
+        if self.workers % self.expert_parallel:
+            raise _at("expert_parallel",
+                      f"expert_parallel ({self.expert_parallel}) must divide workers ({self.workers})")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set steps or epochs")
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.workers
+
+
+# ---------------------------------------------------------------- serve
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: Optional[int] = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2, gt=0)
+    upscale_delay_s: float = Field(5, ge=0)
+    downscale_delay_s: float = Field(30, ge=0)
+    metrics_interval_s: float = Field(1, gt=0)
+    look_back_period_s: float = Field(5, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise _at("min_replicas", f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise _at(
+                "initial_replicas", f"initial_replicas ({self.initial_replicas}) outside "
+                f"[{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class ActorOptions(_Strict):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    memory_gb: Optional[float] = Field(None, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class ServeModel(_Strict):
+    """One family member behind the endpoint.
+
+    ``checkpoint``: a model directory (local or s3://), or ``"@train"`` for the directory
+    this spec's train stage exports; ``null`` builds ``flavour`` with random weights.
+    """
+
+    name: str
+    flavour: Optional[str] = None
+    checkpoint: Optional[str] = None
+    autoscaling_config: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    group: Optional[str] = None
+
+    _flavour = field_validator("flavour")(classmethod(lambda cls, v: v and _known_flavour(v)))
+
+    @model_validator(mode="after")
+    def _source(self) -> "ServeModel":
+        if self.flavour is None and self.checkpoint is None:
+            raise _at("checkpoint", "names no flavour and no checkpoint: set one of them")
+        return self
+
+
+class HttpOptions(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class ServeSection(_Strict):
+    models: list[ServeModel] = Field(default_factory=lambda: [ServeModel(name="sphinx-x-debug", flavour="debug")])
+    http: HttpOptions = Field(default_factory=HttpOptions)
+    api_keys_env: Optional[str] = None
+    allowed_image_hosts: list[str] = Field(default_factory=list)
+    max_request_bytes: int = Field(20 * 2**20, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(4, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+
+    _env = field_validator("api_keys_env")(classmethod(lambda cls, v: _env_name(v)))
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ServeSection":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"serve model names must be unique, repeated: {dupes}")
+        return self
+
+
+# ---------------------------------------------------------------- the spec
+
+
+class ClusterSpec(_Strict):
+    name: str = "sphinx-x"
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"must be a lowercase DNS label (a-z, 0-9, '-'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ClusterSpec":
+        if self.train.expert_parallel > 1 and not _is_moe(self.model.flavour):
+            raise _at("train.expert_parallel", f"expert parallel {self.train.expert_parallel} > 1 "
+                      f"needs an MoE flavour, but model.flavour is dense ({self.model.flavour!r})")
+        groups = {g.name for g in self.cluster.worker_groups}
+        for path, group in [("data.group", self.data.group), ("train.group", self.train.group)] + [
+            (f"serve.models.{i}.group", m.group) for i, m in enumerate(self.serve.models)
+        ]:
+            if group is not None and group not in groups:
+                raise _at(path, f"names no worker group {group!r}; groups: {sorted(groups)}")
+        return self
+
+
+class SpecError(ValueError):
+    """A spec problem with the file, the dotted field path and the reason."""
+
+    def __init__(self, file: str, field: str, reason: str):
+        self.file, self.field, self.reason = file, field, reason
+        super().__init__(f"{file}: {field}: {reason}")
+
+
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    e = err.errors()[0]
+    ctx_err = (e.get("ctx") or {}).get("error")
+    field = ".".join(str(p) for p in e["loc"])
+    if isinstance(ctx_err, _FieldError):
+        return ".".join(p for p in (field, ctx_err.field) if p), ctx_err.reason
+    field = field or "(root)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    elif e.get("input") is not None and e["type"] not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {e['input']!r})"
+    return field, msg
+
+
+def parse_spec(data: Any, file: str = "<spec>") -> ClusterSpec:
+    """Validate a mapping; raise :class:`SpecError` naming the dotted field on failure."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(file, "(root)", f"the spec must be a mapping, got {type(data).__name__}")
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(file, *_first_error(err)) from None
+
+
+def load_spec(path: str | Path) -> ClusterSpec:
+    """Read and validate a spec YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(str(path), "(file)", err.strerror or str(err)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(str(path), "(yaml)", str(err).replace("\n", " ")) from None
+    return parse_spec(data, str(path))
+
+
+def dump_spec(spec: ClusterSpec) -> str:
+    """YAML of a spec, round-trippable through :func:`load_spec`."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+
+def example_path(name: str = "local") -> Path:
+    return EXAMPLES_DIR / f"{name}.yaml"

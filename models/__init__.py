@@ -1,0 +1,1 @@
+"""sphinx-x models layer."""

@@ -1,0 +1,132 @@
+"""The SPHINX-X family: one small typed config per member (DESIGN.md §1).
+
+    >>> f = from_name("tiny")
+    >>> f.grid, f.tile_size, f.is_moe
+    (2, 224, False)
+    >>> from_name("debug", grid=3).grid          # overrides make new flavours
+    3
+
+Real flavours describe the paper's shapes; `debug` / `debug-moe` are the same graph in
+miniature so that every path runs on one CPU core in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+# CLIP normalisation, shared by both encoders. The canvas is padded with the mean colour
+# in uint8 (`mean_u8`) and normalisation subtracts exactly that, so padding becomes 0.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str
+    llm_arch: Literal["llama", "mixtral"]
+    # transformers LlamaConfig / MixtralConfig keyword arguments
+    llm: dict[str, Any]
+    # ConvNextConfig / Dinov2Config keyword arguments and each encoder's input resolution
+    convnext: dict[str, Any]
+    convnext_input: int
+    dino: dict[str, Any]
+    dino_input: int
+    grid: int = 2
+    tile_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    # None: train a BPE tokenizer offline (debug); otherwise an HF tokenizer directory
+    tokenizer: str | None = None
+    max_seq_len: int = 4096
+    notes: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.llm_arch == "mixtral"
+
+    @property
+    def mean_u8(self) -> tuple[int, int, int]:
+        return tuple(int(round(m * 255)) for m in self.mean)  # type: ignore[return-value]
+
+    @property
+    def tokens_per_view(self) -> int:
+        """N: patch tokens + 1 CLS of the DINOv2 branch (the grid both branches share)."""
+        side = self.dino_input // self.dino["patch_size"]
+        return side * side + 1
+
+
+_CONVNEXT_XXL = dict(hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3])
+_DINOV2_G = dict(
+    hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
+    use_swiglu_ffn=True, patch_size=14, image_size=224,
+)
+_LLAMA2_13B = dict(
+    hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+    intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+)
+
+
+def _real(name: str, arch: str, llm: dict[str, Any], **kw: Any) -> Flavour:
+    return Flavour(
+        name=name, llm_arch=arch, llm=llm, convnext=_CONVNEXT_XXL, convnext_input=512,
+        dino=_DINOV2_G, dino_input=224, **kw,
+    )
+
+
+_DEBUG_LLM = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=172, vocab_size=1024, max_position_embeddings=2048, rms_norm_eps=1e-5,
+)
+_DEBUG_VISION = dict(
+    convnext=dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1]),
+    convnext_input=128,  # stride 32 -> 4x4 map
+    dino=dict(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+        use_swiglu_ffn=True, patch_size=8, image_size=32,
+    ),
+    dino_input=32,  # 4x4 patches + CLS = 17 tokens per view
+)
+
+FLAVOURS: dict[str, Flavour] = {
+    f.name: f
+    for f in [
+        _real("tiny", "llama", dict(
+            hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+            intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        ), notes="TinyLlama-1.1B"),
+        _real("intern2", "llama", dict(
+            hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+            intermediate_size=14336, vocab_size=92544, max_position_embeddings=32768,
+            rms_norm_eps=1e-5, rope_theta=1e6,
+        ), notes="InternLM2-7B, bilingual"),
+        _real("plus", "llama", _LLAMA2_13B, notes="LLaMA2-13B"),
+        _real("plus-2k", "llama", _LLAMA2_13B, grid=3, notes="LLaMA2-13B, high resolution"),
+        _real("moe", "mixtral", dict(
+            hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+            intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
+            num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5,
+            router_aux_loss_coef=0.01,
+        ), notes="Mixtral-8x7B, expert parallel"),
+        Flavour(name="debug", llm_arch="llama", llm=_DEBUG_LLM, tile_size=32, max_seq_len=1024,
+                notes="tests and demo", **_DEBUG_VISION),
+        Flavour(name="debug-moe", llm_arch="mixtral", llm=dict(
+            _DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01,
+        ), tile_size=32, max_seq_len=1024, notes="tests and demo, MoE", **_DEBUG_VISION),
+    ]
+}
+
+
+def from_name(name: str, **overrides: Any) -> Flavour:
+    """A flavour by name; overrides replace top-level fields, or LLM keys via ``llm={...}``."""
+    if name not in FLAVOURS:
+        raise KeyError(f"unknown flavour {name!r}; known: {sorted(FLAVOURS)}")
+    base = FLAVOURS[name]
+    known = {f.name for f in fields(Flavour)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise KeyError(f"unknown flavour override(s) {unknown}; known: {sorted(known)}")
+    for key in ("llm", "convnext", "dino"):  # dict fields merge rather than replace
+        if key in overrides:
+            overrides[key] = {**getattr(base, key), **overrides[key]}
+    return replace(base, **overrides)

@@ -1,0 +1,121 @@
+"""`sphinx-x`: the command line (DESIGN.md §2 — a contract: tests and users rely on these names).
+
+Every verb is declared here and dispatched lazily to ``command(args) -> int`` in the module
+that owns it, so `sphinx-x --help` is instant and a verb never imports another's stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+STAGES = ("preprocess", "train", "serve")
+
+
+def _stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise argparse.ArgumentTypeError(f"stages must be a comma list of {','.join(STAGES)}; got {text!r}")
+    return stages
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sphinx-x", description="Prepare data for, train and serve SPHINX-X models on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, target: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(target=target)
+        return sp
+
+    d = verb("demo", "pipelines.demo", "the main job on the embedded default, end to end")
+    d.add_argument("--run-dir", default=None, help="where the report, PNGs and logs go (default: runs/demo-TIMESTAMP)")
+    d.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the report")
+    d.add_argument("--quick", action="store_true", help="smaller data and fewer steps (CI)")
+    d.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+
+    r = verb("run", "pipelines.run", "run the spec's stages in order, locally or as Ray Jobs")
+    r.add_argument("spec")
+    r.add_argument("--stages", type=_stages, default=list(STAGES), help="comma list (default: all)")
+    r.add_argument("--address", default=None, help="Ray Jobs address http://HEAD:8265 (default: the spec's)")
+    r.add_argument("--force", action="store_true", help="re-run stages whose outputs are complete")
+    r.add_argument("--detach", action="store_true", help="leave the serve stage running and return")
+
+    for stage, help in [("preprocess", "tile and tokenize data.sources into Parquet shards"),
+                        ("train", "one-stage DeepSpeed training on Ray Train"),
+                        ("serve", "host serve.models behind an OpenAI-compatible endpoint")]:
+        sp = verb(stage, f"pipelines.{stage}", help)
+        sp.add_argument("spec")
+        sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")
+        if stage == "train":
+            sp.add_argument("--export-from", default=None, metavar="CKPT",
+                            help="only export a consolidated model dir from this checkpoint ('latest' ok)")
+        if stage == "serve":
+            sp.add_argument("--detach", action="store_true", help="deploy and return; the app stays up")
+
+    rd = verb("render", "cluster.render", "render KubeRay / cluster-launcher / Serve YAML from the spec")
+    rd.add_argument("spec")
+    rd.add_argument("--to", required=True, choices=["kuberay", "launcher", "serve"])
+    rd.add_argument("-o", "--output", default=None, help="directory to write into (default: stdout)")
+
+    s = verb("spec", "pipelines.spec_cmd", "spec utilities")
+    s_sub = s.add_subparsers(dest="spec_verb", required=True)
+    sv = s_sub.add_parser("validate", help="validate spec files; exit 2 naming the offending field")
+    sv.add_argument("specs", nargs="+")
+    ss = s_sub.add_parser("show", help="print the spec with all defaults filled in")
+    ss.add_argument("spec")
+
+    t = verb("tiles", "pipelines.inspect", "show how an image is tiled (kept and skipped sub-images)")
+    t.add_argument("image")
+    t.add_argument("--flavour", default="debug")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--png", default=None, metavar="OUT", help="draw canvas, kept and skipped tiles")
+
+    i = verb("info", "pipelines.inspect", "parameter counts (meta device) and token budget of a flavour")
+    i.add_argument("--flavour", default="debug")
+    i.add_argument("--json", action="store_true")
+
+    verb("up", "cluster.runtime", "start a local Ray head + embedded S3 in the background").add_argument(
+        "--spec", default=None, help="spec whose storage to serve (default: the embedded default)")
+    verb("down", "cluster.runtime", "stop what `sphinx-x up` started")
+    verb("status", "cluster.runtime", "show what `sphinx-x up` started and whether it is alive")
+
+    j = verb("jobs", "cluster.jobs", "Ray Jobs on a cluster: list, status, logs, stop")
+    j.add_argument("action", choices=["list", "status", "logs", "stop"])
+    j.add_argument("job_id", nargs="?")
+    j.add_argument("--address", default=None, help="http://HEAD:8265 (default: $RAY_ADDRESS or the spec's)")
+    j.add_argument("--spec", default=None)
+    j.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from cluster.spec import SpecError
+    from models.errors import UserError
+
+    try:
+        module = importlib.import_module(args.target)
+        return int(module.command(args) or 0)
+    except SpecError as err:
+        print(f"spec error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Shared fixtures: ONE embedded S3 server and ONE local Ray per test session.
+
+- ``s3``: moto's S3 server on 127.0.0.1 (cluster.storage.EmbeddedS3); its URL is exported
+  as ``SPHINX_X_S3_ENDPOINT`` so every spec with ``endpoint_url: embedded`` finds it.
+- ``ray_local``: a local Ray started once (4 logical CPUs on the 2-core machine so that
+  2 train workers, Data tasks and Serve replicas can coexist). Tests that need a
+  different cluster (``ray.cluster_utils.Cluster``) call ``ray.shutdown()`` and the next
+  ``ray_local`` user starts the shared one again.
+- ``make_spec``: a spec on the embedded S3 with a unique prefix per test.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+TEST_BUCKET = "sphinx-x-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from cluster.storage import EmbeddedS3
+
+    server = EmbeddedS3()
+    server.start()
+    old = os.environ.get("SPHINX_X_S3_ENDPOINT")
+    os.environ["SPHINX_X_S3_ENDPOINT"] = server.endpoint_url
+    try:
+        yield server
+    finally:
+        server.stop()
+        if old is None:
+            os.environ.pop("SPHINX_X_S3_ENDPOINT", None)
+        else:
+            os.environ["SPHINX_X_S3_ENDPOINT"] = old
+
+
+@pytest.fixture
+def ray_local(s3):
+    """The session's local Ray, (re)started on demand."""
+    import ray
+
+    from cluster.storage import embedded_worker_env
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": embedded_worker_env(s3.endpoint_url)},
+        )
+    yield ray
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def make_spec(s3, tmp_path):
+    """Build a ClusterSpec on the embedded S3 under a unique prefix; kwargs are sections."""
+    from cluster.spec import parse_spec
+
+    def _make(**sections):
+        data = {"name": "test", "storage": {"uri": f"s3://{TEST_BUCKET}/{uuid.uuid4().hex[:10]}",
+                                            "endpoint_url": "embedded"}}
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return parse_spec(data, "test-spec")
+
+    return _make
