@@ -69,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     ss = s_sub.add_parser("show", help="print the spec with all defaults filled in")
     ss.add_argument("spec")
 
-    t = verb("tiles", "pipelines.inspect", "show how an image is tiled (kept and skipped sub-images)")
+    t = verb("tiles", "pipelines.tiles", "show how an image is tiled (kept and skipped sub-images)")
     t.add_argument("image")
     t.add_argument("--flavour", default="debug")
     t.add_argument("--json", action="store_true")
     t.add_argument("--png", default=None, metavar="OUT", help="draw canvas, kept and skipped tiles")
 
-    i = verb("info", "pipelines.inspect", "parameter counts (meta device) and token budget of a flavour")
+    i = verb("info", "pipelines.info", "parameter counts (meta device) and token budget of a flavour")
     i.add_argument("--flavour", default="debug")
     i.add_argument("--json", action="store_true")
 
