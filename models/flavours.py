@@ -39,7 +39,27 @@ class Flavour:
     # None: train a BPE tokenizer offline (debug); otherwise an HF tokenizer directory
     tokenizer: str | None = None
     max_seq_len: int = 4096
+    # encoders are frozen in the paper's one-stage recipe; False trains them too
+    freeze_vision: bool = True
+    # "sdpa" or "eager"; both handle left padding on CPU
+    attn_implementation: str = "sdpa"
     notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (checkpoint config.json stores the full flavour)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Flavour":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KeyError(f"unknown flavour field(s) {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
 
     @property
     def is_moe(self) -> bool:
@@ -74,18 +94,22 @@ def _real(name: str, arch: str, llm: dict[str, Any], **kw: Any) -> Flavour:
     )
 
 
+# debug: the same graph in miniature. 48 px tiles (a 96 px canvas at G = 2) leave enough
+# pixels to learn colour, shape, counting and short rendered words in a few CPU minutes;
+# both encoders land on a 4×4 grid, so N = 17 tokens per view (19 LLM tokens with start/end).
 _DEBUG_LLM = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=172, vocab_size=1024, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=352, vocab_size=1024, max_position_embeddings=2048, rms_norm_eps=1e-5,
 )
 _DEBUG_VISION = dict(
-    convnext=dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1]),
-    convnext_input=128,  # stride 32 -> 4x4 map
+    # 3 stages: stem /4, then /2, /2 -> stride 16; a 64 px input gives a 4×4×96 map
+    convnext=dict(num_stages=3, hidden_sizes=[32, 64, 96], depths=[1, 1, 1]),
+    convnext_input=64,
     dino=dict(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-        use_swiglu_ffn=True, patch_size=8, image_size=32,
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+        use_swiglu_ffn=True, patch_size=12, image_size=48,
     ),
-    dino_input=32,  # 4x4 patches + CLS = 17 tokens per view
+    dino_input=48,  # 4×4 patches of 12 px + CLS = 17 tokens per view
 )
 
 FLAVOURS: dict[str, Flavour] = {
@@ -108,11 +132,11 @@ FLAVOURS: dict[str, Flavour] = {
             num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5,
             router_aux_loss_coef=0.01,
         ), notes="Mixtral-8x7B, expert parallel"),
-        Flavour(name="debug", llm_arch="llama", llm=_DEBUG_LLM, tile_size=32, max_seq_len=1024,
+        Flavour(name="debug", llm_arch="llama", llm=_DEBUG_LLM, tile_size=48, max_seq_len=1024,
                 notes="tests and demo", **_DEBUG_VISION),
         Flavour(name="debug-moe", llm_arch="mixtral", llm=dict(
             _DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01,
-        ), tile_size=32, max_seq_len=1024, notes="tests and demo, MoE", **_DEBUG_VISION),
+        ), tile_size=48, max_seq_len=1024, notes="tests and demo, MoE", **_DEBUG_VISION),
     ]
 }
 
