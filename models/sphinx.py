@@ -1,0 +1,303 @@
+"""SPHINX-X: the mixture of visual experts feeding a Llama (dense) or Mixtral (MoE) LLM.
+
+    >>> model = SphinxX.from_flavour(from_name("debug"), tokenizer)
+    >>> out = model(input_ids, attention_mask, labels, views=views, kept=kept)
+    >>> out.loss, out.lm_loss, out.aux_loss, out.logits.shape      # logits [B, T, vocab]
+    >>> model.generate([[1, 5, 9]], max_new_tokens=[8])             # [[...8 new ids...]]
+
+Inputs (docs/interfaces.md, "Batches"):
+
+    input_ids  long [B, T]   each image already expanded to image_tokens copies of image_token_id
+    attention_mask   [B, T]  1 on real tokens, 0 on padding (left or right)
+    labels     long [B, T]   -100 everywhere except assistant answers
+    views     uint8 [V, S, S, 3]  all images' views, in the order the images appear (sample by
+                             sample, left to right); kept bool [I, G·G] one mask per image
+
+The image embeddings (models.vision) replace the image_token_id positions in order; their
+counts must match exactly. The loss is next-token cross entropy over labels != -100, plus
+``router_aux_loss_coef · aux_loss`` (Mixtral load balancing) for MoE flavours.
+
+Plain single-device nn.Module: DeepSpeed / Ray parallelism is applied from outside, and the
+Mixtral sparse blocks stay HF's own classes so DeepSpeed AutoEP can replace them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from models.errors import UserError
+from models.flavours import Flavour
+from models.vision import MixtureOfVisualExperts
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class SphinxOutput:
+    loss: Optional[torch.Tensor]  # lm_loss + coef · aux_loss; None without labels
+    lm_loss: Optional[torch.Tensor]  # mean CE over supervised tokens; None without labels
+    aux_loss: torch.Tensor  # router load balancing (0 for dense)
+    logits: torch.Tensor  # [B, T, vocab]
+    num_tokens: int = 0  # supervised target tokens in the batch (for token-weighted averaging)
+
+
+def build_llm(flavour: Flavour, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int) -> nn.Module:
+    """LlamaForCausalLM / MixtralForCausalLM from the flavour's config kwargs (random init)."""
+    kwargs = dict(flavour.llm, vocab_size=vocab_size, pad_token_id=pad_token_id,
+                  bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if flavour.is_moe:
+        config = MixtralConfig(**kwargs)
+        config.output_router_logits = True
+        config._attn_implementation = flavour.attn_implementation
+        return MixtralForCausalLM(config)
+    config = LlamaConfig(**kwargs)
+    config._attn_implementation = flavour.attn_implementation
+    return LlamaForCausalLM(config)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 → positions counting real tokens only (left padding starts at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class SphinxX(nn.Module):
+    def __init__(self, flavour: Flavour, *, vocab_size: int, image_token_id: int, pad_token_id: int,
+                 bos_token_id: int, eos_token_id: int):
+        super().__init__()
+        if not 0 <= image_token_id < vocab_size:
+            raise UserError(f"image_token_id {image_token_id} is outside the vocabulary (size {vocab_size})")
+        self.flavour = flavour
+        self.vocab_size = vocab_size
+        self.image_token_id = image_token_id
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.llm = build_llm(flavour, vocab_size, pad_token_id, bos_token_id, eos_token_id)
+        d_llm = self.llm.config.hidden_size
+        self.vision = MixtureOfVisualExperts(flavour, d_llm)
+        self.aux_loss_coef = float(flavour.llm.get("router_aux_loss_coef", 0.01)) if flavour.is_moe else 0.0
+
+    @classmethod
+    def from_flavour(cls, flavour: Flavour, tokenizer) -> "SphinxX":
+        """Token ids from the tokenizer; vocab = the tokenizer's size (at least the LLM's for real flavours)."""
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise UserError(f"the tokenizer has no {IMAGE_TOKEN!r} token; add the special tokens first "
+                            "(models.conversation)")
+        vocab = len(tokenizer)
+        if flavour.tokenizer is not None:  # a real LLM: keep its embedding rows, extra tokens go after
+            vocab = max(vocab, int(flavour.llm["vocab_size"]))
+        ids = {}
+        for name in ("pad", "bos", "eos"):
+            value = getattr(tokenizer, f"{name}_token_id")
+            if value is None:
+                raise UserError(f"the tokenizer has no {name} token")
+            ids[f"{name}_token_id"] = value
+        return cls(flavour, vocab_size=vocab, image_token_id=image_id, **ids)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.flavour.is_moe
+
+    def token_ids(self) -> dict[str, int]:
+        return dict(vocab_size=self.vocab_size, image_token_id=self.image_token_id, pad_token_id=self.pad_token_id,
+                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+
+    def set_vision_trainable(self, trainable: bool) -> None:
+        """Unfreeze (True) or freeze (False) both visual encoders; projector/start/end/skip always train."""
+        self.vision.set_encoders_trainable(trainable)
+
+    # ------------------------------------------------------------------ embedding
+
+    def embed(self, input_ids: torch.Tensor, views: Optional[torch.Tensor] = None,
+              kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [B, T] → embeddings [B, T, d] with image embeddings at image_token_id positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        if views is None or kept is None or kept.shape[0] == 0:
+            if n_slots:
+                raise UserError(f"the batch has {n_slots} image tokens but no images (views/kept missing)")
+            return embeds + self._anchor(embeds)
+        images = self.vision(views.to(input_ids.device), kept.to(input_ids.device))
+        n_embeds = sum(x.shape[0] for x in images)
+        if n_embeds != n_slots:
+            per_image = [x.shape[0] for x in images]
+            raise UserError(f"image token count mismatch: input_ids hold {n_slots} image tokens but the "
+                            f"{len(images)} image(s) give {n_embeds} embeddings {per_image} "
+                            "(was an image truncated, or tiled with another grid/flavour?)")
+        embeds = embeds.clone()
+        embeds[is_image] = torch.cat(images).to(embeds.dtype)
+        return embeds + self._anchor(embeds)
+
+    def _anchor(self, embeds: torch.Tensor) -> torch.Tensor | float:
+        """0 · (projector, start/end/skip): every trainable vision param gets a (zero) grad each
+        step even in text-only batches, which data-parallel gradient reduction relies on."""
+        if not torch.is_grad_enabled():
+            return 0.0
+        params = [self.vision.start, self.vision.end, self.vision.skip, *self.vision.projector.parameters()]
+        return 0.0 * sum(p.sum() for p in params).to(embeds.dtype)
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, views: Optional[torch.Tensor] = None,
+                kept: Optional[torch.Tensor] = None) -> SphinxOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, views, kept)
+        kwargs = dict(output_router_logits=True) if self.is_moe else {}
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+        logits = out.logits
+        aux = getattr(out, "aux_loss", None)
+        if not torch.is_tensor(aux):  # dense, or router logits not recorded (e.g. replaced blocks)
+            aux = logits.new_zeros((), dtype=torch.float32)
+        if labels is None:
+            return SphinxOutput(loss=None, lm_loss=None, aux_loss=aux, logits=logits)
+        targets = labels[:, 1:].to(logits.device)
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        if num_tokens:
+            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                      ignore_index=IGNORE_INDEX)
+        else:  # nothing supervised: a zero that still backpropagates
+            lm_loss = logits.sum().float() * 0.0
+        loss = lm_loss + self.aux_loss_coef * aux.float()
+        return SphinxOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=logits, num_tokens=num_tokens)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_stream(self, input_ids: Sequence[Sequence[int]], views: Optional[torch.Tensor] = None,
+                        kept: Optional[torch.Tensor] = None, *,
+                        max_new_tokens: Union[int, Sequence[int]],
+                        temperature: Union[float, Sequence[float]] = 0.0,
+                        top_p: Union[float, Sequence[float]] = 1.0,
+                        seed: Union[int, None, Sequence[Optional[int]]] = None,
+                        eos_token_id: Optional[int] = None,
+                        stop_token_ids: Union[None, Sequence[int], Sequence[Sequence[int]]] = None,
+                        use_cache: bool = True) -> Iterator[list[Optional[int]]]:
+        """Batched decoding; yields, per step, one entry per sequence: its new token id, or None
+        once it is finished.
+
+        A sequence finishes after its own ``max_new_tokens`` or on a stop token (eos or one of
+        ``stop_token_ids``; shared list or one list per sequence). The stop token IS yielded,
+        as that sequence's last token, so callers can tell "stop" from "length".
+        ``temperature`` 0 is greedy; > 0 samples with nucleus ``top_p``. Each sequence samples
+        from its own torch.Generator seeded with ``seed`` (an int for all, or one per
+        sequence), so its output does not depend on its batch neighbours. Prompts are
+        left-padded; the KV cache is used unless ``use_cache=False`` (full recompute, tests).
+        Temperature, top_p and seed may be scalars or one per sequence.
+        """
+        batch = len(input_ids)
+        if batch == 0:
+            return
+        max_new = _per_seq(max_new_tokens, batch, "max_new_tokens")
+        temps = _per_seq(temperature, batch, "temperature")
+        top_ps = _per_seq(top_p, batch, "top_p")
+        seeds = _per_seq(seed, batch, "seed")
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        if stop_token_ids and isinstance(stop_token_ids[0], (list, tuple)):
+            stops = [set(s) | {eos} for s in _per_seq(stop_token_ids, batch, "stop_token_ids")]
+        else:
+            stops = [set(stop_token_ids or ()) | {eos} for _ in range(batch)]
+        if any(len(p) == 0 for p in input_ids):
+            raise UserError("every prompt needs at least one token")
+        device = self.llm.get_input_embeddings().weight.device
+        generators = []
+        for s in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(random.randrange(2**63) if s is None else int(s))
+            generators.append(g)
+
+        width = max(len(p) for p in input_ids)
+        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        for i, prompt in enumerate(input_ids):
+            ids[i, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        finished = [m <= 0 for m in max_new]
+        produced = [0] * batch
+        if all(finished):
+            return
+
+        with torch.no_grad():  # never held across a yield: grad mode is global state
+            embeds = self.embed(ids, views, kept)
+            positions = position_ids_from_mask(mask)
+            cache = DynamicCache(config=self.llm.config) if use_cache else None
+            logits = self._last_logits(embeds, mask, positions, cache)
+        while True:
+            with torch.no_grad():
+                picks = _pick_tokens(logits, temps, top_ps, generators)
+            step: list[Optional[int]] = []
+            for i, token in enumerate(picks):
+                if finished[i]:
+                    step.append(None)
+                    continue
+                step.append(token)
+                produced[i] += 1
+                finished[i] = token in stops[i] or produced[i] >= max_new[i]
+            yield step
+            if all(finished):
+                return
+            with torch.no_grad():
+                fed = torch.tensor([t if t is not None else self.pad_token_id for t in step],
+                                   dtype=torch.long, device=device)[:, None]
+                new_embeds = self.llm.get_input_embeddings()(fed)
+                mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+                positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+                if use_cache:
+                    logits = self._last_logits(new_embeds, mask, positions[:, -1:], cache)
+                else:
+                    embeds = torch.cat([embeds, new_embeds], dim=1)
+                    logits = self._last_logits(embeds, mask, positions, None)
+
+    def _last_logits(self, embeds, mask, positions, cache) -> torch.Tensor:
+        """Run the decoder on embeds [B, t, d] (after the cache); logits of the last position [B, V]."""
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        return self.llm.lm_head(hidden[:, -1]).float()
+
+    def generate(self, input_ids: Sequence[Sequence[int]], views: Optional[torch.Tensor] = None,
+                 kept: Optional[torch.Tensor] = None, **kwargs) -> list[list[int]]:
+        """The new tokens of each sequence (stop token included when it stopped on one)."""
+        out: list[list[int]] = [[] for _ in input_ids]
+        for step in self.generate_stream(input_ids, views, kept, **kwargs):
+            for i, token in enumerate(step):
+                if token is not None:
+                    out[i].append(token)
+        return out
+
+
+def _per_seq(value, batch: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise UserError(f"{name} has {len(value)} entries for {batch} sequences")
+        return list(value)
+    return [value] * batch
+
+
+def _pick_tokens(logits: torch.Tensor, temps: list[float], top_ps: list[float],
+                 generators: list[torch.Generator]) -> list[int]:
+    """logits [B, V] float → one token per row: argmax when temperature 0, else nucleus sampling."""
+    picks = logits.argmax(-1).tolist()
+    for i, (temp, top_p) in enumerate(zip(temps, top_ps)):
+        if temp is None or temp <= 0:
+            continue
+        if not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        probs = torch.softmax(logits[i] / temp, dim=-1)
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generators[i])
+        picks[i] = int(order[choice])
+    return picks

@@ -1,0 +1,147 @@
+"""The mixture of visual experts (DESIGN.md §1): ConvNeXt + DINOv2 → projector → LLM tokens.
+
+Every view (the global view, then the kept tiles of each image) is seen by both encoders:
+
+    views  uint8 [V, S, S, 3]          V = Σ over images of (1 + kept)
+      │  normalise: (x - mean_u8) / (std·255)  → the mean-colour padding is exactly 0
+      ├─ resize to convnext_input → ConvNextModel → map [V, Cc, h, w] → resize to g×g
+      │     tokens [V, g·g, Cc], pseudo-CLS = their mean → [V, N, Cc]      (N = 1 + g·g)
+      ├─ resize to dino_input    → Dinov2Model   → CLS + patches [V, N, Cd]
+      └─ concat channels [V, N, Cc + Cd] → Linear → LayerNorm → [V, N, d_llm]
+
+Each image then becomes one sequence of LLM embeddings, laid out as
+
+    [start, N view tokens, end]               the global view
+    then tiles row-major (r, c):
+      kept    → [start, N view tokens, end]
+      skipped → [skip]                        one learnable token, never encoded
+
+so its length is ``(1 + kept)·(N + 2) + skipped`` (models.tiling.image_token_count).
+Start, end and skip are single learnable vectors shared by all views. The encoders are
+built from transformers configs (random init; weights come from models.checkpoint) and are
+frozen by default (``flavour.freeze_vision``): no grads, always in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model
+
+from models.errors import UserError
+from models.flavours import Flavour
+
+
+def build_convnext(flavour: Flavour) -> ConvNextModel:
+    return ConvNextModel(ConvNextConfig(**{**flavour.convnext, "image_size": flavour.convnext_input}))
+
+
+def build_dino(flavour: Flavour) -> Dinov2Model:
+    return Dinov2Model(Dinov2Config(**{**flavour.dino, "image_size": flavour.dino_input}))
+
+
+class MixtureOfVisualExperts(nn.Module):
+    """uint8 views + kept masks → one embedding sequence per image (see module docstring)."""
+
+    def __init__(self, flavour: Flavour, d_llm: int):
+        super().__init__()
+        self.flavour = flavour
+        self.grid = flavour.grid
+        self.tokens_per_view = flavour.tokens_per_view  # N
+        self.patch_grid = flavour.dino_input // flavour.dino["patch_size"]  # g, N = 1 + g·g
+        self.convnext = build_convnext(flavour)
+        self.dino = build_dino(flavour)
+        c_conv = self.convnext.config.hidden_sizes[-1]
+        c_dino = self.dino.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(c_conv + c_dino, d_llm), nn.LayerNorm(d_llm))
+        # small random init, as in SPHINX (torch.rand · 0.02 keeps them near the text scale)
+        self.start = nn.Parameter(torch.randn(d_llm) * 0.02)
+        self.end = nn.Parameter(torch.randn(d_llm) * 0.02)
+        self.skip = nn.Parameter(torch.randn(d_llm) * 0.02)
+        # uint8 normalisation: subtract exactly the padding colour so padding becomes 0
+        self.register_buffer("mean_u8", torch.tensor(flavour.mean_u8, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std_u8", torch.tensor(flavour.std, dtype=torch.float32).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.set_encoders_trainable(not flavour.freeze_vision)
+
+    # ------------------------------------------------------------------ freezing
+
+    def set_encoders_trainable(self, trainable: bool) -> None:
+        """Frozen encoders have requires_grad False and stay in eval mode through .train()."""
+        self.encoders_trainable = trainable
+        for enc in (self.convnext, self.dino):
+            enc.requires_grad_(trainable)
+            enc.train(self.training and trainable)
+
+    def train(self, mode: bool = True) -> "MixtureOfVisualExperts":
+        super().train(mode)
+        if not getattr(self, "encoders_trainable", True):
+            self.convnext.eval()
+            self.dino.eval()
+        return self
+
+    # ------------------------------------------------------------------ encoding
+
+    def normalise(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 [V, S, S, 3] → float [V, 3, S, S], (x - mean_u8) / (std·255)."""
+        if views.dtype != torch.uint8 or views.dim() != 4 or views.shape[-1] != 3:
+            raise UserError(f"views must be uint8 [V, S, S, 3], got {views.dtype} {list(views.shape)}")
+        x = views.permute(0, 3, 1, 2).float()
+        return (x - self.mean_u8) / self.std_u8
+
+    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 [V, S, S, 3] → projected view tokens [V, N, d_llm]."""
+        x = self.normalise(views)
+        dtype = self.projector[0].weight.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoders_trainable):
+            conv_in = _resize(x, self.flavour.convnext_input).to(self.convnext.embeddings.patch_embeddings.weight.dtype)
+            fmap = self.convnext(pixel_values=conv_in).last_hidden_state  # [V, Cc, h, w]
+            g = self.patch_grid
+            if fmap.shape[-1] != g or fmap.shape[-2] != g:
+                if fmap.shape[-1] % g == 0 and fmap.shape[-2] % g == 0:
+                    fmap = F.adaptive_avg_pool2d(fmap, g)
+                else:
+                    fmap = F.interpolate(fmap, size=(g, g), mode="bilinear", align_corners=False)
+            conv_tokens = fmap.flatten(2).transpose(1, 2)  # [V, g·g, Cc]
+            conv_tokens = torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)  # [V, N, Cc]
+            dino_in = _resize(x, self.flavour.dino_input).to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
+            dino_tokens = self.dino(pixel_values=dino_in).last_hidden_state  # [V, N, Cd]
+        feats = torch.cat([conv_tokens.to(dtype), dino_tokens.to(dtype)], dim=-1)  # [V, N, Cc + Cd]
+        return self.projector(feats)
+
+    def forward(self, views: torch.Tensor, kept: torch.Tensor) -> list[torch.Tensor]:
+        """views uint8 [V, S, S, 3], kept bool [I, G·G] → I tensors [(1+k)(N+2)+skipped, d_llm]."""
+        kept = kept.bool()
+        gg = self.grid * self.grid
+        if kept.dim() != 2 or kept.shape[1] != gg:
+            raise UserError(f"kept must be bool [images, {gg}] for grid {self.grid}, got {list(kept.shape)}")
+        n_views = int((1 + kept.sum(1)).sum())
+        if views.shape[0] != n_views:
+            raise UserError(f"views hold {views.shape[0]} views but kept masks need {n_views} "
+                            f"(1 global + kept tiles per image)")
+        if views.shape[1] != self.flavour.tile_size or views.shape[2] != self.flavour.tile_size:
+            raise UserError(f"views must be {self.flavour.tile_size}×{self.flavour.tile_size} "
+                            f"(flavour {self.flavour.name!r}), got {views.shape[1]}×{views.shape[2]}")
+        tokens = self.encode_views(views) if n_views else views.new_zeros((0, self.tokens_per_view, self.start.numel()))
+        start, end = self.start.to(tokens.dtype)[None], self.end.to(tokens.dtype)[None]
+        skip = self.skip.to(tokens.dtype)[None]
+        out, v = [], 0
+        for mask in kept.tolist():
+            parts = [start, tokens[v], end]
+            v += 1
+            for is_kept in mask:
+                if is_kept:
+                    parts += [start, tokens[v], end]
+                    v += 1
+                else:
+                    parts.append(skip)
+            out.append(torch.cat(parts, dim=0))
+        return out
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=x.shape[-1] > size)
