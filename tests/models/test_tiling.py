@@ -1,0 +1,231 @@
+"""The any-resolution rule: paper numbers, an independent re-derivation, modes, EXIF, bad bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import UserError
+from models.tiling import (
+    ImageError, TileSpec, image_token_count, kept_mask, load_and_tile, load_image, tile_image, tokens_saved,
+)
+
+MEAN = (123, 117, 104)
+SPEC = TileSpec(grid=2, tile_size=32, mean_u8=MEAN)
+
+
+def _png(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _ref_rule(W: int, H: int, G: int, S: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Independent re-derivation: exact fractions, round half up, then count tiles touching pixels."""
+    C = G * S
+    scale = Fraction(C, max(W, H))
+    w, h = (max(1, math.floor(W * scale + Fraction(1, 2))), max(1, math.floor(H * scale + Fraction(1, 2))))
+    kept = [(r, c) for r in range(G) for c in range(G) if c * S < w and r * S < h]
+    return (w, h), kept
+
+
+def test_paper_token_counts():
+    spec = TileSpec(grid=2, tile_size=224)
+    assert image_token_count(1000, 1000, spec, tokens_per_view=257) == 5 * 259 == 1295
+    assert image_token_count(1000, 500, spec, tokens_per_view=257) == 3 * 259 + 2 == 779
+    assert image_token_count(500, 1000, spec, tokens_per_view=257) == 779
+    assert tokens_saved(kept_mask(1000, 500, spec), 257) == 2 * 258
+    assert kept_mask(1000, 500, spec).tolist() == [True, True, False, False]
+    assert kept_mask(500, 1000, spec).tolist() == [True, False, True, False]
+
+
+SIZES = [(1, 1), (1, 5000), (5000, 1), (1, 10000), (10000, 1), (64, 64), (64, 32), (32, 64), (100, 37),
+         (37, 100), (640, 480), (480, 640), (3000, 500), (500, 3000), (65, 64), (64, 95), (64, 97), (7, 3)]
+
+
+@pytest.mark.parametrize("G,S", [(2, 32), (3, 16), (2, 224), (3, 224)])
+def test_rule_matches_rederivation(G, S):
+    spec = TileSpec(grid=G, tile_size=S)
+    for W, H in SIZES:
+        _, kept = _ref_rule(W, H, G, S)
+        mask = kept_mask(W, H, spec)
+        assert [(i // G, i % G) for i in np.flatnonzero(mask)] == kept, (W, H)
+        assert image_token_count(W, H, spec, 17) == (1 + len(kept)) * 19 + G * G - len(kept)
+
+
+@pytest.mark.parametrize("W,H", SIZES)
+def test_tile_image_matches_rule(W, H):
+    rng = np.random.default_rng(W * 7 + H)
+    im = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    t = tile_image(load_image(im, mean_u8=MEAN), SPEC)
+    (w, h), kept = _ref_rule(W, H, 2, 32)
+    assert t.scaled_size == (w, h) and t.original_size == (W, H)
+    assert t.tiles(kept=True) == kept
+    assert t.views.shape == (1 + len(kept), 32, 32, 3) and t.views.dtype == np.uint8
+    assert image_token_count(W, H, SPEC, 17) == (1 + t.n_kept) * 19 + t.n_skipped
+    canvas = t.canvas(MEAN)
+    # every padding pixel is exactly the mean colour; the image region is not all padding
+    pad = np.ones((64, 64), bool)
+    pad[:h, :w] = False
+    assert (canvas[pad] == MEAN).all()
+    # the global view comes first: the whole canvas box-reduced to S x S
+    ref_global = canvas.reshape(32, 2, 32, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(t.views[0].astype(np.float64) - ref_global).max() <= 1.0
+    # kept tiles are slices of the canvas, row-major
+    for view, (r, c) in zip(t.views[1:], kept):
+        assert (view == canvas[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]).all()
+
+
+def test_tiles_keep_the_image_content():
+    """A left-half red / right-half blue 2:1 image: tile (0,0) red, (0,1) blue, bottom row skipped."""
+    a = np.zeros((50, 100, 3), np.uint8)
+    a[:, :50] = (255, 0, 0)
+    a[:, 50:] = (0, 0, 255)
+    t = load_and_tile(_png(Image.fromarray(a)), SPEC)
+    assert t.kept.tolist() == [True, True, False, False]
+    assert (t.views[1][:, :28] == (255, 0, 0)).all()
+    assert (t.views[2][:, 4:] == (0, 0, 255)).all()
+    assert (t.views[0][20:] == MEAN).all()  # global view: bottom half padding
+
+
+def test_grid_one_is_global_only():
+    spec = TileSpec(grid=1, tile_size=32)
+    t = tile_image(load_image(Image.new("RGB", (300, 100), (9, 9, 9))), spec)
+    assert t.views.shape == (1, 32, 32, 3) and t.kept.shape == (0,)
+    assert image_token_count(300, 100, spec, 17) == 19
+
+
+def test_deterministic_and_jpeg_draft_keeps_the_grid():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    big = np.asarray(Image.fromarray(small).resize((2000, 1500), Image.Resampling.BILINEAR))
+    data = _jpeg(Image.fromarray(big))
+    a, b = load_and_tile(data, SPEC), load_and_tile(data, SPEC)
+    assert (a.views == b.views).all() and (a.kept == b.kept).all()
+    drafted = load_image(data, canvas=SPEC.canvas)
+    assert drafted.size[0] < 2000 and min(drafted.size) >= 48  # decoded at a reduced scale >= w' x h'
+    full = tile_image(load_image(data), SPEC)
+    assert a.original_size == full.original_size == (2000, 1500)
+    assert a.scaled_size == full.scaled_size and (a.kept == full.kept).all()
+    assert np.abs(a.views.astype(int) - full.views.astype(int)).mean() < 4  # same picture
+
+
+# ----------------------------------------------------------------------------- modes and EXIF
+
+
+def test_modes_convert_correctly():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    out = load_image(_png(rgba), mean_u8=MEAN)
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == MEAN and out.getpixel((0, 0)) == (255, 0, 0)
+    half = load_image(Image.new("RGBA", (2, 2), (255, 255, 255, 128)), mean_u8=(0, 0, 0))
+    assert all(abs(v - 128) <= 1 for v in half.getpixel((0, 0)))
+
+    la = Image.new("LA", (2, 2), (200, 0))
+    assert load_image(_png(la), mean_u8=MEAN).getpixel((0, 0)) == MEAN
+
+    p = Image.new("P", (2, 2), 0)
+    p.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    p.putpixel((1, 1), 1)
+    p.info["transparency"] = 0
+    out = load_image(_png(p, transparency=0), mean_u8=MEAN)
+    assert out.getpixel((0, 0)) == MEAN and out.getpixel((1, 1)) == (40, 50, 60)
+
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # red
+    assert load_image(_jpeg(cmyk)).getpixel((0, 0))[0] > 200
+
+    assert load_image(_png(Image.new("L", (2, 2), 77))).getpixel((0, 0)) == (77, 77, 77)
+    assert load_image(_png(Image.new("1", (2, 2), 1))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16_bit_is_scaled_not_clipped():
+    a = np.array([[0, 257 * 100], [65535, 32896]], np.uint16)
+    im16 = Image.fromarray(a)  # mode I;16
+    assert im16.mode.startswith("I;16")
+    for src in (im16, _png(im16)):
+        out = np.asarray(load_image(src))
+        assert out[..., 0].tolist() == [[0, 100], [255, 128]], src if isinstance(src, Image.Image) else "png"
+    f = Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], np.float32))
+    assert np.asarray(load_image(f))[..., 0].tolist() == [[0, 128], [255, 64]]
+    i32 = Image.fromarray(np.array([[-10, 0], [10, 90]], np.int32))
+    assert np.asarray(load_image(i32))[..., 0].tolist() == [[0, 26], [51, 255]]
+
+
+@pytest.mark.parametrize("orientation,expected", [(6, (20, 40)), (8, (20, 40)), (3, (40, 20)), (1, (40, 20))])
+def test_exif_orientation(orientation, expected):
+    a = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide x 20 high, red left column
+    a[:, :4] = (255, 0, 0)
+    im = Image.fromarray(a)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(im, exif=exif.tobytes())
+    out = load_image(data)
+    assert out.size == expected
+    t = load_and_tile(data, SPEC)
+    assert t.original_size == expected
+    if orientation == 6:  # rotated 90° clockwise: the red column becomes the top row
+        assert np.asarray(out)[:2, :, 0].mean() > 200
+    if orientation == 8:  # rotated 90° counter-clockwise: the red column becomes the bottom row
+        assert np.asarray(out)[-2:, :, 0].mean() > 200
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_corrupt_and_truncated_bytes():
+    data = _jpeg(Image.new("RGB", (64, 64), (1, 2, 3)))
+    for bad in (b"", b"not an image at all", data[:20], data[: len(data) // 2], _png(Image.new("RGB", (64, 64)))[:60]):
+        with pytest.raises(ImageError) as err:
+            load_and_tile(bad, SPEC)
+        assert err.value.reason == "corrupt_image"
+        assert isinstance(err.value, UserError)
+    with pytest.raises(ImageError) as err:
+        load_image("path.jpg")  # type: ignore[arg-type]
+    assert err.value.reason == "bad_input"
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    data = _png(Image.new("L", (300, 200)))
+    with pytest.raises(ImageError) as err:
+        load_image(data, max_pixels=300 * 200 - 1)
+    assert err.value.reason == "too_many_pixels"
+    assert load_image(data, max_pixels=300 * 200).size == (300, 200)
+
+
+def test_decompression_bomb(monkeypatch):
+    """PIL's own bomb check (warning and error) becomes too_many_pixels, before decoding."""
+    data = _png(Image.new("L", (200, 200)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # 40k px > limit: PIL warns
+    with pytest.raises(ImageError) as err:
+        load_image(data, max_pixels=10**9)
+    assert err.value.reason == "too_many_pixels"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40k px > 2x limit: PIL raises
+    with pytest.raises(ImageError) as err:
+        load_image(data, max_pixels=10**9)
+    assert err.value.reason == "too_many_pixels"
+
+
+def test_a_huge_header_is_refused_without_decoding():
+    """A 100000 x 100000 PNG header on a few bytes of data: refused from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    with pytest.raises(ImageError) as err:
+        load_image(bomb, max_pixels=64_000_000)
+    assert err.value.reason == "too_many_pixels"
