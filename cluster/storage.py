@@ -1,0 +1,628 @@
+"""Storage: one object for "where everything lives" — S3 (AWS, any S3-compatible server, or the
+embedded moto server on 127.0.0.1) or a local directory.
+
+    >>> storage = open_storage(spec.storage)          # s3://sphinx-x/runs/local, endpoint: embedded
+    >>> storage.write_bytes("shards/_manifest.json", b"{}")
+    >>> storage.list("shards")                        # keys relative to the storage root
+    ['shards/_manifest.json']
+    >>> storage.uri_for("shards")                     # 's3://sphinx-x/runs/local/shards'
+    >>> storage.path("shards")                        # 'sphinx-x/runs/local/shards' (for .filesystem)
+    >>> fs, path = storage.resolve("s3://other-bucket/images")   # any user path, same settings
+
+Keys given to ``read_bytes / write_bytes / exists / list / delete / download_dir / upload_dir``
+are either relative to the storage root (``"shards/part-00000.parquet"``), a full
+``s3://bucket/key`` URI, or an absolute local path. ``list`` answers in the form it was asked in.
+
+Every remote call is retried with exponential backoff on transient errors (timeouts, connection
+resets, 5xx, SlowDown); never on 4xx. Problems a user can fix (unreachable endpoint, missing
+bucket, access denied) raise :class:`~models.errors.UserError` with one clear line.
+
+The embedded server keeps objects in memory: they live as long as the server process does
+(this process, or the one ``sphinx-x up`` started). Run it alone with
+``python -m cluster.storage serve --port 9000``.
+
+Secrets: the spec names the environment variables that hold credentials; their values are
+never logged and never put into :meth:`Storage.worker_env` (Ray shows runtime_env in its
+dashboard). Workers on a real cluster get credentials from their own environment / instance role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+from cluster.spec import StorageSection
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENDPOINT_ENV = "SPHINX_X_S3_ENDPOINT"
+DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+# New AWS SDKs send checksums that non-AWS servers mishandle (DESIGN.md §3).
+CHECKSUM_ENV = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
+}
+for _k, _v in CHECKSUM_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+_TRANSIENT_CODES = {
+    "SlowDown", "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "TooManyRequestsException", "PriorRequestNotComplete", "500", "502", "503", "504",
+}
+
+
+# ---------------------------------------------------------------- the embedded server
+
+
+class EmbeddedS3:
+    """moto's S3 server on 127.0.0.1 (never 0.0.0.0), in a thread of this process.
+
+    ``port=None`` lets the OS pick a free port. ``start()`` returns once the server answers.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None):
+        self.host, self.port = host, port
+        self._server: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("EmbeddedS3 is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30) -> "EmbeddedS3":
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port or 0, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        deadline = time.monotonic() + timeout_s
+        while True:  # the socket is bound; wait until the app really answers
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/", timeout=2):
+                    break
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise UserError(f"storage: embedded S3 on {self.host} did not start: {err}") from None
+                time.sleep(0.05)
+        log.info("embedded S3 server on %s", self.endpoint_url)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+            inner = getattr(server, "_server", None)
+            if inner is not None:  # ThreadedMotoServer.stop() leaves the socket open
+                inner.server_close()
+
+    def __enter__(self) -> "EmbeddedS3":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def embedded_worker_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, str]:
+    """The env a Ray worker needs to reach the embedded server (dummy credentials only)."""
+    return {ENDPOINT_ENV: endpoint_url, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
+            **DUMMY_CREDENTIALS, **CHECKSUM_ENV}
+
+
+_process_server: Optional[EmbeddedS3] = None
+_process_lock = threading.Lock()
+
+
+def _embedded_endpoint() -> str:
+    """$SPHINX_X_S3_ENDPOINT, else the server `sphinx-x up` started, else one for this process."""
+    global _process_server
+    if os.environ.get(ENDPOINT_ENV):
+        return os.environ[ENDPOINT_ENV].rstrip("/")
+    from cluster.runtime import up_state  # lazy: runtime imports this module
+
+    state = up_state(alive_only=True)
+    if state and state.get("s3", {}).get("endpoint_url"):
+        return state["s3"]["endpoint_url"]
+    with _process_lock:
+        if _process_server is None:
+            _process_server = EmbeddedS3().start()
+            atexit.register(_process_server.stop)
+            log.info("started an embedded S3 server for this process (%s); objects vanish at exit — "
+                     "`sphinx-x up` keeps one alive", _process_server.endpoint_url)
+        os.environ[ENDPOINT_ENV] = _process_server.endpoint_url
+        return _process_server.endpoint_url
+
+
+# ---------------------------------------------------------------- retries and errors
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: delay_i = min(max_delay, base_delay * 2**i) * U(0.5, 1)."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def is_transient(err: BaseException) -> bool:
+    """Timeouts, connection problems, 5xx and throttling — never 4xx."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(err, (ConnectionError, HTTPClientError, ConnectionResetError, TimeoutError)):
+        return True
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in _TRANSIENT_CODES or status >= 500
+    return False
+
+
+def _error_code(err: BaseException) -> str:
+    from botocore.exceptions import ClientError
+
+    if isinstance(err, ClientError):
+        return str(err.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+# ---------------------------------------------------------------- locations
+
+
+@dataclass(frozen=True)
+class _Loc:
+    """A resolved key: an S3 object/prefix (bucket, key) or a local path."""
+
+    bucket: Optional[str]
+    key: str  # S3 key (no leading '/') or an absolute local path
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``"s3://bucket/a/b"`` -> ``("bucket", "a/b")``."""
+    if not uri.startswith("s3://"):
+        raise UserError(f"storage: not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise UserError(f"storage: no bucket in {uri!r}")
+    return bucket, key.strip("/")
+
+
+# ---------------------------------------------------------------- Storage
+
+
+class Storage:
+    """The storage root of a spec plus the S3 settings to reach it (and any other s3:// path).
+
+    Picklable (caches are dropped), so it can be shipped to Ray workers.
+    """
+
+    def __init__(self, uri: str, *, endpoint_url: Optional[str], region: str,
+                 credentials: Optional[dict[str, str]] = None, embedded: bool = False,
+                 retry: RetryPolicy = DEFAULT_RETRY):
+        self.uri = uri.rstrip("/") if uri.startswith("s3://") else str(Path(uri).expanduser().resolve())
+        self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
+        self.region = region
+        self.embedded = embedded
+        self.retry = retry
+        # {"access_key", "secret_key", "session_token"}; values are never logged or exported
+        self._credentials = dict(credentials or {})
+        self._cache: dict[str, Any] = {}
+
+    def __repr__(self) -> str:  # no credentials in reprs (they end up in logs)
+        return f"Storage({self.uri!r}, endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    # -- where things are
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    @property
+    def bucket(self) -> Optional[str]:
+        return split_s3_uri(self.uri)[0] if self.is_s3 else None
+
+    def path(self, *parts: str) -> str:
+        """A path for :attr:`filesystem`: ``"bucket/prefix/a/b"`` or an absolute local path."""
+        loc = self._root(*parts)
+        return f"{loc.bucket}/{loc.key}".rstrip("/") if loc.is_s3 else loc.key
+
+    def uri_for(self, *parts: str) -> str:
+        """``"s3://bucket/prefix/a/b"`` or an absolute local path."""
+        return self._root(*parts).uri
+
+    def _root(self, *parts: str) -> _Loc:
+        rel = _join(*parts)
+        if self.is_s3:
+            bucket, prefix = split_s3_uri(self.uri)
+            return _Loc(bucket, _join(prefix, rel))
+        return _Loc(None, str(Path(self.uri, rel)) if rel else self.uri)
+
+    def locate(self, key: str) -> _Loc:
+        """A relative key (under the root), an ``s3://`` URI, or an absolute local path."""
+        if key.startswith("s3://"):
+            return _Loc(*split_s3_uri(key))
+        if "://" in key:
+            raise UserError(f"storage: only s3:// URIs or local paths are supported, got {key!r}")
+        if os.path.isabs(key) or key.startswith("~"):
+            return _Loc(None, str(Path(key).expanduser().resolve()))
+        return self._root(key)
+
+    # -- clients
+
+    @property
+    def filesystem(self):
+        """pyarrow filesystem of the root: S3FileSystem (endpoint, region, scheme) or local."""
+        import pyarrow.fs as pafs
+
+        return self.s3_filesystem if self.is_s3 else pafs.LocalFileSystem()
+
+    @property
+    def s3_filesystem(self):
+        if "s3fs" not in self._cache:
+            import pyarrow.fs as pafs
+
+            kw: dict[str, Any] = dict(
+                region=self.region, connect_timeout=5, request_timeout=60,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.retry.attempts),
+            )
+            if self.endpoint_url:
+                scheme, _, host = self.endpoint_url.partition("://")
+                kw.update(scheme=scheme, endpoint_override=host)
+            creds = self._credentials
+            if creds.get("access_key"):
+                kw.update(access_key=creds["access_key"], secret_key=creds.get("secret_key"),
+                          session_token=creds.get("session_token"))
+            self._cache["s3fs"] = pafs.S3FileSystem(**kw)
+        return self._cache["s3fs"]
+
+    def resolve(self, uri_or_path: str):
+        """Any user path -> ``(pyarrow filesystem, path)`` with this storage's S3 settings."""
+        import pyarrow.fs as pafs
+
+        loc = self.locate(uri_or_path)
+        if loc.is_s3:
+            return self.s3_filesystem, f"{loc.bucket}/{loc.key}".rstrip("/")
+        return pafs.LocalFileSystem(), loc.key
+
+    def client(self):
+        """A boto3 S3 client (endpoint, region, checksum settings, path-style for non-AWS)."""
+        if "client" not in self._cache:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                region_name=self.region,
+                connect_timeout=5, read_timeout=60,
+                retries={"total_max_attempts": 1, "mode": "standard"},  # we retry ourselves
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"} if self.endpoint_url else None,
+                max_pool_connections=16,
+            )
+            creds = self._credentials
+            self._cache["client"] = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint_url, config=config,
+                aws_access_key_id=creds.get("access_key"), aws_secret_access_key=creds.get("secret_key"),
+                aws_session_token=creds.get("session_token"),
+            )
+        return self._cache["client"]
+
+    def worker_env(self) -> dict[str, str]:
+        """Env vars for Ray ``runtime_env``: endpoint (embedded), region, checksum settings.
+
+        Never real secret values; for the embedded server the dummy credentials.
+        """
+        if self.embedded and self.endpoint_url:
+            return embedded_worker_env(self.endpoint_url, self.region)
+        return {"AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, **CHECKSUM_ENV}
+
+    # -- retries
+
+    def _call(self, what: str, fn: Callable[[], T], bucket: Optional[str] = None) -> T:
+        """Run ``fn`` with retries on transient errors; turn user-fixable errors into UserError."""
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - classified below
+                if is_transient(err) and attempt + 1 < self.retry.attempts:
+                    delay = self.retry.delay(attempt)
+                    log.warning("storage: %s failed (%s: %s); retry %d/%d in %.2fs", what,
+                                type(err).__name__, err, attempt + 1, self.retry.attempts - 1, delay)
+                    time.sleep(delay)
+                    continue
+                raise self._user_error(what, err, bucket) from None
+        raise AssertionError("unreachable")
+
+    def _user_error(self, what: str, err: Exception, bucket: Optional[str]) -> Exception:
+        from botocore.exceptions import ConnectionError, NoCredentialsError, PartialCredentialsError
+
+        where = self.endpoint_url or f"AWS S3 ({self.region})"
+        code = _error_code(err)
+        if isinstance(err, ConnectionError):
+            reason = "connection refused" if "refused" in str(err).lower() or "could not connect" in str(
+                err).lower() else str(err)
+            return UserError(f"storage: cannot reach S3 endpoint {where}: {reason}")
+        if code == "NoSuchBucket":
+            return UserError(f"storage: bucket {bucket!r} does not exist at {where}")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            return UserError(f"storage: access denied ({code}) for {what} at {where}; check the credentials "
+                             "named by storage.access_key_id_env / secret_access_key_env")
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return UserError(f"storage: no S3 credentials for {where}: {err}")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return FileNotFoundError(f"storage: {what}: not found")
+        if is_transient(err):
+            return UserError(f"storage: {what} failed after {self.retry.attempts} attempts at {where}: {err}")
+        return err
+
+    # -- object operations
+
+    def read_bytes(self, key: str) -> bytes:
+        loc = self.locate(key)
+        if not loc.is_s3:
+            return Path(loc.key).read_bytes()
+        return self._call(f"read {loc.uri}", lambda: self.client().get_object(
+            Bucket=loc.bucket, Key=loc.key)["Body"].read(), loc.bucket)
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Write one object (atomic: local writes go through a temp file). Returns its URI."""
+        loc = self.locate(key)
+        if not loc.is_s3:
+            path = Path(loc.key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            return loc.uri
+        self._call(f"write {loc.uri}", lambda: self.client().put_object(
+            Bucket=loc.bucket, Key=loc.key, Body=data), loc.bucket)
+        return loc.uri
+
+    def exists(self, key: str) -> bool:
+        """True for an object, or for a "directory" with at least one object under it."""
+        loc = self.locate(key)
+        if not loc.is_s3:
+            return Path(loc.key).exists()
+
+        def under() -> bool:
+            prefix = f"{loc.key}/" if loc.key else ""
+            return self.client().list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) > 0
+
+        return self._is_object(loc) or self._call(f"list {loc.uri}", under, loc.bucket)
+
+    def _is_object(self, loc: _Loc) -> bool:
+        if not loc.key:
+            return False
+
+        def head() -> bool:
+            try:
+                self.client().head_object(Bucket=loc.bucket, Key=loc.key)
+                return True
+            except Exception as err:  # noqa: BLE001
+                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return self._call(f"stat {loc.uri}", head, loc.bucket)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All objects under the "directory" ``prefix``, recursively, sorted.
+
+        Relative prefix -> keys relative to the storage root (``"shards/part-00000.parquet"``);
+        an ``s3://`` or absolute prefix -> full URIs / paths. Each can go back to ``read_bytes``.
+        """
+        loc = self.locate(prefix) if prefix else self._root()
+        full = prefix.startswith("s3://") or os.path.isabs(prefix) or prefix.startswith("~")
+        if not loc.is_s3:
+            base = Path(loc.key)
+            paths = sorted(str(p) for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
+            return paths if full else [os.path.relpath(p, self._root().key) for p in paths]
+
+        def keys() -> list[str]:
+            pages = self.client().get_paginator("list_objects_v2").paginate(
+                Bucket=loc.bucket, Prefix=f"{loc.key}/" if loc.key else "")
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+        found = sorted(self._call(f"list {loc.uri}", keys, loc.bucket))
+        if full:
+            return [f"s3://{loc.bucket}/{k}" for k in found]
+        root = self._root().key
+        return [k[len(root) + 1:] if root else k for k in found]
+
+    def delete(self, prefix: str) -> int:
+        """Delete the object ``prefix`` and everything under ``prefix/``. Returns the count."""
+        loc = self.locate(prefix)
+        if not loc.is_s3:
+            path = Path(loc.key)
+            if path.is_dir():
+                count = sum(1 for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+                return count
+            if path.exists():
+                path.unlink()
+                return 1
+            return 0
+        keys = [split_s3_uri(u)[1] for u in self.list(loc.uri)]
+        if self._is_object(loc):
+            keys.append(loc.key)
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i:i + 1000]]
+            self._call(f"delete {loc.uri}", lambda b=batch: self.client().delete_objects(
+                Bucket=loc.bucket, Delete={"Objects": b, "Quiet": True}), loc.bucket)
+        return len(keys)
+
+    def download_dir(self, uri_or_path: str, local_dir: str | Path) -> Path:
+        """Copy every object under ``uri_or_path`` into ``local_dir`` (layout kept)."""
+        src, dest = self.locate(uri_or_path), Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        if not src.is_s3:
+            if not Path(src.key).is_dir():
+                raise FileNotFoundError(f"storage: no directory {src.key}")
+            shutil.copytree(src.key, dest, dirs_exist_ok=True)
+            return dest
+        uris = self.list(src.uri)
+        if not uris:
+            raise FileNotFoundError(f"storage: nothing under {src.uri}")
+        for uri in uris:
+            _, key = split_s3_uri(uri)
+            target = dest / key[len(src.key):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(f"download {uri}", lambda k=key, t=target: self.client().download_file(
+                src.bucket, k, str(t)), src.bucket)
+        return dest
+
+    def upload_dir(self, local_dir: str | Path, uri_or_path: str) -> str:
+        """Copy every file under ``local_dir`` to ``uri_or_path`` (multipart for large files)."""
+        src, dest = Path(local_dir), self.locate(uri_or_path)
+        if not src.is_dir():
+            raise FileNotFoundError(f"storage: no directory {src}")
+        if not dest.is_s3:
+            shutil.copytree(src, dest.key, dirs_exist_ok=True)
+            return dest.uri
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            key = _join(dest.key, path.relative_to(src).as_posix())
+            self._call(f"upload s3://{dest.bucket}/{key}", lambda p=path, k=key: self.client().upload_file(
+                str(p), dest.bucket, k), dest.bucket)
+        return dest.uri
+
+
+# ---------------------------------------------------------------- open_storage
+
+
+def _credentials(section: StorageSection) -> dict[str, str]:
+    names = {"access_key": section.access_key_id_env, "secret_key": section.secret_access_key_env,
+             "session_token": section.session_token_env}
+    creds = {k: os.environ[n] for k, n in names.items() if n and os.environ.get(n)}
+    if bool(creds.get("access_key")) != bool(creds.get("secret_key")):
+        have, missing = ("access_key_id_env", "secret_access_key_env")[:: 1 if creds.get("access_key") else -1]
+        raise UserError(f"storage: ${getattr(section, have)} is set but ${getattr(section, missing)} is not")
+    return creds
+
+
+_checked: set[tuple[str, str]] = set()
+
+
+def open_storage(section: StorageSection, *, retry: RetryPolicy = DEFAULT_RETRY) -> Storage:
+    """The spec's storage, checked: embedded server found or started, bucket present.
+
+    Raises UserError (one line) for an unreachable endpoint or a missing bucket.
+    """
+    if not section.is_s3:
+        storage = Storage(section.uri, endpoint_url=None, region=section.region, retry=retry)
+        Path(storage.uri).mkdir(parents=True, exist_ok=True)
+        return storage
+    if section.endpoint_url == "embedded":
+        for key, value in DUMMY_CREDENTIALS.items():
+            os.environ.setdefault(key, value)
+        storage = Storage(section.uri, endpoint_url=_embedded_endpoint(), region=section.region,
+                          credentials={"access_key": "testing", "secret_key": "testing"},
+                          embedded=True, retry=retry)
+    else:
+        storage = Storage(section.uri, endpoint_url=section.endpoint_url, region=section.region,
+                          credentials=_credentials(section), retry=retry)
+    check = (storage.endpoint_url or section.region, storage.bucket)
+    if check not in _checked:
+        _check_bucket(storage)
+        _checked.add(check)
+    return storage
+
+
+def _check_bucket(storage: Storage) -> None:
+    bucket = storage.bucket
+    where = storage.endpoint_url or f"AWS S3 ({storage.region})"
+
+    def head() -> bool:
+        try:
+            storage.client().head_bucket(Bucket=bucket)
+            return True
+        except Exception as err:  # noqa: BLE001
+            if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise
+
+    if storage._call(f"check bucket {bucket!r}", head, bucket):
+        return
+    if not storage.embedded:
+        raise UserError(f"storage: bucket {bucket!r} does not exist at {where}")
+    kw: dict[str, Any] = {"Bucket": bucket}
+    if storage.region != "us-east-1":
+        kw["CreateBucketConfiguration"] = {"LocationConstraint": storage.region}
+
+    def create() -> None:
+        try:
+            storage.client().create_bucket(**kw)
+        except Exception as err:  # noqa: BLE001 - a concurrent creator won the race
+            if _error_code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    storage._call(f"create bucket {bucket!r}", create, bucket)
+
+
+# ---------------------------------------------------------------- `python -m cluster.storage serve`
+
+
+def _serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.storage", description="run the embedded S3 server")
+    sub = p.add_subparsers(dest="verb", required=True)
+    s = sub.add_parser("serve", help="serve moto S3 on HOST:PORT until SIGTERM/SIGINT")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0: a free port")
+    s.add_argument("--ready-file", default=None, help="write the endpoint URL here once it answers")
+    args = p.parse_args(argv)
+
+    server = EmbeddedS3(args.host, args.port or None).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.ready_file:
+        tmp = Path(f"{args.ready_file}.tmp")
+        tmp.write_text(server.endpoint_url)
+        tmp.replace(args.ready_file)
+    print(f"embedded S3 ready at {server.endpoint_url}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(_serve(sys.argv[1:]))
