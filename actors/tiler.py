@@ -1,0 +1,199 @@
+"""The decode + tile + tokenize stage of preprocess: a Ray Data callable class (actor pool).
+
+Needs the raw-row columns of ``actors.rows`` (``source, id, copies, conversations,
+image_paths, image_bytes, reason, stage, detail``) and produces the shard columns of
+docs/interfaces.md plus the bookkeeping columns ``copies, truncated, reason, stage, detail``
+(the writer keeps the shard columns of good rows and sends the others to ``errors/``).
+
+Before (one raw row)::
+
+    {id: "7", source: "vqa", copies: 1, image_paths: ["s3://b/img/a.jpg"], image_bytes: [],
+     conversations: '[{"from": "human", "value": "<image>\\nWhat?"}, {"from": "gpt", ...}]',
+     reason: None, ...}
+
+After (debug flavour, S = 48, G = 2, a 2:1 wide image)::
+
+    {id: "7", source: "vqa", input_ids: [1, ..., 5 x 57, ...], labels: [-100, ..., 812, ...],
+     num_tokens: 80, text_tokens: 23, image_tokens: 57, saved_tokens: 36,
+     views: <3*48*48*3 bytes>, view_counts: [3], kept: [T, T, F, F], tile_size: 48, grid: 2,
+     copies: 1, truncated: False, reason: None, stage: None, detail: None}
+
+A bad row never raises: it leaves with ``reason`` / ``stage`` / ``detail`` set and empty
+shard columns. Stages: ``fetch`` (``missing_image``, ``fetch_error``), ``decode``
+(``corrupt_image``, ``too_many_pixels``, ``unsupported_mode``), ``tokenize`` (the reasons of
+``models.conversation.ConversationError``, e.g. ``too_long``, ``image_mismatch``).
+Image bytes are fetched with a small thread pool (parallel S3 GETs); decoding is sequential
+so that one actor uses one CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from cluster.storage import Storage
+from models.conversation import ConversationError, tokenize_conversation
+from models.errors import UserError
+from models.tiling import ImageError, TileSpec, image_token_count, load_and_tile, tokens_saved
+
+OUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("num_tokens", pa.int32()),
+    ("text_tokens", pa.int32()),
+    ("image_tokens", pa.int32()),
+    ("saved_tokens", pa.int32()),
+    ("views", pa.binary()),
+    ("view_counts", pa.list_(pa.int32())),
+    ("kept", pa.list_(pa.bool_())),
+    ("tile_size", pa.int32()),
+    ("grid", pa.int32()),
+    ("copies", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("reason", pa.string()),
+    ("stage", pa.string()),
+    ("detail", pa.string()),
+])
+SHARD_COLUMNS = [f.name for f in OUT_SCHEMA][:13]
+ERROR_COLUMNS = ["id", "source", "stage", "reason", "detail"]
+_FETCH_THREADS = 8
+
+
+@dataclass(frozen=True)
+class TilerConfig:
+    """What the stage needs from the spec (small and picklable)."""
+
+    grid: int
+    tile_size: int
+    mean_u8: tuple[int, int, int]
+    tokens_per_view: int
+    max_seq_len: int
+    overflow: str = "truncate"
+    max_pixels: int = 64_000_000
+
+    @property
+    def tile_spec(self) -> TileSpec:
+        return TileSpec(grid=self.grid, tile_size=self.tile_size, mean_u8=self.mean_u8)
+
+
+class _Quarantine(Exception):
+    def __init__(self, stage: str, reason: str, detail: str):
+        self.stage, self.reason, self.detail = stage, reason, detail
+        super().__init__(f"{stage}/{reason}: {detail}")
+
+
+class ImageFetcher:
+    """Reads image bytes by URI (``s3://bucket/key`` or a local path) through ``cluster.storage``."""
+
+    def __init__(self, storage: Optional[Storage] = None):
+        self._storage = storage
+
+    def read(self, uri: str) -> bytes:
+        if self._storage is not None:
+            fs, path = self._storage.resolve(uri)
+        elif uri.startswith("s3://"):
+            raise _Quarantine("fetch", "fetch_error", f"{uri}: no S3 storage configured")
+        else:
+            fs, path = pafs.LocalFileSystem(), uri
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise _Quarantine("fetch", "missing_image", f"{uri}: no such file") from None
+        except OSError as err:
+            if "not found" in str(err).lower() or "NoSuchKey" in str(err) or "does not exist" in str(err):
+                raise _Quarantine("fetch", "missing_image", f"{uri}: {err}") from None
+            raise _Quarantine("fetch", "fetch_error", f"{uri}: {err}") from None
+
+
+class Tiler:
+    """Ray Data UDF: ``ds.map_batches(Tiler, fn_constructor_kwargs=..., batch_format="pyarrow")``."""
+
+    def __init__(self, config: TilerConfig, tokenizer: Any, storage: Optional[Storage] = None):
+        self.config = config
+        self.spec = config.tile_spec
+        self.tokenizer = tokenizer
+        self.fetcher = ImageFetcher(storage)
+        self.pool = ThreadPoolExecutor(_FETCH_THREADS)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        fetched = self._fetch_all(rows)
+        out = [self._process(row, fetched) for row in rows]
+        return pa.Table.from_pylist(out, schema=OUT_SCHEMA)
+
+    # -- fetch: all images of the batch in parallel, errors kept per URI
+    def _fetch_all(self, rows: list[dict]) -> dict[str, Any]:
+        uris = sorted({u for r in rows if _active(r) for u in (r["image_paths"] or [])})
+
+        def get(uri: str) -> Any:
+            try:
+                return self.fetcher.read(uri)
+            except _Quarantine as q:
+                return q
+        return dict(zip(uris, self.pool.map(get, uris)))
+
+    def _process(self, row: dict, fetched: dict[str, Any]) -> dict:
+        base = {"id": row["id"], "source": row["source"], "copies": row["copies"], "truncated": False}
+        if row["reason"]:
+            return {**base, "reason": row["reason"], "stage": row["stage"], "detail": row["detail"]}
+        if row["copies"] == 0:  # subsampled out: counted by the writer, not processed
+            return base
+        try:
+            return {**base, **self._sample(row, fetched)}
+        except _Quarantine as q:
+            return {**base, "reason": q.reason, "stage": q.stage, "detail": q.detail[:300]}
+
+    def _sample(self, row: dict, fetched: dict[str, Any]) -> dict:
+        cfg = self.config
+        images = []
+        for uri in row["image_paths"] or []:
+            data = fetched[uri]
+            if isinstance(data, _Quarantine):
+                raise data
+            images.append((uri, data))
+        images += [(f"image {i}", data) for i, data in enumerate(row["image_bytes"] or [])]
+        tiled = []
+        for name, data in images:
+            try:
+                tiled.append(load_and_tile(data, self.spec, max_pixels=cfg.max_pixels))
+            except ImageError as err:
+                raise _Quarantine("decode", err.reason, f"{name}: {err.detail}") from None
+        counts = [image_token_count(*t.original_size, self.spec, cfg.tokens_per_view) for t in tiled]
+        try:
+            tok = tokenize_conversation(json.loads(row["conversations"]), self.tokenizer, image_tokens=counts,
+                                        max_seq_len=cfg.max_seq_len, overflow=cfg.overflow)
+        except ConversationError as err:
+            raise _Quarantine("tokenize", getattr(err, "reason", "bad_conversation"), str(err)) from None
+        except UserError as err:  # any other user-fixable problem is still a row problem
+            raise _Quarantine("tokenize", getattr(err, "reason", "bad_conversation"), str(err)) from None
+        input_ids = np.asarray(tok.input_ids, np.int32)
+        kept_images = tiled[:tok.images_kept]  # truncation never cuts an image: it drops whole ones
+        total = tok.image_token_count
+        views = np.concatenate([t.views for t in kept_images]) if kept_images else np.zeros((0,), np.uint8)
+        return {
+            "input_ids": input_ids.tolist(),
+            "labels": np.asarray(tok.labels, np.int32).tolist(),
+            "num_tokens": len(input_ids),
+            "text_tokens": len(input_ids) - total,
+            "image_tokens": total,
+            "saved_tokens": sum(tokens_saved(t.kept, cfg.tokens_per_view) for t in kept_images),
+            "views": np.ascontiguousarray(views).tobytes(),
+            "view_counts": [int(t.views.shape[0]) for t in kept_images],
+            "kept": [bool(k) for t in kept_images for k in t.kept],
+            "tile_size": cfg.tile_size,
+            "grid": cfg.grid,
+            "truncated": bool(tok.truncated),
+        }
+
+
+def _active(row: dict) -> bool:
+    return not row["reason"] and row["copies"] > 0

@@ -1,0 +1,428 @@
+"""`sphinx-x preprocess SPEC`: Ray Data turns ``data.sources`` into tiled, tokenized Parquet shards.
+
+The graph (streaming, bounded memory; Ray Data shows a progress bar per operator)::
+
+    read (per source)          parse (actors.rows)       tile + tokenize (actors.tiler)   driver
+    read_binary_files(json) ─► records -> raw rows  ─┐
+    read_webdataset(tar)    ─► samples -> raw rows  ─┼─► union ─► map_batches(Tiler,    ─► shards
+    read_parquet(parquet)   ─► rows    -> raw rows  ─┘            actor pool)               errors/
+
+Output under ``<storage>/<data.output>/`` (docs/interfaces.md): ``part-00000.parquet`` ...,
+``errors/part-00000.parquet`` ..., ``tokenizer/``, and ``_manifest.json`` written last.
+
+Source formats (``data.sources[].format``, ``auto`` decides by extension; ``path`` is a file
+or a directory / prefix; ``s3://…`` and absolute paths are used as they are, relative ones
+are under ``storage.uri``; ``image_root`` likewise):
+
+- ``json`` / ``jsonl``: a JSON array or JSON lines of SPHINX/LLaVA records
+  ``{"id"?, "image"?: relative path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``;
+  images are read from ``image_root`` + ``image``.
+- ``webdataset``: ``.tar`` shards; per sample ``KEY.json`` (a record as above, without
+  ``image``) or ``KEY.txt`` (a caption), and optionally ``KEY.jpg|jpeg|png|webp``.
+- ``parquet``: columns ``conversations`` (JSON text or list of ``{from, value}``), ``image``
+  (binary, or ``{bytes: binary}`` as HF datasets write it; null = text-only), ``id`` optional.
+
+Determinism: Ray Data runs with ``preserve_order``, so rows reach the writer in source order
+then record order whatever the worker timing; the driver cuts them into shards of
+``data.rows_per_shard`` rows with fixed row groups, so a re-run writes identical files. Old
+shards under the output prefix are deleted first, so a re-run replaces, never duplicates.
+
+Accounting: ``rows_in`` counts every written copy of a record (``ratio`` > 1 repeats a record,
+each copy counts; rows that ``ratio`` < 1 leaves out are reported as ``subsampled_out`` and are
+not rows in). ``rows_in == rows_written + rows_quarantined`` always; every quarantined copy is
+one row of ``errors/``. The stage fails (UserError, exit 1) only when the quarantined share is
+over ``data.max_quarantine_fraction``, after shards and manifest are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from actors import rows as raw
+from actors.shards import ShardWriter
+from actors.tiler import ERROR_COLUMNS, OUT_SCHEMA, SHARD_COLUMNS, Tiler, TilerConfig
+from cluster.spec import ClusterSpec, SourceSpec, load_spec
+from cluster.storage import Storage, open_storage
+from models.errors import UserError
+from models.flavours import Flavour, from_name
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+TOKENIZER_DIR = "tokenizer"
+ERRORS_DIR = "errors"
+_TOKENIZER_TEXT_ROWS = 200_000  # rows of text the debug BPE tokenizer is trained on (at most)
+_BATCH_ROWS = 16  # rows per tiling batch: images are heavy, keep batches small
+
+
+class QuarantineError(UserError):
+    """Too many rows were quarantined; the shards and manifest are written anyway."""
+
+    def __init__(self, summary: dict, limit: float):
+        self.summary = summary
+        share = summary["rows_quarantined"] / max(1, summary["rows_in"])
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary["quarantined_by_reason"].items()))
+        super().__init__(
+            f"{summary['rows_quarantined']} of {summary['rows_in']} rows ({share:.1%}) were quarantined, over "
+            f"data.max_quarantine_fraction={limit:.1%} ({reasons}); see {summary['errors_uri']}")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def command(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    try:
+        summary = run_stage(spec, force=args.force)
+    except QuarantineError as err:
+        print(format_summary(err.summary))
+        raise
+    print(format_summary(summary))
+    return 0
+
+
+def is_complete(spec: ClusterSpec) -> bool:
+    return open_storage(spec.storage).exists(f"{spec.data.output}/{MANIFEST}")
+
+
+def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
+    """Run the preprocess graph; returns the manifest (plus ``skipped``/``errors_uri``)."""
+    storage = open_storage(spec.storage)
+    manifest = f"{spec.data.output}/{MANIFEST}"
+    if not force and storage.exists(manifest):
+        summary = json.loads(storage.read_bytes(manifest))
+        log.info("preprocess: %s is complete; skipping (use --force to redo)", storage.uri_for(manifest))
+        return {**summary, "skipped": True}
+    if not spec.data.sources:
+        raise UserError("data.sources is empty: nothing to preprocess")
+    _ensure_ray(spec, storage)
+    flavour = from_name(spec.model.flavour, **spec.model.overrides)
+    sources = [_resolve_source(storage, i, s) for i, s in enumerate(spec.data.sources)]
+    t0 = time.time()
+    _clear_output(storage, spec.data.output)
+    tokenizer = _tokenizer(spec, flavour, storage, sources)
+    summary = _run_graph(spec, flavour, storage, sources, tokenizer)
+    summary["seconds"] = round(time.time() - t0, 2)
+    storage.write_bytes(manifest, json.dumps(summary, indent=2, sort_keys=True).encode())
+    summary["errors_uri"] = storage.uri_for(spec.data.output, ERRORS_DIR)
+    limit = spec.data.max_quarantine_fraction
+    if summary["rows_quarantined"] > limit * summary["rows_in"]:
+        raise QuarantineError(summary, limit)
+    return summary
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    spec: SourceSpec
+    format: str  # json | jsonl | webdataset | parquet
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]  # filesystem paths, sorted
+    image_root: Optional[str]  # a URI: s3://bucket/key or an absolute local path
+
+
+def _locate(storage: Storage, path: str) -> tuple[pafs.FileSystem, str, str]:
+    """A spec path -> (filesystem, filesystem path, URI); relative paths are under storage.uri."""
+    fs, fs_path = storage.resolve(path)
+    return fs, fs_path, storage.locate(path).uri
+
+
+_EXT_FORMAT = {".json": "json", ".jsonl": "jsonl", ".tar": "webdataset", ".parquet": "parquet"}
+
+
+def _resolve_source(storage: Storage, i: int, src: SourceSpec) -> _Source:
+    fs, path, uri = _locate(storage, src.path)
+    where = f"data.sources[{i}] ({src.name}): path {uri}"
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise UserError(f"{where}: cannot be read: {err}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"{where}: no such file or prefix")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(f.path for f in infos if f.type == pafs.FileType.File
+                       and any(f.path.endswith(e) for e in _EXT_FORMAT) and "/_" not in f.path[len(path):])
+    else:
+        files = [path]
+    if not files:
+        raise UserError(f"{where}: holds no .json, .jsonl, .tar or .parquet files")
+    fmt = src.format
+    if fmt == "auto":
+        kinds = {next((v for e, v in _EXT_FORMAT.items() if f.endswith(e)), "jsonl") for f in files}
+        kinds = {"json" if k in ("json", "jsonl") else k for k in kinds}
+        if len(kinds) > 1:
+            raise UserError(f"{where}: mixes formats {sorted(kinds)}; split it or set format")
+        fmt = kinds.pop()
+        fmt = "auto" if fmt == "json" else fmt  # json vs jsonl decided per file
+    image_root = _locate(storage, src.image_root)[2] if src.image_root else None
+    if image_root is None and fmt in ("auto", "json", "jsonl"):
+        image_root = uri.rsplit("/", 1)[0] if info.type != pafs.FileType.Directory else uri
+    return _Source(spec=src, format=fmt, filesystem=fs, files=tuple(files), image_root=image_root)
+
+
+def _parse_json_batch(batch: pa.Table, *, source: str, ratio: float, image_root: Optional[str],
+                      fmt: str, file_nos: dict) -> pa.Table:
+    out = []
+    for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+        out += raw.parse_json_file(data, path, source=source, ratio=ratio, image_root=image_root,
+                                   fmt=fmt, file_no=file_nos.get(path))
+    return raw.to_table(out)
+
+
+def _parse_wds_batch(batch: pa.Table, *, source: str, ratio: float) -> pa.Table:
+    return raw.to_table([raw.wds_row(s, source=source, ratio=ratio) for s in batch.to_pylist()])
+
+
+def _parse_parquet_batch(batch: pa.Table, *, source: str, ratio: float) -> pa.Table:
+    return raw.to_table([raw.parquet_row(r, source=source, ratio=ratio) for r in batch.to_pylist()])
+
+
+def _raw_dataset(src: _Source):
+    """The raw rows of one source (a lazy Ray Dataset in record order)."""
+    import ray.data
+
+    name, ratio = src.spec.name, src.spec.ratio
+    files = list(src.files)
+    if src.format == "webdataset":
+        ds = ray.data.read_webdataset(files, filesystem=src.filesystem, decoder=None)
+        return ds.map_batches(_parse_wds_batch, batch_format="pyarrow", batch_size=_BATCH_ROWS,
+                              fn_kwargs=dict(source=name, ratio=ratio))
+    if src.format == "parquet":
+        ds = ray.data.read_parquet(files, filesystem=src.filesystem)
+        return ds.map_batches(_parse_parquet_batch, batch_format="pyarrow", batch_size=_BATCH_ROWS,
+                              fn_kwargs=dict(source=name, ratio=ratio))
+    ds = ray.data.read_binary_files(files, filesystem=src.filesystem, include_paths=True)
+    file_nos = {p: i for i, p in enumerate(files)} if len(files) > 1 else {}
+    return ds.map_batches(_parse_json_batch, batch_format="pyarrow", batch_size=1,
+                          fn_kwargs=dict(source=name, ratio=ratio, image_root=src.image_root,
+                                         fmt=src.format, file_nos=file_nos))
+
+
+def _all_raw(sources: list[_Source]):
+    datasets = [_raw_dataset(s) for s in sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: list[_Source]):
+    """Load ``model.tokenizer`` (or the flavour's), or train the debug BPE on the sources' text."""
+    from models.conversation import load_tokenizer, train_bpe_tokenizer
+
+    vocab = int(flavour.llm["vocab_size"])
+    path = spec.model.tokenizer or flavour.tokenizer
+    if path:
+        with tempfile.TemporaryDirectory() as tmp:
+            if path.startswith("s3://") or not path.startswith("/"):
+                storage.download_dir(path if path.startswith("s3://") else storage.uri_for(path), tmp)
+                tokenizer = load_tokenizer(tmp)
+            else:
+                tokenizer = load_tokenizer(path)
+    else:
+        tokenizer = train_bpe_tokenizer(_source_texts(sources), vocab)
+    if len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but flavour {flavour.name!r} has "
+                        f"vocab_size {vocab}; set model.overrides.llm.vocab_size >= {len(tokenizer)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        storage.upload_dir(tmp, storage.uri_for(spec.data.output, TOKENIZER_DIR))
+    return tokenizer
+
+
+def _source_texts(sources: list[_Source]) -> list[str]:
+    """First pass for the debug tokenizer: the turns' text of the good rows, in record order."""
+    import ray.data  # noqa: F401  (the datasets below are Ray Datasets)
+
+    texts: list[str] = []
+    ds = _all_raw(sources).select_columns(["conversations", "reason"])
+    for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        for conv, reason in zip(batch.column("conversations").to_pylist(), batch.column("reason").to_pylist()):
+            if reason is None:
+                texts += [t["value"].replace("<image>", " ") for t in json.loads(conv)]
+        if len(texts) >= _TOKENIZER_TEXT_ROWS:
+            break
+    return texts or ["(no text)"]
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: list[_Source], tokenizer) -> dict:
+    config = TilerConfig(
+        grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8),
+        tokens_per_view=flavour.tokens_per_view, max_seq_len=spec.data.max_seq_len,
+        overflow=spec.data.overflow, max_pixels=spec.data.max_image_pixels,
+    )
+    remote: dict[str, Any] = {}
+    group = spec.cluster.group(spec.data.group)
+    if group is not None:
+        remote["resources"] = {group.placement_resource: 0.001}
+    ds = _all_raw(sources).map_batches(
+        Tiler, batch_format="pyarrow", batch_size=_BATCH_ROWS, concurrency=spec.data.concurrency,
+        num_cpus=spec.data.num_cpus_per_worker,
+        fn_constructor_kwargs=dict(config=config, tokenizer=tokenizer,
+                                   storage=storage),
+        **remote,
+    )
+    out_dir = storage.path(spec.data.output)
+    shards = ShardWriter(storage.filesystem, out_dir, spec.data.rows_per_shard, OUT_SCHEMA, SHARD_COLUMNS)
+    errors = ShardWriter(storage.filesystem, f"{out_dir}/{ERRORS_DIR}", spec.data.rows_per_shard, OUT_SCHEMA,
+                         ERROR_COLUMNS)
+    tally = _Tally()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        good, bad = tally.add(batch)
+        shards.write(good)
+        errors.write(bad)
+    shards.close()
+    errors.close()
+    return tally.manifest(spec, flavour, tokenizer, shards.names, errors.names)
+
+
+class _Tally:
+    """Counts rows, reasons and tokens per source; expands ``copies`` into written rows."""
+
+    def __init__(self) -> None:
+        self.per_source: dict[str, Counter] = defaultdict(Counter)
+        self.reasons: dict[str, Counter] = defaultdict(Counter)
+
+    def add(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        cols = batch.select(["source", "copies", "reason", "truncated", "text_tokens", "image_tokens",
+                             "saved_tokens"]).to_pylist()
+        idx_good, idx_bad = [], []
+        for i, r in enumerate(cols):
+            c = self.per_source[r["source"]]
+            c["rows_read"] += 1
+            n = r["copies"]
+            if n == 0:
+                c["subsampled_out"] += 1
+                continue
+            c["rows_in"] += n
+            if r["reason"]:
+                c["rows_quarantined"] += n
+                self.reasons[r["source"]][r["reason"]] += n
+                idx_bad += [i] * n
+            else:
+                c["rows_written"] += n
+                c["rows_truncated"] += n * bool(r["truncated"])
+                for k in ("text_tokens", "image_tokens", "saved_tokens"):
+                    c[k] += n * (r[k] or 0)
+                idx_good += [i] * n
+        return batch.take(pa.array(idx_good, pa.int64())), batch.take(pa.array(idx_bad, pa.int64()))
+
+    def manifest(self, spec: ClusterSpec, flavour: Flavour, tokenizer, shards: list[str], errors: list[str]) -> dict:
+        total = sum(self.per_source.values(), Counter())
+        by_reason = sum(self.reasons.values(), Counter())
+        sources = {}
+        for s in spec.data.sources:
+            c = self.per_source.get(s.name, Counter())
+            sources[s.name] = {k: int(c[k]) for k in _COUNT_KEYS} | {
+                "ratio": s.ratio, "quarantined_by_reason": dict(sorted(self.reasons[s.name].items()))}
+        return {
+            "rows_in": int(total["rows_in"]),
+            "rows_written": int(total["rows_written"]),
+            "rows_quarantined": int(total["rows_quarantined"]),
+            "quarantined_by_reason": dict(sorted(by_reason.items())),
+            "rows_read": int(total["rows_read"]),
+            "subsampled_out": int(total["subsampled_out"]),
+            "rows_truncated": int(total["rows_truncated"]),
+            "tokens": {"text": int(total["text_tokens"]), "image": int(total["image_tokens"]),
+                       "saved": int(total["saved_tokens"]),
+                       "total": int(total["text_tokens"] + total["image_tokens"])},
+            "sources": sources,
+            "shards": shards,
+            "error_shards": [f"{ERRORS_DIR}/{n}" for n in errors],
+            "flavour": flavour.name,
+            "tiling": {"grid": flavour.grid, "tile_size": flavour.tile_size, "mean_u8": list(flavour.mean_u8),
+                       "tokens_per_view": flavour.tokens_per_view},
+            "max_seq_len": spec.data.max_seq_len,
+            "overflow": spec.data.overflow,
+            "max_image_pixels": spec.data.max_image_pixels,
+            "tokenizer": TOKENIZER_DIR,
+            "vocab_size": len(tokenizer),
+            "code_version": _code_version(),
+        }
+
+
+_COUNT_KEYS = ("rows_read", "subsampled_out", "rows_in", "rows_written", "rows_quarantined", "rows_truncated",
+               "text_tokens", "image_tokens", "saved_tokens")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _clear_output(storage: Storage, output: str) -> None:
+    """Delete the manifest first (the output is incomplete from now on), then old shards."""
+    for rel in (MANIFEST, ERRORS_DIR, TOKENIZER_DIR):
+        storage.delete(f"{output}/{rel}")
+    for key in storage.list(output):
+        name = key[len(output):].strip("/")
+        if name.startswith("part-") and name.endswith(".parquet"):
+            storage.delete(key)
+
+
+def _ensure_ray(spec: ClusterSpec, storage: Storage) -> None:
+    """Local: ``cluster.runtime.ensure_ray``. A remote address: we run as a Ray Job on that cluster
+    (``sphinx-x run`` submits us), so join it through ``$RAY_ADDRESS``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if spec.cluster.address == "local":
+        from cluster.runtime import ensure_ray
+
+        ensure_ray(spec)
+    else:
+        ray.init(runtime_env={"env_vars": storage.worker_env()})
+
+
+def _code_version() -> str:
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        pkg = version("sphinx-x")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{pkg}+{sha}" if sha else pkg
+
+
+def format_summary(s: dict) -> str:
+    """The one-screen summary printed at the end of the stage."""
+    if s.get("skipped"):
+        return f"preprocess: already complete ({s['rows_written']} rows in {len(s['shards'])} shards); --force to redo"
+    tok = s["tokens"]
+    lines = [
+        f"preprocess: {s['flavour']} (grid {s['tiling']['grid']}, tile {s['tiling']['tile_size']}) "
+        f"in {s.get('seconds', 0):.1f}s",
+        f"  rows in {s['rows_in']}  written {s['rows_written']}  quarantined {s['rows_quarantined']}  "
+        f"truncated {s['rows_truncated']}  (read {s['rows_read']}, subsampled out {s['subsampled_out']})",
+    ]
+    for reason, n in s["quarantined_by_reason"].items():
+        lines.append(f"    {reason:<18} {n}")
+    lines.append(f"  tokens {tok['total']} (text {tok['text']}, image {tok['image']}); saved by skip tokens {tok['saved']}")
+    lines.append(f"  {'source':<20} {'in':>8} {'written':>8} {'quarantined':>11} {'ratio':>6}")
+    for name, c in s["sources"].items():
+        lines.append(f"  {name:<20} {c['rows_in']:>8} {c['rows_written']:>8} {c['rows_quarantined']:>11} {c['ratio']:>6g}")
+    lines.append(f"  {len(s['shards'])} shard(s), {len(s['error_shards'])} error shard(s)"
+                 + (f" -> {s['errors_uri']}" if s.get("errors_uri") and s["error_shards"] else ""))
+    return "\n".join(lines)
