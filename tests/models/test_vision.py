@@ -1,0 +1,76 @@
+"""Mixture of visual experts: layout, skip tokens, normalisation."""
+
+import pytest
+import torch
+
+from models.errors import UserError
+from models.flavours import from_name
+from models.vision import MixtureOfVisualExperts
+
+FLAVOUR = from_name("debug")
+N = FLAVOUR.tokens_per_view
+S = FLAVOUR.tile_size
+
+
+@pytest.fixture(scope="module")
+def mov():
+    torch.manual_seed(0)
+    return MixtureOfVisualExperts(FLAVOUR, d_llm=32).eval()
+
+
+def _views(n):
+    return torch.randint(0, 256, (n, S, S, 3), dtype=torch.uint8)
+
+
+def test_skipped_tiles_are_never_encoded(mov):
+    seen = []
+    hooks = [enc.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"].shape[0]), with_kwargs=True)
+             for enc in (mov.convnext, mov.dino)]
+    try:
+        kept = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+        mov(_views(3 + 2 + 2 + 4), kept)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [11, 11]  # 3 global views + 8 kept tiles, once per encoder; 4 skipped never
+
+
+def test_sequence_lengths_and_layout(mov):
+    kept = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    out = mov(_views(5 + 3 + 2), kept)
+    assert [x.shape for x in out] == [(5 * (N + 2), 32), (3 * (N + 2) + 2, 32), (2 * (N + 2) + 3, 32)]
+    wide = out[1]
+    start, end, skip = mov.start.detach(), mov.end.detach(), mov.skip.detach()
+    for v in range(3):  # [start, N, end] for the global view and the two kept tiles
+        assert torch.equal(wide[v * (N + 2)], start) and torch.equal(wide[v * (N + 2) + N + 1], end)
+    assert torch.equal(wide[-1], skip) and torch.equal(wide[-2], skip)
+    # a skipped tile in the middle of the row-major order sits between kept tiles
+    tall = mov(_views(3), torch.tensor([[1, 0, 1, 0]], dtype=torch.bool))[0]
+    assert torch.equal(tall[2 * (N + 2)], skip) and torch.equal(tall[2 * (N + 2) + 1], start)
+
+
+def test_padding_is_exactly_zero_after_normalisation(mov):
+    pad = torch.tensor(FLAVOUR.mean_u8, dtype=torch.uint8).expand(2, S, S, 3).contiguous()
+    assert torch.count_nonzero(mov.normalise(pad)) == 0
+    white = mov.normalise(torch.full((1, S, S, 3), 255, dtype=torch.uint8))
+    assert white.shape == (1, 3, S, S) and (white > 1).all()
+
+
+def test_frozen_by_default_and_switchable():
+    m = MixtureOfVisualExperts(FLAVOUR, d_llm=16).train()
+    assert not m.convnext.training and not any(p.requires_grad for p in m.dino.parameters())
+    assert all(p.requires_grad for p in m.projector.parameters()) and m.skip.requires_grad
+    m.set_encoders_trainable(True)
+    m.train()
+    assert m.convnext.training and all(p.requires_grad for p in m.convnext.parameters())
+    m2 = MixtureOfVisualExperts(from_name("debug", freeze_vision=False), d_llm=16)
+    assert all(p.requires_grad for p in m2.dino.parameters())
+
+
+def test_bad_inputs_name_the_problem(mov):
+    with pytest.raises(UserError, match="views hold 2 views but kept masks need 3"):
+        mov(_views(2), torch.tensor([[1, 1, 0, 0]], dtype=torch.bool))
+    with pytest.raises(UserError, match="uint8"):
+        mov(torch.zeros(1, S, S, 3), torch.tensor([[0, 0, 0, 0]], dtype=torch.bool))
+    with pytest.raises(UserError, match="kept must be"):
+        mov(_views(1), torch.tensor([[0, 0, 0]], dtype=torch.bool))
