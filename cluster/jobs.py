@@ -1,0 +1,240 @@
+"""Ray Jobs on a running cluster: submit a stage, stream its logs, wait, status, stop.
+
+A thin layer over ``ray.job_submission.JobSubmissionClient`` (the dashboard's HTTP API,
+``http://HEAD:8265``) that turns its failures into one-line :class:`UserError` s, and
+``command(args)`` for ``sphinx-x jobs list|status|logs|stop [JOB] [--address URL]``.
+
+What a submission carries (``runtime_env``), and what it does not:
+
+- ``working_dir``: a copy of the project (``.venv``, ``.git``, ``runs``, caches excluded)
+  with the spec written into it as ``job-spec.yaml``, so the job reads the same spec
+  wherever the user's file lives. Python dependencies come from the cluster's image.
+- ``env_vars``: :meth:`Storage.worker_env` — endpoint (embedded server), region, checksum
+  settings. Never a credential value: credentials come from the cluster's environment.
+
+    >>> client = connect("http://127.0.0.1:8265")                      # doctest: +SKIP
+    >>> job_id = submit(client, entrypoint="python -m pipelines.cli run job-spec.yaml ...",
+    ...                 spec=spec)                                     # doctest: +SKIP
+    >>> follow(client, job_id).status                                  # doctest: +SKIP
+    'SUCCEEDED'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+from cluster.spec import ClusterSpec, dump_spec, load_spec
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+JOB_SPEC = "job-spec.yaml"
+# Never shipped with a job: environments, VCS, outputs, caches, weights and data.
+EXCLUDES = [".venv", "venv", ".git", "runs", ".sphinx-x", "tmp", "build", "dist", "node_modules",
+            "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info",
+            "*.pyc", "*.safetensors", "*.parquet", "*.pt", "*.bin"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "SUCCEEDED"
+
+
+# ---------------------------------------------------------------- address and client
+
+
+def resolve_address(address: Optional[str], spec: Optional[ClusterSpec] = None) -> str:
+    """``address``, else ``$RAY_ADDRESS`` (when it is an http URL), else the spec's http address."""
+    if address is not None:
+        if not address.startswith(("http://", "https://")):
+            raise UserError(f"--address must be the Ray Jobs (dashboard) URL like http://HEAD:8265, got {address!r}")
+        return address.rstrip("/")
+    for value in (os.environ.get("RAY_ADDRESS", ""), spec.cluster.address if spec is not None else ""):
+        if value.startswith(("http://", "https://")):
+            return value.rstrip("/")
+    raise UserError("no Ray Jobs address: pass --address http://HEAD:8265, set RAY_ADDRESS, "
+                    "or give a --spec whose cluster.address is an http URL")
+
+
+def connect(address: str):
+    """A ``JobSubmissionClient`` for ``address``; UserError when the dashboard is not reachable."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # ConnectionError, ValueError (bad URL), ...
+        raise UserError(f"cannot reach the Ray Jobs API at {address}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _call(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:  # the SDK raises RuntimeError("Request failed with status code 404: ...")
+        text = str(err)
+        if "404" in text or "does not exist" in text:
+            raise UserError(f"{what}: no such job ({_one_line(err)})") from None
+        raise UserError(f"{what}: {_one_line(err)}") from None
+
+
+# ---------------------------------------------------------------- submission
+
+
+def stage_working_dir(spec: ClusterSpec, dest: Path) -> Path:
+    """Copy the project into ``dest`` (without :data:`EXCLUDES`) and write the spec beside it.
+
+    Before: the user's spec anywhere on disk. After: ``dest/job-spec.yaml`` + ``dest/cluster/``,
+    ``dest/pipelines/``, ... — the directory Ray zips and unpacks as the job's working dir.
+    """
+    shutil.copytree(PROJECT_ROOT, dest, ignore=shutil.ignore_patterns(*EXCLUDES), dirs_exist_ok=True)
+    (dest / JOB_SPEC).write_text(dump_spec(spec))
+    return dest
+
+
+def worker_env(spec: ClusterSpec) -> dict[str, str]:
+    """Env vars the job needs to reach storage — no secret values.
+
+    For the embedded server this opens the storage (finds or starts the server) to learn its
+    endpoint; for any other endpoint nothing is contacted from here.
+    """
+    from cluster.storage import Storage, open_storage
+
+    section = spec.storage
+    if section.is_s3 and section.endpoint_url == "embedded":
+        return open_storage(section).worker_env()
+    return Storage(section.uri, endpoint_url=section.endpoint_url, region=section.region).worker_env()
+
+
+def runtime_env(working_dir: Path, env_vars: dict[str, str]) -> dict:
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(env_vars)}
+
+
+def submit(client, *, entrypoint: str, spec: ClusterSpec, metadata: Optional[dict[str, str]] = None,
+           env_vars: Optional[dict[str, str]] = None) -> str:
+    """Submit ``entrypoint`` with the project + spec as working dir; returns the submission id."""
+    env = worker_env(spec) if env_vars is None else env_vars
+    with tempfile.TemporaryDirectory(prefix="sphinx-x-job-") as tmp:
+        work = stage_working_dir(spec, Path(tmp) / "project")
+        job_id = _call("submit", client.submit_job, entrypoint=entrypoint, runtime_env=runtime_env(work, env),
+                       metadata={"sphinx-x": spec.name, **(metadata or {})})
+    log.info("submitted %s: %s", job_id, entrypoint)
+    return job_id
+
+
+# ---------------------------------------------------------------- watching
+
+
+def status(client, job_id: str) -> JobResult:
+    info = _call(f"job {job_id}", client.get_job_info, job_id)
+    return JobResult(job_id, str(getattr(info.status, "value", info.status)), info.message or "")
+
+
+def stream_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
+    """Copy the job's log lines to ``out`` until the job ends (websocket tail, polling fallback)."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as err:  # e.g. a proxy that drops websockets: poll the full log instead
+        log.debug("log tail failed (%s); polling", _one_line(err))
+        seen = 0
+        while True:
+            done = status(client, job_id).status in TERMINAL
+            text = _call(f"job {job_id}", client.get_job_logs, job_id)
+            out.write(text[seen:])
+            out.flush()
+            seen = len(text)
+            if done:
+                return
+            time.sleep(1)
+
+
+def wait(client, job_id: str, *, timeout_s: Optional[float] = None, poll_s: float = 0.5) -> JobResult:
+    """Block until the job reaches a terminal state; UserError on timeout."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        result = status(client, job_id)
+        if result.status in TERMINAL:
+            return result
+        if deadline is not None and time.monotonic() > deadline:
+            raise UserError(f"job {job_id} still {result.status} after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def follow(client, job_id: str, *, out: TextIO = sys.stdout, timeout_s: Optional[float] = None) -> JobResult:
+    """Stream the logs, then wait for the terminal status."""
+    stream_logs(client, job_id, out)
+    return wait(client, job_id, timeout_s=timeout_s)
+
+
+def stop(client, job_id: str) -> bool:
+    return bool(_call(f"job {job_id}", client.stop_job, job_id))
+
+
+def error_summary(result: JobResult, limit_lines: int = 30) -> str:
+    """The job's failure message, trimmed to its last lines (where the exception is)."""
+    lines = [ln for ln in (result.message or "").splitlines() if ln.strip()]
+    text = "\n".join(lines[-limit_lines:])
+    return text or f"job ended {result.status}"
+
+
+# ---------------------------------------------------------------- CLI: sphinx-x jobs
+
+
+def command(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec) if args.spec else None
+    address = resolve_address(args.address, spec)
+    client = connect(address)
+    if args.action == "list":
+        jobs = _call("list", client.list_jobs)
+        jobs = sorted(jobs, key=lambda j: j.start_time or 0)
+        print(f"{'SUBMISSION ID':<32} {'STATUS':<10} ENTRYPOINT")
+        for job in jobs:
+            state = str(getattr(job.status, "value", job.status))
+            print(f"{job.submission_id or job.job_id or '-':<32} {state:<10} {job.entrypoint}")
+        return 0
+    if not args.job_id:
+        raise UserError(f"`sphinx-x jobs {args.action}` needs a JOB id (see `sphinx-x jobs list`)")
+    if args.action == "status":
+        result = status(client, args.job_id)
+        print(f"{result.job_id}: {result.status}")
+        if result.message:
+            print(result.message)
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            stream_logs(client, args.job_id)
+        else:
+            sys.stdout.write(_call(f"job {args.job_id}", client.get_job_logs, args.job_id))
+        return 0
+    stopped = stop(client, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
