@@ -59,7 +59,7 @@ class Tokenized:
     """One training sample: ``input_ids`` and ``labels`` have the same length.
 
     ``images_kept``: how many of the images survived truncation (always the first ones; drop the
-    views of the rest). ``image_positions``: token count of the image spans, for accounting.
+    views of the rest). ``image_token_count``: tokens in image spans (``text_tokens`` = the rest).
     """
 
     input_ids: list[int]
@@ -100,7 +100,8 @@ def image_token_id(tokenizer: Any) -> int:
 
 def _human_segments(text: str, tokenizer: Any, images: list[tuple[int, int]], system: str | None) -> list[_Seg]:
     """`` Human: {q}\\n###`` with each ``<image>`` replaced by (image index, token count)."""
-    segs = [] if system is None else [_Seg([tokenizer.bos_token_id]), _Seg(_encode(tokenizer, system + SEP))]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    segs = [] if system is None else [_Seg(bos), _Seg(_encode(tokenizer, system + SEP))]
     pieces = text.split(IMAGE)
     img_id = image_token_id(tokenizer) if images else None
     for k, piece in enumerate(pieces):
@@ -183,7 +184,8 @@ def tokenize_conversation(
     """
     turns = _validate(conversations)
     segs = _build(turns, tokenizer, image_tokens, system)
-    segs.append(_Seg([tokenizer.eos_token_id], trainable=True, turn_end=True))
+    if tokenizer.eos_token_id is not None:
+        segs.append(_Seg([tokenizer.eos_token_id], trainable=True, turn_end=True))
     total = sum(len(s.ids) for s in segs)
     truncated = total > max_seq_len
     if truncated:
