@@ -229,3 +229,17 @@ def test_a_huge_header_is_refused_without_decoding():
     with pytest.raises(ImageError) as err:
         load_image(bomb, max_pixels=64_000_000)
     assert err.value.reason == "too_many_pixels"
+
+
+def test_exif_rotation_with_a_drafted_jpeg():
+    """A big JPEG stored 1200x900 with orientation 6: drafted decode, still the true 900x1200 grid."""
+    a = np.zeros((900, 1200, 3), np.uint8)
+    a[:, :100] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _jpeg(Image.fromarray(a), exif=exif.tobytes())
+    fast, full = load_and_tile(data, SPEC), tile_image(load_image(data), SPEC)
+    assert fast.original_size == full.original_size == (900, 1200)
+    assert fast.scaled_size == full.scaled_size == (48, 64)
+    assert (fast.kept == full.kept).all() and fast.views.shape == full.views.shape
+    assert np.abs(fast.views.astype(int) - full.views.astype(int)).mean() < 2
