@@ -112,9 +112,9 @@ class MixtureOfVisualExperts(nn.Module):
         return self.projector(feats)
 
     def forward(self, views: torch.Tensor, kept: torch.Tensor) -> list[torch.Tensor]:
-        """views uint8 [V, S, S, 3], kept bool [I, G·G] → I tensors [(1+k)(N+2)+skipped, d_llm]."""
+        """views uint8 [V, S, S, 3], kept bool [I, G·G] ([I, 0] when G = 1) → I tensors [(1+k)(N+2)+skipped, d_llm]."""
         kept = kept.bool()
-        gg = self.grid * self.grid
+        gg = self.grid * self.grid if self.grid > 1 else 0  # G = 1: global view only, empty masks
         if kept.dim() != 2 or kept.shape[1] != gg:
             raise UserError(f"kept must be bool [images, {gg}] for grid {self.grid}, got {list(kept.shape)}")
         n_views = int((1 + kept.sum(1)).sum())

@@ -74,3 +74,9 @@ def test_bad_inputs_name_the_problem(mov):
         mov(torch.zeros(1, S, S, 3), torch.tensor([[0, 0, 0, 0]], dtype=torch.bool))
     with pytest.raises(UserError, match="kept must be"):
         mov(_views(1), torch.tensor([[0, 0, 0]], dtype=torch.bool))
+
+
+def test_grid_one_is_the_global_view_only():
+    m = MixtureOfVisualExperts(from_name("debug", grid=1), d_llm=8)
+    out = m(_views(2), torch.zeros((2, 0), dtype=torch.bool))
+    assert [x.shape[0] for x in out] == [N + 2, N + 2]
