@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from typing import Optional, TextIO
@@ -58,9 +59,26 @@ def _stage_module(stage: str):
 # ---------------------------------------------------------------- in-process
 
 
+def join_job_cluster() -> bool:
+    """Inside a Ray Job's entrypoint, connect to the cluster the job runs on (``$RAY_ADDRESS``).
+
+    Stages then find Ray initialized and use it instead of starting a private one. The job's
+    ``runtime_env`` (storage env vars) applies to every task and actor it starts.
+    """
+    if not (os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS")):
+        return False
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+        log.info("joined the job's Ray cluster at %s", os.environ["RAY_ADDRESS"])
+    return True
+
+
 def run_local(spec: ClusterSpec, stages: list[str], *, force: bool = False) -> dict[str, dict]:
     """Run ``stages`` here, in order; returns stage -> summary (``{"skipped": True}`` if complete)."""
     summaries: dict[str, dict] = {}
+    join_job_cluster()
     for stage in ordered(stages):
         module = _stage_module(stage)
         if not force and module.is_complete(spec):

@@ -1,0 +1,95 @@
+"""cluster.jobs without a cluster: what a submission carries, address resolution, clear errors.
+(The real Ray Jobs round trip — submit, logs, status, failure — is in tests/pipelines/test_run.py.)"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from cluster import jobs
+from cluster.spec import load_spec, parse_spec
+from models.errors import UserError
+from pipelines.cli import main
+
+
+def test_working_dir_has_the_project_and_the_spec_but_no_venv_or_git(tmp_path, monkeypatch):
+    fake = tmp_path / "project"
+    for rel in ["cluster/spec.py", "pipelines/cli.py", "models/x.py", ".venv/bin/python", ".git/HEAD",
+                "runs/demo/report.md", "pipelines/__pycache__/cli.cpython-311.pyc", "sphinx_x.egg-info/PKG-INFO",
+                "cluster/weights.safetensors"]:
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text("x")
+    monkeypatch.setattr(jobs, "PROJECT_ROOT", fake)
+    spec = parse_spec({"name": "wd", "cluster": {"worker_groups": [{"name": "cpu"}]}, "data": {"group": "cpu"}})
+    out = jobs.stage_working_dir(spec, tmp_path / "staged")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["cluster/spec.py", "job-spec.yaml", "models/x.py", "pipelines/cli.py"]
+    assert load_spec(out / "job-spec.yaml") == spec
+
+
+def test_runtime_env_names_working_dir_excludes_and_env():
+    env = jobs.runtime_env(jobs.PROJECT_ROOT, {"AWS_REGION": "eu-west-1"})
+    assert env["working_dir"] == str(jobs.PROJECT_ROOT)
+    assert {".venv", ".git", "runs", "__pycache__"} <= set(env["excludes"])
+    assert env["env_vars"] == {"AWS_REGION": "eu-west-1"}
+
+
+def test_worker_env_has_endpoint_but_no_secret(make_spec, monkeypatch, s3):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-xyz")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "very-secret-token-xyz")
+    env = jobs.worker_env(make_spec())
+    assert env["SPHINX_X_S3_ENDPOINT"] == s3.endpoint_url
+    assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_REQUIRED"
+    assert not {"very-secret-value-xyz", "very-secret-token-xyz"} & set(env.values())
+
+
+def test_worker_env_for_aws_contacts_nothing(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-xyz")
+    spec = parse_spec({"storage": {"uri": "s3://no-such-bucket-anywhere/x", "endpoint_url": None,
+                                   "region": "eu-west-1"}})
+    env = jobs.worker_env(spec)
+    assert env["AWS_REGION"] == "eu-west-1" and "very-secret-value-xyz" not in env.values()
+
+
+def test_resolve_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    remote = parse_spec({"cluster": {"address": "http://head:8265"}})
+    local = parse_spec({})
+    assert jobs.resolve_address("http://a:8265/", local) == "http://a:8265"
+    assert jobs.resolve_address(None, remote) == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://env:8265")
+    assert jobs.resolve_address(None, remote) == "http://env:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not a Jobs address
+    assert jobs.resolve_address(None, remote) == "http://head:8265"
+    with pytest.raises(UserError, match="no Ray Jobs address"):
+        jobs.resolve_address(None, local)
+    with pytest.raises(UserError, match="dashboard"):
+        jobs.resolve_address("ray://head:10001", local)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_dashboard_is_one_clear_line(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["jobs", "list", "--address", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach the Ray Jobs API at {url}") and err.count("\n") == 1
+
+
+def test_jobs_needs_a_job_id_and_an_address(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["jobs", "status"]) == 1
+    assert "no Ray Jobs address" in capsys.readouterr().err
+
+
+def test_error_summary_keeps_the_end_of_the_message():
+    result = jobs.JobResult("raysubmit_1", "FAILED", "\n".join(f"line {i}" for i in range(100)) + "\nerror: boom")
+    summary = jobs.error_summary(result, limit_lines=5)
+    assert summary.splitlines()[-1] == "error: boom" and len(summary.splitlines()) == 5
+    assert jobs.error_summary(jobs.JobResult("x", "STOPPED")) == "job ended STOPPED"
