@@ -110,6 +110,13 @@ def ensure_ray(spec: ClusterSpec, *, num_cpus: Optional[int] = None):
     state = up_state(alive_only=True)
     if state and "ray" in state:
         log.info("using the Ray head started by `sphinx-x up` at %s", state["ray"]["gcs_address"])
+        # the head's private token. The env stays set for this process: Ray's config and token
+        # cache must agree for the life of the connection (and any later ray.init here).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        os.environ.update(_auth_env(Path(state["ray"]["auth_token_path"])))
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
         ray.init(address=state["ray"]["gcs_address"], runtime_env=runtime_env)
     else:
         ray.init(address="local", num_cpus=num_cpus, resources=group_resources(spec) or None,
@@ -163,6 +170,22 @@ def _wait(what: str, ready, proc: subprocess.Popen, log_path: Path, timeout_s: f
         time.sleep(0.2)
 
 
+def _auth_token(directory: Path) -> Path:
+    """A private Ray auth token for the `up` head (Ray 2.60 enables token auth on `ray start`;
+    the head listens on the node's address, not only on loopback). Kept across down/up."""
+    import secrets
+
+    path = directory / "ray_auth_token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
+
+
+def _auth_env(token_path: Path) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
 def _ray_temp_dir(directory: Path) -> Path:
     # Unix socket paths must stay short (< 108 bytes), so not under a deep run directory.
     import hashlib
@@ -202,6 +225,8 @@ def start(spec: Optional[ClusterSpec] = None, *, directory: Optional[Path] = Non
         ray_exe = Path(sys.executable).with_name("ray")
         gcs_port, dash_port = _free_port(), _free_port()
         temp_dir = _ray_temp_dir(directory)
+        address_file = temp_dir / "ray_current_cluster"
+        address_file.unlink(missing_ok=True)
         resources = group_resources(spec) if spec else {}
         cmd = [str(ray_exe) if ray_exe.exists() else "ray", "start", "--head", "--block",
                "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
@@ -215,13 +240,14 @@ def start(spec: Optional[ClusterSpec] = None, *, directory: Optional[Path] = Non
             cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
         if resources:
             cmd += ["--resources", json.dumps(resources)]
-        ray_log = directory / "ray.log"
-        head = _spawn(cmd, ray_log, {**env, **embedded_worker_env(state["s3"]["endpoint_url"], region)})
+        ray_log, token = directory / "ray.log", _auth_token(directory)
+        head = _spawn(cmd, ray_log, {**env, **embedded_worker_env(state["s3"]["endpoint_url"], region),
+                                     **_auth_env(token)})
         state["ray"] = {**_record(head), "log": str(ray_log), "temp_dir": str(temp_dir),
-                        "gcs_address": f"127.0.0.1:{gcs_port}",
+                        "gcs_address": f"127.0.0.1:{gcs_port}", "auth_token_path": str(token),
                         "dashboard_url": f"http://127.0.0.1:{dash_port}" if dashboard else None}
-        _wait("the Ray head", lambda: _answers(gcs_port) and (not dashboard or _answers(dash_port)),
-              head, ray_log, timeout_s)
+        # `ray start` writes this file once the head (GCS, raylet, dashboard) is fully up
+        _wait("the Ray head", address_file.exists, head, ray_log, timeout_s)
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     except BaseException:
         _stop_components(state, timeout_s=15)
@@ -281,6 +307,7 @@ def _stop_components(state: dict[str, Any], timeout_s: float = 30) -> list[int]:
         if root is not None:  # `ray start --block` stops its own processes on SIGTERM
             root.send_signal(signal.SIGTERM)
             psutil.wait_procs([root], timeout=timeout_s / 2)
+        initial = {p.pid for p in procs}
         procs = [p for p in procs + _members(component) if p.is_running()]
         for proc in procs:
             try:
@@ -294,7 +321,7 @@ def _stop_components(state: dict[str, Any], timeout_s: float = 30) -> list[int]:
             except psutil.Error:
                 pass
         psutil.wait_procs(left, timeout=5)
-        stopped += [p.pid for p in procs] + ([component["pid"]] if root is not None else [])
+        stopped += sorted(initial | {p.pid for p in procs})
         if component.get("temp_dir"):
             shutil.rmtree(component["temp_dir"], ignore_errors=True)
     return sorted(set(stopped))
@@ -338,8 +365,9 @@ def command(args: argparse.Namespace) -> int:
         print(f"state in {run_dir() / STATE_FILE}. Specs with cluster.address: local and "
               "storage.endpoint_url: embedded now use these (objects in the S3 server live until "
               "`sphinx-x down`).\n"
-              f"Other tools: RAY_ADDRESS={state['ray']['gcs_address']} "
-              f"{ENDPOINT_ENV}={state['s3']['endpoint_url']}. Stop with `sphinx-x down`.")
+              f"Other tools: RAY_ADDRESS={state['ray']['gcs_address']} RAY_AUTH_MODE=token "
+              f"RAY_AUTH_TOKEN_PATH={state['ray']['auth_token_path']} "
+              f"{ENDPOINT_ENV}={state['s3']['endpoint_url']}\nStop with `sphinx-x down`.")
         return 0
     if args.verb == "down":
         state = stop()
