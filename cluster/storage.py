@@ -11,7 +11,8 @@ embedded moto server on 127.0.0.1) or a local directory.
 
 Keys given to ``read_bytes / write_bytes / exists / list / delete / download_dir / upload_dir``
 are either relative to the storage root (``"shards/part-00000.parquet"``), a full
-``s3://bucket/key`` URI, or an absolute local path. ``list`` answers in the form it was asked in.
+``s3://bucket/key`` URI, an absolute local path, or a path from ``storage.path(...)``
+(``"bucket/prefix/..."``). ``list`` answers in the form it was asked in.
 
 Every remote call is retried with exponential backoff on transient errors (timeouts, connection
 resets, 5xx, SlowDown); never on 4xx. Problems a user can fix (unreachable endpoint, missing
@@ -276,14 +277,22 @@ class Storage:
         return _Loc(None, str(Path(self.uri, rel)) if rel else self.uri)
 
     def locate(self, key: str) -> _Loc:
-        """A relative key (under the root), an ``s3://`` URI, or an absolute local path."""
+        """A relative key (under the root), an ``s3://`` URI, an absolute local path, or a
+        filesystem path from :meth:`path` (``"bucket/prefix/..."``, under the root)."""
         if key.startswith("s3://"):
             return _Loc(*split_s3_uri(key))
         if "://" in key:
             raise UserError(f"storage: only s3:// URIs or local paths are supported, got {key!r}")
         if os.path.isabs(key) or key.startswith("~"):
             return _Loc(None, str(Path(key).expanduser().resolve()))
+        if self._is_fs_path(key):
+            bucket, _, rest = key.partition("/")
+            return _Loc(bucket, rest.strip("/"))
         return self._root(key)
+
+    def _is_fs_path(self, key: str) -> bool:
+        root = self.path() if self.is_s3 else None
+        return root is not None and (key.rstrip("/") == root or key.startswith(root + "/"))
 
     # -- clients
 
@@ -451,6 +460,8 @@ class Storage:
         """
         loc = self.locate(prefix) if prefix else self._root()
         full = prefix.startswith("s3://") or os.path.isabs(prefix) or prefix.startswith("~")
+        if self._is_fs_path(prefix):
+            return [f"{loc.bucket}/{split_s3_uri(u)[1]}" for u in self.list(loc.uri)]
         if not loc.is_s3:
             base = Path(loc.key)
             paths = sorted(str(p) for p in base.rglob("*") if p.is_file()) if base.is_dir() else []

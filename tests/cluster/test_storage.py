@@ -92,6 +92,8 @@ def test_bytes_list_exists_delete(storage):
     assert storage.list(storage.uri_for("a/sub")) == [storage.uri_for("a/sub/two.txt")]
     assert storage.exists("a") and storage.exists("a/one.txt") and not storage.exists("a/nope")
     assert storage.read_bytes(storage.uri_for("ab/three.txt")) == b"333"
+    assert storage.read_bytes(storage.path("ab/three.txt")) == b"333"  # a filesystem path works too
+    assert storage.list(storage.path("a/sub")) == [storage.path("a/sub/two.txt")]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes("a/nope")
     assert storage.delete("a") == 2
