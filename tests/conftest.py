@@ -51,6 +51,7 @@ def ray_local(s3):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new one: a bare ray.init() joins any Ray on the machine
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
