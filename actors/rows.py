@@ -202,11 +202,12 @@ def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
     """
     key = str(sample.get("__key__") or "")
     row_id = f"{source}:{key}"
+    sample = {k: _blob(v) for k, v in sample.items()}  # a batch fills absent extensions with None/NaN
     image = next((sample[k] for k in WDS_IMAGE_KEYS if sample.get(k) is not None), None)
-    images = [bytes(image)] if image is not None else []
+    images = [image] if image is not None else []
     if sample.get("json") is not None:
         try:
-            record = json.loads(bytes(sample["json"]).decode("utf-8"))
+            record = json.loads(sample["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             return raw_row(source, row_id, ratio, conversations="", reason="invalid_json", detail=f"{key}.json: {err}")
         row_id = record_id(record, row_id)
@@ -214,7 +215,7 @@ def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
             record = {**record, "image": "<bytes>"}
         reason, detail, conv, _ = validate_record(record)
     elif sample.get("txt") is not None:
-        caption = bytes(sample["txt"]).decode("utf-8", errors="replace").strip()
+        caption = sample["txt"].decode("utf-8", errors="replace").strip()
         conv = [{"from": "human", "value": "<image>\nDescribe the image briefly." if images else "Continue."},
                 {"from": "gpt", "value": caption}]
         reason, detail = (None, "") if caption else ("bad_field", f"{key}.txt is empty")
@@ -223,6 +224,12 @@ def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
     if reason:
         return raw_row(source, row_id, ratio, conversations=conv, reason=reason, detail=detail)
     return raw_row(source, row_id, ratio, conversations=conv, image_bytes=images)
+
+
+def _blob(value: Any) -> Optional[bytes]:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return value.encode() if isinstance(value, str) else None
 
 
 # ----------------------------------------------------------------------------- Parquet

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tarfile
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -47,6 +48,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from actors import rows as raw
 from actors.shards import ShardWriter
@@ -106,6 +108,9 @@ def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
     if not spec.data.sources:
         raise UserError("data.sources is empty: nothing to preprocess")
     _ensure_ray(spec, storage)
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True  # determinism (see module doc)
     flavour = from_name(spec.model.flavour, **spec.model.overrides)
     sources = [_resolve_source(storage, i, s) for i, s in enumerate(spec.data.sources)]
     t0 = time.time()
@@ -244,17 +249,35 @@ def _tokenizer(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: l
 
 
 def _source_texts(sources: list[_Source]) -> list[str]:
-    """First pass for the debug tokenizer: the turns' text of the good rows, in record order."""
-    import ray.data  # noqa: F401  (the datasets below are Ray Datasets)
+    """First pass for the debug tokenizer: the turns' text of the good records, in source order.
 
+    Runs on the driver (debug flavours are for small data): the same parsers as the graph,
+    reading only the text (Parquet ``conversations`` column, tar members without images).
+    """
     texts: list[str] = []
-    ds = _all_raw(sources).select_columns(["conversations", "reason"])
-    for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        for conv, reason in zip(batch.column("conversations").to_pylist(), batch.column("reason").to_pylist()):
-            if reason is None:
-                texts += [t["value"].replace("<image>", " ") for t in json.loads(conv)]
-        if len(texts) >= _TOKENIZER_TEXT_ROWS:
-            break
+    for src in sources:
+        name, ratio = src.spec.name, src.spec.ratio
+        for path in src.files:
+            if src.format == "parquet":
+                table = pq.read_table(path, filesystem=src.filesystem, columns=["conversations"])
+                rows = [raw.parquet_row(r, source=name, ratio=ratio) for r in table.to_pylist()]
+            elif src.format == "webdataset":
+                with src.filesystem.open_input_file(path) as f, tarfile.open(fileobj=f) as tar:
+                    samples: dict[str, dict] = defaultdict(dict)
+                    for m in tar:
+                        key, _, ext = m.name.partition(".")
+                        if m.isfile() and ext in ("json", "txt"):
+                            samples[key][ext] = tar.extractfile(m).read()
+                rows = [raw.wds_row({"__key__": k, **v}, source=name, ratio=ratio) for k, v in samples.items()]
+            else:
+                with src.filesystem.open_input_file(path) as f:
+                    rows = raw.parse_json_file(f.read(), path, source=name, ratio=ratio, image_root=None,
+                                               fmt=src.format)
+            for r in rows:
+                if r["reason"] is None:
+                    texts += [t["value"].replace(raw.IMAGE_PLACEHOLDER, " ") for t in json.loads(r["conversations"])]
+            if len(texts) >= _TOKENIZER_TEXT_ROWS:
+                return texts
     return texts or ["(no text)"]
 
 
@@ -271,8 +294,11 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: l
     group = spec.cluster.group(spec.data.group)
     if group is not None:
         remote["resources"] = {group.placement_resource: 0.001}
+    import ray.data
+
     ds = _all_raw(sources).map_batches(
-        Tiler, batch_format="pyarrow", batch_size=_BATCH_ROWS, concurrency=spec.data.concurrency,
+        Tiler, batch_format="pyarrow", batch_size=_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(size=spec.data.concurrency),
         num_cpus=spec.data.num_cpus_per_worker,
         fn_constructor_kwargs=dict(config=config, tokenizer=tokenizer,
                                    storage=storage),

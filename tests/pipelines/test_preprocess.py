@@ -1,0 +1,249 @@
+"""preprocess end to end on the embedded S3: every kind of bad row, odd images, re-run, 2 nodes.
+
+One generated dataset (four sources: JSONL with every bad-row kind, a JSON array repeated
+by ratio 2, WebDataset tar shards, Parquet with image bytes and ratio 0.5) goes through the
+real Ray Data graph three times: on the shared local Ray (quarantine over the threshold:
+exit non-zero, but shards and manifest written), again with --force (byte-identical shards),
+and through the CLI on a simulated 2-node cluster (same shards).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from models.tiling import TileSpec, load_and_tile
+
+MAX_PIXELS = 1_000_000
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").convert(mode)
+
+
+def _images() -> dict[str, bytes]:
+    """The odd-but-valid image zoo plus the bad ones."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 80x40, shown 40x80
+    rgba = _noise(50, 30, seed=1).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((50, 30)))
+    palette = _noise(40, 40, seed=2).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    good = _jpeg(_noise(90, 60, seed=3))
+    return {
+        "rgb.jpg": good,
+        "rgba.png": _png(rgba),
+        "cmyk.jpg": _jpeg(_noise(64, 48, "CMYK", seed=4)),
+        "gray.png": _png(_noise(30, 70, "L", seed=5)),
+        "palette.png": _png(palette),
+        "exif.jpg": _jpeg(_noise(80, 40, seed=6), exif=exif.tobytes()),
+        "one.png": _png(Image.new("RGB", (1, 1), (200, 10, 10))),
+        "pano.jpg": _jpeg(_noise(400, 24, seed=7)),
+        "truncated.jpg": good[: len(good) // 2],
+        "bomb.png": _png(Image.new("L", (2000, 1000))),  # 2 MP > MAX_PIXELS, tiny file
+    }
+
+
+GOOD_IMAGES = ["rgb.jpg", "rgba.png", "cmyk.jpg", "gray.png", "palette.png", "exif.jpg", "one.png", "pano.jpg"]
+
+
+def _turns(q: str, a: str) -> list[dict]:
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def _mix_lines() -> tuple[list[str], Counter]:
+    """JSONL of source `mix`: good rows of every image kind, text-only rows, and each bad kind."""
+    lines = [json.dumps({"id": f"img-{n}", "image": n, "conversations": _turns("<image>\nWhat is this?", f"It is {n}.")})
+             for n in GOOD_IMAGES]
+    lines += [
+        json.dumps({"id": "text-1", "conversations": _turns("Say hi.", "Hi there.")}),
+        json.dumps({"id": "text-2", "conversations": _turns("2+2?", "4.") + _turns("And 3+3?", "6.")}),
+        json.dumps({"id": "noph", "image": "rgb.jpg", "conversations": _turns("Describe.", "Noise.")}),
+        '{"id": "broken", "conversations": [',
+        json.dumps({"id": "nofield"}),
+        json.dumps({"id": "nonstr", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]}),
+        json.dumps({"id": "role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]}),
+        json.dumps({"id": "mismatch", "conversations": _turns("<image>\nWhat?", "Nothing.")}),
+        json.dumps({"id": "missing", "image": "nope.jpg", "conversations": _turns("<image>\nWhat?", "x")}),
+        json.dumps({"id": "trunc", "image": "truncated.jpg", "conversations": _turns("<image>\nWhat?", "x")}),
+        json.dumps({"id": "bomb", "image": "bomb.png", "conversations": _turns("<image>\nWhat?", "x")}),
+        json.dumps({"id": "long", "conversations": _turns("Tell a story.", "once upon a time " * 400)}),
+    ]
+    expected = Counter(invalid_json=1, bad_field=2, unknown_role=1, image_mismatch=1, missing_image=1,
+                       corrupt_image=1, too_many_pixels=1, too_long=1)
+    return lines, expected
+
+
+def _wds_tar(images: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        members = [("s1.jpg", images["rgb.jpg"]),
+                   ("s1.json", json.dumps({"conversations": _turns("<image>\nCaption?", "Noise.")}).encode()),
+                   ("s2.png", images["gray.png"]), ("s2.txt", b"a grey picture"),
+                   ("s3.txt", b"text only caption")]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _parquet(images: dict[str, bytes]) -> bytes:
+    rows = [{"id": f"pq-{i}", "conversations": json.dumps(_turns("<image>\nWhat?" if i % 2 else "Hello?", f"Row {i}.")),
+             "image": images["pano.jpg"] if i % 2 else None} for i in range(8)]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(
+        [("id", pa.string()), ("conversations", pa.string()), ("image", pa.binary())])), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(s3):
+    """Upload the dataset once; returns (bucket prefix URI, image bytes, expected reasons of `mix`)."""
+    import uuid
+
+    from cluster.spec import StorageSection
+    from cluster.storage import open_storage
+
+    root = f"s3://sphinx-x-test/pre-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(StorageSection(uri=root, endpoint_url="embedded"))
+    images = _images()
+    for name, data in images.items():
+        storage.write_bytes(f"data/images/{name}", data)
+    lines, expected = _mix_lines()
+    storage.write_bytes("data/mix.jsonl", "\n".join(lines).encode())
+    arr = [{"image": "rgb.jpg", "conversations": _turns("<image>\nColour?", "Many.")},
+           {"conversations": _turns("Name?", "Sphinx.")}]
+    storage.write_bytes("data/arr.json", json.dumps(arr).encode())
+    storage.write_bytes("data/wds/shard-000.tar", _wds_tar(images))
+    storage.write_bytes("data/pq/part-0.parquet", _parquet(images))
+    return root, images, expected
+
+
+def _spec(make_spec, root: str, output: str, **data):
+    sources = [
+        {"name": "mix", "path": f"{root}/data/mix.jsonl", "image_root": f"{root}/data/images"},
+        {"name": "arr", "path": f"{root}/data/arr.json", "image_root": f"{root}/data/images", "ratio": 2},
+        {"name": "wds", "path": f"{root}/data/wds"},
+        {"name": "pq", "path": f"{root}/data/pq", "ratio": 0.5},
+    ]
+    return make_spec(data={"sources": sources, "output": output, "max_seq_len": 512, "overflow": "quarantine",
+                           "max_image_pixels": MAX_PIXELS, "rows_per_shard": 8, "concurrency": 2, **data})
+
+
+def _files(storage, prefix: str) -> dict[str, bytes]:
+    return {k: storage.read_bytes(k) for k in storage.list(prefix) if k.endswith(".parquet")}
+
+
+def _read(storage, prefix: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(io.BytesIO(b)) for _, b in sorted(_files(storage, prefix).items())
+                             if "/errors/" not in _])
+
+
+def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
+    from cluster.storage import open_storage
+    from pipelines import preprocess
+    from pipelines.cli import main
+
+    root, images, expected = dataset
+    spec = _spec(make_spec, root, "shards")
+    storage = open_storage(spec.storage)
+    assert not preprocess.is_complete(spec)
+
+    # 1. too many bad rows for the default threshold: exit non-zero, but nothing is lost
+    with pytest.raises(preprocess.QuarantineError, match="quarantined, over data.max_quarantine_fraction") as err:
+        preprocess.run_stage(spec)
+    m = json.loads(storage.read_bytes("shards/_manifest.json"))
+    assert err.value.summary["rows_in"] == m["rows_in"]
+    assert m["rows_in"] == m["rows_written"] + m["rows_quarantined"]
+    assert Counter(m["quarantined_by_reason"]) == expected
+    src = m["sources"]
+    assert src["mix"]["rows_in"] == 20 and src["mix"]["rows_written"] == 11
+    assert src["arr"]["rows_read"] == 2 and src["arr"]["rows_in"] == 4 and src["arr"]["rows_written"] == 4
+    assert src["wds"]["rows_written"] == 3
+    assert src["pq"]["rows_read"] == 8 and src["pq"]["rows_in"] + src["pq"]["subsampled_out"] == 8
+    assert 0 < src["pq"]["rows_in"] < 8
+    assert m["tokens"]["saved"] > 0 and m["tokens"]["image"] > 0 and m["flavour"] == "debug"
+
+    # errors/ holds one row per quarantined copy, with the right reasons and stages
+    errs = pa.concat_tables([pq.read_table(io.BytesIO(b)) for b in _files(storage, "shards/errors").values()])
+    assert errs.column_names == ["id", "source", "stage", "reason", "detail"]
+    assert Counter(errs.column("reason").to_pylist()) == expected
+    by_id = {r["id"]: r for r in errs.to_pylist()}
+    assert by_id["missing"]["stage"] == "fetch" and by_id["bomb"]["stage"] == "decode"
+    assert by_id["long"]["stage"] == "tokenize" and by_id["role"]["stage"] == "parse"
+    assert all(r["detail"] for r in errs.to_pylist())
+
+    # good rows decode back to the tiles models.tiling gives directly
+    shards = _read(storage, "shards")
+    assert shards.num_rows == m["rows_written"]
+    assert [n for n in m["shards"]] == [f"part-{i:05d}.parquet" for i in range(len(m["shards"]))]
+    tspec = TileSpec(grid=2, tile_size=shards.column("tile_size")[0].as_py(), mean_u8=tuple(m["tiling"]["mean_u8"]))
+    rows = {r["id"]: r for r in shards.to_pylist()}
+    for name in GOOD_IMAGES:
+        r = rows[f"img-{name}"]
+        t = load_and_tile(images[name], tspec, max_pixels=MAX_PIXELS)
+        views = np.frombuffer(r["views"], np.uint8).reshape(-1, tspec.tile_size, tspec.tile_size, 3)
+        np.testing.assert_array_equal(views, t.views)
+        assert r["kept"] == t.kept.tolist() and r["view_counts"] == [len(t.views)]
+        assert r["image_tokens"] == r["input_ids"].count(4)  # <image> id
+        assert r["num_tokens"] == len(r["input_ids"]) == len(r["labels"]) <= 512
+    assert rows["img-pano.jpg"]["kept"] == [True, True, False, False]
+    assert rows["img-exif.jpg"]["kept"] == [True, False, True, False]  # rotated: tall
+    assert rows["text-1"]["views"] == b"" and rows["text-1"]["image_tokens"] == 0
+    assert [r["source"] for r in shards.to_pylist()] == sorted(
+        [r["source"] for r in shards.to_pylist()], key=["mix", "arr", "wds", "pq"].index)
+
+    # 2. a re-run replaces (identical bytes), and a plain run skips a complete output
+    first = _files(storage, "shards")
+    storage.write_bytes("shards/part-00099.parquet", b"stale")
+    with pytest.raises(preprocess.QuarantineError):
+        preprocess.run_stage(spec, force=True)
+    assert _files(storage, "shards") == first
+    assert preprocess.run_stage(spec)["skipped"] is True
+
+    # 3. the CLI on a simulated 2-node cluster gives the same shards
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.storage import embedded_worker_env
+
+    ray.shutdown()
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": embedded_worker_env(storage.endpoint_url)})
+        spec2 = _spec(make_spec, root, "shards2", max_quarantine_fraction=0.9)
+        spec2 = spec2.model_copy(update={"storage": spec.storage})
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec2.model_dump(mode="json")))
+        assert main(["preprocess", str(path)]) == 0
+        assert {k.replace("shards2/", "shards/"): v for k, v in _files(storage, "shards2").items()} == first
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
