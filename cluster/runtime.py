@@ -42,7 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "state.json"
 COMPONENTS = ("ray", "s3")
 # The local head stands in for every worker group, so it declares each group's custom
-# resource (cluster.spec.WorkerGroup.placement_resource) with this much capacity.
+# resource (cluster.spec.WorkerGroup.placement_resource) with the capacity a group's node
+# declares (docs/interfaces.md "Placement"; cluster.render.GROUP_RESOURCE_CAPACITY).
 LOCAL_GROUP_CAPACITY = 1000.0
 
 
@@ -95,8 +96,9 @@ def group_resources(spec: ClusterSpec) -> dict[str, float]:
 def ensure_ray(spec: ClusterSpec, *, num_cpus: Optional[int] = None):
     """Connect this driver to Ray for ``cluster.address: local``; returns the ``ray`` module.
 
-    Reuses an initialized Ray, else the head `sphinx-x up` started, else starts a private one.
-    Workers get ``storage.worker_env()`` through ``runtime_env`` in every case where we init.
+    Reuses an initialized Ray; else connects to ``$RAY_ADDRESS`` (set inside a Ray Job); else
+    to the head `sphinx-x up` started; else starts a private one (``address="local"``, never
+    somebody else's). Workers get ``storage.worker_env()`` through ``runtime_env``.
     """
     if spec.cluster.address != "local":
         raise UserError(f"ensure_ray is for cluster.address: local, not {spec.cluster.address}; "
@@ -104,6 +106,12 @@ def ensure_ray(spec: ClusterSpec, *, num_cpus: Optional[int] = None):
     import ray
 
     if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        # inside a Ray Job (cluster.jobs) or pointed at a cluster by the user: connect to it;
+        # the job's runtime_env already carries Storage.worker_env()
+        log.info("connecting to the Ray cluster at $RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
+        ray.init()
         return ray
     storage = open_storage(spec.storage)
     runtime_env = {"env_vars": storage.worker_env()}

@@ -130,3 +130,42 @@ def test_up_then_ensure_ray_reuses_it_then_down_leaves_nothing(home, ray_local, 
     # the Ray this process started itself is untouched
     assert set(_gone(other)) == other
     assert ray_local.get(ray_local.remote(lambda: 41 + 1).remote()) == 42
+
+
+class _FakeRay:
+    """Records ray.init calls (the branch ensure_ray takes) without starting anything."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+
+
+def test_ensure_ray_inside_a_job_connects_to_ray_address(monkeypatch, home):
+    import ray
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    runtime.ensure_ray(parse_spec({}))
+    assert fake.calls == [{}]  # no address, no num_cpus: the job's cluster and runtime_env
+
+
+def test_ensure_ray_without_up_starts_a_private_local_ray(monkeypatch, home, make_spec, s3):
+    import ray
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = make_spec(cluster={"worker_groups": [{"name": "gpu-a", "gpus": 1}]})
+    runtime.ensure_ray(spec, num_cpus=3)
+    (call,) = fake.calls
+    assert call["address"] == "local" and call["num_cpus"] == 3  # never someone else's Ray
+    assert call["resources"] == {"sphinx_group_gpu_a": runtime.LOCAL_GROUP_CAPACITY}
+    assert call["runtime_env"]["env_vars"]["SPHINX_X_S3_ENDPOINT"] == s3.endpoint_url
