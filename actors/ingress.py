@@ -19,7 +19,6 @@ Status codes: 400 bad input, 401 bad key, 404 unknown model, 413 body too large,
 member's queue is full, 503 no replica can take it. The body is always OpenAI's error JSON.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -27,10 +26,11 @@ import hmac
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -40,6 +40,7 @@ from actors.openai_api import ApiError
 
 log = logging.getLogger(__name__)
 
+_PAGE = Path(__file__).resolve().parents[1] / "pipelines" / "static" / "index.html"
 app = FastAPI(title="sphinx-x", docs_url=None, redoc_url=None)
 
 
@@ -80,7 +81,38 @@ def _handle_error(err: BaseException) -> ApiError:
     return ApiError(500, f"generation failed: {type(err).__name__}", code="internal_error")
 
 
-@serve.deployment(max_ongoing_requests=1000, max_queued_requests=-1)
+class _ReplicaStream:
+    """Items of a replica's ``chat`` stream; replica errors and handle failures become ApiError."""
+
+    def __init__(self, gen):
+        self._gen = gen
+
+    async def _next(self) -> dict:
+        try:
+            item = await self._gen.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped to an HTTP status
+            raise _handle_error(err) from None
+        if "error" in item:
+            e = item["error"]
+            raise ApiError(e.get("status", 400), e["message"], code=e.get("code"), param=e.get("param"))
+        return item
+
+    async def first(self) -> dict:
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            raise ApiError(500, "the replica returned nothing", code="internal_error") from None
+
+    def __aiter__(self) -> "_ReplicaStream":
+        return self
+
+    async def __anext__(self) -> dict:
+        return await self._next()
+
+
+@serve.deployment(max_ongoing_requests=1000, max_queued_requests=-1, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
     """Args: ``serve`` (the spec's serve section as a dict), ``bucket`` (the storage bucket or
@@ -171,6 +203,13 @@ class Ingress:
 
     # ------------------------------------------------------------ routes
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        """The web page (pipelines/static/index.html): pick a model, attach an image, ask."""
+        if not _PAGE.is_file():
+            raise ApiError(404, "no web page is installed", code="not_found")
+        return HTMLResponse(_PAGE.read_text())
+
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "models": sorted(self.models)}
@@ -239,37 +278,6 @@ class Ingress:
         self.requests[model] += 1
         if final.get("batch_size"):
             self.batch_sizes[model][int(final["batch_size"])] += 1
-
-
-class _ReplicaStream:
-    """Items of a replica's ``chat`` stream; replica errors and handle failures become ApiError."""
-
-    def __init__(self, gen):
-        self._gen = gen
-
-    async def _next(self) -> dict:
-        try:
-            item = await self._gen.__anext__()
-        except StopAsyncIteration:
-            raise
-        except Exception as err:  # noqa: BLE001 - mapped to an HTTP status
-            raise _handle_error(err) from None
-        if "error" in item:
-            e = item["error"]
-            raise ApiError(e.get("status", 400), e["message"], code=e.get("code"), param=e.get("param"))
-        return item
-
-    async def first(self) -> dict:
-        try:
-            return await self._next()
-        except StopAsyncIteration:
-            raise ApiError(500, "the replica returned nothing", code="internal_error") from None
-
-    def __aiter__(self) -> "_ReplicaStream":
-        return self
-
-    async def __anext__(self) -> dict:
-        return await self._next()
 
 
 def key_hashes_from_env(env_name: Optional[str]) -> list[str]:
