@@ -1,0 +1,103 @@
+"""Gather a DeepSpeed-trained SphinxX into one plain state dict (the inverse of ZeRO and AutoEP).
+
+Runs on every rank of the training group (the gathers are collectives); rank 0 gets the full
+state dict with the names of the plain single-device model, every other rank ``None``.
+
+- ZeRO-3 partitions each parameter over its process group: ``GatheredParameters`` rebuilds it.
+  ZeRO-1/2 keep full parameters on every rank.
+- AutoEP replaced each HF Mixtral sparse block ``P = llm.model.layers.N.mlp`` by an
+  expert-parallel layer that holds only this EP rank's experts, in TorchTitan layout. The
+  experts of all EP ranks are all-gathered (EP rank order = expert order) and mapped back:
+
+      P.router.gate.weight [E, d]                       → P.gate.weight [E, d]
+      P.experts.w1 [E_local, f, d] (gate), w3 (up)      → P.experts.gate_up_proj [E, 2f, d]  (gate first)
+      P.experts.w2 [E_local, d, f]                      → P.experts.down_proj [E, d, f]
+
+  AutoEP's non-persistent routing counters (``tokens_per_expert``) are not model state.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def _autoep_layers(module: nn.Module) -> dict[str, nn.Module]:
+    try:
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+    except ImportError:  # pragma: no cover - DeepSpeed without AutoEP
+        return {}
+    return {name: m for name, m in module.named_modules() if isinstance(m, AutoEPMoELayer)}
+
+
+def _full(param: torch.Tensor, zero3: bool) -> torch.Tensor:
+    if zero3 and hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().to("cpu", copy=True)
+    return param.detach().to("cpu", copy=True)
+
+
+def _gather_experts(local: torch.Tensor, ep_group) -> torch.Tensor:
+    """[E_local, ...] on each EP rank → [E, ...] (EP rank order)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=ep_group))]
+    dist.all_gather(parts, local.contiguous(), group=ep_group)
+    return torch.cat(parts)
+
+
+def consolidated_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
+    """The plain model's state dict on rank 0 (``None`` elsewhere); call on every rank."""
+    import torch.distributed as dist
+
+    module = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
+    layers = _autoep_layers(module)
+    ep_group = None
+    if layers:
+        from deepspeed.utils import groups
+
+        ep_size = next(iter(layers.values())).ep_size
+        ep_group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+    rank0 = dist.get_rank() == 0
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = _full(param, zero3)
+        owner = next((p for p in layers if name.startswith(p + ".")), None)
+        if owner is not None and name.startswith(owner + ".experts."):
+            full = _gather_experts(full, ep_group)
+        state[name] = full
+    if not rank0:
+        return None
+    persistent = set(module.state_dict(keep_vars=True))
+    for name, buf in module.named_buffers():
+        owner = next((p for p in layers if name.startswith(p + ".")), None)
+        if owner is None and name in persistent:
+            state[name] = buf.detach().to("cpu", copy=True)
+    for prefix in layers:
+        state[f"{prefix}.gate.weight"] = state.pop(f"{prefix}.router.gate.weight")
+        w1, w2, w3 = (state.pop(f"{prefix}.experts.{w}") for w in ("w1", "w2", "w3"))
+        state[f"{prefix}.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
+        state[f"{prefix}.experts.down_proj"] = w2
+        leftover = sorted(k for k in state if k.startswith(f"{prefix}.router.") or k.startswith(f"{prefix}.experts.w"))
+        if leftover:
+            raise RuntimeError(f"AutoEP layer {prefix} has parameters the export does not map: {leftover}")
+    return state
+
+
+def load_consolidated(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a consolidated state into a fresh plain model; any key mismatch is an error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise RuntimeError(f"consolidated state does not fit the model: missing {missing[:8]}, "
+                           f"unexpected {unexpected[:8]}, shape mismatch {shapes[:8]}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return model

@@ -1,0 +1,112 @@
+"""The training input: one ordered Ray Dataset per rank, reading the Parquet shards by plan.
+
+``actors.batching.plan_batches`` fixes which row every rank sees at every step. This module
+turns that plan into datasets that Ray Train hands to the workers unsplit
+(``ray.train.get_dataset_shard(f"rank{r}")``): rank r's dataset is its plan entries, in
+order, and a ``map_batches`` stage reads each entry's row from its shard (only the row
+groups it needs, cached per process). So ``iter_torch_batches(batch_size=micro_batch)``
+yields exactly the planned, length-grouped micro-batches, step after step, with no shuffle.
+
+Before → after (``ReadPlannedRows``)::
+
+    {_pos: 12, file: 1, row: 7}
+    → {_pos: 12, id: "vqa:7", input_ids: [...], labels: [...], views: b"...", ...}
+
+``_pos = ((step · grad_accum) + micro) · micro_batch + slot`` is the row's place in rank r's
+stream; the worker checks it, so an out-of-order stream fails loudly instead of training on
+the wrong samples. A row written several times (source ``ratio`` > 1) is several rows here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+PLAN_COLUMNS = ["id", "num_tokens"]
+
+
+def read_index(storage, shard_dir: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(shard paths for ``storage.filesystem``, ``[n, 2]`` (file, row) of every row, num_tokens [n])."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from models.errors import UserError
+
+    fs, base = storage.filesystem, storage.path(shard_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    except FileNotFoundError:
+        infos = []
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
+                   and i.path.endswith(".parquet"))
+    if not files:
+        raise UserError(f"no shards (part-*.parquet) under {storage.uri_for(shard_dir)}; run "
+                        "`sphinx-x preprocess SPEC` first")
+    where, lengths = [], []
+    for k, path in enumerate(files):
+        table = pq.read_table(path, columns=["num_tokens"], filesystem=fs)
+        where.append(np.stack([np.full(table.num_rows, k), np.arange(table.num_rows)], axis=1))
+        lengths.append(table.column("num_tokens").to_numpy())
+    return files, np.concatenate(where).astype(np.int64), np.concatenate(lengths).astype(np.int64)
+
+
+def plan_entries(plan: np.ndarray, where: np.ndarray, *, start_step: int = 0) -> list[dict[str, np.ndarray]]:
+    """plan [steps, world, accum, micro] → per rank ``{_pos, file, row}`` columns from ``start_step``."""
+    steps, world, accum, micro = plan.shape
+    out = []
+    for rank in range(world):
+        rows = plan[start_step:, rank].reshape(-1)
+        pos = np.arange(len(rows), dtype=np.int64) + start_step * accum * micro
+        out.append({"_pos": pos, "file": where[rows, 0], "row": where[rows, 1]})
+    return out
+
+
+class ReadPlannedRows:
+    """map_batches UDF: plan entries ``{_pos, file, row}`` → the shard rows, in entry order."""
+
+    def __init__(self, storage_section: dict, files: list[str], cache_files: int = 4):
+        self.storage_section = storage_section
+        self.files = files
+        self.cache_files = cache_files
+        self._tables: dict[int, pa.Table] = {}
+        self._fs = None
+
+    def _table(self, k: int) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        if k not in self._tables:
+            if self._fs is None:
+                from cluster.spec import StorageSection
+                from cluster.storage import open_storage
+
+                self._fs = open_storage(StorageSection(**self.storage_section)).filesystem
+            if len(self._tables) >= self.cache_files:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[k] = pq.read_table(self.files[k], filesystem=self._fs)
+        return self._tables[k]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        parts = [self._table(int(f)).take(pa.array([int(r)])) for f, r in zip(batch["file"], batch["row"])]
+        table = pa.concat_tables(parts)
+        return table.append_column("_pos", pa.array(np.asarray(batch["_pos"], dtype=np.int64)))
+
+
+def rank_datasets(files: list[str], storage_section: dict, entries: list[dict[str, np.ndarray]], *,
+                  num_cpus: float = 0.25, rows_per_task: int = 64) -> dict[str, Any]:
+    """``{"rank0": Dataset, ...}``: each rank's planned rows, in plan order (no shuffle)."""
+    import ray.data
+
+    datasets = {}
+    for rank, cols in enumerate(entries):
+        ds = ray.data.from_items([{"_pos": int(p), "file": int(f), "row": int(r)}
+                                 for p, f, r in zip(cols["_pos"], cols["file"], cols["row"])],
+                                 override_num_blocks=max(1, len(cols["_pos"]) // rows_per_task))
+        ds = ds.map_batches(ReadPlannedRows, fn_constructor_kwargs=dict(storage_section=storage_section, files=files),
+                            batch_size=rows_per_task, batch_format="numpy", num_cpus=num_cpus,
+                            concurrency=1)
+        ds.context.execution_options.preserve_order = True
+        ds.context.enable_progress_bars = False
+        datasets[f"rank{rank}"] = ds
+    return datasets

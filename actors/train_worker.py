@@ -1,0 +1,295 @@
+"""The training loop every Ray Train worker runs: DeepSpeed one-stage training of SphinxX.
+
+``train_loop_per_worker(config)`` (config built by ``pipelines.train``):
+
+1. build the spec's flavour with the shards' tokenizer (same seed on every rank), freeze the
+   encoders unless ``train.train_encoders``; DeepSpeed wraps it (``actors.deepspeed_config``:
+   ZeRO-2/3, AutoEP for MoE, AdamW, warm-up + cosine);
+2. restore the latest checkpoint Ray Train hands back (after a worker died, or a restarted
+   ``sphinx-x train``): model, optimizer, scheduler, the step, the metrics so far;
+3. iterate this rank's planned, length-grouped micro-batches
+   (``get_dataset_shard(f"rank{r}").iter_torch_batches``), skipping what was consumed;
+   one optimizer step per ``grad_accum`` micro-batches; uint8 views go to the device as is
+   (the model normalises them);
+4. every ``checkpoint_every`` steps and at the end: every rank ``engine.save_checkpoint`` into
+   its own directory, then ``ray.train.report(metrics, checkpoint=...)`` (Ray merges the ranks'
+   files into one checkpoint on the run's storage);
+5. at the end, gather the full model (``actors.consolidate``) and write the export
+   (``models.checkpoint`` format, ``_SUCCESS`` last) plus a fixed batch with the trained
+   engine's logits (``export_check.pt``) so anyone can verify the export.
+
+Metrics per step (rank 0 writes them, ``metrics.jsonl``): step, loss, lm_loss, aux_loss, lr,
+grad_norm, tokens, tokens_per_s, image_tokens, saved_tokens (image tokens skip tokens saved),
+step_time_s, restored_from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from actors.batching import collate, model_inputs
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+EXPORT_DIR = "export"
+EXPORT_CHECK = "export_check.pt"
+SUCCESS = "_SUCCESS"
+
+
+class ShardCollate(NumpyBatchCollateFn):
+    """iter_torch_batches collate: numpy shard rows → padded model inputs (actors.batching.collate)."""
+
+    def __init__(self, pad_token_id: int):
+        super().__init__()
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate(batch, pad_token_id=self.pad_token_id)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(spec, storage, tokenizer_uri: str):
+    """(SphinxX, tokenizer) on CPU: the spec's flavour, optional weights, encoders frozen by default."""
+    from models.checkpoint import import_weights_dir
+    from models.conversation import load_tokenizer
+    from models.flavours import from_name
+    from models.sphinx import SphinxX
+
+    with tempfile.TemporaryDirectory(prefix="sx-tok-") as tmp:
+        tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
+    torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
+    flavour = from_name(spec.model.flavour, **spec.model.overrides)
+    model = SphinxX.from_flavour(flavour, tokenizer)
+    if spec.model.weights:
+        with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
+            import_weights_dir(model, storage.download_dir(spec.model.weights, tmp))
+    model.set_vision_trainable(spec.train.train_encoders)
+    if spec.train.activation_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def build_engine(spec, model, world_size: int, total_steps: int):
+    import deepspeed
+
+    from actors.deepspeed_config import deepspeed_config
+
+    cfg = deepspeed_config(spec.train, model.flavour, world_size=world_size, total_steps=total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
+    return engine
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(engine, step: int, history: list[dict], rank: int) -> str:
+    """Every rank writes its DeepSpeed shards into its own directory; rank 0 adds the metrics."""
+    directory = tempfile.mkdtemp(prefix=f"sx-ckpt-r{rank}-")
+    engine.save_checkpoint(directory, tag=f"step{step:08d}", client_state={"step": step})
+    if rank == 0:
+        Path(directory, METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history))
+    return directory
+
+
+def _load_checkpoint(engine, directory: str) -> tuple[int, list[dict]]:
+    _, client = engine.load_checkpoint(directory)
+    if client is None or "step" not in client:
+        raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state with a step")
+    history_path = Path(directory, METRICS_FILE)
+    history = [json.loads(x) for x in history_path.read_text().splitlines() if x] if history_path.exists() else []
+    step = int(client["step"])
+    return step, [m for m in history if m["step"] <= step]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def write_metrics(storage, out: str, history: list[dict], *, png: bool = False) -> None:
+    storage.write_bytes(f"{out}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history).encode())
+    if png and history:
+        storage.write_bytes(f"{out}/loss.png", loss_png(history))
+
+
+def loss_png(history: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [m["step"] for m in history]
+    ax.plot(steps, [m["loss"] for m in history], label="loss")
+    ax.plot(steps, [m["lm_loss"] for m in history], label="lm loss", alpha=0.7)
+    for m in history:
+        if m.get("restored_from") is not None and m["step"] == m["restored_from"] + 1:
+            ax.axvline(m["restored_from"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_model(engine, tokenizer, storage, out: str, check_batch: Optional[dict], rank: int) -> dict:
+    """Gather the full model, write ``<out>/export`` (``_SUCCESS`` last); rank 0 returns a summary."""
+    from actors.consolidate import consolidated_state_dict, load_consolidated
+    from models.checkpoint import save_model_dir
+    from models.sphinx import SphinxX
+
+    logits = None
+    if check_batch is not None:  # every rank runs the forward (EP layers exchange tokens)
+        engine.module.eval()
+        with torch.no_grad():
+            logits = engine(**model_inputs(check_batch, engine.device)).logits.float().cpu()
+        engine.module.train()
+    state = consolidated_state_dict(engine)
+    if rank != 0:
+        return {}
+    module = engine.module
+    plain = SphinxX(module.flavour, **module.token_ids())
+    load_consolidated(plain, state)
+    plain.eval()
+    summary: dict[str, Any] = {"export": storage.uri_for(out, EXPORT_DIR)}
+    if check_batch is not None:
+        with torch.no_grad():
+            mine = plain(**model_inputs(check_batch)).logits.float()
+        summary["export_max_abs_diff"] = float((mine - logits).abs().max())
+        buf = io.BytesIO()
+        torch.save({"batch": {k: v for k, v in check_batch.items()}, "logits": logits}, buf)
+        storage.write_bytes(f"{out}/{EXPORT_CHECK}", buf.getvalue())
+    storage.delete(f"{out}/{EXPORT_DIR}/")
+    with tempfile.TemporaryDirectory(prefix="sx-export-") as tmp:
+        save_model_dir(plain, tokenizer, tmp)
+        storage.upload_dir(tmp, f"{out}/{EXPORT_DIR}")
+    storage.write_bytes(f"{out}/{EXPORT_DIR}/{SUCCESS}", b"")
+    return summary
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _report_pid(pid_dir: Optional[str], rank: int, step: int) -> None:
+    """Test hook: `rank{r}.pid` holds "pid step" so a test can kill a worker mid-run."""
+    if pid_dir:
+        path = Path(pid_dir, f"rank{rank}.pid")
+        path.with_suffix(".tmp").write_text(f"{os.getpid()} {step}")
+        path.with_suffix(".tmp").replace(path)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from cluster.spec import parse_spec
+    from cluster.storage import open_storage
+
+    spec = parse_spec(config["spec"], "train-config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    storage = open_storage(spec.storage)
+    out = spec.train.output
+    total, accum, micro = config["total_steps"], spec.train.grad_accum, spec.train.micro_batch
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+
+    model, tokenizer = build_model(spec, storage, config["tokenizer_uri"])
+    engine = build_engine(spec, model, world, total)
+
+    step, history, restored_from = 0, [], None
+    if config.get("export_from"):  # export only: this checkpoint, no training
+        with tempfile.TemporaryDirectory(prefix="sx-restore-") as tmp:
+            step, history = _load_checkpoint(engine, str(storage.download_dir(config["export_from"], tmp)))
+        summary = export_model(engine, tokenizer, storage, out, None, rank)
+        ray.train.report({"step": step, **summary})
+        return
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step, history = _load_checkpoint(engine, directory)
+        restored_from = step
+        log.info("rank %d: restored step %d", rank, step)
+
+    _report_pid(config.get("pid_dir"), rank, step)
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    batches = iter(shard.iter_torch_batches(batch_size=micro, collate_fn=ShardCollate(tokenizer.pad_token_id),
+                                            drop_last=False, prefetch_batches=2))
+    ds_start = config.get("data_start_step", 0)
+    for _ in range((step - ds_start) * accum):  # consumed before the restored checkpoint
+        next(batches)
+
+    engine.train()
+    last_batch = None
+    while step < total:
+        t0 = time.perf_counter()
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, lm, aux, tokens, image tokens, saved tokens
+        for m in range(accum):
+            batch = next(batches)
+            expected = ((step - ds_start) * accum + m) * micro
+            pos = batch.pop("pos", None)
+            if pos is not None and pos.tolist() != list(range(expected, expected + len(pos))):
+                raise RuntimeError(f"rank {rank}: data out of plan order at step {step}: got positions "
+                                   f"{pos.tolist()[:4]}..., expected from {expected}")
+            output = engine(**model_inputs(batch, engine.device))
+            engine.backward(output.loss)
+            engine.step()
+            sums += torch.tensor([float(output.loss), float(output.lm_loss), float(output.aux_loss),
+                                  float(batch["num_tokens"]), float(batch["image_tokens"]),
+                                  float(batch["saved_tokens"])], dtype=torch.float64)
+            last_batch = batch
+        dist.all_reduce(sums)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        norm = engine.get_global_grad_norm()
+        metrics = {
+            "step": step,
+            "loss": float(sums[0]) / (accum * world),
+            "lm_loss": float(sums[1]) / (accum * world),
+            "aux_loss": float(sums[2]) / (accum * world),
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(norm) if norm is not None else None,
+            "tokens": int(sums[3]),
+            "tokens_per_s": float(sums[3]) / elapsed,
+            "image_tokens": int(sums[4]),
+            "saved_tokens": int(sums[5]),
+            "step_time_s": elapsed,
+            "restored_from": restored_from,
+        }
+        history.append(metrics)
+        _report_pid(config.get("pid_dir"), rank, step)
+        if step % spec.train.checkpoint_every == 0 or step == total:
+            directory = _save_checkpoint(engine, step, history, rank)
+            if rank == 0:
+                write_metrics(storage, out, history)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+            shutil.rmtree(directory, ignore_errors=True)
+        elif config.get("report_every_step", True):
+            ray.train.report(metrics)
+
+    summary = {}
+    if config.get("export", True):
+        summary = export_model(engine, tokenizer, storage, out, last_batch, rank)
+    if rank == 0:
+        write_metrics(storage, out, history, png=True)
+    ray.train.report({**(history[-1] if history else {"step": step}), **summary, "done": True})

@@ -1,0 +1,91 @@
+"""A small, learnable shard set for the training tests (written the way preprocess writes it).
+
+Image rows: a solid-colour image (square, or 2:1 wide so two tiles are skipped) and the
+question "colour?" → the colour's name. Text rows: "say WORD" → WORD. Both are learnable in a
+few dozen steps by the `debug` flavours; the colour must be read from the views.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from models.conversation import tokenize_conversation, train_bpe_tokenizer
+from models.flavours import from_name
+from models.tiling import TileSpec, image_token_count, load_and_tile, tokens_saved
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+WORDS = ["apple", "river", "stone", "cloud", "lamp", "tiger", "piano", "maple"]
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())), ("num_tokens", pa.int32()), ("text_tokens", pa.int32()),
+    ("image_tokens", pa.int32()), ("saved_tokens", pa.int32()), ("views", pa.binary()),
+    ("view_counts", pa.list_(pa.int32())), ("kept", pa.list_(pa.bool_())), ("tile_size", pa.int32()),
+    ("grid", pa.int32()),
+])
+
+
+def _conversations(n_rows: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for i in range(n_rows):
+        if i % 2 == 0:
+            name = list(COLOURS)[rng.integers(len(COLOURS))]
+            wide = bool(rng.integers(2))
+            yield f"colour:{i}", "colour", name, wide, [
+                {"from": "human", "value": "<image>\ncolour?"}, {"from": "gpt", "value": name}]
+        else:
+            word = WORDS[rng.integers(len(WORDS))]
+            yield f"say:{i}", "say", None, False, [
+                {"from": "human", "value": f"say {word}"}, {"from": "gpt", "value": word}]
+
+
+def build_rows(flavour_name: str = "debug", n_rows: int = 48, seed: int = 0, wide_only: bool = False):
+    """(tokenizer, rows as dicts with the shard columns)."""
+    flavour = from_name(flavour_name)
+    spec = TileSpec.from_flavour(flavour)
+    n = flavour.tokens_per_view
+    texts = ["colour? say " + " ".join(COLOURS) + " " + " ".join(WORDS) + " Human: Assistant: ###"] * 4
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=400)
+    rows = []
+    for rid, source, colour, wide, conv in _conversations(n_rows, seed):
+        wide = wide or wide_only
+        views, counts, kept, image_tokens, saved = b"", [], [], [], 0
+        if colour is not None:
+            size = (96, 48) if wide else (64, 64)
+            buf = io.BytesIO()
+            Image.new("RGB", size, COLOURS[colour]).save(buf, format="PNG")
+            tiled = load_and_tile(buf.getvalue(), spec)
+            views, counts, kept = tiled.views.tobytes(), [int(tiled.views.shape[0])], tiled.kept.tolist()
+            image_tokens = [image_token_count(size[0], size[1], spec, n)]
+            saved = tokens_saved(tiled.kept, n)
+        tok = tokenize_conversation(conv, tokenizer, image_tokens=image_tokens, max_seq_len=flavour.max_seq_len)
+        rows.append({
+            "id": rid, "source": source, "input_ids": tok.input_ids, "labels": tok.labels,
+            "num_tokens": len(tok.input_ids), "text_tokens": len(tok.input_ids) - sum(image_tokens),
+            "image_tokens": sum(image_tokens), "saved_tokens": saved, "views": views, "view_counts": counts,
+            "kept": kept, "tile_size": spec.tile_size, "grid": spec.grid,
+        })
+    return tokenizer, rows
+
+
+def write_shards(storage, output: str, flavour_name: str = "debug", n_rows: int = 48, seed: int = 0,
+                 rows_per_shard: int = 16) -> list[dict]:
+    """Write part-XXXXX.parquet, tokenizer/ and _manifest.json under ``<storage>/<output>``."""
+    import json
+    import tempfile
+
+    tokenizer, rows = build_rows(flavour_name, n_rows, seed)
+    fs = storage.filesystem
+    for k in range(0, len(rows), rows_per_shard):
+        table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=SCHEMA)
+        pq.write_table(table, storage.path(output, f"part-{k // rows_per_shard:05d}.parquet"), filesystem=fs)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        storage.upload_dir(tmp, f"{output}/tokenizer")
+    storage.write_bytes(f"{output}/_manifest.json", json.dumps({"rows": len(rows)}).encode())
+    return rows
