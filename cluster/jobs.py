@@ -153,8 +153,9 @@ def status(client, job_id: str) -> JobResult:
     return JobResult(job_id, str(getattr(info.status, "value", info.status)), info.message or "")
 
 
-def stream_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
-    """Copy the job's log lines to ``out`` until the job ends (websocket tail, polling fallback)."""
+def stream_logs(client, job_id: str, out: Optional[TextIO] = None) -> None:
+    """Copy the job's log lines to ``out`` (stdout) until the job ends (websocket tail, polling fallback)."""
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -189,7 +190,7 @@ def wait(client, job_id: str, *, timeout_s: Optional[float] = None, poll_s: floa
         time.sleep(poll_s)
 
 
-def follow(client, job_id: str, *, out: TextIO = sys.stdout, timeout_s: Optional[float] = None) -> JobResult:
+def follow(client, job_id: str, *, out: Optional[TextIO] = None, timeout_s: Optional[float] = None) -> JobResult:
     """Stream the logs, then wait for the terminal status."""
     stream_logs(client, job_id, out)
     return wait(client, job_id, timeout_s=timeout_s)

@@ -106,8 +106,9 @@ def stage_entrypoint(stage: str, *, force: bool = False) -> str:
 
 
 def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool = False,
-             out: TextIO = sys.stdout, timeout_s: Optional[float] = None) -> dict[str, jobs.JobResult]:
+             out: Optional[TextIO] = None, timeout_s: Optional[float] = None) -> dict[str, jobs.JobResult]:
     """Submit each stage as a Ray Job at ``address``, stream its logs, stop at the first failure."""
+    out = out or sys.stdout
     client = jobs.connect(address)
     env = jobs.worker_env(spec)
     results: dict[str, jobs.JobResult] = {}

@@ -1,0 +1,215 @@
+"""`sphinx-x run`: stage order and idempotency; Ray Jobs against a real `ray start --head`
+(shards land in the embedded S3, status and logs come back through `sphinx-x jobs`, a failing
+stage exits non-zero with the job's error); placement on a 3-node cluster with one custom
+resource per node group."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.spec import dump_spec
+from models.errors import UserError
+from pipelines import run
+from pipelines.cli import main
+
+VENV_BIN = Path(sys.executable).parent
+FAKE_SECRET = "fake-secret-never-in-a-submission-123"
+
+
+# ---------------------------------------------------------------- in-process order and skipping
+
+
+def _fake_stage(name: str, complete: bool, calls: list):
+    return types.SimpleNamespace(
+        is_complete=lambda spec: complete,
+        run_stage=lambda spec, force=False: calls.append((name, force)) or {"stage": name},
+    )
+
+
+def test_run_local_orders_stages_and_skips_complete_ones(monkeypatch):
+    calls: list = []
+    modules = {"preprocess": _fake_stage("preprocess", True, calls), "train": _fake_stage("train", False, calls),
+               "serve": _fake_stage("serve", False, calls)}
+    monkeypatch.setattr(run, "_stage_module", modules.__getitem__)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    out = run.run_local(None, ["train", "preprocess"])
+    assert out == {"preprocess": {"skipped": True}, "train": {"stage": "train"}}
+    assert calls == [("train", False)]
+    calls.clear()
+    run.run_local(None, ["serve", "train", "preprocess"], force=True)
+    assert calls == [("preprocess", True), ("train", True), ("serve", True)]
+    with pytest.raises(UserError, match="unknown stage"):
+        run.ordered(["deploy"])
+
+
+def test_job_entrypoints():
+    assert run.stage_entrypoint("train") == "python -m pipelines.cli run job-spec.yaml --stages train --address local"
+    assert run.stage_entrypoint("serve", force=True).endswith("--address local --force --detach")
+
+
+# ---------------------------------------------------------------- a real Ray head
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3):
+    """`ray start --head --block` in its own process group, on its own ports and temp dir."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    ray.shutdown()  # the shared session Ray is not needed while a head of our own runs
+    dash, gcs = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh7-", dir="/tmp")
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}  # independent of a ~/.ray/auth_token someone else created
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "3",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log = open(Path(temp_dir) / "ray-start.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:  # the Jobs API answering (token auth, when ~/.ray/auth_token exists, is the SDK's job)
+                JobSubmissionClient(url).list_jobs()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray start failed: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        # our process group only (never `ray stop`): SIGTERM, then SIGKILL whatever lingers
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _synthetic_sources(root: Path) -> list[dict]:
+    from pipelines import synthetic
+
+    where = synthetic.write(synthetic.generate(6, 0, seed=3), root)
+    return [{"name": "syn", "path": where["train"], "image_root": where["image_root"]}]
+
+
+def _spec_file(tmp_path: Path, spec) -> str:
+    path = tmp_path / "my-spec.yaml"
+    path.write_text(dump_spec(spec))
+    return str(path)
+
+
+def test_run_submits_preprocess_as_a_ray_job(ray_head, make_spec, tmp_path, monkeypatch, capsys):
+    from cluster.jobs import connect
+    from cluster.storage import open_storage
+    from pipelines import preprocess
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    spec = make_spec(data={"sources": _synthetic_sources(tmp_path / "data"), "output": "shards",
+                           "max_seq_len": 512, "concurrency": 1})
+    assert main(["run", _spec_file(tmp_path, spec), "--address", ray_head, "--stages", "preprocess"]) == 0
+    out = capsys.readouterr().out
+    job_id = re.search(r"preprocess: submitted job (\S+)", out).group(1)
+    assert f"preprocess: job {job_id} SUCCEEDED" in out
+    # the shards are in the embedded S3, written by the job
+    assert preprocess.is_complete(spec)
+    assert any(k.endswith(".parquet") for k in open_storage(spec.storage).list("shards"))
+    # the submission carried the storage env, no secret value
+    info = connect(ray_head).get_job_info(job_id)
+    env_vars = info.runtime_env["env_vars"]
+    assert env_vars["SPHINX_X_S3_ENDPOINT"] == os.environ["SPHINX_X_S3_ENDPOINT"]
+    assert FAKE_SECRET not in repr(info.runtime_env) and FAKE_SECRET not in info.entrypoint
+    # status, logs and list through `sphinx-x jobs`
+    assert main(["jobs", "status", job_id, "--address", ray_head]) == 0
+    assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, "--address", ray_head]) == 0
+    logs = capsys.readouterr().out
+    assert "joined the job's Ray cluster" in logs or "preprocess" in logs
+    assert main(["jobs", "list", "--address", ray_head]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["jobs", "status", "raysubmit_nosuchjob", "--address", ray_head]) == 1
+    assert "no such job" in capsys.readouterr().err
+
+
+def test_failing_stage_exits_nonzero_with_the_jobs_error(ray_head, make_spec, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "missing-source.jsonl"
+    spec = make_spec(data={"sources": [{"name": "gone", "path": str(missing)}]})
+    assert main(["run", _spec_file(tmp_path, spec), "--address", ray_head, "--stages", "preprocess,train"]) == 1
+    captured = capsys.readouterr()
+    assert "stage preprocess failed" in captured.err and "FAILED" in captured.err
+    assert "missing-source.jsonl" in captured.err  # the job's own error, not just "failed"
+    assert "train: submitted" not in captured.out  # stopped at the first failure
+
+
+# ---------------------------------------------------------------- placement on node groups
+
+
+def test_each_stage_runs_on_its_node_group(s3, make_spec, tmp_path):
+    """Head + a `cpu` node + a `gpu` node (distinct custom resources): preprocess actors land on
+    `cpu`, train workers and serve replicas on `gpu` — as the spec's groups say."""
+    import ray
+    from ray import serve
+    from ray._private.state import actors
+    from ray.cluster_utils import Cluster
+
+    from cluster.storage import embedded_worker_env
+
+    ray.shutdown()
+    spec = make_spec(
+        cluster={"worker_groups": [{"name": "cpu", "cpus": 2}, {"name": "gpu", "cpus": 3}]},
+        data={"sources": _synthetic_sources(tmp_path / "data"), "max_seq_len": 512, "group": "cpu",
+              "concurrency": 1},
+        train={"group": "gpu", "workers": 2, "steps": 2, "micro_batch": 2, "checkpoint_every": 2, "zero_stage": 2},
+        serve={"models": [{"name": "placed", "checkpoint": "@train", "group": "gpu",
+                           "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]},
+    )
+    cpu_group, gpu_group = spec.cluster.worker_groups
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        cpu_node = cluster.add_node(num_cpus=2, resources={cpu_group.placement_resource: 1000})
+        gpu_node = cluster.add_node(num_cpus=3, resources={gpu_group.placement_resource: 1000})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": embedded_worker_env(s3.endpoint_url)})
+        summaries = run.run_local(spec, ["preprocess", "train", "serve"])
+        assert set(summaries) == {"preprocess", "train", "serve"}
+        where: dict[str, set] = {}
+        for info in actors().values():
+            cls = info["ActorClassName"]
+            kind = ("data" if "Tiler" in cls else "train" if "TrainWorker" in cls
+                    else "serve" if cls.startswith(f"ServeReplica:{spec.name}:placed") else None)
+            if kind:
+                where.setdefault(kind, set()).add(info["Address"]["NodeID"])
+        assert where == {"data": {cpu_node.node_id}, "train": {gpu_node.node_id}, "serve": {gpu_node.node_id}}
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
