@@ -350,8 +350,8 @@ def test_killed_replica_is_replaced(live):
     try:
         time.sleep(1)
         victims = [a for a in actors().values() if a.get("State") == "ALIVE"
-                   and a.get("ClassName", "").endswith(f"{name}:debug-moe")]
-        assert len(victims) == 1, [a.get("ClassName") for a in actors().values()]
+                   and str(a.get("ActorClassName", "")).endswith(f"{name}:debug-moe")]
+        assert len(victims) == 1, [a.get("ActorClassName") for a in actors().values()]
         ray.kill(ray.get_actor(victims[0]["Name"], namespace="serve"), no_restart=True)
         time.sleep(2)
         deadline = time.monotonic() + 90
