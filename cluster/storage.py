@@ -179,15 +179,23 @@ def is_transient(err: BaseException) -> bool:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return code in _TRANSIENT_CODES or status >= 500
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+
+    if isinstance(err, (S3UploadFailedError, RetriesExceededError)):  # the transfer manager's wrappers
+        return not any(code in str(err) for code in _USER_CODES)
     return False
 
 
+_USER_CODES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
+
+
 def _error_code(err: BaseException) -> str:
+    """The S3 error code, also from the transfer manager's wrapped errors."""
     from botocore.exceptions import ClientError
 
     if isinstance(err, ClientError):
         return str(err.response.get("Error", {}).get("Code", ""))
-    return ""
+    return next((code for code in _USER_CODES if code in str(err)), "")
 
 
 # ---------------------------------------------------------------- locations
@@ -391,7 +399,7 @@ class Storage:
             return UserError(f"storage: cannot reach S3 endpoint {where}: {reason}")
         if code == "NoSuchBucket":
             return UserError(f"storage: bucket {bucket!r} does not exist at {where}")
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        if code in _USER_CODES or code == "403":
             return UserError(f"storage: access denied ({code}) for {what} at {where}; check the credentials "
                              "named by storage.access_key_id_env / secret_access_key_env")
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):

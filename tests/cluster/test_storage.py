@@ -127,8 +127,10 @@ def test_multipart_roundtrip_boto3_and_pyarrow(storage, tmp_path):
 def test_listing_more_than_1000_keys(storage):
     client = storage.client()
     bucket, prefix = storage.bucket, storage.path("many").split("/", 1)[1]
-    for i in range(1005):
-        client.put_object(Bucket=bucket, Key=f"{prefix}/k{i:05d}", Body=b"")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"{prefix}/k{i:05d}", Body=b""), range(1005)))
     keys = storage.list("many")
     assert len(keys) == 1005 and keys[0] == "many/k00000" and keys[-1] == "many/k01004"
     infos = storage.filesystem.get_file_info(pafs.FileSelector(storage.path("many")))
@@ -225,3 +227,9 @@ def test_storage_pickles_without_clients(storage):
     clone = pickle.loads(pickle.dumps(storage))
     storage.write_bytes("p/x", b"1")
     assert clone.read_bytes("p/x") == b"1"
+
+
+def test_upload_to_a_missing_bucket_is_a_clear_user_error(storage, tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(UserError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.upload_dir(tmp_path, "s3://no-such-bucket-x/p")
