@@ -99,6 +99,7 @@ class ChatRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     user: Optional[str] = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: decode max_tokens tokens (benchmarks)")
     # accepted for client compatibility only at their neutral values
     frequency_penalty: float = Field(0.0, ge=0, le=0)
     presence_penalty: float = Field(0.0, ge=0, le=0)

@@ -104,6 +104,7 @@ class _Job:
     top_p: float
     seed: Optional[int]
     stops: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 def _user_error(err: UserError, status: int = 400) -> dict:
@@ -156,7 +157,7 @@ class ModelReplica:
                                                                        if wanted is not None else ""))
         max_new = wanted if wanted is not None else min(room, int(payload.get("max_tokens_limit") or room))
         return _Job(prepared, max_new, float(payload.get("temperature", 1.0)), float(payload.get("top_p", 1.0)),
-                    payload.get("seed"), list(payload.get("stop") or []))
+                    payload.get("seed"), list(payload.get("stop") or []), bool(payload.get("ignore_eos")))
 
     async def chat(self, payload: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
@@ -184,6 +185,7 @@ class ModelReplica:
         import torch
 
         n = len(jobs)
+        eos = self.tokenizer.eos_token_id
         self.batch_sizes[n] += 1
         self._batch_metric.observe(n)
         views = [j.prepared.views for j in jobs if j.prepared.views is not None]
@@ -194,7 +196,8 @@ class ModelReplica:
             torch.from_numpy(np.concatenate(kept)) if kept else None,
             max_new_tokens=[j.max_new for j in jobs], temperature=[j.temperature for j in jobs],
             top_p=[j.top_p for j in jobs], seed=[j.seed for j in jobs],
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=-1,  # eos is per sequence (ignore_eos), through stop_token_ids
+            stop_token_ids=[[] if j.ignore_eos else [eos] for j in jobs],
         )
         texts = [TextStream(self.tokenizer, j.stops) for j in jobs]
         produced = [0] * n
@@ -215,7 +218,7 @@ class ModelReplica:
                         done[i] = True
                         continue
                     produced[i] += 1
-                    if token == self.tokenizer.eos_token_id:
+                    if token == eos and not jobs[i].ignore_eos:
                         out.append(self._final(texts[i], produced[i], "stop", n))
                         done[i] = True
                         continue

@@ -365,3 +365,30 @@ def test_killed_replica_is_replaced(live):
     assert set(map(str, results)) <= {"ok", "503", "500"}, results  # failures only while it was down
     after = [_ask(live["client"], model="debug-moe", content=f"after {i}") for i in range(3)]
     assert all(a.usage.completion_tokens >= 1 for a in after)
+
+
+def test_rendered_serve_config_builds_the_app_by_import_path():
+    """`sphinx-x render --to serve` names pipelines.serve:build_app with {"spec": ...}: that builds."""
+    import importlib
+
+    from ray.serve import Application
+
+    from cluster.render import render_serve_config
+    from cluster.spec import parse_spec
+    from models.errors import UserError
+
+    spec = parse_spec({"name": "rendered", "storage": {"uri": "/tmp/sphinx-x-render-test"}, "serve": {"models": [
+        {"name": "a", "flavour": "debug"}, {"name": "b", "flavour": "debug-moe", "max_queued_requests": 5}]}})
+    app_cfg = render_serve_config(spec)["applications"][0]
+    module, _, attr = app_cfg["import_path"].partition(":")
+    app = getattr(importlib.import_module(module), attr)(app_cfg["args"])
+    assert isinstance(app, Application)
+    members = app._bound_deployment.init_args[2]  # the ingress's {name: member app}
+    assert {n: m._bound_deployment.name for n, m in members.items()} == {"a": "a", "b": "b"}
+    assert members["b"]._bound_deployment._deployment_config.max_queued_requests == 5
+    with pytest.raises(UserError, match="spec"):
+        getattr(importlib.import_module(module), attr)({})
+    bad = dict(app_cfg["args"]["spec"])
+    bad["serve"] = {**bad["serve"], "models": [{"name": "a", "flavour": "debug", "max_queued_requests": 0}]}
+    with pytest.raises(UserError, match="max_queued_requests"):
+        getattr(importlib.import_module(module), attr)({"spec": bad})

@@ -1,0 +1,41 @@
+"""Ingress pieces that need no live app: request schema, error mapping, API-key hashes."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors import openai_api as oa
+from actors.ingress import _handle_error, hash_key, key_hashes_from_env
+from models.errors import UserError
+
+
+def test_request_schema_rejects_what_it_does_not_implement():
+    req = oa.parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "x"}')
+    assert req.stop_list() == ["x"] and req.requested_max_tokens() is None
+    for body, param in [(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+                        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": []}', "tools"),
+                        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p")]:
+        with pytest.raises(oa.ApiError) as info:
+            oa.parse_chat_request(body)
+        assert info.value.status == 400 and info.value.param == param
+    body = oa.error_body(oa.ApiError(429, "busy", code="queue_full"))
+    assert body == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "queue_full"}}
+
+
+def test_handle_failures_map_to_429_and_503():
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    assert _handle_error(BackPressureError(num_queued_requests=3, max_queued_requests=2)).status == 429
+    assert _handle_error(RayActorError()).status == 503
+    assert _handle_error(ValueError("boom")).status == 500
+
+
+def test_api_keys_are_only_kept_as_hashes(monkeypatch):
+    assert key_hashes_from_env(None) == []
+    monkeypatch.setenv("SPHINX_X_KEYS_T", " a1 , b2 ")
+    hashes = key_hashes_from_env("SPHINX_X_KEYS_T")
+    assert hashes == [hash_key("a1"), hash_key("b2")] and "a1" not in "".join(hashes)
+    monkeypatch.setenv("SPHINX_X_KEYS_T", "")
+    with pytest.raises(UserError, match="SPHINX_X_KEYS_T"):
+        key_hashes_from_env("SPHINX_X_KEYS_T")
