@@ -47,6 +47,7 @@ METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "export"
 EXPORT_CHECK = "export_check.pt"
 SUCCESS = "_SUCCESS"
+EXPORT_SUMMARY = "export.json"
 
 
 class ShardCollate(NumpyBatchCollateFn):
@@ -90,6 +91,13 @@ def build_engine(spec, model, world_size: int, total_steps: int):
     from actors.deepspeed_config import deepspeed_config
 
     cfg = deepspeed_config(spec.train, model.flavour, world_size=world_size, total_steps=total_steps)
+    if spec.train.zero_stage == 3:
+        # SphinxX.forward touches the projector and start/end/skip vectors outside the vision
+        # module's own forward (its zero "anchor" for text-only batches): ZeRO-3 must gather them
+        # for the root module's forward too.
+        vision = model.vision
+        for param in [vision.start, vision.end, vision.skip, *vision.projector.parameters()]:
+            deepspeed.zero.register_external_parameter(model, param)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
     return engine
@@ -184,6 +192,7 @@ def export_model(engine, tokenizer, storage, out: str, check_batch: Optional[dic
         save_model_dir(plain, tokenizer, tmp)
         storage.upload_dir(tmp, f"{out}/{EXPORT_DIR}")
     storage.write_bytes(f"{out}/{EXPORT_DIR}/{SUCCESS}", b"")
+    storage.write_bytes(f"{out}/{EXPORT_SUMMARY}", json.dumps(summary).encode())
     return summary
 
 

@@ -170,6 +170,8 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
                        filesystem=storage.filesystem, max_failures=train.max_failures)
     result = trainer.fit()
     metrics = dict(result.metrics or {})
+    if storage.exists(f"{out}/export.json"):  # written by rank 0 after the export
+        metrics.update(json.loads(storage.read_bytes(f"{out}/export.json")))
     summary = {
         "step": metrics.get("step"), "total_steps": steps, "rows": len(lengths), "global_batch": global_batch,
         "workers": train.workers, "zero_stage": train.zero_stage, "expert_parallel": train.expert_parallel,
@@ -208,7 +210,8 @@ def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
         trainer = _trainer(spec, storage, config, None, name="export", storage_path=tmp, filesystem=None,
                            max_failures=0)
         result = trainer.fit()
-    return {"step": step, "checkpoint": uri, **{k: v for k, v in (result.metrics or {}).items() if k == "export"}}
+    exported = json.loads(storage.read_bytes(f"{spec.train.output}/export.json"))
+    return {"step": step, "checkpoint": uri, **exported}
 
 
 def command(args) -> int:
