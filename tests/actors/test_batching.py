@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from actors.batching import GROUP_WINDOW, collate, model_inputs, plan_batches, total_steps
+from models.errors import UserError
+
+
+def test_plan_is_seeded_complete_per_epoch_and_length_grouped():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 500, size=200)
+    plan = plan_batches(lengths, micro_batch=4, grad_accum=2, world_size=2, steps=12, seed=7)
+    assert plan.shape == (12, 2, 2, 4)
+    again = plan_batches(lengths, micro_batch=4, grad_accum=2, world_size=2, steps=12, seed=7)
+    assert np.array_equal(plan, again)
+    assert not np.array_equal(plan, plan_batches(lengths, micro_batch=4, grad_accum=2, world_size=2, steps=12, seed=8))
+    # one epoch = 200 // 16 = 12 steps: every row at most once
+    flat = plan.reshape(-1)
+    assert len(set(flat.tolist())) == len(flat) == 192
+    # grouping: rows in a micro-batch are far closer in length than random rows
+    spread = np.mean([np.ptp(lengths[mb]) for mb in plan.reshape(-1, 4)])
+    random_spread = np.mean([np.ptp(lengths[rng.choice(200, 4)]) for _ in range(200)])
+    assert spread < random_spread / 4
+
+
+def test_plan_spans_epochs_with_new_orders():
+    plan = plan_batches(np.arange(10), micro_batch=2, grad_accum=1, world_size=2, steps=5, seed=0)
+    assert plan.shape == (5, 2, 1, 2)
+    first, second = plan[:2].reshape(-1), plan[2:4].reshape(-1)  # 10 // 4 = 2 steps per epoch
+    assert len(set(first)) == 8 and len(set(second)) == 8 and not np.array_equal(first, second)
+    assert GROUP_WINDOW >= 1
+
+
+def test_total_steps_and_too_little_data():
+    assert total_steps(100, 8, steps=None, epochs=3) == 36
+    assert total_steps(100, 8, steps=5, epochs=None) == 5
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        total_steps(7, 8, steps=5, epochs=None)
+
+
+def _row(rid, n, views=0, s=4, g=2, kept=None):
+    kept = kept if kept is not None else ([True] * (g * g) if views else [])
+    return {"id": rid, "input_ids": np.arange(1, n + 1, dtype=np.int32), "labels": np.full(n, 3, dtype=np.int32),
+            "views": np.full((views, s, s, 3), 7, dtype=np.uint8).tobytes(),
+            "view_counts": np.array([views] if views else [], dtype=np.int32),
+            "kept": np.array(kept, dtype=bool), "tile_size": s, "grid": g,
+            "image_tokens": 10 if views else 0, "saved_tokens": 2 if views else 0}
+
+
+def _batch(rows):
+    return {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+
+
+def test_collate_pads_to_batch_longest_and_concatenates_views():
+    batch = _batch([_row("a", 5, views=3, kept=[True, False, True, False]), _row("b", 2), _row("c", 3, views=5)])
+    out = collate(batch, pad_token_id=0)
+    assert out["input_ids"].shape == (3, 5)  # the batch's longest, not max_seq_len
+    assert out["input_ids"][1].tolist() == [1, 2, 0, 0, 0]
+    assert out["attention_mask"][1].tolist() == [1, 1, 0, 0, 0]
+    assert out["labels"][1].tolist() == [3, 3, -100, -100, -100]
+    assert out["views"].dtype == torch.uint8 and out["views"].shape == (8, 4, 4, 3)
+    assert out["kept"].tolist() == [[True, False, True, False], [True, True, True, True]]
+    assert int(out["image_tokens"]) == 20 and int(out["saved_tokens"]) == 4 and int(out["num_tokens"]) == 10
+    inputs = model_inputs(out)
+    assert set(inputs) == {"input_ids", "attention_mask", "labels", "views", "kept"}
+
+
+def test_collate_text_only_has_no_views_and_bad_rows_fail():
+    out = collate(_batch([_row("a", 2), _row("b", 4)]), pad_token_id=9)
+    assert "views" not in out and model_inputs(out)["views"] is None
+    bad = _row("x", 3, views=2)
+    bad["views"] = bad["views"][:-1]
+    with pytest.raises(UserError, match="'x': views hold"):
+        collate(_batch([bad]), pad_token_id=0)
+    bad = _row("y", 3)
+    bad["labels"] = bad["labels"][:2]
+    with pytest.raises(UserError, match="'y': 3 input_ids but 2 labels"):
+        collate(_batch([bad]), pad_token_id=0)
