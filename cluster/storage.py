@@ -29,102 +29,32 @@ dashboard). Workers on a real cluster get credentials from their own environment
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import logging
 import os
-import random
 import shutil
-import signal
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+# re-exported: the Storage API of docs/interfaces.md includes the embedded server
+from cluster.embedded_s3 import (  # noqa: F401
+    CHECKSUM_ENV,
+    DUMMY_CREDENTIALS,
+    ENDPOINT_ENV,
+    EmbeddedS3,
+    embedded_worker_env,
+    serve_main,
+)
+from cluster.s3_errors import DEFAULT_RETRY, USER_CODES, RetryPolicy, error_code, is_transient
 from cluster.spec import StorageSection
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-ENDPOINT_ENV = "SPHINX_X_S3_ENDPOINT"
-DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-# New AWS SDKs send checksums that non-AWS servers mishandle (DESIGN.md §3).
-CHECKSUM_ENV = {
-    "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
-}
-for _k, _v in CHECKSUM_ENV.items():
-    os.environ.setdefault(_k, _v)
-
-_TRANSIENT_CODES = {
-    "SlowDown", "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "TooManyRequestsException", "PriorRequestNotComplete", "500", "502", "503", "504",
-}
-
-
-# ---------------------------------------------------------------- the embedded server
-
-
-class EmbeddedS3:
-    """moto's S3 server on 127.0.0.1 (never 0.0.0.0), in a thread of this process.
-
-    ``port=None`` lets the OS pick a free port. ``start()`` returns once the server answers.
-    """
-
-    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None):
-        self.host, self.port = host, port
-        self._server: Any = None
-
-    @property
-    def endpoint_url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("EmbeddedS3 is not started")
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout_s: float = 30) -> "EmbeddedS3":
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port or 0, verbose=False)
-        self._server.start()
-        self.port = self._server.get_host_and_port()[1]
-        deadline = time.monotonic() + timeout_s
-        while True:  # the socket is bound; wait until the app really answers
-            try:
-                with urllib.request.urlopen(self.endpoint_url + "/", timeout=2):
-                    break
-            except OSError as err:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise UserError(f"storage: embedded S3 on {self.host} did not start: {err}") from None
-                time.sleep(0.05)
-        log.info("embedded S3 server on %s", self.endpoint_url)
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop()
-            inner = getattr(server, "_server", None)
-            if inner is not None:  # ThreadedMotoServer.stop() leaves the socket open
-                inner.server_close()
-
-    def __enter__(self) -> "EmbeddedS3":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-def embedded_worker_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, str]:
-    """The env a Ray worker needs to reach the embedded server (dummy credentials only)."""
-    return {ENDPOINT_ENV: endpoint_url, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
-            **DUMMY_CREDENTIALS, **CHECKSUM_ENV}
 
 
 _process_server: Optional[EmbeddedS3] = None
@@ -149,53 +79,6 @@ def _embedded_endpoint() -> str:
                      "`sphinx-x up` keeps one alive", _process_server.endpoint_url)
         os.environ[ENDPOINT_ENV] = _process_server.endpoint_url
         return _process_server.endpoint_url
-
-
-# ---------------------------------------------------------------- retries and errors
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter: delay_i = min(max_delay, base_delay * 2**i) * U(0.5, 1)."""
-
-    attempts: int = 5
-    base_delay: float = 0.2
-    max_delay: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
-
-
-DEFAULT_RETRY = RetryPolicy()
-
-
-def is_transient(err: BaseException) -> bool:
-    """Timeouts, connection problems, 5xx and throttling — never 4xx."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
-    if isinstance(err, (ConnectionError, HTTPClientError, ConnectionResetError, TimeoutError)):
-        return True
-    if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return code in _TRANSIENT_CODES or status >= 500
-    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
-
-    if isinstance(err, (S3UploadFailedError, RetriesExceededError)):  # the transfer manager's wrappers
-        return not any(code in str(err) for code in _USER_CODES)
-    return False
-
-
-_USER_CODES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
-
-
-def _error_code(err: BaseException) -> str:
-    """The S3 error code, also from the transfer manager's wrapped errors."""
-    from botocore.exceptions import ClientError
-
-    if isinstance(err, ClientError):
-        return str(err.response.get("Error", {}).get("Code", ""))
-    return next((code for code in _USER_CODES if code in str(err)), "")
 
 
 # ---------------------------------------------------------------- locations
@@ -392,14 +275,14 @@ class Storage:
         from botocore.exceptions import ConnectionError, NoCredentialsError, PartialCredentialsError
 
         where = self.endpoint_url or f"AWS S3 ({self.region})"
-        code = _error_code(err)
+        code = error_code(err)
         if isinstance(err, ConnectionError):
             reason = "connection refused" if "refused" in str(err).lower() or "could not connect" in str(
                 err).lower() else str(err)
             return UserError(f"storage: cannot reach S3 endpoint {where}: {reason}")
         if code == "NoSuchBucket":
             return UserError(f"storage: bucket {bucket!r} does not exist at {where}")
-        if code in _USER_CODES or code == "403":
+        if code in USER_CODES or code == "403":
             return UserError(f"storage: access denied ({code}) for {what} at {where}; check the credentials "
                              "named by storage.access_key_id_env / secret_access_key_env")
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
@@ -454,7 +337,7 @@ class Storage:
                 self.client().head_object(Bucket=loc.bucket, Key=loc.key)
                 return True
             except Exception as err:  # noqa: BLE001
-                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                if error_code(err) in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
 
@@ -593,7 +476,7 @@ def _check_bucket(storage: Storage) -> None:
             storage.client().head_bucket(Bucket=bucket)
             return True
         except Exception as err:  # noqa: BLE001
-            if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
+            if error_code(err) in ("404", "NoSuchBucket", "NotFound"):
                 return False
             raise
 
@@ -609,39 +492,11 @@ def _check_bucket(storage: Storage) -> None:
         try:
             storage.client().create_bucket(**kw)
         except Exception as err:  # noqa: BLE001 - a concurrent creator won the race
-            if _error_code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            if error_code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
 
     storage._call(f"create bucket {bucket!r}", create, bucket)
 
 
-# ---------------------------------------------------------------- `python -m cluster.storage serve`
-
-
-def _serve(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.storage", description="run the embedded S3 server")
-    sub = p.add_subparsers(dest="verb", required=True)
-    s = sub.add_parser("serve", help="serve moto S3 on HOST:PORT until SIGTERM/SIGINT")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=0, help="0: a free port")
-    s.add_argument("--ready-file", default=None, help="write the endpoint URL here once it answers")
-    args = p.parse_args(argv)
-
-    server = EmbeddedS3(args.host, args.port or None).start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if args.ready_file:
-        tmp = Path(f"{args.ready_file}.tmp")
-        tmp.write_text(server.endpoint_url)
-        tmp.replace(args.ready_file)
-    print(f"embedded S3 ready at {server.endpoint_url}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(_serve(sys.argv[1:]))
+if __name__ == "__main__":  # `python -m cluster.storage serve --port P`
+    sys.exit(serve_main(sys.argv[1:]))

@@ -1,0 +1,128 @@
+"""moto's S3 server on 127.0.0.1: the "embedded" storage of the local default (DESIGN.md §3).
+
+    >>> with EmbeddedS3() as server:            # a free port on 127.0.0.1, in a thread
+    ...     env = embedded_worker_env(server.endpoint_url)   # for Ray runtime_env
+
+As a separate process (what `sphinx-x up` runs): ``python -m cluster.storage serve --port 9000``
+(``--port 0`` picks a free one; ``--ready-file F`` receives the endpoint URL once it answers).
+Objects live in the server's memory, as long as its process.
+
+The checksum settings below are applied to this process on import: new AWS SDKs send checksums
+that non-AWS servers mishandle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "SPHINX_X_S3_ENDPOINT"
+DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+CHECKSUM_ENV = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
+}
+for _k, _v in CHECKSUM_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+class EmbeddedS3:
+    """moto's S3 server on 127.0.0.1 (never 0.0.0.0), in a thread of this process.
+
+    ``port=None`` lets the OS pick a free port. ``start()`` returns once the server answers.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None):
+        self.host, self.port = host, port
+        self._server: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("EmbeddedS3 is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30) -> "EmbeddedS3":
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port or 0, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        deadline = time.monotonic() + timeout_s
+        while True:  # the socket is bound; wait until the app really answers
+            try:
+                with urllib.request.urlopen(self.endpoint_url + "/", timeout=2):
+                    break
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise UserError(f"storage: embedded S3 on {self.host} did not start: {err}") from None
+                time.sleep(0.05)
+        log.info("embedded S3 server on %s", self.endpoint_url)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+            inner = getattr(server, "_server", None)
+            if inner is not None:  # ThreadedMotoServer.stop() leaves the socket open
+                inner.server_close()
+
+    def __enter__(self) -> "EmbeddedS3":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def embedded_worker_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, str]:
+    """The env a Ray worker needs to reach the embedded server (dummy credentials only)."""
+    return {ENDPOINT_ENV: endpoint_url, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
+            **DUMMY_CREDENTIALS, **CHECKSUM_ENV}
+
+
+# ---------------------------------------------------------------- `python -m cluster.storage serve`
+
+
+def serve_main(argv: list[str]) -> int:
+    """`python -m cluster.storage serve [--host H] [--port P] [--ready-file F]` (also this module)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m cluster.storage", description="run the embedded S3 server")
+    sub = p.add_subparsers(dest="verb", required=True)
+    s = sub.add_parser("serve", help="serve moto S3 on HOST:PORT until SIGTERM/SIGINT")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0, help="0: a free port")
+    s.add_argument("--ready-file", default=None, help="write the endpoint URL here once it answers")
+    args = p.parse_args(argv)
+
+    server = EmbeddedS3(args.host, args.port or None).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.ready_file:
+        tmp = Path(f"{args.ready_file}.tmp")
+        tmp.write_text(server.endpoint_url)
+        tmp.replace(args.ready_file)
+    print(f"embedded S3 ready at {server.endpoint_url}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main(sys.argv[1:]))
