@@ -61,6 +61,15 @@ _process_server: Optional[EmbeddedS3] = None
 _process_lock = threading.Lock()
 
 
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    from ray._private.worker import WORKER_MODE, global_worker
+
+    return global_worker.mode == WORKER_MODE
+
+
 def _embedded_endpoint() -> str:
     """$SPHINX_X_S3_ENDPOINT, else the server `sphinx-x up` started, else one for this process."""
     global _process_server
@@ -71,6 +80,9 @@ def _embedded_endpoint() -> str:
     state = up_state(alive_only=True)
     if state and state.get("s3", {}).get("endpoint_url"):
         return state["s3"]["endpoint_url"]
+    if _in_ray_worker():  # a private server here would swallow the data: fail loudly instead
+        raise UserError(f"storage: embedded S3 endpoint unknown in this Ray worker (${ENDPOINT_ENV} is "
+                        "not set); pass Storage.worker_env() in the job's runtime_env")
     with _process_lock:
         if _process_server is None:
             _process_server = EmbeddedS3().start()

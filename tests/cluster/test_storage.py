@@ -233,3 +233,19 @@ def test_upload_to_a_missing_bucket_is_a_clear_user_error(storage, tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(UserError, match="bucket 'no-such-bucket-x' does not exist"):
         storage.upload_dir(tmp_path, "s3://no-such-bucket-x/p")
+
+
+def test_a_ray_worker_without_the_endpoint_fails_instead_of_starting_its_own(ray_local, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPHINX_X_HOME", str(tmp_path))  # no `sphinx-x up` state either
+
+    @ray_local.remote
+    def open_in_worker():
+        os.environ.pop(ENDPOINT_ENV, None)
+        try:
+            open_storage(StorageSection(uri="s3://sphinx-x-test/w"))
+        except UserError as err:
+            return str(err)
+        return "opened"
+
+    env = {"env_vars": {"SPHINX_X_HOME": str(tmp_path)}}
+    assert "endpoint unknown in this Ray worker" in ray_local.get(open_in_worker.options(runtime_env=env).remote())
