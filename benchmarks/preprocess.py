@@ -1,0 +1,229 @@
+"""Preprocess throughput on ≥1000 generated JPEGs (0.3–12 MP, mixed aspect ratios); prints ONE JSON object.
+
+    .venv/bin/python benchmarks/preprocess.py [--images 1000] [--subset 150] [--cache /tmp/sphinx-x-bench-preprocess]
+
+Every image goes to the same output tile size (flavour ``debug`` with ``tile_size`` 224, grid 2:
+a 448 px canvas, as the real flavours). Measured:
+
+- (a) the Ray Data pipeline (``pipelines.preprocess.run_stage``) on a local Ray with all CPUs,
+  local storage, JSONL + image_root: images/s overall and per core;
+- (b) the same per-image work in one plain process: the same ``actors.tiler.Tiler`` called on
+  the same raw rows (read, decode, tile, tokenize, build the row): images/s;
+- per image on a fixed subset (every k-th image): our ``models.tiling.load_and_tile``;
+  (c) transformers' ``LlavaNextImageProcessorPil`` (anyres, the PIL backend the installed
+  transformers uses without torchvision) configured to the same 224 px tiles and 2×2 grid,
+  uint8 out (no rescale/normalise, like ours), decode included; (d) PIL decode alone (full
+  decode to RGB: the floor of a full-resolution pipeline), and (d') PIL reduced-scale JPEG decode
+  to the canvas size (the floor of ours).
+
+Goals: (c) / ours ≥ 2; (a) per core / (b) ≥ 0.7; (b) / (d) reported. The image set is generated
+in parallel once and cached under ``--cache`` (never in git); generation is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (3, 1), (1, 3), (5, 2)]
+TILE, GRID = 224, 2
+
+
+def _image_size(i: int) -> tuple[int, int]:
+    rng = np.random.default_rng(i)
+    mp = float(np.exp(rng.uniform(np.log(0.3), np.log(12.0)))) * 1e6
+    aw, ah = ASPECTS[i % len(ASPECTS)]
+    w = int(round((mp * aw / ah) ** 0.5))
+    return w, max(1, int(round(mp / w)))
+
+
+def _make(args: tuple[int, str]) -> int:
+    """A smooth colour field with some detail (JPEG-friendly, realistic sizes on disk)."""
+    i, path = args
+    if os.path.exists(path):
+        return 0
+    w, h = _image_size(i)
+    rng = np.random.default_rng(1000 + i)
+    small = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    im = small.resize((w, h), Image.Resampling.BILINEAR)
+    detail = Image.fromarray(rng.integers(0, 40, (h // 8 + 1, w // 8 + 1), dtype=np.uint8)).resize((w, h))
+    im = Image.merge("RGB", [Image.blend(c, detail, 0.3) for c in im.split()])
+    tmp = path + ".tmp"
+    im.save(tmp, "JPEG", quality=88)
+    os.replace(tmp, path)
+    return 1
+
+
+def generate(cache: Path, n: int) -> list[Path]:
+    img_dir = cache / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    paths = [img_dir / f"{i:05d}.jpg" for i in range(n)]
+    todo = [(i, str(p)) for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        print(f"generating {len(todo)} JPEGs under {img_dir} (cached for next runs) ...", file=sys.stderr)
+        with Pool(os.cpu_count() or 2) as pool:
+            pool.map(_make, todo, chunksize=4)
+    lines = [json.dumps({"id": f"b{i}", "image": p.name, "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image in one sentence."},
+        {"from": "gpt", "value": f"A smooth colour field number {i} with some fine detail."}]}) for i, p in enumerate(paths)]
+    (cache / "data.jsonl").write_text("\n".join(lines))
+    return paths
+
+
+def _llava_processor():
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pinpoints = [[TILE * r, TILE * c] for r in range(1, GRID + 1) for c in range(1, GRID + 1)]
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints,
+        do_rescale=False, do_normalize=False, do_convert_rgb=True,
+    )
+
+
+def _per_image(paths: list[Path]) -> dict:
+    from models.tiling import TileSpec, load_and_tile
+
+    spec = TileSpec(GRID, TILE)
+    proc = _llava_processor()
+    data = [p.read_bytes() for p in paths]
+    timings: dict[str, list[float]] = {"ours": [], "llava": [], "decode": [], "decode_draft": []}
+
+    def ours(b):
+        load_and_tile(b, spec)
+
+    def llava(b):
+        proc(images=Image.open(io.BytesIO(b)).convert("RGB"), return_tensors="np")
+
+    def decode(b):
+        Image.open(io.BytesIO(b)).convert("RGB")
+
+    def decode_draft(b):
+        im = Image.open(io.BytesIO(b))
+        w, h = im.size
+        m = max(w, h)
+        im.draft("RGB", (max(1, w * TILE * GRID // m), max(1, h * TILE * GRID // m)))
+        im.convert("RGB")
+
+    fns = {"ours": ours, "llava": llava, "decode": decode, "decode_draft": decode_draft}
+    ours(data[0]), llava(data[0])  # warm-up (imports, caches)
+    for b in data:  # interleaved, so a load spike on the shared box hits all four alike
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn(b)
+            timings[name].append(time.perf_counter() - t)
+    return {k: float(np.mean(v)) * 1000 for k, v in timings.items()}
+
+
+def _config_and_tokenizer(texts: list[str]):
+    from actors.tiler import TilerConfig
+    from models.conversation import train_bpe_tokenizer
+    from models.flavours import from_name
+
+    f = from_name("debug", tile_size=TILE, grid=GRID)
+    cfg = TilerConfig(grid=f.grid, tile_size=f.tile_size, mean_u8=f.mean_u8, tokens_per_view=f.tokens_per_view,
+                      max_seq_len=f.max_seq_len)
+    return cfg, train_bpe_tokenizer(texts, int(f.llm["vocab_size"]))
+
+
+def plain_process(cache: Path) -> dict:
+    """(b): the Tiler on the raw rows, batches of 16, one process."""
+    from actors import rows as raw
+    from actors.tiler import Tiler
+
+    rows = raw.parse_json_file((cache / "data.jsonl").read_bytes(), "data.jsonl", source="bench", ratio=1.0,
+                               image_root=str(cache / "images"))
+    texts = [t["value"] for r in rows for t in json.loads(r["conversations"])]
+    cfg, tok = _config_and_tokenizer(texts)
+    tiler = Tiler(cfg, tok)
+    tiler(raw.to_table(rows[:2]))  # warm-up
+    t = time.perf_counter()
+    n_ok = 0
+    for i in range(0, len(rows), 16):
+        out = tiler(raw.to_table(rows[i:i + 16]))
+        n_ok += out.column("reason").null_count
+    secs = time.perf_counter() - t
+    return {"images": len(rows), "ok": n_ok, "seconds": round(secs, 2), "images_per_s": round(len(rows) / secs, 2)}
+
+
+def ray_pipeline(cache: Path, cpus: int) -> dict:
+    """(a): run_stage on a local Ray with every CPU; local storage, output under a temp dir."""
+    import ray
+
+    from cluster.spec import parse_spec
+    from pipelines import preprocess
+
+    out = Path(tempfile.mkdtemp(prefix="sphinx-x-bench-out-"))
+    spec = parse_spec({
+        "name": "bench", "storage": {"uri": str(out), "endpoint_url": None},
+        "model": {"flavour": "debug", "overrides": {"tile_size": TILE, "grid": GRID}},
+        "data": {"sources": [{"name": "bench", "path": str(cache / "data.jsonl"), "image_root": str(cache / "images")}],
+                 "concurrency": cpus, "num_cpus_per_worker": 1, "rows_per_shard": 256},
+    })
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t = time.perf_counter()
+        summary = preprocess.run_stage(spec, force=True)
+        secs = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+    n = summary["rows_in"]
+    return {"images": n, "written": summary["rows_written"], "seconds": round(secs, 2), "cpus": cpus,
+            "images_per_s": round(n / secs, 2), "images_per_s_per_core": round(n / secs / cpus, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--subset", type=int, default=150, help="images for the per-image comparisons (c), (d)")
+    p.add_argument("--cache", default="/tmp/sphinx-x-bench-preprocess")
+    p.add_argument("--skip-ray", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cache = Path(args.cache)
+    paths = generate(cache, args.images)
+    sizes = [_image_size(i) for i in range(args.images)]
+    mps = [w * h / 1e6 for w, h in sizes]
+    step = max(1, args.images // args.subset)
+    per = _per_image(paths[::step][: args.subset])
+    b = plain_process(cache)
+    cpus = os.cpu_count() or 1
+    a = None if args.skip_ray else ray_pipeline(cache, cpus)
+    result = {
+        "benchmark": "preprocess",
+        "images": args.images, "megapixels": {"min": round(min(mps), 2), "max": round(max(mps), 2),
+                                              "mean": round(float(np.mean(mps)), 2)},
+        "jpeg_mb_total": round(sum(p.stat().st_size for p in paths) / 2**20, 1),
+        "tile_size": TILE, "grid": GRID,
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+        "per_image_ms_subset": {"n": len(paths[::step][: args.subset]), **{k: round(v, 2) for k, v in per.items()}},
+        "b_plain_process": b,
+        "a_ray_data": a,
+        "ratios": {
+            "c_llava_over_ours": round(per["llava"] / per["ours"], 2),
+            "ours_over_d_decode": round(per["ours"] / per["decode"], 2),
+            "ours_over_d_draft_decode": round(per["ours"] / per["decode_draft"], 2),
+            "b_ms_per_image_over_d_decode": round(1000 / b["images_per_s"] / per["decode"], 2),
+            "a_per_core_over_b": round(a["images_per_s_per_core"] / b["images_per_s"], 2) if a else None,
+        },
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
