@@ -194,7 +194,8 @@ class Ingress:
                            f"{self.section['max_tokens_limit']}", param="max_tokens", code="invalid_value")
         return {"messages": messages, "images": list(images), "max_tokens": max_tokens,
                 "max_tokens_limit": self.section["max_tokens_limit"], "temperature": req.temperature,
-                "top_p": req.top_p, "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos}
+                "top_p": req.top_p, "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos,
+                "stream": req.stream}
 
     def _image(self, url: str) -> bytes:
         data = fetch_image(url, self.policy, self._filesystem)

@@ -10,7 +10,7 @@ temperature, top_p and seed, and every request streams its tokens as they come.
 ``chat(payload)`` yields, in order::
 
     {"prompt_tokens": 137}                                         # accepted (image tokens counted)
-    {"delta": "The", "batch_size": 4}                              # text as it is decoded
+    {"delta": "The", "batch_size": 4}     # text as decoded (streams: flushed every STREAM_FLUSH_S)
     ...
     {"delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9, "batch_size": 4}
 
@@ -37,6 +37,7 @@ from models.errors import UserError
 log = logging.getLogger(__name__)
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+STREAM_FLUSH_S = 0.02
 
 
 @dataclass
@@ -167,8 +168,15 @@ class ModelReplica:
             yield _user_error(err)
             return
         yield {"prompt_tokens": len(job.prepared.input_ids)}
+        # Every item crossing to the ingress is a Ray message: a non-streamed request gets one,
+        # a stream gets the text of at most STREAM_FLUSH_S at a time (tokens arrive faster).
+        pending, last = [], time.monotonic()
         async for item in self.generate_batch(job):
-            yield item
+            pending.append(item)
+            now = time.monotonic()
+            if "finish_reason" in item or (payload.get("stream") and now - last >= STREAM_FLUSH_S):
+                yield {**item, "delta": "".join(p["delta"] for p in pending)}
+                pending, last = [], now
 
     def prepare(self, payload: dict) -> dict:
         """What the replica would feed the model (for checks against preprocess output)."""
