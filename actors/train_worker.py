@@ -229,7 +229,11 @@ def train_loop_per_worker(config: dict) -> None:
     step, history, restored_from = 0, [], None
     if config.get("export_from"):  # export only: this checkpoint, no training
         with tempfile.TemporaryDirectory(prefix="sx-restore-") as tmp:
-            step, history = _load_checkpoint(engine, str(storage.download_dir(config["export_from"], tmp)))
+            import pyarrow.fs as pafs
+
+            fs, path = storage.resolve(config["export_from"])  # pyarrow skips S3 directory markers
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            step, history = _load_checkpoint(engine, tmp)
         summary = export_model(engine, tokenizer, storage, out, None, rank)
         ray.train.report({"step": step, **summary})
         return
