@@ -125,6 +125,15 @@ def _load_checkpoint(engine, directory: str) -> tuple[int, list[dict]]:
     return step, [m for m in history if m["step"] <= step]
 
 
+def _load_from_storage(engine, storage, uri: str) -> tuple[int, list[dict]]:
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="sx-restore-") as tmp:
+        fs, path = storage.resolve(uri)  # pyarrow copy: S3 directory markers are skipped
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return _load_checkpoint(engine, tmp)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -228,12 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     step, history, restored_from = 0, [], None
     if config.get("export_from"):  # export only: this checkpoint, no training
-        with tempfile.TemporaryDirectory(prefix="sx-restore-") as tmp:
-            import pyarrow.fs as pafs
-
-            fs, path = storage.resolve(config["export_from"])  # pyarrow skips S3 directory markers
-            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            step, history = _load_checkpoint(engine, tmp)
+        step, history = _load_from_storage(engine, storage, config["export_from"])
         summary = export_model(engine, tokenizer, storage, out, None, rank)
         ray.train.report({"step": step, **summary})
         return
@@ -243,6 +247,9 @@ def train_loop_per_worker(config: dict) -> None:
             step, history = _load_checkpoint(engine, directory)
         restored_from = step
         log.info("rank %d: restored step %d", rank, step)
+    elif config.get("resume_from"):  # a restarted `sphinx-x train`: the driver found the latest checkpoint
+        step, history = _load_from_storage(engine, storage, config["resume_from"])
+        restored_from = step
 
     _report_pid(config.get("pid_dir"), rank, step)
     shard = ray.train.get_dataset_shard(f"rank{rank}")

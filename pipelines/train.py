@@ -164,6 +164,7 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
     config = {
         "spec": spec.model_dump(mode="json"), "total_steps": steps, "data_start_step": start,
         "tokenizer_uri": _tokenizer_uri(spec, storage), "pid_dir": pid_dir, "export": export,
+        "resume_from": done[-1][1] if start else None,
     }
     t0 = time.time()
     trainer = _trainer(spec, storage, config, datasets, name=RUN_NAME, storage_path=storage.path(out),
