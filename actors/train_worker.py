@@ -266,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums = torch.zeros(6, dtype=torch.float64)  # loss, lm, aux, tokens, image tokens, saved tokens
         for m in range(accum):
             batch = next(batches)
-            expected = ((step - ds_start) * accum + m) * micro
+            expected = (step * accum + m) * micro  # absolute place in this rank's stream
             pos = batch.pop("pos", None)
             if pos is not None and pos.tolist() != list(range(expected, expected + len(pos))):
                 raise RuntimeError(f"rank {rank}: data out of plan order at step {step}: got positions "
