@@ -16,7 +16,7 @@ are under ``storage.uri``; ``image_root`` likewise):
 
 - ``json`` / ``jsonl``: a JSON array or JSON lines of SPHINX/LLaVA records
   ``{"id"?, "image"?: relative path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``;
-  images are read from ``image_root`` + ``image``.
+  images are read from ``image_root`` + ``image`` (default ``image_root``: the source's directory).
 - ``webdataset``: ``.tar`` shards; per sample ``KEY.json`` (a record as above, without
   ``image``) or ``KEY.txt`` (a caption), and optionally ``KEY.jpg|jpeg|png|webp``.
 - ``parquet``: columns ``conversations`` (JSON text or list of ``{from, value}``), ``image``
@@ -196,28 +196,48 @@ def _parse_parquet_batch(batch: pa.Table, *, source: str, ratio: float) -> pa.Ta
 
 
 def _raw_dataset(src: _Source):
-    """The raw rows of one source (a lazy Ray Dataset in record order)."""
+    """The raw rows of one source (a lazy Ray Dataset in record order).
+
+    Reading and parsing reserve no CPU: they are I/O-bound and light next to decoding, and an
+    actor pool as large as the CPUs would otherwise leave them none (Ray Data would stall).
+    """
     import ray.data
 
     name, ratio = src.spec.name, src.spec.ratio
     files = list(src.files)
+    light = dict(num_cpus=0, batch_format="pyarrow")
     if src.format == "webdataset":
-        ds = ray.data.read_webdataset(files, filesystem=src.filesystem, decoder=None)
-        return ds.map_batches(_parse_wds_batch, batch_format="pyarrow", batch_size=_BATCH_ROWS,
-                              fn_kwargs=dict(source=name, ratio=ratio))
+        ds = ray.data.read_webdataset(files, filesystem=src.filesystem, decoder=None, num_cpus=0)
+        return ds.map_batches(_parse_wds_batch, batch_size=_BATCH_ROWS, fn_kwargs=dict(source=name, ratio=ratio),
+                              **light)
     if src.format == "parquet":
-        ds = ray.data.read_parquet(files, filesystem=src.filesystem)
-        return ds.map_batches(_parse_parquet_batch, batch_format="pyarrow", batch_size=_BATCH_ROWS,
-                              fn_kwargs=dict(source=name, ratio=ratio))
-    ds = ray.data.read_binary_files(files, filesystem=src.filesystem, include_paths=True)
+        ds = ray.data.read_parquet(files, filesystem=src.filesystem, num_cpus=0)
+        return ds.map_batches(_parse_parquet_batch, batch_size=_BATCH_ROWS,
+                              fn_kwargs=dict(source=name, ratio=ratio), **light)
+    ds = ray.data.read_binary_files(files, filesystem=src.filesystem, include_paths=True, num_cpus=0)
     file_nos = {p: i for i, p in enumerate(files)} if len(files) > 1 else {}
-    return ds.map_batches(_parse_json_batch, batch_format="pyarrow", batch_size=1,
+    return ds.map_batches(_parse_json_batch, batch_size=1, **light,
                           fn_kwargs=dict(source=name, ratio=ratio, image_root=src.image_root,
                                          fmt=src.format, file_nos=file_nos))
 
 
+def _small_blocks(ds):
+    """Re-cut a source's raw rows into blocks of ``_BATCH_ROWS`` rows (streaming, order kept).
+
+    A JSON file parses into ONE block, and an actor-pool stage hands a whole block to one
+    actor: without this, one big file would keep one tiler busy and the others idle. The
+    re-cut runs in the (CPU-free) parse tasks: Ray 2.60 gives ``repartition`` no resource
+    argument, so its logical op gets the parse op's ``num_cpus=0`` and is fused into it.
+    """
+    ds = ds.repartition(target_num_rows_per_block=_BATCH_ROWS)
+    op = ds._logical_plan.dag
+    if hasattr(op, "ray_remote_args"):
+        object.__setattr__(op, "ray_remote_args", {"num_cpus": 0})
+    return ds
+
+
 def _all_raw(sources: list[_Source]):
-    datasets = [_raw_dataset(s) for s in sources]
+    datasets = [_small_blocks(_raw_dataset(s)) for s in sources]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
