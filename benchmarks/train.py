@@ -95,7 +95,10 @@ def _ray_worker(config):
         out = engine(**model_inputs(batches[i % len(batches)]))
         engine.backward(out.loss)
         engine.step()
-    ray.train.report({"steps_per_s": steps / (time.perf_counter() - t0)})
+    rate = steps / (time.perf_counter() - t0)
+    if ray.train.get_context().get_world_rank() == 0:  # v2 keeps metrics only with checkpoints
+        with open(config["out"], "w") as f:
+            f.write(str(rate))
 
 
 def ray_loop(tokenizer, batches, steps: int, workers: int) -> float:
@@ -105,11 +108,14 @@ def ray_loop(tokenizer, batches, steps: int, workers: int) -> float:
     from ray.train.torch import TorchTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rate")
         trainer = TorchTrainer(_ray_worker, train_loop_config={"tokenizer": tokenizer, "batches": batches,
-                                                               "steps": steps},
+                                                               "steps": steps, "out": out},
                                scaling_config=ScalingConfig(num_workers=workers),
                                run_config=RunConfig(name=f"bench{workers}", storage_path=tmp))
-        return float(trainer.fit().metrics["steps_per_s"])
+        trainer.fit()
+        with open(out) as f:
+            return float(f.read())
 
 
 def skip_vs_noskip(tokenizer, reps: int) -> dict:
