@@ -119,32 +119,28 @@ class SphinxX(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, views: Optional[torch.Tensor] = None,
               kept: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids [B, T] → embeddings [B, T, d] with image embeddings at image_token_id positions."""
+        """input_ids [B, T] → embeddings [B, T, d] with image embeddings at image_token_id positions.
+
+        The vision module runs on every call, also without images (it then returns [0, d] that
+        still depends on all its parameters: see models.vision)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
         if views is None or kept is None or kept.shape[0] == 0:
             if n_slots:
                 raise UserError(f"the batch has {n_slots} image tokens but no images (views/kept missing)")
-            return embeds + self._anchor(embeds)
-        images = self.vision(views.to(input_ids.device), kept.to(input_ids.device))
-        n_embeds = sum(x.shape[0] for x in images)
-        if n_embeds != n_slots:
-            per_image = [x.shape[0] for x in images]
+            views = kept = None
+        else:
+            views, kept = views.to(input_ids.device), kept.to(input_ids.device)
+        images = self.vision(views, kept)  # [Σ image tokens, d]
+        if images.shape[0] != n_slots:
+            per_image = self.vision.token_counts(kept)
             raise UserError(f"image token count mismatch: input_ids hold {n_slots} image tokens but the "
-                            f"{len(images)} image(s) give {n_embeds} embeddings {per_image} "
+                            f"{len(per_image)} image(s) give {images.shape[0]} embeddings {per_image} "
                             "(was an image truncated, or tiled with another grid/flavour?)")
         embeds = embeds.clone()
-        embeds[is_image] = torch.cat(images).to(embeds.dtype)
-        return embeds + self._anchor(embeds)
-
-    def _anchor(self, embeds: torch.Tensor) -> torch.Tensor | float:
-        """0 · (projector, start/end/skip): every trainable vision param gets a (zero) grad each
-        step even in text-only batches, which data-parallel gradient reduction relies on."""
-        if not torch.is_grad_enabled():
-            return 0.0
-        params = [self.vision.start, self.vision.end, self.vision.skip, *self.vision.projector.parameters()]
-        return 0.0 * sum(p.sum() for p in params).to(embeds.dtype)
+        embeds[is_image] = images.to(embeds.dtype)
+        return embeds
 
     # ------------------------------------------------------------------ training forward
 

@@ -20,9 +20,18 @@ so its length is ``(1 + kept)·(N + 2) + skipped`` (models.tiling.image_token_co
 Start, end and skip are single learnable vectors shared by all views. The encoders are
 built from transformers configs (random init; weights come from models.checkpoint) and are
 frozen by default (``flavour.freeze_vision``): no grads, always in eval mode.
+
+Every call runs every submodule and uses every parameter, also for a text-only batch (no
+images: one padding view is encoded and dropped) or one without skipped tiles (zero-row
+slices of start/end/skip join the output). So all ranks of a data-parallel run execute the
+same modules in the same order (ZeRO-3 gathers a module's parameters in that module's own
+forward) and every trainable parameter gets a gradient (zero when unused), which gradient
+reduction across ranks relies on.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,25 +120,41 @@ class MixtureOfVisualExperts(nn.Module):
         feats = torch.cat([conv_tokens.to(dtype), dino_tokens.to(dtype)], dim=-1)  # [V, N, Cc + Cd]
         return self.projector(feats)
 
-    def forward(self, views: torch.Tensor, kept: torch.Tensor) -> list[torch.Tensor]:
-        """views uint8 [V, S, S, 3], kept bool [I, G·G] ([I, 0] when G = 1) → I tensors [(1+k)(N+2)+skipped, d_llm]."""
-        kept = kept.bool()
+    def token_counts(self, kept: torch.Tensor) -> list[int]:
+        """kept bool [I, G·G] → each image's sequence length, (1 + kept)·(N + 2) + skipped."""
+        n_kept = kept.bool().sum(1)
+        return ((1 + n_kept) * (self.tokens_per_view + 2) + (kept.shape[1] - n_kept)).tolist()
+
+    def forward(self, views: Optional[torch.Tensor] = None, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """views uint8 [V, S, S, 3], kept bool [I, G·G] ([I, 0] when G = 1), or None for no images
+        → the I images' sequences concatenated in order: [Σ (1+k)(N+2) + skipped, d_llm]
+        (split with ``.split(self.token_counts(kept))``; [0, d_llm] without images)."""
         gg = self.grid * self.grid if self.grid > 1 else 0  # G = 1: global view only, empty masks
+        s = self.flavour.tile_size
+        if views is None or kept is None:
+            views = self.mean_u8.new_zeros((0, s, s, 3), dtype=torch.uint8)
+            kept = torch.zeros((0, gg), dtype=torch.bool, device=views.device)
+        kept = kept.bool()
         if kept.dim() != 2 or kept.shape[1] != gg:
             raise UserError(f"kept must be bool [images, {gg}] for grid {self.grid}, got {list(kept.shape)}")
         n_views = int((1 + kept.sum(1)).sum())
         if views.shape[0] != n_views:
             raise UserError(f"views hold {views.shape[0]} views but kept masks need {n_views} "
                             f"(1 global + kept tiles per image)")
-        if views.shape[1] != self.flavour.tile_size or views.shape[2] != self.flavour.tile_size:
-            raise UserError(f"views must be {self.flavour.tile_size}×{self.flavour.tile_size} "
-                            f"(flavour {self.flavour.name!r}), got {views.shape[1]}×{views.shape[2]}")
-        tokens = self.encode_views(views) if n_views else views.new_zeros((0, self.tokens_per_view, self.start.numel()))
+        if views.shape[1] != s or views.shape[2] != s:
+            raise UserError(f"views must be {s}×{s} (flavour {self.flavour.name!r}), "
+                            f"got {views.shape[1]}×{views.shape[2]}")
+        if n_views:
+            tokens = self.encode_views(views)  # [V, N, d]
+        else:  # no images: encode one padding view (all modules run, see the module docstring), keep none
+            pad = self.mean_u8.to(torch.uint8).view(1, 1, 1, 3).expand(1, s, s, 3)
+            tokens = self.encode_views(pad)[:0]
         start, end = self.start.to(tokens.dtype)[None], self.end.to(tokens.dtype)[None]
         skip = self.skip.to(tokens.dtype)[None]
-        out, v = [], 0
+        # zero-row slices: every parameter reaches the output even when unused (no images, no skips)
+        parts, v = [tokens[:0].flatten(0, 1), start[:0], end[:0], skip[:0]], 0
         for mask in kept.tolist():
-            parts = [start, tokens[v], end]
+            parts += [start, tokens[v], end]
             v += 1
             for is_kept in mask:
                 if is_kept:
@@ -137,8 +162,7 @@ class MixtureOfVisualExperts(nn.Module):
                     v += 1
                 else:
                     parts.append(skip)
-            out.append(torch.cat(parts, dim=0))
-        return out
+        return torch.cat(parts, dim=0)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

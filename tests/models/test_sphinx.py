@@ -99,6 +99,29 @@ def test_forward_backward(name, tokenizer, request):
     model.eval()
 
 
+
+def test_text_only_batch_gives_every_trainable_vision_param_a_zero_grad(dense, tokenizer):
+    """No images in the batch: the vision module still runs inside its own forward and every
+    trainable vision parameter gets an all-zero grad (data-parallel reduction needs them on every rank)."""
+    dense.train()
+    dense.zero_grad(set_to_none=True)
+    ran = []
+    hook = dense.vision.register_forward_hook(lambda m, a, o: ran.append(o.shape))
+    try:
+        out = dense(**_batch(tokenizer, dense.flavour, [None, None]))
+    finally:
+        hook.remove()
+    out.loss.backward()
+    assert ran == [(0, dense.llm.config.hidden_size)]
+    trainable = {n: p for n, p in dense.vision.named_parameters() if p.requires_grad}
+    assert {"start", "end", "skip", "projector.0.weight", "projector.1.bias"} <= set(trainable)
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.count_nonzero(p.grad) == 0 for p in trainable.values())
+    assert dense.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+    dense.zero_grad(set_to_none=True)
+    dense.eval()
+
 def test_loss_only_on_assistant_spans(dense, tokenizer):
     batch = _batch(tokenizer, dense.flavour, [(96, 48), None])
     with torch.no_grad():

@@ -47,15 +47,17 @@ def test_skipped_tiles_are_never_encoded(mov):
 
 def test_sequence_lengths_and_layout(mov):
     kept = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    out = mov(_views(5 + 3 + 2), kept)
-    assert [x.shape for x in out] == [(5 * (N + 2), 32), (3 * (N + 2) + 2, 32), (2 * (N + 2) + 3, 32)]
+    assert mov.token_counts(kept) == [5 * (N + 2), 3 * (N + 2) + 2, 2 * (N + 2) + 3]
+    flat = mov(_views(5 + 3 + 2), kept)
+    assert flat.shape == (sum(mov.token_counts(kept)), 32)
+    out = flat.split(mov.token_counts(kept))
     wide = out[1]
     start, end, skip = mov.start.detach(), mov.end.detach(), mov.skip.detach()
     for v in range(3):  # [start, N, end] for the global view and the two kept tiles
         assert torch.equal(wide[v * (N + 2)], start) and torch.equal(wide[v * (N + 2) + N + 1], end)
     assert torch.equal(wide[-1], skip) and torch.equal(wide[-2], skip)
     # a skipped tile in the middle of the row-major order sits between kept tiles
-    tall = mov(_views(3), torch.tensor([[1, 0, 1, 0]], dtype=torch.bool))[0]
+    tall = mov(_views(3), torch.tensor([[1, 0, 1, 0]], dtype=torch.bool))
     assert torch.equal(tall[2 * (N + 2)], skip) and torch.equal(tall[2 * (N + 2) + 1], start)
 
 
@@ -88,5 +90,35 @@ def test_bad_inputs_name_the_problem(mov):
 
 def test_grid_one_is_the_global_view_only():
     m = MixtureOfVisualExperts(from_name("debug", grid=1), d_llm=8)
-    out = m(_views(2), torch.zeros((2, 0), dtype=torch.bool))
-    assert [x.shape[0] for x in out] == [N + 2, N + 2]
+    kept = torch.zeros((2, 0), dtype=torch.bool)
+    assert m(_views(2), kept).shape == (2 * (N + 2), 8) and m.token_counts(kept) == [N + 2, N + 2]
+
+
+def _grads(m):
+    return {name: p.grad for name, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kept", [None, [[1, 1, 1, 1]]], ids=["no-images", "no-skipped-tiles"])
+def test_every_trainable_param_gets_a_grad_even_when_unused(kept):
+    """Text-only batches (and images without skipped tiles) still give every trainable param a
+    gradient, zero where unused: data-parallel gradient reduction needs the same grads on every rank."""
+    m = MixtureOfVisualExperts(FLAVOUR, d_llm=16).train()
+    calls = []
+    hooks = [mod.register_forward_hook(lambda mod, a, o: calls.append(mod)) for mod in (m.convnext, m.dino, m.projector)]
+    views = None if kept is None else _views(5)
+    kept = None if kept is None else torch.tensor(kept, dtype=torch.bool)
+    out = m(views, kept)
+    for h in hooks:
+        h.remove()
+    assert calls == [m.convnext, m.dino, m.projector]  # every module runs: same module order on every rank
+    assert out.shape == ((0 if kept is None else 5 * (N + 2)), 16)
+    out.sum().backward()
+    grads = _grads(m)
+    assert set(grads) == {"start", "end", "skip", "projector.0.weight", "projector.0.bias",
+                          "projector.1.weight", "projector.1.bias"}
+    assert all(g is not None for g in grads.values()), [k for k, g in grads.items() if g is None]
+    assert torch.count_nonzero(grads["skip"]) == 0  # unused in both cases
+    if kept is None:
+        assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+    else:
+        assert torch.count_nonzero(grads["start"]) > 0 and torch.count_nonzero(grads["projector.0.weight"]) > 0
