@@ -7,8 +7,8 @@ a 448 px canvas, as the real flavours). Measured:
 
 - (a) the Ray Data pipeline (``pipelines.preprocess.run_stage``) on a local Ray with all CPUs,
   local storage, JSONL + image_root: images/s overall and per core;
-- (b) the same per-image work in one plain process: the same ``actors.tiler.Tiler`` called on
-  the same raw rows (read, decode, tile, tokenize, build the row): images/s;
+- (b) the same work in one plain process: the same ``actors.tiler.Tiler`` called on the same
+  raw rows (read, decode, tile, tokenize, build the row) and the same ``ShardWriter``: images/s;
 - per image on a fixed subset (every k-th image): our ``models.tiling.load_and_tile``;
   (c) transformers' ``LlavaNextImageProcessorPil`` (anyres, the PIL backend the installed
   transformers uses without torchvision) configured to the same 224 px tiles and 2×2 grid,
@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -139,8 +140,11 @@ def _config_and_tokenizer(texts: list[str]):
 
 def plain_process(cache: Path) -> dict:
     """(b): the Tiler on the raw rows, batches of 16, one process."""
+    import pyarrow.fs as pafs
+
     from actors import rows as raw
-    from actors.tiler import Tiler
+    from actors.shards import ShardWriter
+    from actors.tiler import OUT_SCHEMA, SHARD_COLUMNS, Tiler
 
     rows = raw.parse_json_file((cache / "data.jsonl").read_bytes(), "data.jsonl", source="bench", ratio=1.0,
                                image_root=str(cache / "images"))
@@ -148,12 +152,17 @@ def plain_process(cache: Path) -> dict:
     cfg, tok = _config_and_tokenizer(texts)
     tiler = Tiler(cfg, tok)
     tiler(raw.to_table(rows[:2]))  # warm-up
+    out_dir = tempfile.mkdtemp(prefix="sphinx-x-bench-plain-")
+    writer = ShardWriter(pafs.LocalFileSystem(), out_dir, 256, OUT_SCHEMA, SHARD_COLUMNS)
     t = time.perf_counter()
     n_ok = 0
     for i in range(0, len(rows), 16):
         out = tiler(raw.to_table(rows[i:i + 16]))
         n_ok += out.column("reason").null_count
+        writer.write(out)
+    writer.close()
     secs = time.perf_counter() - t
+    shutil.rmtree(out_dir, ignore_errors=True)
     return {"images": len(rows), "ok": n_ok, "seconds": round(secs, 2), "images_per_s": round(len(rows) / secs, 2)}
 
 
@@ -178,8 +187,6 @@ def ray_pipeline(cache: Path, cpus: int) -> dict:
         secs = time.perf_counter() - t
     finally:
         ray.shutdown()
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
     n = summary["rows_in"]
     return {"images": n, "written": summary["rows_written"], "seconds": round(secs, 2), "cpus": cpus,

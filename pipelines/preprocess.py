@@ -367,7 +367,7 @@ class _Tally:
                 for k in ("text_tokens", "image_tokens", "saved_tokens"):
                     c[k] += n * (r[k] or 0)
                 idx_good += [i] * n
-        return batch.take(pa.array(idx_good, pa.int64())), batch.take(pa.array(idx_bad, pa.int64()))
+        return _take(batch, idx_good), _take(batch, idx_bad)
 
     def manifest(self, spec: ClusterSpec, flavour: Flavour, tokenizer, shards: list[str], errors: list[str]) -> dict:
         total = sum(self.per_source.values(), Counter())
@@ -401,6 +401,13 @@ class _Tally:
             "vocab_size": len(tokenizer),
             "code_version": _code_version(),
         }
+
+
+def _take(batch: pa.Table, idx: list[int]) -> pa.Table:
+    """Rows ``idx`` of ``batch`` (no copy in the common case: every row once, in order)."""
+    if len(idx) == batch.num_rows and idx == list(range(batch.num_rows)):
+        return batch
+    return batch.take(pa.array(idx, pa.int64()))
 
 
 _COUNT_KEYS = ("rows_read", "subsampled_out", "rows_in", "rows_written", "rows_quarantined", "rows_truncated",
