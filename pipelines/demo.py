@@ -134,6 +134,8 @@ def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model
     """
     from openai import OpenAI
 
+    for name in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=2, timeout=120)
 
     def ask(row: dict) -> tuple[dict, Optional[str], float, Optional[str]]:

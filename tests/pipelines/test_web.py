@@ -158,7 +158,7 @@ def test_pick_image_ask_and_watch_the_answer_stream(endpoint, tmp_path):
     Image.new("RGB", (96, 48), (220, 30, 30)).save(image)
     browser = _Chromium(endpoint + "/", tmp_path / "profile")
     try:
-        browser.wait_for("document.readyState === 'complete'")
+        browser.wait_for("!!document.getElementById('send')")
         # the model picker is filled from /v1/models
         assert browser.wait_for("[...document.querySelectorAll('#model option')].map(o => o.value).join(',')") \
             == "sphinx-x-demo,sphinx-x-other"
@@ -210,8 +210,7 @@ def test_page_reports_an_endpoint_error(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     browser = _Chromium(f"http://127.0.0.1:{server.server_address[1]}/", tmp_path / "profile")
     try:
-        browser.wait_for("document.readyState === 'complete'")
-        status = browser.wait_for("document.getElementById('status').textContent")
+        status = browser.wait_for("(e => e && e.textContent)(document.getElementById('status'))")
         assert "could not list models: no such route" in status
         assert browser.js("document.getElementById('status').className") == "error"
     finally:
