@@ -16,7 +16,7 @@
    Serve, Ray and the S3 server it started.
 
 The debug model starts from random weights (no weights can be downloaded here), so the demo
-trains with lr 1e-3, not the paper's 2e-5 (which fine-tunes pretrained LLMs). Everything
+trains with lr 3e-3, not the paper's 2e-5 (which fine-tunes pretrained LLMs). Everything
 runs on 2 CPU cores in about ten minutes; ``--quick`` is the CI-sized version.
 """
 
@@ -55,9 +55,9 @@ class DemoConfig:
 
     n_train: int = 1500
     n_heldout: int = 150
-    steps: int = 400
+    steps: int = 800
     micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
-    lr: float = 1e-3
+    lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
     warmup_ratio: float = 0.05
     seed: int = 0
     eval_threads: int = 4
