@@ -110,13 +110,17 @@ def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
     _ensure_ray(spec, storage)
     from ray.data import DataContext
 
-    DataContext.get_current().execution_options.preserve_order = True  # determinism (see module doc)
     flavour = from_name(spec.model.flavour, **spec.model.overrides)
     sources = [_resolve_source(storage, i, s) for i, s in enumerate(spec.data.sources)]
     t0 = time.time()
     _clear_output(storage, spec.data.output)
     tokenizer = _tokenizer(spec, flavour, storage, sources)
-    summary = _run_graph(spec, flavour, storage, sources, tokenizer)
+    options = DataContext.get_current().execution_options
+    old_order, options.preserve_order = options.preserve_order, True  # determinism (see module doc)
+    try:
+        summary = _run_graph(spec, flavour, storage, sources, tokenizer)
+    finally:
+        options.preserve_order = old_order
     summary["seconds"] = round(time.time() - t0, 2)
     storage.write_bytes(manifest, json.dumps(summary, indent=2, sort_keys=True).encode())
     summary["errors_uri"] = storage.uri_for(spec.data.output, ERRORS_DIR)
