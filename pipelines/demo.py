@@ -59,6 +59,7 @@ class DemoConfig:
     micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
     lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
     warmup_ratio: float = 0.05
+    train_encoders: bool = False  # random-init encoders: frozen random features or trained ones
     seed: int = 0
     eval_threads: int = 4
     max_tokens: int = 4
@@ -91,7 +92,7 @@ def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
     data["model"] = {"flavour": "debug", "overrides": dict(MODEL_OVERRIDES)}
     data["train"] = {**data.get("train", {}), "workers": 2, "use_gpu": False, "zero_stage": 2,
                      "precision": "fp32", "micro_batch": cfg.micro_batch, "grad_accum": 1, "lr": cfg.lr,
-                     "warmup_ratio": cfg.warmup_ratio, "steps": cfg.steps, "epochs": None,
+                     "train_encoders": cfg.train_encoders, "warmup_ratio": cfg.warmup_ratio, "steps": cfg.steps, "epochs": None,
                      "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "seed": cfg.seed}
     data["serve"] = {**data.get("serve", {}), "http": {"host": "127.0.0.1", "port": port}, "models": [{
         "name": MODEL_NAME, "checkpoint": "@train", "flavour": "debug",

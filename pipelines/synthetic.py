@@ -19,7 +19,7 @@ Images come in a spread of aspect ratios (:data:`ASPECTS`: square, 3:2, 2:1, 4:1
 panoramas, 1:2 and 1:3 tall images) so that skip tokens matter: a 4:1 panorama keeps only
 the top row of a 2x2 grid.
 
-Answers are ONE canonical word (``red``, ``circle``, ``3``, ``cat``), so accuracy is an
+Answers are ONE canonical word (``red``, ``circle``, ``3``, ``sun``), so accuracy is an
 exact match. The held-out split is drawn from a different random stream: its *scenes*
 are new (no image of the held-out split occurs in training), but the answer vocabulary is
 closed and shared — the tiny demo model cannot learn to read words it never saw in
@@ -61,7 +61,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 COUNTS = (1, 2, 3, 4)
-WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "bird", "car")
+# visually distinct at the debug flavour's resolution: lengths 2-8 and different
+# ascender / descender patterns (no near-twins such as "cat" / "car")
+WORDS = ("ox", "sun", "dog", "fish", "tree", "zebra", "apple", "kangaroo")
 # (width, height) in pixels of the original image; the long side is 192 px at most
 ASPECTS: tuple[tuple[int, int], ...] = (
     (128, 128), (192, 128), (192, 96), (192, 48), (96, 192), (64, 192),
@@ -188,8 +190,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, float, f
 def render_scene(rng: random.Random, size: tuple[int, int], kind: str, colour: str, count: int) -> tuple[Image.Image, list]:
     """Draw ``count`` non-overlapping shapes, one per cell of a grid laid along the long side.
 
-    Shapes are large (about 60-80 % of a cell) so they survive the 2x2 tiling of the debug
-    flavour (canvas 64 px, global view 32 px). Returns the image and the shape boxes.
+    Shapes are large (about 70-90 % of a cell) so they survive the 2x2 tiling of the debug
+    flavour (canvas 96 px, global view 48 px). Returns the image and the shape boxes.
     """
     w, h = size
     img = _background(rng, size)
@@ -203,7 +205,7 @@ def render_scene(rng: random.Random, size: tuple[int, int], kind: str, colour: s
     cells = rng.sample([(c, r) for r in range(rows) for c in range(cols)], count)
     boxes = []
     for c, r in cells:
-        side = min(cw, ch) * rng.uniform(0.6, 0.8)
+        side = min(cw, ch) * rng.uniform(0.7, 0.9)
         x0 = c * cw + rng.uniform(0, cw - side)
         y0 = r * ch + rng.uniform(0, ch - side)
         box = (x0, y0, x0 + side, y0 + side)
