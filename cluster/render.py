@@ -98,7 +98,8 @@ def _quantity(value: float) -> str:
 # ---------------------------------------------------------------- serve config
 
 
-def _deployment(spec: ClusterSpec, model) -> dict[str, Any]:
+def ray_actor_options(spec: ClusterSpec, model) -> dict[str, Any]:
+    """A serve model's ``ray_actor_options`` as Ray takes them, placement on its group included."""
     opts = model.ray_actor_options
     actor: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
     if opts.memory_gb:
@@ -106,6 +107,11 @@ def _deployment(spec: ClusterSpec, model) -> dict[str, Any]:
     resources = {**opts.resources, **placement_request(spec, model.group)}
     if resources:
         actor["resources"] = resources
+    return actor
+
+
+def _deployment(spec: ClusterSpec, model) -> dict[str, Any]:
+    actor = ray_actor_options(spec, model)
     return {
         "name": model.name,
         "max_ongoing_requests": model.max_ongoing_requests,

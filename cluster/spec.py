@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.errors import UserError
+
 GROUP_RESOURCE_PREFIX = "sphinx_group_"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -39,6 +41,12 @@ def _at(field: str, reason: str) -> _FieldError:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _require_unique(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} must be unique, repeated: {dupes}")
 
 
 def _env_name(value: Optional[str]) -> Optional[str]:
@@ -105,10 +113,7 @@ class ClusterSection(_Strict):
 
     @model_validator(mode="after")
     def _unique_groups(self) -> "ClusterSection":
-        names = [g.name for g in self.worker_groups]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"worker group names must be unique, repeated: {dupes}")
+        _require_unique([g.name for g in self.worker_groups], "worker group names")
         return self
 
     def group(self, name: Optional[str]) -> Optional[WorkerGroup]:
@@ -196,10 +201,7 @@ class DataSection(_Strict):
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "DataSection":
-        names = [s.name for s in self.sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"source names must be unique, repeated: {dupes}")
+        _require_unique([s.name for s in self.sources], "source names")
         return self
 
 
@@ -330,6 +332,13 @@ class ServeModel(_Strict):
 
     _flavour = field_validator("flavour")(classmethod(lambda cls, v: v and _known_flavour(v)))
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 is not accepted by Ray Serve; use -1 (no limit) or a positive number")
+        return v
+
     @model_validator(mode="after")
     def _source(self) -> "ServeModel":
         if self.flavour is None and self.checkpoint is None:
@@ -356,10 +365,7 @@ class ServeSection(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeSection":
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"serve model names must be unique, repeated: {dupes}")
+        _require_unique([m.name for m in self.models], "serve model names")
         return self
 
 
@@ -396,7 +402,7 @@ class ClusterSpec(_Strict):
         return self
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec problem with the file, the dotted field path and the reason."""
 
     def __init__(self, file: str, field: str, reason: str):

@@ -26,7 +26,8 @@ import signal
 import time
 from typing import Any
 
-from cluster.spec import ClusterSpec, ServeModel, load_spec, parse_spec
+from cluster.render import ray_actor_options
+from cluster.spec import ClusterSpec, load_spec, parse_spec
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,6 @@ INGRESS_NAME = "SphinxXIngress"
 
 
 # ---------------------------------------------------------------- the application
-
-
-def _actor_options(spec: ClusterSpec, member: ServeModel) -> dict[str, Any]:
-    from cluster.render import placement_request
-
-    opts = member.ray_actor_options
-    out: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
-    if opts.memory_gb:
-        out["memory"] = int(opts.memory_gb * 2**30)
-    resources = {**opts.resources, **placement_request(spec, member.group)}
-    if resources:
-        out["resources"] = resources
-    return out
 
 
 def build_application(spec: ClusterSpec, *, batching: bool = True):
@@ -60,17 +48,14 @@ def build_application(spec: ClusterSpec, *, batching: bool = True):
         raise UserError(f"serve.models: the name {INGRESS_NAME!r} is reserved for the ingress")
     storage = spec.storage.model_dump(mode="json")
     handles = {}
-    for i, m in enumerate(spec.serve.models):
-        if m.max_queued_requests == 0:
-            raise UserError(f"serve.models.{i}.max_queued_requests: 0 is not accepted by Ray Serve; "
-                            "use -1 (no limit) or a positive number")
+    for m in spec.serve.models:
         member = m.model_dump(mode="json")
         if not batching:
             member["max_batch_size"] = 1
         deployment = ModelReplica.options(
             name=m.name,
             autoscaling_config=m.autoscaling_config.model_dump(exclude_none=True),
-            ray_actor_options=_actor_options(spec, m),
+            ray_actor_options=ray_actor_options(spec, m),
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
         )
