@@ -91,13 +91,8 @@ def build_engine(spec, model, world_size: int, total_steps: int):
     from actors.deepspeed_config import deepspeed_config
 
     cfg = deepspeed_config(spec.train, model.flavour, world_size=world_size, total_steps=total_steps)
-    if spec.train.zero_stage == 3:
-        # SphinxX.forward touches the projector and start/end/skip vectors outside the vision
-        # module's own forward (its zero "anchor" for text-only batches): ZeRO-3 must gather them
-        # for the root module's forward too.
-        vision = model.vision
-        for param in [vision.start, vision.end, vision.skip, *vision.projector.parameters()]:
-            deepspeed.zero.register_external_parameter(model, param)
+    # No ZeRO-3 special cases: every parameter is used only inside its own module's forward, and
+    # the vision module runs (and touches all its parameters) on every batch, images or not.
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
     return engine
