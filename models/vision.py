@@ -51,7 +51,7 @@ def build_dino(flavour: Flavour) -> Dinov2Model:
 
 
 class MixtureOfVisualExperts(nn.Module):
-    """uint8 views + kept masks → one embedding sequence per image (see module docstring)."""
+    """uint8 views + kept masks → the images' embedding sequences, concatenated (see module docstring)."""
 
     def __init__(self, flavour: Flavour, d_llm: int):
         super().__init__()
