@@ -1,0 +1,159 @@
+"""Learnability benchmark: can the demo's model learn the demo's tasks in the demo's budget?
+
+    .venv/bin/python benchmarks/learnability.py [--steps 800] [--batch 16] [--lr 3e-3]
+        [--train-encoders | --frozen-encoders] [--n-train 1500] [--overrides JSON] [--threads 2]
+
+The demo (pipelines/demo.py) trains through Ray Train + DeepSpeed on 2 workers; this is the
+same model, data and recipe in one plain PyTorch loop, so settings can be tried in minutes:
+
+- data: ``pipelines.synthetic.generate(n_train, n_heldout, seed)``, tiled with
+  ``models.tiling`` and tokenized with ``models.conversation`` (the debug BPE tokenizer is
+  trained on the training text, as preprocess does);
+- model: the demo's flavour (``debug`` + ``pipelines.demo.MODEL_OVERRIDES`` unless
+  ``--overrides`` replaces them), random init, encoders trainable as the demo sets them;
+- recipe: AdamW β (0.9, 0.95), no weight decay, linear warm-up 5 % then cosine to 0,
+  gradient clipping 1.0 (the demo's DeepSpeed config);
+- evaluation: greedy answers to every held-out question, exact match after
+  ``synthetic.normalise_answer`` (the demo's scoring), next to the majority baseline.
+
+Prints ONE JSON object: ``{"config", "accuracy": {type: {"accuracy", "baseline", "n"}},
+"loss": {"first", "final"}, "train_cpu_s", "train_wall_s", "steps_per_cpu_s"}``. CPU time is
+reported because the dev box is shared: wall time depends on the neighbours, CPU time less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import conversation as conv  # noqa: E402
+from models import tiling  # noqa: E402
+from models.flavours import from_name  # noqa: E402
+from models.sphinx import SphinxX  # noqa: E402
+from pipelines import demo, synthetic  # noqa: E402
+
+
+def _prepare(rows: list[dict], images: dict[str, bytes], tok, spec: tiling.TileSpec, n_per_view: int) -> list:
+    """Rows → (input_ids, labels, tiled image or None), as preprocess writes them."""
+    out = []
+    for row in rows:
+        tiled = tiling.load_and_tile(images[row["image"]], spec) if "image" in row else None
+        n = [(1 + tiled.n_kept) * (n_per_view + 2) + tiled.n_skipped] if tiled else []
+        t = conv.tokenize_conversation(row["conversations"], tok, image_tokens=n, max_seq_len=1024)
+        out.append((t.input_ids, t.labels, tiled))
+    return out
+
+
+def _collate(items: list, pad_id: int) -> dict:
+    width = max(len(ids) for ids, _, _ in items)
+    ids = torch.full((len(items), width), pad_id)
+    labels = torch.full((len(items), width), -100)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    views, kept = [], []
+    for i, (a, b, tiled) in enumerate(items):
+        ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+        if tiled is not None:
+            views.append(torch.from_numpy(tiled.views))
+            kept.append(torch.from_numpy(tiled.kept))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "views": torch.cat(views) if views else None, "kept": torch.stack(kept) if kept else None}
+
+
+def evaluate(model: SphinxX, ds: synthetic.Dataset, tok, spec: tiling.TileSpec, n_per_view: int) -> dict:
+    """Greedy answers to every held-out question; accuracy per type next to the majority baseline."""
+    images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
+    hits: dict[str, list[bool]] = {}
+    model.eval()
+    with torch.no_grad():
+        for row in ds.heldout_rows():
+            msgs = conv.conversation_to_messages(row["conversations"])
+            views = kept = None
+            n: list[int] = []
+            if "image" in row:
+                tiled = tiling.load_and_tile(images[row["image"]], spec)
+                n = [(1 + tiled.n_kept) * (n_per_view + 2) + tiled.n_skipped]
+                views, kept = torch.from_numpy(tiled.views), torch.from_numpy(tiled.kept)[None]
+            out = model.generate([conv.build_prompt(msgs, tok, n)], views, kept, max_new_tokens=4)[0]
+            answer = synthetic.normalise_answer(tok.decode(out, skip_special_tokens=True))
+            hits.setdefault(row["type"], []).append(answer == row["answer"])
+    stats = ds.stats()["types"]
+    return {t: {"accuracy": round(sum(h) / len(h), 3), "baseline": round(stats[t]["baseline"], 3), "n": len(h)}
+            for t, h in sorted(hits.items())}
+
+
+def main() -> None:
+    cfg = demo.FULL
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=cfg.steps)
+    p.add_argument("--batch", type=int, default=cfg.micro_batch * 2, help="global batch (demo: 2 workers)")
+    p.add_argument("--lr", type=float, default=cfg.lr)
+    p.add_argument("--n-train", type=int, default=cfg.n_train)
+    p.add_argument("--n-heldout", type=int, default=cfg.n_heldout)
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--train-encoders", dest="train_encoders", action="store_true", default=None)
+    enc.add_argument("--frozen-encoders", dest="train_encoders", action="store_false")
+    p.add_argument("--overrides", type=json.loads, default=None, help="flavour overrides (JSON)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=cfg.seed)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = demo.MODEL_OVERRIDES if args.overrides is None else args.overrides
+    train_encoders = cfg.train_encoders if args.train_encoders is None else args.train_encoders
+    flavour = from_name("debug", **json.loads(json.dumps(overrides)))
+    spec, n_per_view = tiling.TileSpec.from_flavour(flavour), flavour.tokens_per_view
+
+    ds = synthetic.generate(args.n_train, args.n_heldout, seed=args.seed)
+    rows = ds.train_rows()
+    texts = [t["value"] for r in rows for t in r["conversations"]] + [conv.SYSTEM_PROMPT]
+    tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
+    train = _prepare(rows, {s.image_path: s.image for s in ds.train if s.image is not None}, tok, spec, n_per_view)
+
+    torch.manual_seed(args.seed)
+    model = SphinxX.from_flavour(flavour, tok)
+    model.set_vision_trainable(train_encoders)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warm = max(1, math.ceil(cfg.warmup_ratio * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    rng, order, losses = random.Random(args.seed), [], []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    model.train()
+    for step in range(args.steps):
+        if len(order) < args.batch:
+            order += rng.sample(range(len(train)), len(train))
+        batch = _collate([train[i] for i in order[:args.batch]], tok.pad_token_id)
+        del order[:args.batch]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            print(f"step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.3f} "
+                  f"cpu {time.process_time() - cpu0:.0f}s", file=sys.stderr, flush=True)
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+
+    print(json.dumps({
+        "config": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "n_train": args.n_train,
+                   "n_heldout": args.n_heldout, "train_encoders": train_encoders, "overrides": overrides,
+                   "threads": args.threads, "seed": args.seed},
+        "accuracy": evaluate(model, ds, tok, spec, n_per_view),
+        "loss": {"first": round(losses[0], 3), "final": round(sum(losses[-20:]) / len(losses[-20:]), 3)},
+        "trainable_params": sum(q.numel() for q in params),
+        "train_cpu_s": round(cpu_s, 1), "train_wall_s": round(wall_s, 1),
+        "steps_per_cpu_s": round(args.steps / cpu_s, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
