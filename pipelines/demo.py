@@ -59,7 +59,10 @@ class DemoConfig:
     micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
     lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
     warmup_ratio: float = 0.05
-    train_encoders: bool = False  # random-init encoders: frozen random features or trained ones
+    # random-init encoders stay frozen: their random features already separate shape and count
+    # (a linear probe on pooled global-view features: 0.80 / 0.85), and training them at the
+    # demo's lr made colour worse (benchmarks/learnability.py, BENCHMARKS.md "sphinx-x demo")
+    train_encoders: bool = False
     seed: int = 0
     eval_threads: int = 4
     max_tokens: int = 4
