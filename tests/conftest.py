@@ -53,7 +53,11 @@ def ray_local(s3):
         ray.init(
             address="local",  # a new one: a bare ray.init() joins any Ray on the machine
             num_cpus=4,
-            include_dashboard=False,
+            # Ray Train v2's placement-group cleaner asks the state API (served by the
+            # dashboard) whether the controller lives; without it, an unanswered query was
+            # read as "dead" and a healthy run lost its workers.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": embedded_worker_env(s3.endpoint_url)},
         )
