@@ -6,7 +6,8 @@ Routes: ``POST /v1/chat/completions`` (JSON or SSE with ``stream``), ``GET /v1/m
 The ingress does everything that needs no model: API keys (SHA-256 hashes of the keys are
 its only knowledge of them), the body-size limit, JSON/schema validation, the image count,
 fetching images (:mod:`actors.image_source`) and checking their headers, then streams from
-the member's :class:`actors.replica.ModelReplica` through a ``DeploymentHandle``.
+the member's :class:`actors.replica.ModelReplica` through a ``DeploymentHandle`` (a non-streamed
+request is one unary ``complete`` call; a stream iterates ``chat``).
 
 What it sends a replica (plain data, one dict per request)::
 
@@ -81,6 +82,12 @@ def _handle_error(err: BaseException) -> ApiError:
     return ApiError(500, f"generation failed: {type(err).__name__}", code="internal_error")
 
 
+def _raise_replica_error(item: dict) -> None:
+    if "error" in item:
+        e = item["error"]
+        raise ApiError(e.get("status", 400), e["message"], code=e.get("code"), param=e.get("param"))
+
+
 class _ReplicaStream:
     """Items of a replica's ``chat`` stream; replica errors and handle failures become ApiError."""
 
@@ -94,9 +101,7 @@ class _ReplicaStream:
             raise
         except Exception as err:  # noqa: BLE001 - mapped to an HTTP status
             raise _handle_error(err) from None
-        if "error" in item:
-            e = item["error"]
-            raise ApiError(e.get("status", 400), e["message"], code=e.get("code"), param=e.get("param"))
+        _raise_replica_error(item)
         return item
 
     async def first(self) -> dict:
@@ -238,22 +243,21 @@ class Ingress:
             raise ApiError(404, f"the model {req.model!r} does not exist; available: {sorted(self.models)}",
                            param="model", code="model_not_found")
         payload = await self._payload(req)
+        cid = oa.completion_id()
+        if not req.stream:  # one Ray message back, no stream protocol
+            try:
+                out = await handle.complete.remote(payload)
+            except Exception as err:  # noqa: BLE001 - mapped to an HTTP status
+                raise _handle_error(err) from None
+            _raise_replica_error(out)
+            self._record(req.model, out)
+            return JSONResponse(oa.completion(cid, req.model, out["text"], out.get("finish_reason", "stop"),
+                                              out["prompt_tokens"], out.get("completion_tokens", 0)))
         stream = _ReplicaStream(handle.options(stream=True).chat.remote(payload))
         head = await stream.first()  # errors surface here, before any byte is sent
-        cid = oa.completion_id()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(req.model, cid, head, stream, include_usage),
-                                     media_type="text/event-stream")
-        text, final = [], {}
-        async for item in stream:
-            if "delta" in item:
-                text.append(item["delta"])
-            if "finish_reason" in item:
-                final = item
-        self._record(req.model, final)
-        return oa.completion(cid, req.model, "".join(text), final.get("finish_reason", "stop"),
-                             head["prompt_tokens"], final.get("completion_tokens", 0))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(self._sse(req.model, cid, head, stream, include_usage),
+                                 media_type="text/event-stream")
 
     async def _sse(self, model: str, cid: str, head: dict, stream: "_ReplicaStream",
                    include_usage: bool) -> AsyncIterator[str]:

@@ -15,8 +15,14 @@ temperature, top_p and seed, and every request streams its tokens as they come.
     {"delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9, "batch_size": 4}
 
 or a single ``{"error": {"status": 400, "message", "code", "param"}}`` for a bad request
-(undecodable image, prompt over the context, ...). Batch sizes are recorded in the Serve
+(undecodable image, prompt over the context, ...). ``complete(payload)`` is the same request in
+one reply, ``{"prompt_tokens", "text", "finish_reason", "completion_tokens", "batch_size"}``, for
+non-streamed requests (one Ray message instead of a stream). Batch sizes are recorded in the Serve
 metric ``sphinx_x_batch_size`` and in :meth:`ModelReplica.stats`.
+
+Per request, the hot path does no per-token work it can skip: non-streamed text without stop
+strings is decoded once at the end, and the decode steps run on the model thread several at a
+time, coming back to the event loop only when a request finishes or a stream is due a flush.
 """
 
 from __future__ import annotations
@@ -70,16 +76,23 @@ def prepare_chat(messages: list[dict], images: list[bytes], tokenizer: Any, flav
 
 
 class TextStream:
-    """Token ids → text deltas, cut at the first stop string (never emitting part of one)."""
+    """Token ids → text deltas, cut at the first stop string (never emitting part of one).
 
-    def __init__(self, tokenizer: Any, stops: list[str]):
+    ``incremental=False`` (a non-streamed request without stop strings: nobody reads the
+    text before the end) only collects ids and decodes once, in :meth:`flush`.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], incremental: bool = True):
         self.tokenizer, self.stops = tokenizer, stops
+        self.incremental = incremental or bool(stops)
         self.ids: list[int] = []
         self.text, self.sent, self.stopped = "", 0, False
         self._hold = max((len(s) for s in stops), default=1) - 1
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        if not self.incremental:
+            return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if cuts:
@@ -92,6 +105,8 @@ class TextStream:
         return delta
 
     def flush(self) -> str:
+        if not self.incremental:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         delta = self.text[self.sent:].rstrip("\ufffd")
         self.sent += len(delta)
         return delta
@@ -106,6 +121,7 @@ class _Job:
     seed: Optional[int]
     stops: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    stream: bool = False
 
 
 def _user_error(err: UserError, status: int = 400) -> dict:
@@ -158,7 +174,8 @@ class ModelReplica:
                                                                        if wanted is not None else ""))
         max_new = wanted if wanted is not None else min(room, int(payload.get("max_tokens_limit") or room))
         return _Job(prepared, max_new, float(payload.get("temperature", 1.0)), float(payload.get("top_p", 1.0)),
-                    payload.get("seed"), list(payload.get("stop") or []), bool(payload.get("ignore_eos")))
+                    payload.get("seed"), list(payload.get("stop") or []), bool(payload.get("ignore_eos")),
+                    bool(payload.get("stream")))
 
     async def chat(self, payload: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
@@ -168,15 +185,28 @@ class ModelReplica:
             yield _user_error(err)
             return
         yield {"prompt_tokens": len(job.prepared.input_ids)}
-        # Every item crossing to the ingress is a Ray message: a non-streamed request gets one,
-        # a stream gets the text of at most STREAM_FLUSH_S at a time (tokens arrive faster).
-        pending, last = [], time.monotonic()
+        # Every item crossing to the ingress is a Ray message: the batch loop hands a request
+        # text only when it finishes or (streams) at most every STREAM_FLUSH_S.
+        pending: list[str] = []
         async for item in self.generate_batch(job):
-            pending.append(item)
-            now = time.monotonic()
-            if "finish_reason" in item or (payload.get("stream") and now - last >= STREAM_FLUSH_S):
-                yield {**item, "delta": "".join(p["delta"] for p in pending)}
-                pending, last = [], now
+            pending.append(item["delta"])
+            if "finish_reason" in item or job.stream:
+                yield {**item, "delta": "".join(pending)}
+                pending = []
+
+    async def complete(self, payload: dict) -> dict:
+        """A non-streamed request in ONE Ray message (no stream protocol): ``{"prompt_tokens",
+        "text", "finish_reason", "completion_tokens", "batch_size"}`` or ``{"error": ...}``."""
+        out: dict = {"text": ""}
+        async for item in self.chat({**payload, "stream": False}):
+            if "error" in item:
+                return item
+            if "prompt_tokens" in item:
+                out["prompt_tokens"] = item["prompt_tokens"]
+            elif "finish_reason" in item:
+                out.update(item, text=item["delta"])
+                del out["delta"]
+        return out
 
     def prepare(self, payload: dict) -> dict:
         """What the replica would feed the model (for checks against preprocess output)."""
@@ -190,10 +220,11 @@ class ModelReplica:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate_batch(self, jobs: list[_Job]) -> AsyncIterator[list]:
+        """Decode ``jobs`` together; the steps run on the model thread, several per hop, and
+        come back only when a request finishes or a stream is due a flush."""
         import torch
 
         n = len(jobs)
-        eos = self.tokenizer.eos_token_id
         self.batch_sizes[n] += 1
         self._batch_metric.observe(n)
         views = [j.prepared.views for j in jobs if j.prepared.views is not None]
@@ -205,49 +236,90 @@ class ModelReplica:
             max_new_tokens=[j.max_new for j in jobs], temperature=[j.temperature for j in jobs],
             top_p=[j.top_p for j in jobs], seed=[j.seed for j in jobs],
             eos_token_id=-1,  # eos is per sequence (ignore_eos), through stop_token_ids
-            stop_token_ids=[[] if j.ignore_eos else [eos] for j in jobs],
+            stop_token_ids=[[] if j.ignore_eos else [self.tokenizer.eos_token_id] for j in jobs],
         )
-        texts = [TextStream(self.tokenizer, j.stops) for j in jobs]
-        produced = [0] * n
-        done = [False] * n
+        state = _BatchState(jobs, [TextStream(self.tokenizer, j.stops, incremental=j.stream) for j in jobs])
         loop = asyncio.get_running_loop()
         try:
-            while not all(done):
-                step = await loop.run_in_executor(self._model_thread, next, gen, None)
-                if step is None:
-                    break
-                out: list = []
-                for i, token in enumerate(step):
-                    if done[i]:
-                        out.append(StopIteration)
-                        continue
-                    if token is None:  # the model finished it without our noticing: close it
-                        out.append(self._final(texts[i], produced[i], "length", n))
-                        done[i] = True
-                        continue
-                    produced[i] += 1
-                    if token == eos and not jobs[i].ignore_eos:
-                        out.append(self._final(texts[i], produced[i], "stop", n))
-                        done[i] = True
-                        continue
-                    delta = texts[i].push(token)
-                    if texts[i].stopped or produced[i] >= jobs[i].max_new:
-                        out.append(self._final(texts[i], produced[i], "stop" if texts[i].stopped else "length",
-                                               n, delta))
-                        done[i] = True
-                    else:
-                        out.append({"delta": delta, "batch_size": n})
+            while not state.all_done():
+                out = await loop.run_in_executor(self._model_thread, self._advance, gen, state)
                 yield out
-            if not all(done):  # the generator ended early: close the rest
-                yield [StopIteration if d else self._final(t, p, "length", n) for d, t, p in zip(done, texts, produced)]
         finally:
             await loop.run_in_executor(self._model_thread, gen.close)
+
+    def _advance(self, gen, state: "_BatchState") -> list:
+        """On the model thread: decode steps until some request finishes or a stream is due a
+        flush; returns the batch's items for that moment (one per job)."""
+        eos = self.tokenizer.eos_token_id
+        jobs, texts, n = state.jobs, state.texts, len(state.jobs)
+        streaming = any(j.stream and not d for j, d in zip(jobs, state.done))
+        last = time.monotonic()
+        while True:
+            step = next(gen, None)
+            finished_now = False
+            for i in range(n):
+                if state.done[i]:
+                    continue
+                token = None if step is None else step[i]
+                if token is None:  # the model finished it without our noticing: close it
+                    state.finish(i, self._final(texts[i], state.produced[i], "length", n, state.pending[i]))
+                    finished_now = True
+                    continue
+                state.produced[i] += 1
+                if token == eos and not jobs[i].ignore_eos:
+                    state.finish(i, self._final(texts[i], state.produced[i], "stop", n, state.pending[i]))
+                    finished_now = True
+                    continue
+                state.pending[i] += texts[i].push(token)
+                if texts[i].stopped or state.produced[i] >= jobs[i].max_new:
+                    state.finish(i, self._final(texts[i], state.produced[i], "stop" if texts[i].stopped
+                                                else "length", n, state.pending[i]))
+                    finished_now = True
+            if finished_now or state.all_done() or (streaming and time.monotonic() - last >= STREAM_FLUSH_S):
+                return state.collect(n)
 
     @staticmethod
     def _final(text: TextStream, produced: int, reason: str, batch: int, delta: str = "") -> dict:
         return {"delta": delta + text.flush(), "finish_reason": reason, "completion_tokens": produced,
                 "batch_size": batch}
 
+
+@dataclass
+class _BatchState:
+    """What one running batch has produced so far, per job (touched only by the model thread
+    while it decodes; read by the event loop between hops)."""
+
+    jobs: list[_Job]
+    texts: list[TextStream]
+    produced: list[int] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+    finals: dict[int, dict] = field(default_factory=dict)
+    delivered: set = field(default_factory=set)
+
+    def __post_init__(self):
+        n = len(self.jobs)
+        self.produced, self.pending, self.done = [0] * n, [""] * n, [False] * n
+
+    def finish(self, i: int, final: dict) -> None:
+        self.done[i], self.finals[i], self.pending[i] = True, final, ""
+
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def collect(self, n: int) -> list:
+        """One item per job: its final (once), its text so far, or StopIteration after its final."""
+        out: list = []
+        for i in range(n):
+            if i in self.delivered:
+                out.append(StopIteration)
+            elif i in self.finals:
+                out.append(self.finals[i])
+                self.delivered.add(i)
+            else:
+                out.append({"delta": self.pending[i], "batch_size": n})
+                self.pending[i] = ""
+        return out
 
 class ContextError(UserError):
     """The prompt (images included) plus max_tokens does not fit the model's context."""
