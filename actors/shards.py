@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 class ShardWriter:
     def __init__(self, filesystem: pafs.FileSystem, directory: str, rows_per_shard: int, schema: pa.Schema,
-                 columns: list[str], row_group_rows: int = 64):
+                 columns: list[str], row_group_rows: int = 64, prefix: str = "part-"):
+        self.prefix = prefix
         self.fs, self.dir = filesystem, directory.rstrip("/")
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = max(1, min(row_group_rows, rows_per_shard))
@@ -65,7 +66,7 @@ class ShardWriter:
             self._close_shard()
 
     def _open_shard(self) -> None:
-        name = f"part-{len(self.names):05d}.parquet"
+        name = f"{self.prefix}{len(self.names):05d}.parquet"
         self.fs.create_dir(self.dir, recursive=True)
         self._stream = self.fs.open_output_stream(f"{self.dir}/{name}")
         # lz4: pixels barely compress (zstd saves ~10 % more at 4x the CPU of the driver)

@@ -24,11 +24,20 @@ shard columns. Stages: ``fetch`` (``missing_image``, ``fetch_error``), ``decode`
 ``models.conversation.ConversationError``, e.g. ``too_long``, ``image_mismatch``).
 Image bytes are fetched with a small thread pool (parallel S3 GETs); decoding is sequential
 so that one actor uses one CPU.
+
+Shard mode (``Tiler(..., shard_dir=...)``, what ``pipelines.preprocess`` uses): a batch is one
+whole shard. The actor writes its good rows itself (each repeated ``copies`` times, in batch
+order, row groups of 64: the same rows always give the same bytes) to
+``<shard_dir>/<uuid>-00000.parquet`` and returns only the bookkeeping columns (``BOOK_SCHEMA``: no
+views, no token ids) with ``shard`` = that file (null when no row was good), so pixels never
+travel to the driver; the driver renames the files to ``part-XXXXX.parquet`` in batch order.
+Memory stays bounded: the batch is tiled and written ``_CHUNK_ROWS`` rows at a time.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from actors.shards import ShardWriter
 from cluster.storage import Storage
 from models.conversation import ConversationError, tokenize_conversation
 from models.errors import UserError
@@ -64,7 +74,11 @@ OUT_SCHEMA = pa.schema([
 ])
 SHARD_COLUMNS = [f.name for f in OUT_SCHEMA][:13]
 ERROR_COLUMNS = ["id", "source", "stage", "reason", "detail"]
+BOOK_COLUMNS = ["id", "source", "num_tokens", "text_tokens", "image_tokens", "saved_tokens", "copies", "truncated",
+                "reason", "stage", "detail"]
+BOOK_SCHEMA = pa.schema([OUT_SCHEMA.field(c) for c in BOOK_COLUMNS] + [("shard", pa.string())])
 _FETCH_THREADS = 8
+_CHUNK_ROWS = 16  # rows fetched + tiled at a time in shard mode (bounds the actor's memory)
 
 
 @dataclass(frozen=True)
@@ -117,18 +131,41 @@ class ImageFetcher:
 class Tiler:
     """Ray Data UDF: ``ds.map_batches(Tiler, fn_constructor_kwargs=..., batch_format="pyarrow")``."""
 
-    def __init__(self, config: TilerConfig, tokenizer: Any, storage: Optional[Storage] = None):
+    def __init__(self, config: TilerConfig, tokenizer: Any, storage: Optional[Storage] = None,
+                 shard_dir: Optional[str] = None, filesystem: Optional[pafs.FileSystem] = None):
+        """``shard_dir`` (a path of ``filesystem``, default ``storage.filesystem``) turns on shard mode."""
         self.config = config
         self.spec = config.tile_spec
         self.tokenizer = tokenizer
         self.fetcher = ImageFetcher(storage)
         self.pool = ThreadPoolExecutor(_FETCH_THREADS)
+        self.shard_dir = shard_dir
+        self.fs = filesystem or (storage.filesystem if storage is not None else pafs.LocalFileSystem())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.shard_dir is not None:
+            return self._write_shard(batch)
         rows = batch.to_pylist()
         fetched = self._fetch_all(rows)
         out = [self._process(row, fetched) for row in rows]
         return pa.Table.from_pylist(out, schema=OUT_SCHEMA)
+
+    def _write_shard(self, batch: pa.Table) -> pa.Table:
+        """Shard mode: tile ``batch``, write its good rows to one file, return the bookkeeping rows."""
+        writer = _OneFile(self.fs, self.shard_dir, uuid.uuid4().hex)
+        books = []
+        for start in range(0, batch.num_rows, _CHUNK_ROWS):
+            rows = batch.slice(start, _CHUNK_ROWS).to_pylist()
+            fetched = self._fetch_all(rows)
+            out = pa.Table.from_pylist([self._process(row, fetched) for row in rows], schema=OUT_SCHEMA)
+            good = [i for i, r in enumerate(rows) if _active(r) for _ in range(r["copies"])
+                    if out.column("reason")[i].as_py() is None]
+            if good:
+                writer.write(out.take(pa.array(good, pa.int64())))
+            books.append(out.select(BOOK_COLUMNS))
+        shard = writer.close()
+        book = pa.concat_tables(books) if books else BOOK_SCHEMA.empty_table().drop_columns(["shard"])
+        return book.append_column("shard", pa.array([shard] * book.num_rows, pa.string()))
 
     # -- fetch: all images of the batch in parallel, errors kept per URI
     def _fetch_all(self, rows: list[dict]) -> dict[str, Any]:
@@ -193,6 +230,21 @@ class Tiler:
             "grid": cfg.grid,
             "truncated": bool(tok.truncated),
         }
+
+
+class _OneFile:
+    """All rows of one shard into ``directory/<key>-00000.parquet`` (created on the first row)."""
+
+    def __init__(self, fs: pafs.FileSystem, directory: str, key: str):
+        self.writer = ShardWriter(fs, directory, 2**62, OUT_SCHEMA, SHARD_COLUMNS, prefix=f"{key}-")
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write(table)
+
+    def close(self) -> Optional[str]:
+        """The file's path, or None when no row was written."""
+        self.writer.close()
+        return f"{self.writer.dir}/{self.writer.names[0]}" if self.writer.names else None
 
 
 def _active(row: dict) -> bool:

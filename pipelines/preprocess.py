@@ -2,10 +2,11 @@
 
 The graph (streaming, bounded memory; Ray Data shows a progress bar per operator)::
 
-    read (per source)          parse (actors.rows)       tile + tokenize (actors.tiler)   driver
-    read_binary_files(json) ─► records -> raw rows  ─┐
-    read_webdataset(tar)    ─► samples -> raw rows  ─┼─► union ─► map_batches(Tiler,    ─► shards
-    read_parquet(parquet)   ─► rows    -> raw rows  ─┘            actor pool)               errors/
+    read (per source)          parse (actors.rows)       tile + tokenize + write shard      driver
+    read_binary_files(json) ─► records -> raw rows  ─┐   (actors.tiler, actor pool)
+    read_webdataset(tar)    ─► samples -> raw rows  ─┼─► union ─► map_batches(Tiler) ─► bookkeeping rows
+    read_parquet(parquet)   ─► rows    -> raw rows  ─┘     writes <uuid>-00000.parquet    tally, errors/,
+                                                                                       rename to part-XXXXX
 
 Output under ``<storage>/<data.output>/`` (docs/interfaces.md): ``part-00000.parquet`` ...,
 ``errors/part-00000.parquet`` ..., ``tokenizer/``, and ``_manifest.json`` written last.
@@ -22,10 +23,19 @@ are under ``storage.uri``; ``image_root`` likewise):
 - ``parquet``: columns ``conversations`` (JSON text or list of ``{from, value}``), ``image``
   (binary, or ``{bytes: binary}`` as HF datasets write it; null = text-only), ``id`` optional.
 
-Determinism: Ray Data runs with ``preserve_order``, so rows reach the writer in source order
-then record order whatever the worker timing; the driver cuts them into shards of
-``data.rows_per_shard`` rows with fixed row groups, so a re-run writes identical files. Old
-shards under the output prefix are deleted first, so a re-run replaces, never duplicates.
+Shards are written by the tiler actors, never by the driver: the raw rows of each source are
+cut (in order, streaming) into blocks of at most ``data.rows_per_shard`` rows; one block is one
+tiler call, which writes the block's good rows (copies repeated, fixed row groups) to one file
+under ``_tmp/`` and returns only small bookkeeping rows. So a shard holds the good rows of up to
+``rows_per_shard`` consecutive raw rows (fewer when rows were quarantined or subsampled out; a
+source's last block may be short), and a block is also the unit of work: keep
+``rows_per_shard`` at most ``rows / concurrency`` for every actor to get work.
+
+Determinism: block boundaries depend only on the sources, and Ray Data runs with
+``preserve_order``, so the driver sees the blocks in source order then record order whatever
+the worker timing and renames their files to ``part-00000.parquet``, ... in that order: a re-run
+writes identical files. Old shards under the output prefix are deleted first, so a re-run
+replaces, never duplicates.
 
 Accounting: ``rows_in`` counts every written copy of a record (``ratio`` > 1 repeats a record,
 each copy counts; rows that ``ratio`` < 1 leaves out are reported as ``subsampled_out`` and are
@@ -52,7 +62,7 @@ import pyarrow.parquet as pq
 
 from actors import rows as raw
 from actors.shards import ShardWriter
-from actors.tiler import ERROR_COLUMNS, OUT_SCHEMA, SHARD_COLUMNS, Tiler, TilerConfig
+from actors.tiler import BOOK_SCHEMA, ERROR_COLUMNS, Tiler, TilerConfig
 from cluster.spec import ClusterSpec, SourceSpec, load_spec
 from cluster.storage import Storage, open_storage
 from models.errors import UserError
@@ -63,8 +73,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 TOKENIZER_DIR = "tokenizer"
 ERRORS_DIR = "errors"
+TMP_DIR = "_tmp"  # the actors' shard files until the driver renames them
 _TOKENIZER_TEXT_ROWS = 200_000  # rows of text the debug BPE tokenizer is trained on (at most)
-_BATCH_ROWS = 16  # rows per tiling batch: images are heavy, keep batches small
+_BATCH_ROWS = 16  # rows per parse batch
 
 
 class QuarantineError(UserError):
@@ -225,23 +236,23 @@ def _raw_dataset(src: _Source):
                                          fmt=src.format, file_nos=file_nos))
 
 
-def _small_blocks(ds):
-    """Re-cut a source's raw rows into blocks of ``_BATCH_ROWS`` rows (streaming, order kept).
+def _shard_blocks(ds, rows: int):
+    """Re-cut a source's raw rows into blocks of at most ``rows`` rows (streaming, order kept).
 
-    A JSON file parses into ONE block, and an actor-pool stage hands a whole block to one
-    actor: without this, one big file would keep one tiler busy and the others idle. The
-    re-cut runs in the (CPU-free) parse tasks: Ray 2.60 gives ``repartition`` no resource
-    argument, so its logical op gets the parse op's ``num_cpus=0`` and is fused into it.
+    One block becomes one shard (see module doc). A JSON file parses into ONE block; the
+    re-cut splits it (and joins small ones), deterministically for the same inputs. It runs in
+    the (CPU-free) parse tasks: Ray 2.60 gives ``repartition`` no resource argument, so its
+    logical op gets the parse op's ``num_cpus=0`` and is fused into it.
     """
-    ds = ds.repartition(target_num_rows_per_block=_BATCH_ROWS)
+    ds = ds.repartition(target_num_rows_per_block=rows)
     op = ds._logical_plan.dag
     if hasattr(op, "ray_remote_args"):
         object.__setattr__(op, "ray_remote_args", {"num_cpus": 0})
     return ds
 
 
-def _all_raw(sources: list[_Source]):
-    datasets = [_small_blocks(_raw_dataset(s)) for s in sources]
+def _all_raw(sources: list[_Source], rows_per_shard: int):
+    datasets = [_shard_blocks(_raw_dataset(s), rows_per_shard) for s in sources]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -320,26 +331,40 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: l
         remote["resources"] = {group.placement_resource: 0.001}
     import ray.data
 
-    ds = _all_raw(sources).map_batches(
-        Tiler, batch_format="pyarrow", batch_size=_BATCH_ROWS,
+    out_dir = storage.path(spec.data.output)
+    ds = _all_raw(sources, spec.data.rows_per_shard).map_batches(
+        Tiler, batch_format="pyarrow", batch_size=None,  # one block = one shard
         compute=ray.data.ActorPoolStrategy(size=spec.data.concurrency),
         num_cpus=spec.data.num_cpus_per_worker,
-        fn_constructor_kwargs=dict(config=config, tokenizer=tokenizer,
-                                   storage=storage),
+        fn_constructor_kwargs=dict(config=config, tokenizer=tokenizer, storage=storage,
+                                   shard_dir=f"{out_dir}/{TMP_DIR}"),
         **remote,
     )
-    out_dir = storage.path(spec.data.output)
-    shards = ShardWriter(storage.filesystem, out_dir, spec.data.rows_per_shard, OUT_SCHEMA, SHARD_COLUMNS)
-    errors = ShardWriter(storage.filesystem, f"{out_dir}/{ERRORS_DIR}", spec.data.rows_per_shard, OUT_SCHEMA,
-                         ERROR_COLUMNS)
+    # Ray Data's union interleaves the sources' blocks (each source's stay in order): so files
+    # and error rows are kept per source and put in source order at the end.
+    order = {s.spec.name: k for k, s in enumerate(sources)}
+    written: list[list[str]] = [[] for _ in sources]  # the actors' files, in block order
+    bad_rows: list[list[pa.Table]] = [[] for _ in sources]
     tally = _Tally()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        good, bad = tally.add(batch)
-        shards.write(good)
-        errors.write(bad)
-    shards.close()
+        _, bad = tally.add(batch)
+        for k, rows in _by_source(bad, order):
+            bad_rows[k].append(rows)
+        for src, path in zip(batch.column("source").to_pylist(), batch.column("shard").to_pylist()):
+            if path is not None and path not in written[order[src]][-1:]:  # a file's rows are consecutive
+                written[order[src]].append(path)
+    errors = ShardWriter(storage.filesystem, f"{out_dir}/{ERRORS_DIR}", spec.data.rows_per_shard, BOOK_SCHEMA,
+                         ERROR_COLUMNS)
+    for tables in bad_rows:
+        for t in tables:
+            errors.write(t)
     errors.close()
-    return tally.manifest(spec, flavour, tokenizer, shards.names, errors.names)
+    files = [path for per_source in written for path in per_source]
+    names = [f"part-{k:05d}.parquet" for k in range(len(files))]
+    for path, name in zip(files, names):
+        storage.filesystem.move(path, f"{out_dir}/{name}")
+    storage.delete(f"{spec.data.output}/{TMP_DIR}")
+    return tally.manifest(spec, flavour, tokenizer, names, errors.names)
 
 
 class _Tally:
@@ -407,6 +432,16 @@ class _Tally:
         }
 
 
+def _by_source(table: pa.Table, order: dict[str, int]) -> list[tuple[int, pa.Table]]:
+    """``table``'s rows split by source -> [(source index, rows in order)]."""
+    if table.num_rows == 0:
+        return []
+    names = table.column("source").to_pylist()
+    if len(set(names)) == 1:
+        return [(order[names[0]], table)]
+    return [(order[n], _take(table, [i for i, m in enumerate(names) if m == n])) for n in dict.fromkeys(names)]
+
+
 def _take(batch: pa.Table, idx: list[int]) -> pa.Table:
     """Rows ``idx`` of ``batch`` (no copy in the common case: every row once, in order)."""
     if len(idx) == batch.num_rows and idx == list(range(batch.num_rows)):
@@ -423,7 +458,7 @@ _COUNT_KEYS = ("rows_read", "subsampled_out", "rows_in", "rows_written", "rows_q
 
 def _clear_output(storage: Storage, output: str) -> None:
     """Delete the manifest first (the output is incomplete from now on), then old shards."""
-    for rel in (MANIFEST, ERRORS_DIR, TOKENIZER_DIR):
+    for rel in (MANIFEST, ERRORS_DIR, TOKENIZER_DIR, TMP_DIR):
         storage.delete(f"{output}/{rel}")
     for key in storage.list(output):
         name = key[len(output):].strip("/")
