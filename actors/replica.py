@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -149,7 +150,10 @@ class ModelReplica:
                            int(self.flavour.llm.get("max_position_embeddings", self.flavour.max_seq_len)))
         self.generate_batch.set_max_batch_size(int(member.get("max_batch_size", 16)))
         self.generate_batch.set_batch_wait_timeout_s(float(member.get("batch_wait_timeout_s", 0.01)))
-        # one thread owns the model (torch state stays on it); another prepares inputs meanwhile
+        # one thread owns the model (torch state stays on it); another prepares inputs meanwhile.
+        # The model thread holds the GIL between torch ops: a short switch interval lets the event
+        # loop take in the next batch's requests while a batch decodes (default 5 ms per hand-off).
+        sys.setswitchinterval(0.0005)
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._prep_thread = ThreadPoolExecutor(1, thread_name_prefix="prep")
         self.batch_sizes: Counter = Counter()
@@ -179,8 +183,9 @@ class ModelReplica:
 
     async def chat(self, payload: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
-        try:
-            job = await loop.run_in_executor(self._prep_thread, self._prepare, payload)
+        try:  # images are decoded and tiled off the event loop; text alone is quicker than a hop
+            job = (await loop.run_in_executor(self._prep_thread, self._prepare, payload) if payload["images"]
+                   else self._prepare(payload))
         except UserError as err:
             yield _user_error(err)
             return

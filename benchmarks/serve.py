@@ -1,7 +1,8 @@
 """Serving throughput and latency; prints ONE JSON object.
 
-Same weights everywhere (the ``debug`` flavour's seeded random weights, as every replica builds
-them), a fixed text prompt, a fixed output length (``ignore_eos``), concurrency 1 / 8 / 32:
+Same weights everywhere (the ``debug`` flavour's seeded random weights, optionally with a wider /
+deeper LLM, written ONCE as a model directory that every system loads), a fixed text prompt, a
+fixed output length (``ignore_eos``, greedy), concurrency 1 / 8 / 32:
 
     a  our endpoint (Ray Serve, dynamic batching)
     b  our endpoint with batching off (max_batch_size 1)
@@ -9,9 +10,12 @@ them), a fixed text prompt, a fixed output length (``ignore_eos``), concurrency 
     d  the raw batched generate loop in one process (the ceiling: batch = concurrency)
 
     .venv/bin/python benchmarks/serve.py [--tokens 32] [--requests-per-client 2] [--skip-hf]
+        [--llm-width 512 --llm-layers 4] [--batch-wait-s 0.01] [--systems a,b,c,d]
 
 For each system and concurrency C, C client threads each send ``--requests-per-client``
-requests back to back; requests/s = all requests / wall time, latencies are per request.
+requests back to back (a plain keep-alive ``http.client`` connection per thread, the same
+client for a, b and c, so the client's own CPU cost is small and equal); requests/s = all
+requests / wall time, latencies are per request.
 """
 
 from __future__ import annotations
@@ -66,46 +70,102 @@ def _drive(call, concurrency: int, per_client: int) -> dict:
 
 
 def _openai_call(base_url: str, model: str, tokens: int, extra: dict):
-    import openai
+    """``call() -> completion tokens``: one OpenAI chat completion over this thread's keep-alive
+    connection (``http.client``: the openai SDK costs several ms of CPU per request, which on 2
+    shared cores would be measured as server time)."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
 
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    where = urlsplit(base_url)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+                       "temperature": 0, **extra}).encode()
+    local = threading.local()
 
     def call() -> int:
-        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
-                                             max_tokens=tokens, temperature=0, extra_body=extra or None)
-        return out.usage.completion_tokens if out.usage else tokens
+        if getattr(local, "conn", None) is None:
+            local.conn = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
+        try:
+            local.conn.request("POST", where.path + "/chat/completions", body,
+                               {"Content-Type": "application/json"})
+            resp = local.conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            local.conn.close()
+            local.conn = None
+            raise
+        if resp.status != 200:
+            raise RuntimeError(f"{base_url}: HTTP {resp.status}: {data[:300]!r}")
+        out = json.loads(data)
+        return (out.get("usage") or {}).get("completion_tokens", tokens)
 
     return call
 
 
-def bench_endpoint(tokens: int, per_client: int, batching: bool) -> dict:
+def write_weights(width: int | None, layers: int | None) -> Path:
+    """The ``debug`` flavour (LLM widened / deepened when asked) with seeded random weights, saved
+    once as a sphinx-x model directory: every system below loads exactly these weights."""
+    import torch
+
+    from actors.model_loader import RANDOM_SEED, debug_tokenizer
+    from models.checkpoint import save_model_dir
+    from models.flavours import from_name
+    from models.sphinx import SphinxX
+
+    llm: dict = {}
+    if width:
+        heads = max(1, width // 64)
+        llm.update(hidden_size=width, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                   intermediate_size=int(width * 2.75))
+    if layers:
+        llm["num_hidden_layers"] = layers
+    flavour = from_name("debug", llm=llm) if llm else from_name("debug")
+    tokenizer = debug_tokenizer(int(flavour.llm["vocab_size"]))
+    torch.manual_seed(RANDOM_SEED)
+    model = SphinxX.from_flavour(flavour, tokenizer)
+    return save_model_dir(model, tokenizer, tempfile.mkdtemp(prefix="sphinx-bench-model-"))
+
+
+def bench_endpoint(model_dir: Path, tokens: int, per_client: int, batching: bool, batch_wait_s: float) -> dict:
+    import ray
+
     from cluster.spec import parse_spec
     from pipelines import serve as serve_stage
 
     port = _free_port()
     spec = parse_spec({"name": "bench-serve", "storage": {"uri": tempfile.mkdtemp(prefix="sphinx-bench-")},
                        "serve": {"http": {"port": port}, "models": [
-                           {"name": "debug", "flavour": "debug", "max_ongoing_requests": 64,
-                            "max_queued_requests": -1, "max_batch_size": 32, "batch_wait_timeout_s": 0.01,
+                           {"name": "debug", "checkpoint": str(model_dir), "max_ongoing_requests": 64,
+                            "max_queued_requests": -1, "max_batch_size": 32, "batch_wait_timeout_s": batch_wait_s,
                             "ray_actor_options": {"num_cpus": 1}}]}})
     summary = serve_stage.run_stage(spec, batching=batching)
     try:
         call = _openai_call(summary["url"] + "/v1", "debug", tokens, {"ignore_eos": True})
-        return {str(c): _drive(call, c, per_client) for c in CONCURRENCY}
+        out = {str(c): _drive(call, c, per_client) for c in CONCURRENCY}
+        stats = json.loads(_get(summary["url"] + "/v1/stats"))["models"]["debug"]
+        out["batch_size_histogram"] = stats["batch_size_histogram"]  # requests per batch size, all C
+        return out
     finally:
         serve_stage.shutdown(spec)
+        ray.shutdown()  # a fresh Ray (and Serve) per system: nothing carries over between a and b
 
 
-def bench_raw(tokens: int, per_client: int) -> dict:
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.read().decode()
+
+
+def bench_raw(model_dir: Path, tokens: int, per_client: int) -> dict:
     """Batch = concurrency, every request of a round decoded together, in this process."""
     import torch
 
-    from actors.model_loader import random_member
+    from models.checkpoint import load_model_dir
     from models.conversation import build_prompt
 
     torch.set_num_threads(1)
-    model, tokenizer = random_member("debug")
-    model.eval()
+    model, tokenizer = load_model_dir(model_dir)
     ids = build_prompt([{"role": "user", "content": PROMPT}], tokenizer)
     out = {}
     for c in CONCURRENCY:
@@ -121,13 +181,13 @@ def bench_raw(tokens: int, per_client: int) -> dict:
     return out
 
 
-def bench_transformers_serve(tokens: int, per_client: int) -> dict:
-    """`transformers serve FORCE_MODEL` on the debug LLM backbone saved with save_pretrained."""
+def bench_transformers_serve(model_dir: Path, tokens: int, per_client: int) -> dict:
+    """`transformers serve DIR` on the same LLM backbone saved with save_pretrained."""
     import urllib.request
 
-    from actors.model_loader import random_member
+    from models.checkpoint import load_model_dir
 
-    model, tokenizer = random_member("debug")
+    model, tokenizer = load_model_dir(model_dir)
     hf_dir = Path(tempfile.mkdtemp(prefix="sphinx-bench-hf-"))
     model.llm.save_pretrained(hf_dir)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -161,39 +221,61 @@ def bench_transformers_serve(tokens: int, per_client: int) -> dict:
             proc.kill()
 
 
+def _load() -> str:
+    """The 1/5/15-minute load averages (the box is shared: read figures against them)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
     p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--llm-width", type=int, default=None, help="debug LLM hidden size (default 128)")
+    p.add_argument("--llm-layers", type=int, default=None, help="debug LLM layers (default 2)")
+    p.add_argument("--batch-wait-s", type=float, default=0.01, help="(a)'s batch_wait_timeout_s")
+    p.add_argument("--systems", default="a,b,c,d", help="which of a,b,c,d to run")
+    p.add_argument("--skip-hf", action="store_true", help="same as leaving c out of --systems")
     a = p.parse_args()
+    systems = set(a.systems.split(",")) - ({"c"} if a.skip_hf else set())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    result: dict = {"benchmark": "serve", "flavour": "debug", "prompt_chars": len(PROMPT),
-                    "max_tokens": a.tokens, "requests_per_client": a.requests_per_client}
-    try:
-        result["a_endpoint"] = bench_endpoint(a.tokens, a.requests_per_client, batching=True)
-        result["b_endpoint_no_batching"] = bench_endpoint(a.tokens, a.requests_per_client, batching=False)
-    finally:
-        ray.shutdown()
-    result["d_raw_batched_loop"] = bench_raw(a.tokens, a.requests_per_client)
-    if a.skip_hf:
-        result["c_transformers_serve"] = {"skipped": "--skip-hf"}
-    else:
+    model_dir = write_weights(a.llm_width, a.llm_layers)
+    from models.checkpoint import load_model_dir
+
+    llm = load_model_dir(model_dir)[0].flavour.llm
+    result: dict = {"benchmark": "serve", "flavour": "debug",
+                    "llm": {k: llm[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                "intermediate_size", "vocab_size")},
+                    "prompt_chars": len(PROMPT), "max_tokens": a.tokens, "requests_per_client": a.requests_per_client,
+                    "batch_wait_s": a.batch_wait_s, "loadavg_start": _load()}
+    runs = [("a", "a_endpoint", True), ("b", "b_endpoint_no_batching", False)]
+    for key, name, batching in runs:
+        if key in systems:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            result[name] = bench_endpoint(model_dir, a.tokens, a.requests_per_client, batching, a.batch_wait_s)
+    if "d" in systems:
+        result["d_raw_batched_loop"] = bench_raw(model_dir, a.tokens, a.requests_per_client)
+    if "c" in systems:
         try:
-            result["c_transformers_serve"] = bench_transformers_serve(a.tokens, a.requests_per_client)
+            result["c_transformers_serve"] = bench_transformers_serve(model_dir, a.tokens, a.requests_per_client)
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             result["c_transformers_serve"] = {"error": f"{type(err).__name__}: {err}"}
+    result["loadavg_end"] = _load()
     ratios = {}
     for c in map(str, CONCURRENCY):
-        a_rps = result["a_endpoint"][c]["rps"]
-        ratios[c] = {"a_over_b": round(a_rps / result["b_endpoint_no_batching"][c]["rps"], 2),
-                     "a_over_d": round(a_rps / result["d_raw_batched_loop"][c]["rps"], 2)}
-        hf = result["c_transformers_serve"].get(c)
-        if hf:
-            ratios[c]["a_over_c"] = round(a_rps / hf["rps"], 2)
+        a_rps = result.get("a_endpoint", {}).get(c, {}).get("rps")
+        if not a_rps:
+            break
+        ratios[c] = {}
+        for key, name in (("a_over_b", "b_endpoint_no_batching"), ("a_over_c", "c_transformers_serve"),
+                          ("a_over_d", "d_raw_batched_loop")):
+            other = result.get(name, {}).get(c)
+            if other:
+                ratios[c][key] = round(a_rps / other["rps"], 2)
     result["ratios_rps"] = ratios
     print(json.dumps(result))
 
