@@ -6,9 +6,13 @@ Every image goes to the same output tile size (flavour ``debug`` with ``tile_siz
 a 448 px canvas, as the real flavours). Measured:
 
 - (a) the Ray Data pipeline (``pipelines.preprocess.run_stage``) on a local Ray with all CPUs,
-  local storage, JSONL + image_root: images/s overall and per core;
-- (b) the same work in one plain process: the same ``actors.tiler.Tiler`` called on the same
-  raw rows (read, decode, tile, tokenize, build the row) and the same ``ShardWriter``: images/s;
+  local storage, JSONL + image_root: images/s overall and per core, end to end (``run_stage``
+  incl. tokenizer pass and actor start-up; ``ray.init`` not included) and steady state (rows
+  tallied after the first shard came back ÷ time from then to the last), phase times, and the
+  CPU seconds of the driver and of all Ray processes (a load-independent view of the overhead);
+- (b) the same work in one plain process: the same ``actors.tiler.Tiler`` in shard mode called
+  on the same raw rows, ``--rows-per-shard`` rows per call as the pipeline's blocks (read,
+  decode, tile, tokenize, write the shard file): images/s and CPU seconds;
 - per image on a fixed subset (every k-th image): our ``models.tiling.load_and_tile``;
   (c) transformers' ``LlavaNextImageProcessorPil`` (anyres, the PIL backend the installed
   transformers uses without torchvision) configured to the same 224 px tiles and 2×2 grid,
@@ -138,35 +142,44 @@ def _config_and_tokenizer(texts: list[str]):
     return cfg, train_bpe_tokenizer(texts, int(f.llm["vocab_size"]))
 
 
-def plain_process(cache: Path) -> dict:
-    """(b): the Tiler on the raw rows, batches of 16, one process."""
-    import pyarrow.fs as pafs
-
+def plain_process(cache: Path, rows_per_shard: int) -> dict:
+    """(b): the Tiler in shard mode on the raw rows, ``rows_per_shard`` rows per call, one process."""
     from actors import rows as raw
-    from actors.shards import ShardWriter
-    from actors.tiler import OUT_SCHEMA, SHARD_COLUMNS, Tiler
+    from actors.tiler import Tiler
 
     rows = raw.parse_json_file((cache / "data.jsonl").read_bytes(), "data.jsonl", source="bench", ratio=1.0,
                                image_root=str(cache / "images"))
     texts = [t["value"] for r in rows for t in json.loads(r["conversations"])]
     cfg, tok = _config_and_tokenizer(texts)
-    tiler = Tiler(cfg, tok)
-    tiler(raw.to_table(rows[:2]))  # warm-up
     out_dir = tempfile.mkdtemp(prefix="sphinx-x-bench-plain-")
-    writer = ShardWriter(pafs.LocalFileSystem(), out_dir, 256, OUT_SCHEMA, SHARD_COLUMNS)
-    t = time.perf_counter()
+    tiler = Tiler(cfg, tok, shard_dir=out_dir)
+    tiler(raw.to_table(rows[:2]))  # warm-up
+    t, cpu = time.perf_counter(), time.process_time()
     n_ok = 0
-    for i in range(0, len(rows), 16):
-        out = tiler(raw.to_table(rows[i:i + 16]))
-        n_ok += out.column("reason").null_count
-        writer.write(out)
-    writer.close()
-    secs = time.perf_counter() - t
+    for i in range(0, len(rows), rows_per_shard):
+        n_ok += tiler(raw.to_table(rows[i:i + rows_per_shard])).column("reason").null_count
+    secs, cpu = time.perf_counter() - t, time.process_time() - cpu
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"images": len(rows), "ok": n_ok, "seconds": round(secs, 2), "images_per_s": round(len(rows) / secs, 2)}
+    return {"images": len(rows), "ok": n_ok, "seconds": round(secs, 2), "cpu_s": round(cpu, 2),
+            "images_per_s": round(len(rows) / secs, 2)}
 
 
-def ray_pipeline(cache: Path, cpus: int) -> dict:
+def _tree_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of this process and every descendant (Ray's processes), by pid."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me] + me.children(recursive=True):
+        try:
+            c = proc.cpu_times()
+            out[proc.pid] = c.user + c.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int) -> dict:
     """(a): run_stage on a local Ray with every CPU; local storage, output under a temp dir."""
     import ray
 
@@ -178,19 +191,56 @@ def ray_pipeline(cache: Path, cpus: int) -> dict:
         "name": "bench", "storage": {"uri": str(out), "endpoint_url": None},
         "model": {"flavour": "debug", "overrides": {"tile_size": TILE, "grid": GRID}},
         "data": {"sources": [{"name": "bench", "path": str(cache / "data.jsonl"), "image_root": str(cache / "images")}],
-                 "concurrency": cpus, "num_cpus_per_worker": 1, "rows_per_shard": 256},
+                 "concurrency": cpus, "num_cpus_per_worker": 1, "rows_per_shard": rows_per_shard},
     })
+    phases: dict[str, float] = {}
+    arrivals: list[tuple[float, int]] = []  # (time, rows) of each bookkeeping block the driver tallies
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name] = round(time.perf_counter() - t, 2)
+        return wrapper
+
+    add = preprocess._Tally.add
+
+    def add_timed(self, batch):
+        arrivals.append((time.perf_counter(), batch.num_rows))
+        return add(self, batch)
+
+    orig = preprocess._tokenizer, preprocess._run_graph
+    preprocess._tokenizer = timed("tokenizer_s", preprocess._tokenizer)
+    preprocess._run_graph = timed("graph_s", preprocess._run_graph)
+    preprocess._Tally.add = add_timed
+    t = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    phases["ray_init_s"] = round(time.perf_counter() - t, 2)
     try:
+        cpu0, own0 = _tree_cpu(), time.process_time()
         t = time.perf_counter()
         summary = preprocess.run_stage(spec, force=True)
         secs = time.perf_counter() - t
+        cpu1, own = _tree_cpu(), time.process_time() - own0
     finally:
+        preprocess._tokenizer, preprocess._run_graph = orig
+        preprocess._Tally.add = add
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     n = summary["rows_in"]
-    return {"images": n, "written": summary["rows_written"], "seconds": round(secs, 2), "cpus": cpus,
-            "images_per_s": round(n / secs, 2), "images_per_s_per_core": round(n / secs / cpus, 2)}
+    total_cpu = sum(c - cpu0.get(pid, 0.0) for pid, c in cpu1.items())
+    (t_first, _), (t_last, _) = arrivals[0], arrivals[-1]
+    steady_rows = sum(r for _, r in arrivals[1:])
+    steady = steady_rows / (t_last - t_first) if t_last > t_first else None
+    return {"images": n, "written": summary["rows_written"], "shards": len(summary["shards"]),
+            "seconds": round(secs, 2), "cpus": cpus, "phases": phases,
+            "first_shard_back_s": round(t_first - t, 2),
+            "images_per_s": round(n / secs, 2), "images_per_s_per_core": round(n / secs / cpus, 2),
+            "steady_images_per_s": round(steady, 2) if steady else None,
+            "steady_images_per_s_per_core": round(steady / cpus, 2) if steady else None,
+            "cpu_s": {"driver": round(own, 2), "all_ray_processes_and_driver": round(total_cpu, 2)}}
 
 
 def main() -> None:
@@ -198,6 +248,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--subset", type=int, default=150, help="images for the per-image comparisons (c), (d)")
     p.add_argument("--cache", default="/tmp/sphinx-x-bench-preprocess")
+    p.add_argument("--rows-per-shard", type=int, default=64, help="rows per shard = per tiler call, (a) and (b)")
     p.add_argument("--skip-ray", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -208,16 +259,18 @@ def main() -> None:
     mps = [w * h / 1e6 for w, h in sizes]
     step = max(1, args.images // args.subset)
     per = _per_image(paths[::step][: args.subset])
-    b = plain_process(cache)
+    load_before = os.getloadavg()[0]
+    b = plain_process(cache, args.rows_per_shard)
     cpus = os.cpu_count() or 1
-    a = None if args.skip_ray else ray_pipeline(cache, cpus)
+    a = None if args.skip_ray else ray_pipeline(cache, cpus, args.rows_per_shard)
     result = {
         "benchmark": "preprocess",
         "images": args.images, "megapixels": {"min": round(min(mps), 2), "max": round(max(mps), 2),
                                               "mean": round(float(np.mean(mps)), 2)},
         "jpeg_mb_total": round(sum(p.stat().st_size for p in paths) / 2**20, 1),
         "tile_size": TILE, "grid": GRID,
-        "load_avg_1m": round(os.getloadavg()[0], 1),
+        "load_avg_1m": {"before_b": round(load_before, 1), "after_a": round(os.getloadavg()[0], 1)},
+        "rows_per_shard": args.rows_per_shard,
         "per_image_ms_subset": {"n": len(paths[::step][: args.subset]), **{k: round(v, 2) for k, v in per.items()}},
         "b_plain_process": b,
         "a_ray_data": a,
@@ -227,6 +280,9 @@ def main() -> None:
             "ours_over_d_draft_decode": round(per["ours"] / per["decode_draft"], 2),
             "b_ms_per_image_over_d_decode": round(1000 / b["images_per_s"] / per["decode"], 2),
             "a_per_core_over_b": round(a["images_per_s_per_core"] / b["images_per_s"], 2) if a else None,
+            "a_steady_per_core_over_b": (round(a["steady_images_per_s_per_core"] / b["images_per_s"], 2)
+                                         if a and a["steady_images_per_s"] else None),
+            "b_cpu_over_a_cpu": round(b["cpu_s"] / a["cpu_s"]["all_ray_processes_and_driver"], 2) if a else None,
         },
     }
     print(json.dumps(result))
