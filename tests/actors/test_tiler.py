@@ -103,3 +103,31 @@ def test_table_round_trips_through_json_parse(tokenizer, tmp_path):
     rows = raw.parse_json_file(line.encode(), "x.jsonl", source="s", ratio=1.0, image_root=str(tmp_path))
     out = _tiler(tokenizer)[0](pa.Table.from_pylist(rows, schema=raw.RAW_SCHEMA)).to_pylist()
     assert out[0]["id"] == "7" and out[0]["reason"] is None and out[0]["view_counts"] == [5]
+
+
+def test_shard_mode_writes_good_rows_and_returns_bookkeeping(tokenizer, tmp_path):
+    import pyarrow.parquet as pq
+
+    from actors.tiler import BOOK_COLUMNS
+
+    (tmp_path / "a.png").write_bytes(_png(50, 40))
+    rows = [
+        raw.raw_row("s", "one", 1.0, conversations=_turns("<image>\nWhat?", "A cat."), image_paths=[str(tmp_path / "a.png")]),
+        raw.raw_row("s", "gone", 1.0, conversations=_turns("<image>\nWhat?", "A cat."),
+                    image_paths=[str(tmp_path / "missing.png")]),
+        raw.raw_row("s", "twice", 2.0, conversations=_turns("hello", "hello there")),
+    ]
+    f = from_name("debug")
+    cfg = TilerConfig(grid=f.grid, tile_size=f.tile_size, mean_u8=f.mean_u8, tokens_per_view=f.tokens_per_view,
+                      max_seq_len=400)
+    tiler = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))
+    book = tiler(raw.to_table(rows))
+    assert book.column_names == BOOK_COLUMNS + ["shard"] and book.num_rows == 3
+    assert book.column("reason").to_pylist() == [None, "missing_image", None]
+    (path,) = set(book.column("shard").to_pylist())
+    shard = pq.read_table(path)
+    assert shard.column_names == SHARD_COLUMNS
+    assert shard.column("id").to_pylist() == ["one", "twice", "twice"]  # copies repeated, bad row left out
+    assert shard.to_pylist()[0] == Tiler(cfg, tokenizer)(raw.to_table(rows[:1])).select(SHARD_COLUMNS).to_pylist()[0]
+    # a batch with no good row writes no file
+    assert tiler(raw.to_table(rows[1:2])).column("shard").to_pylist() == [None]
