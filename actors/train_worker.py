@@ -20,7 +20,10 @@
 
 Metrics per step (rank 0 writes them, ``metrics.jsonl``): step, loss, lm_loss, aux_loss, lr,
 grad_norm, tokens, tokens_per_s, image_tokens, saved_tokens (image tokens skip tokens saved),
-step_time_s, restored_from.
+step_time_s (data_s waiting for the input + compute_s forward/backward/step + sync_s all_reduce and
+grad norm), report_s (the previous step's pid file, report and checkpoint, outside step_time_s),
+wall_t (unix time at the step's end), restored_from. Ray Train sees a report at every checkpoint
+and about every ``REPORT_EVERY_S`` seconds (config ``report_every_s``), not every step.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "export"
 EXPORT_CHECK = "export_check.pt"
 SUCCESS = "_SUCCESS"
+# ray.train.report is a barrier with the Ray Train controller (~0.5-2 s on a loaded 2-core box,
+# 10x a debug step): report at checkpoints and about every REPORT_EVERY_S seconds, not every step.
+# metrics.jsonl (rank 0's history) still holds every step.
+REPORT_EVERY_S = 10.0
 EXPORT_SUMMARY = "export.json"
 
 
@@ -256,27 +263,40 @@ def train_loop_per_worker(config: dict) -> None:
 
     engine.train()
     last_batch = None
+    report_s, last_report = 0.0, time.monotonic()
+    report_every_s = float(config.get("report_every_s", REPORT_EVERY_S))
     while step < total:
         t0 = time.perf_counter()
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, lm, aux, tokens, image tokens, saved tokens
+        data_s = compute_s = 0.0
+        # loss, lm, aux, tokens, image tokens, saved tokens, "report now" (rank 0 decides; the
+        # all_reduce hands its decision to every rank, so all ranks call ray.train.report together)
+        sums = torch.zeros(7, dtype=torch.float64)
         for m in range(accum):
+            t = time.perf_counter()
             batch = next(batches)
+            data_s += time.perf_counter() - t
             expected = (step * accum + m) * micro  # absolute place in this rank's stream
             pos = batch.pop("pos", None)
             if pos is not None and pos.tolist() != list(range(expected, expected + len(pos))):
                 raise RuntimeError(f"rank {rank}: data out of plan order at step {step}: got positions "
                                    f"{pos.tolist()[:4]}..., expected from {expected}")
+            t = time.perf_counter()
             output = engine(**model_inputs(batch, engine.device))
             engine.backward(output.loss)
             engine.step()
-            sums += torch.tensor([float(output.loss), float(output.lm_loss), float(output.aux_loss),
-                                  float(batch["num_tokens"]), float(batch["image_tokens"]),
-                                  float(batch["saved_tokens"])], dtype=torch.float64)
+            compute_s += time.perf_counter() - t
+            sums[:6] += torch.tensor([float(output.loss), float(output.lm_loss), float(output.aux_loss),
+                                      float(batch["num_tokens"]), float(batch["image_tokens"]),
+                                      float(batch["saved_tokens"])], dtype=torch.float64)
             last_batch = batch
+        if rank == 0 and time.monotonic() - last_report >= report_every_s:
+            sums[6] = 1.0
+        t = time.perf_counter()
         dist.all_reduce(sums)
+        norm = engine.get_global_grad_norm()
+        sync_s = time.perf_counter() - t
         step += 1
         elapsed = time.perf_counter() - t0
-        norm = engine.get_global_grad_norm()
         metrics = {
             "step": step,
             "loss": float(sums[0]) / (accum * world),
@@ -289,9 +309,12 @@ def train_loop_per_worker(config: dict) -> None:
             "image_tokens": int(sums[4]),
             "saved_tokens": int(sums[5]),
             "step_time_s": elapsed,
+            "data_s": data_s, "compute_s": compute_s, "sync_s": sync_s, "report_s": report_s,
+            "wall_t": time.time(),
             "restored_from": restored_from,
         }
         history.append(metrics)
+        t = time.perf_counter()
         _report_pid(config.get("pid_dir"), rank, step)
         if step % spec.train.checkpoint_every == 0 or step == total:
             directory = _save_checkpoint(engine, step, history, rank)
@@ -299,8 +322,11 @@ def train_loop_per_worker(config: dict) -> None:
                 write_metrics(storage, out, history)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
             shutil.rmtree(directory, ignore_errors=True)
-        elif config.get("report_every_step", True):
+            last_report = time.monotonic()
+        elif sums[6] > 0:
             ray.train.report(metrics)
+            last_report = time.monotonic()
+        report_s = time.perf_counter() - t  # outside the step: shown on the next step's metrics
 
     summary = {}
     if config.get("export", True):
