@@ -88,8 +88,13 @@ class ReadPlannedRows:
         return self._tables[k]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        parts = [self._table(int(f)).take(pa.array([int(r)])) for f, r in zip(batch["file"], batch["row"])]
-        table = pa.concat_tables(parts)
+        files, rows = np.asarray(batch["file"], dtype=np.int64), np.asarray(batch["row"], dtype=np.int64)
+        parts, order = [], []
+        for k in dict.fromkeys(files.tolist()):  # one take per file, files in first-seen order
+            where = np.flatnonzero(files == k)
+            parts.append(self._table(k).take(pa.array(rows[where])))
+            order.append(where)
+        table = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
         return table.append_column("_pos", pa.array(np.asarray(batch["_pos"], dtype=np.int64)))
 
 

@@ -133,8 +133,13 @@ def _trainer(spec, storage, config, datasets, *, name: str, storage_path: str, f
 
 
 def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[str] = None,
-              pid_dir: Optional[str] = None, export: bool = True) -> dict[str, Any]:
-    """Train (or resume) and export; returns the summary (also ``<train.output>/summary.json``)."""
+              pid_dir: Optional[str] = None, export: bool = True,
+              report_every_s: Optional[float] = None) -> dict[str, Any]:
+    """Train (or resume) and export; returns the summary (also ``<train.output>/summary.json``).
+
+    ``report_every_s``: how often the workers report metrics to Ray Train between checkpoints
+    (default ``actors.train_worker.REPORT_EVERY_S``; 0 = every step, as before, for benchmarks).
+    """
     from actors.batching import plan_batches, total_steps
     from actors.train_data import plan_entries, rank_datasets, read_index
 
@@ -166,6 +171,8 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
         "tokenizer_uri": _tokenizer_uri(spec, storage), "pid_dir": pid_dir, "export": export,
         "resume_from": done[-1][1] if start else None,
     }
+    if report_every_s is not None:
+        config["report_every_s"] = report_every_s
     t0 = time.time()
     trainer = _trainer(spec, storage, config, datasets, name=RUN_NAME, storage_path=storage.path(out),
                        filesystem=storage.filesystem, max_failures=train.max_failures)
