@@ -10,7 +10,9 @@ restarted run can skip exactly what was consumed and see the same order again:
 
 SPHINX groups samples of similar length: each epoch is a seeded permutation, cut into windows
 of ``GROUP_WINDOW`` global batches; inside a window the rows are sorted by length and cut into
-micro-batches, whose order is then shuffled. A batch is padded to its own longest row, not to
+micro-batches, whose order is then shuffled. The window is one global batch, as LLaVA's
+"megabatch": a wider one makes whole steps homogeneous (all panoramas, all text-only — in a
+small mixed set, all one task), and the demo model learned visibly worse with it. A batch is padded to its own longest row, not to
 ``max_seq_len``. The rows an epoch cannot fill a global batch with (``n % global_batch``) wait
 for the next epoch (the permutation changes, so no row is left out for good).
 
@@ -38,7 +40,7 @@ import torch
 from models.errors import UserError
 
 IGNORE_INDEX = -100
-GROUP_WINDOW = 8  # global batches per length-grouping window
+GROUP_WINDOW = 1  # global batches per length-grouping window (LLaVA: one "megabatch")
 
 
 def steps_per_epoch(num_rows: int, global_batch: int) -> int:
