@@ -7,9 +7,14 @@ Prints ONE JSON object. Same model (`debug`), same collated batches everywhere:
   the worker after warm-up (startup excluded); ``overhead_ratio`` = bare / ray (goal ≤ 1.15);
 - ``ray_ds_2_steps_per_s`` and ``scaling_efficiency`` = samples/s with 2 workers / (2 × with 1);
 - ``skip_step_s`` vs ``noskip_step_s``: forward+backward of a batch of 2:1 wide images with skip
-  tokens (2 of 4 tiles skipped) and with every tile encoded.
+  tokens (2 of 4 tiles skipped) and with every tile encoded;
+- ``demo_like_*``: the real ``sphinx-x train`` stage (``pipelines.train.run_stage``: planned
+  per-rank datasets via ``get_dataset_shard``/``iter_torch_batches``, 2 workers, micro-batch 8,
+  ZeRO-2, fp32, embedded S3) run twice: reporting to Ray Train every step (as before) and with
+  the default report interval. Steady steps/s from the steps' ``wall_t``, and the mean per-step
+  phases (data_s, compute_s, sync_s, report_s) from ``metrics.jsonl``.
 
-    .venv/bin/python benchmarks/train.py [--steps 30]
+    .venv/bin/python benchmarks/train.py [--steps 30] [--demo-steps 60]
 """
 
 from __future__ import annotations
@@ -171,20 +176,67 @@ def skip_vs_noskip(tokenizer, reps: int) -> dict:
             "skip_tokens": int(skip["input_ids"].shape[1]), "noskip_tokens": width}
 
 
+def demo_like(steps: int, report_every_s: float, s3_endpoint: str) -> dict:
+    """The demo's train stage on the train-test shards; steady-state steps/s and phase means."""
+    import uuid
+
+    from train_shards import write_shards
+
+    from cluster.spec import parse_spec
+    from cluster.storage import open_storage
+    from pipelines.train import run_stage
+
+    spec = parse_spec({
+        "name": "bench", "storage": {"uri": f"s3://sphinx-x-bench/{uuid.uuid4().hex[:8]}", "endpoint_url": "embedded"},
+        "model": {"flavour": "debug"},
+        "train": dict(workers=2, zero_stage=2, micro_batch=8, lr=3e-3, warmup_ratio=0.05, steps=steps, epochs=None,
+                      checkpoint_every=steps, keep_checkpoints=1, max_failures=0, precision="fp32", use_gpu=False),
+    }, "bench-spec")
+    storage = open_storage(spec.storage)
+    write_shards(storage, spec.data.output, n_rows=400, rows_per_shard=100)
+    t0 = time.perf_counter()
+    run_stage(spec, force=True, export=False, report_every_s=report_every_s)
+    wall = time.perf_counter() - t0
+    history = [json.loads(x) for x in storage.read_bytes(f"{spec.train.output}/metrics.jsonl").decode().splitlines()]
+    steady = history[5:-1]  # past warm-up, before the final checkpoint
+    rate = (len(steady) - 1) / (steady[-1]["wall_t"] - steady[0]["wall_t"])
+    phases = {k: round(float(np.mean([m[k] for m in steady])), 4)
+              for k in ("step_time_s", "data_s", "compute_s", "sync_s", "report_s")}
+    storage.delete(f"{spec.storage.uri}/")
+    return {"steps_per_s": round(rate, 3), "stage_wall_s": round(wall, 1), **phases,
+            "loss_last": round(history[-1]["loss"], 4)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--demo-steps", type=int, default=60, help="0 skips the demo-like runs")
     args = p.parse_args()
     import ray
 
+    from cluster.storage import EmbeddedS3, embedded_worker_env
+
     tokenizer, batches = _batches(8)
     bare = bare_loop(tokenizer, batches, args.steps)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    server = EmbeddedS3()
+    server.start()
+    os.environ["SPHINX_X_S3_ENDPOINT"] = server.endpoint_url
+    demo = {}
+    # the dashboard serves the state API Ray Train v2's placement-group cleaner asks (tests/conftest.py)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": embedded_worker_env(server.endpoint_url)})
     try:
         one = ray_loop(tokenizer, batches, args.steps, 1)
         two = ray_loop(tokenizer, batches, args.steps, 2)
+        if args.demo_steps:
+            from actors.train_worker import REPORT_EVERY_S
+
+            demo["demo_like_report_every_step"] = demo_like(args.demo_steps, 0.0, server.endpoint_url)
+            demo["demo_like_report_every_%gs" % REPORT_EVERY_S] = demo_like(args.demo_steps, REPORT_EVERY_S,
+                                                                            server.endpoint_url)
     finally:
         ray.shutdown()
+        server.stop()
     skip = skip_vs_noskip(tokenizer, reps=max(3, args.steps // 5))
     print(json.dumps({
         "benchmark": "train", "model": "debug", "micro_batch": MICRO, "steps": args.steps,
@@ -193,6 +245,8 @@ def main() -> None:
         "scaling_efficiency": round(two / one, 3),  # samples/s (2 workers) / (2 × samples/s (1 worker))
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in skip.items()},
         "skip_speedup": round(skip["noskip_step_s"] / skip["skip_step_s"], 3),
+        **demo,
+        "load_average": os.getloadavg(),
         "gpu": False,
     }))
 
