@@ -5,6 +5,7 @@ Prints ONE JSON object. Same model (`debug`), same collated batches everywhere:
 - ``bare_steps_per_s``: a single-process PyTorch loop (AdamW, the same micro-batch);
 - ``ray_ds_1_steps_per_s``: Ray Train TorchTrainer + DeepSpeed ZeRO-2, 1 worker, timed inside
   the worker after warm-up (startup excluded); ``overhead_ratio`` = bare / ray (goal ≤ 1.15);
+  both are medians of ``--rounds`` interleaved bare / Ray pairs;
 - ``ray_ds_2_steps_per_s`` and ``scaling_efficiency`` = samples/s with 2 workers / (2 × with 1);
 - ``skip_step_s`` vs ``noskip_step_s``: forward+backward of a batch of 2:1 wide images with skip
   tokens (2 of 4 tiles skipped) and with every tile encoded;
@@ -14,7 +15,7 @@ Prints ONE JSON object. Same model (`debug`), same collated batches everywhere:
   the default report interval. Steady steps/s from the steps' ``wall_t``, and the mean per-step
   phases (data_s, compute_s, sync_s, report_s) from ``metrics.jsonl``.
 
-    .venv/bin/python benchmarks/train.py [--steps 30] [--demo-steps 60]
+    .venv/bin/python benchmarks/train.py [--steps 30] [--demo-steps 60] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -211,13 +212,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--demo-steps", type=int, default=60, help="0 skips the demo-like runs")
+    p.add_argument("--rounds", type=int, default=3, help="bare / Ray 1-worker pairs, interleaved; medians")
     args = p.parse_args()
     import ray
 
     from cluster.storage import EmbeddedS3, embedded_worker_env
 
     tokenizer, batches = _batches(8)
-    bare = bare_loop(tokenizer, batches, args.steps)
     server = EmbeddedS3()
     server.start()
     os.environ["SPHINX_X_S3_ENDPOINT"] = server.endpoint_url
@@ -226,7 +227,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": embedded_worker_env(server.endpoint_url)})
     try:
-        one = ray_loop(tokenizer, batches, args.steps, 1)
+        bares, ones = [], []
+        for _ in range(args.rounds):  # interleaved, so a burst of load on the shared box hits both
+            bares.append(bare_loop(tokenizer, batches, args.steps))
+            ones.append(ray_loop(tokenizer, batches, args.steps, 1))
+        bare, one = float(np.median(bares)), float(np.median(ones))
         two = ray_loop(tokenizer, batches, args.steps, 2)
         if args.demo_steps:
             from actors.train_worker import REPORT_EVERY_S
@@ -241,7 +246,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "train", "model": "debug", "micro_batch": MICRO, "steps": args.steps,
         "bare_steps_per_s": round(bare, 3), "ray_ds_1_steps_per_s": round(one, 3),
-        "overhead_ratio": round(bare / one, 3), "ray_ds_2_steps_per_s": round(two, 3),
+        "overhead_ratio": round(bare / one, 3), "rounds": args.rounds,
+        "bare_rounds": [round(x, 2) for x in bares], "ray_ds_1_rounds": [round(x, 2) for x in ones], "ray_ds_2_steps_per_s": round(two, 3),
         "scaling_efficiency": round(two / one, 3),  # samples/s (2 workers) / (2 × samples/s (1 worker))
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in skip.items()},
         "skip_speedup": round(skip["noskip_step_s"] / skip["skip_step_s"], 3),
