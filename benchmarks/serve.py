@@ -239,6 +239,10 @@ def main() -> None:
     p.add_argument("--systems", default="a,b,c,d", help="which of a,b,c,d to run")
     p.add_argument("--skip-hf", action="store_true", help="same as leaving c out of --systems")
     a = p.parse_args()
+    # stdout carries exactly one JSON object: Ray's raylet and core-worker lines (written to fd 1
+    # from C++ too) go to stderr until the result is ready
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     systems = set(a.systems.split(",")) - ({"c"} if a.skip_hf else set())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -277,7 +281,7 @@ def main() -> None:
             if other:
                 ratios[c][key] = round(a_rps / other["rps"], 2)
     result["ratios_rps"] = ratios
-    print(json.dumps(result))
+    print(json.dumps(result), file=json_out, flush=True)
 
 
 if __name__ == "__main__":
