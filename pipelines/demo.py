@@ -53,9 +53,9 @@ DATA_DIR = "demo-data"
 class DemoConfig:
     """The knobs of one demo run (the full demo, or ``--quick`` for CI)."""
 
-    n_train: int = 1500
+    n_train: int = 5000
     n_heldout: int = 150
-    steps: int = 800
+    steps: int = 2000  # ~5-7 min under Ray Train on 2 cores; shape and count need them
     micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
     lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
     warmup_ratio: float = 0.05
@@ -69,7 +69,7 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-QUICK = DemoConfig(n_train=300, n_heldout=40, steps=60)
+QUICK = DemoConfig(n_train=300, n_heldout=40, steps=200)
 
 # The debug flavour as the demo trains it (kept in the spec, not in models/flavours.py).
 MODEL_OVERRIDES: dict[str, Any] = {}

@@ -16,7 +16,8 @@ import pytest
 
 from pipelines import demo, synthetic
 
-CI = replace(demo.QUICK, n_train=240, n_heldout=30, steps=60, eval_threads=3)
+# 200 steps: in a bare loop this data reaches colour 0.61 vs a 0.19 majority baseline
+CI = replace(demo.QUICK, n_train=240, n_heldout=30, steps=200, eval_threads=3)
 
 
 @pytest.mark.slow
