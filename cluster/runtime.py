@@ -227,35 +227,19 @@ def start(spec: Optional[ClusterSpec] = None, *, directory: Optional[Path] = Non
         state["s3"] = {**_record(s3), "log": str(s3_log)}
         _wait("the S3 server", ready_file.exists, s3, s3_log, 60)
         state["s3"]["endpoint_url"] = ready_file.read_text().strip()
-        region = spec.storage.region if spec else "us-east-1"
 
-        # 2. the Ray head, in its own temp dir, every port chosen here (no clash with other Rays)
-        ray_exe = Path(sys.executable).with_name("ray")
-        gcs_port, dash_port = _free_port(), _free_port()
-        temp_dir = _ray_temp_dir(directory)
-        address_file = temp_dir / "ray_current_cluster"
-        address_file.unlink(missing_ok=True)
-        resources = group_resources(spec) if spec else {}
-        cmd = [str(ray_exe) if ray_exe.exists() else "ray", "start", "--head", "--block",
-               "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-               "--ray-client-server-port", str(_free_port()),
-               "--dashboard-agent-listen-port", str(_free_port()),
-               "--temp-dir", str(temp_dir), "--disable-usage-stats",
-               # logical CPUs: at least 4, so 2 train workers + Data + a replica fit on a laptop
-               "--num-cpus", str(num_cpus or max(4, os.cpu_count() or 1)),
-               "--include-dashboard", "true" if dashboard else "false"]
-        if dashboard:
-            cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
-        if resources:
-            cmd += ["--resources", json.dumps(resources)]
-        ray_log, token = directory / "ray.log", _auth_token(directory)
-        head = _spawn(cmd, ray_log, {**env, **embedded_worker_env(state["s3"]["endpoint_url"], region),
-                                     **_auth_env(token)})
-        state["ray"] = {**_record(head), "log": str(ray_log), "temp_dir": str(temp_dir),
-                        "gcs_address": f"127.0.0.1:{gcs_port}", "auth_token_path": str(token),
-                        "dashboard_url": f"http://127.0.0.1:{dash_port}" if dashboard else None}
-        # `ray start` writes this file once the head (GCS, raylet, dashboard) is fully up
-        _wait("the Ray head", address_file.exists, head, ray_log, timeout_s)
+        # 2. the Ray head; `ray start` gives up after a fixed 30 s if the raylet is slow to
+        # register (a busy machine), so a head that died that way gets one more try
+        for attempt in (1, 2):
+            try:
+                state["ray"] = _start_head(spec, directory, env, state["s3"]["endpoint_url"], dashboard,
+                                           num_cpus, timeout_s)
+                break
+            except _HeadStartTimeout as err:
+                _stop_components({"ray": err.component}, timeout_s=15)
+                if attempt == 2:
+                    raise UserError(str(err)) from None
+                log.warning("up: the Ray head timed out during startup; trying once more")
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     except BaseException:
         _stop_components(state, timeout_s=15)
@@ -272,6 +256,50 @@ def start(spec: Optional[ClusterSpec] = None, *, directory: Optional[Path] = Non
             else:
                 os.environ[ENDPOINT_ENV] = old
     return state
+
+
+class _HeadStartTimeout(Exception):
+    def __init__(self, message: str, component: dict[str, Any]):
+        super().__init__(message)
+        self.component = component
+
+
+def _start_head(spec: Optional[ClusterSpec], directory: Path, env: dict[str, str], s3_endpoint: str,
+                dashboard: bool, num_cpus: Optional[int], timeout_s: float) -> dict[str, Any]:
+    """Start `ray start --head --block` in its own temp dir, every port chosen here (no clash
+    with other Rays); return its state entry once the head is fully up."""
+    region = spec.storage.region if spec else "us-east-1"
+    ray_exe = Path(sys.executable).with_name("ray")
+    gcs_port, dash_port = _free_port(), _free_port()
+    temp_dir = _ray_temp_dir(directory)
+    address_file = temp_dir / "ray_current_cluster"
+    address_file.unlink(missing_ok=True)
+    resources = group_resources(spec) if spec else {}
+    cmd = [str(ray_exe) if ray_exe.exists() else "ray", "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+           "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(_free_port()),
+           "--temp-dir", str(temp_dir), "--disable-usage-stats",
+           # logical CPUs: at least 4, so 2 train workers + Data + a replica fit on a laptop
+           "--num-cpus", str(num_cpus or max(4, os.cpu_count() or 1)),
+           "--include-dashboard", "true" if dashboard else "false"]
+    if dashboard:
+        cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    ray_log, token = directory / "ray.log", _auth_token(directory)
+    head = _spawn(cmd, ray_log, {**env, **embedded_worker_env(s3_endpoint, region), **_auth_env(token)})
+    component = {**_record(head), "log": str(ray_log), "temp_dir": str(temp_dir),
+                 "gcs_address": f"127.0.0.1:{gcs_port}", "auth_token_path": str(token),
+                 "dashboard_url": f"http://127.0.0.1:{dash_port}" if dashboard else None}
+    # `ray start` writes this file once the head (GCS, raylet, dashboard) is fully up
+    try:
+        _wait("the Ray head", address_file.exists, head, ray_log, timeout_s)
+    except UserError as err:
+        if "timed out during startup" in _tail(ray_log, 40):
+            raise _HeadStartTimeout(str(err), component) from None
+        raise
+    return component
 
 
 # ---------------------------------------------------------------- down
