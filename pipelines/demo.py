@@ -17,7 +17,7 @@
 
 The debug model starts from random weights (no weights can be downloaded here), so the demo
 trains with lr 3e-3, not the paper's 2e-5 (which fine-tunes pretrained LLMs). Everything
-runs on 2 CPU cores in about ten minutes; ``--quick`` is the CI-sized version.
+runs on 2 CPU cores in about fifteen minutes; ``--quick`` is the CI-sized version.
 """
 
 from __future__ import annotations
