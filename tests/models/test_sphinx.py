@@ -12,14 +12,6 @@ from models.sphinx import IGNORE_INDEX, SphinxX
 from models.tiling import TileSpec, tile_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TEXTS = ["What colour is the square? It is red.", "How many circles are there? Three circles.",
          "Read the word: apple banana cherry."] * 20
