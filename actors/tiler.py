@@ -72,7 +72,8 @@ OUT_SCHEMA = pa.schema([
     ("stage", pa.string()),
     ("detail", pa.string()),
 ])
-SHARD_COLUMNS = [f.name for f in OUT_SCHEMA][:13]
+# the shard columns are the schema up to `grid`; the rest is bookkeeping for the driver
+SHARD_COLUMNS = [f.name for f in OUT_SCHEMA][: OUT_SCHEMA.get_field_index("grid") + 1]
 ERROR_COLUMNS = ["id", "source", "stage", "reason", "detail"]
 BOOK_COLUMNS = ["id", "source", "num_tokens", "text_tokens", "image_tokens", "saved_tokens", "copies", "truncated",
                 "reason", "stage", "detail"]
