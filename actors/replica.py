@@ -2,27 +2,29 @@
 
 A request (the plain dict :mod:`actors.ingress` sends) is prepared with exactly the training
 code — ``models.tiling.load_and_tile`` for images, ``models.conversation.build_prompt`` for
-the template — then waits (at most ``batch_wait_timeout_s``) for others to share a batch of
-up to ``max_batch_size``. A batch decodes together with the KV cache
-(``SphinxX.generate_stream``), each sequence with its own max_tokens, stop strings,
-temperature, top_p and seed, and every request streams its tokens as they come.
+the template — then joins the replica's running batch (:mod:`actors.decode_loop`, continuous
+batching: at the next decode step, up to ``max_batch_size`` rows; an idle loop waits
+``batch_wait_timeout_s`` for others to share the first prefill). Rows decode together with the
+KV cache, each with its own max_tokens, stop strings, temperature, top_p and seed, and every
+request streams its tokens as they come.
 
 ``chat(payload)`` yields, in order::
 
     {"prompt_tokens": 137}                                         # accepted (image tokens counted)
-    {"delta": "The", "batch_size": 4}     # text as decoded (streams: flushed every STREAM_FLUSH_S)
+    {"delta": "The", "batch_size": 4}     # text as decoded (streams: flushed every decode_loop.STREAM_FLUSH_S)
     ...
     {"delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9, "batch_size": 4}
 
 or a single ``{"error": {"status": 400, "message", "code", "param"}}`` for a bad request
 (undecodable image, prompt over the context, ...). ``complete(payload)`` is the same request in
 one reply, ``{"prompt_tokens", "text", "finish_reason", "completion_tokens", "batch_size"}``, for
-non-streamed requests (one Ray message instead of a stream). Batch sizes are recorded in the Serve
-metric ``sphinx_x_batch_size`` and in :meth:`ModelReplica.stats`.
+non-streamed requests (one Ray message instead of a stream). ``batch_size`` is the largest
+running batch the request was decoded in; it is recorded per request in the Serve metric
+``sphinx_x_batch_size`` and in :meth:`ModelReplica.stats` (with the mean rows per decode step).
 
 Per request, the hot path does no per-token work it can skip: non-streamed text without stop
-strings is decoded once at the end, and the decode steps run on the model thread several at a
-time, coming back to the event loop only when a request finishes or a stream is due a flush.
+strings is decoded once at the end, and the decode thread hands items to the event loop once per
+step and only when a request finishes or a stream is due a flush.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,12 +40,12 @@ from typing import Any, AsyncIterator, Optional
 import numpy as np
 from ray import serve
 
+from actors.decode_loop import DecodeLoop, Request
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
-STREAM_FLUSH_S = 0.02
 
 
 @dataclass
@@ -148,18 +149,20 @@ class ModelReplica:
         self.flavour = self.model.flavour
         self.context = min(int(self.flavour.max_seq_len),
                            int(self.flavour.llm.get("max_position_embeddings", self.flavour.max_seq_len)))
-        self.generate_batch.set_max_batch_size(int(member.get("max_batch_size", 16)))
-        self.generate_batch.set_batch_wait_timeout_s(float(member.get("batch_wait_timeout_s", 0.01)))
-        # one thread owns the model (torch state stays on it); another prepares inputs meanwhile.
-        # The model thread holds the GIL between torch ops: a short switch interval lets the event
-        # loop take in the next batch's requests while a batch decodes (default 5 ms per hand-off).
+        # the decode thread owns the model (torch state stays on it); another prepares inputs.
+        # It holds the GIL between torch ops: a short switch interval lets the event loop take in
+        # new requests while it decodes (default 5 ms per hand-off).
         sys.setswitchinterval(0.0005)
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._event_loop: Optional[asyncio.AbstractEventLoop] = None
+        self._decoder = DecodeLoop(self.model, max_batch_size=int(member.get("max_batch_size", 16)),
+                                   wait_s=float(member.get("batch_wait_timeout_s", 0.01)), deliver=self._deliver,
+                                   name=f"decode-{self.name}")
         self._prep_thread = ThreadPoolExecutor(1, thread_name_prefix="prep")
         self.batch_sizes: Counter = Counter()
         from ray.serve.metrics import Histogram
 
-        self._batch_metric = Histogram("sphinx_x_batch_size", description="requests decoded together per batch",
+        self._batch_metric = Histogram("sphinx_x_batch_size",
+                                       description="per request: the largest running batch it was decoded in",
                                        boundaries=BATCH_BOUNDARIES, tag_keys=("model",))
         self._batch_metric.set_default_tags({"model": self.name})
         log.info("serve model %s ready (%s, context %d)", self.name, self.flavour.name, self.context)
@@ -190,14 +193,10 @@ class ModelReplica:
             yield _user_error(err)
             return
         yield {"prompt_tokens": len(job.prepared.input_ids)}
-        # Every item crossing to the ingress is a Ray message: the batch loop hands a request
+        # Every item crossing to the ingress is a Ray message: the decode loop hands a request
         # text only when it finishes or (streams) at most every STREAM_FLUSH_S.
-        pending: list[str] = []
-        async for item in self.generate_batch(job):
-            pending.append(item["delta"])
-            if "finish_reason" in item or job.stream:
-                yield {**item, "delta": "".join(pending)}
-                pending = []
+        async for item in self._generate(job):
+            yield item
 
     async def complete(self, payload: dict) -> dict:
         """A non-streamed request in ONE Ray message (no stream protocol): ``{"prompt_tokens",
@@ -219,112 +218,47 @@ class ModelReplica:
         return {"input_ids": p.input_ids, "views": p.views, "kept": p.kept, "image_tokens": p.image_tokens}
 
     def stats(self) -> dict:
-        return {"model": self.name, "batch_size_histogram": dict(self.batch_sizes)}
+        """``batch_size_histogram``: requests by the largest batch they decoded in; the decode
+        loop's ``steps`` and ``mean_rows_per_step``."""
+        return {"model": self.name, "batch_size_histogram": dict(self.batch_sizes), **self._decoder.stats()}
 
-    # ------------------------------------------------------------ the batch
+    # ------------------------------------------------------------ the decode loop
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, jobs: list[_Job]) -> AsyncIterator[list]:
-        """Decode ``jobs`` together; the steps run on the model thread, several per hop, and
-        come back only when a request finishes or a stream is due a flush."""
-        import torch
-
-        n = len(jobs)
-        self.batch_sizes[n] += 1
-        self._batch_metric.observe(n)
-        views = [j.prepared.views for j in jobs if j.prepared.views is not None]
-        kept = [j.prepared.kept for j in jobs if j.prepared.kept is not None]
-        gen = self.model.generate_stream(
-            [j.prepared.input_ids for j in jobs],
-            torch.from_numpy(np.concatenate(views)) if views else None,
-            torch.from_numpy(np.concatenate(kept)) if kept else None,
-            max_new_tokens=[j.max_new for j in jobs], temperature=[j.temperature for j in jobs],
-            top_p=[j.top_p for j in jobs], seed=[j.seed for j in jobs],
-            eos_token_id=-1,  # eos is per sequence (ignore_eos), through stop_token_ids
-            stop_token_ids=[[] if j.ignore_eos else [self.tokenizer.eos_token_id] for j in jobs],
-        )
-        state = _BatchState(jobs, [TextStream(self.tokenizer, j.stops, incremental=j.stream) for j in jobs])
-        loop = asyncio.get_running_loop()
-        try:
-            while not state.all_done():
-                out = await loop.run_in_executor(self._model_thread, self._advance, gen, state)
-                yield out
-        finally:
-            await loop.run_in_executor(self._model_thread, gen.close)
-
-    def _advance(self, gen, state: "_BatchState") -> list:
-        """On the model thread: decode steps until some request finishes or a stream is due a
-        flush; returns the batch's items for that moment (one per job)."""
+    async def _generate(self, job: _Job) -> AsyncIterator[dict]:
+        """Decode ``job`` in the running batch: text items as the loop hands them over, then the
+        final one (``finish_reason``, ``completion_tokens``, ``batch_size``)."""
+        if self._event_loop is None:
+            self._event_loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
         eos = self.tokenizer.eos_token_id
-        jobs, texts, n = state.jobs, state.texts, len(state.jobs)
-        streaming = any(j.stream and not d for j, d in zip(jobs, state.done))
-        last = time.monotonic()
-        while True:
-            step = next(gen, None)
-            finished_now = False
-            for i in range(n):
-                if state.done[i]:
-                    continue
-                token = None if step is None else step[i]
-                if token is None:  # the model finished it without our noticing: close it
-                    state.finish(i, self._final(texts[i], state.produced[i], "length", n, state.pending[i]))
-                    finished_now = True
-                    continue
-                state.produced[i] += 1
-                if token == eos and not jobs[i].ignore_eos:
-                    state.finish(i, self._final(texts[i], state.produced[i], "stop", n, state.pending[i]))
-                    finished_now = True
-                    continue
-                state.pending[i] += texts[i].push(token)
-                if texts[i].stopped or state.produced[i] >= jobs[i].max_new:
-                    state.finish(i, self._final(texts[i], state.produced[i], "stop" if texts[i].stopped
-                                                else "length", n, state.pending[i]))
-                    finished_now = True
-            if finished_now or state.all_done() or (streaming and time.monotonic() - last >= STREAM_FLUSH_S):
-                return state.collect(n)
+        request = Request(job.prepared.input_ids, job.max_new, TextStream(self.tokenizer, job.stops, job.stream),
+                          sink=queue, views=job.prepared.views, kept=job.prepared.kept,
+                          temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                          stop_token_ids=frozenset() if job.ignore_eos else frozenset([eos]), stream=job.stream)
+        self._decoder.submit(request)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if "finish_reason" in item:
+                    self.batch_sizes[item["batch_size"]] += 1
+                    self._batch_metric.observe(item["batch_size"])
+                    yield item
+                    return
+                yield item
+        finally:
+            request.cancelled = True  # a no-op once finished; a client gone mid-stream frees its row
 
-    @staticmethod
-    def _final(text: TextStream, produced: int, reason: str, batch: int, delta: str = "") -> dict:
-        return {"delta": delta + text.flush(), "finish_reason": reason, "completion_tokens": produced,
-                "batch_size": batch}
+    def _deliver(self, items: list) -> None:
+        """On the decode thread: hand a step's items to the event loop in one hop."""
+        self._event_loop.call_soon_threadsafe(_put_all, items)
 
 
-@dataclass
-class _BatchState:
-    """What one running batch has produced so far, per job (touched only by the model thread
-    while it decodes; read by the event loop between hops)."""
+def _put_all(items: list) -> None:
+    for request, item in items:
+        request.sink.put_nowait(item)
 
-    jobs: list[_Job]
-    texts: list[TextStream]
-    produced: list[int] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)
-    done: list[bool] = field(default_factory=list)
-    finals: dict[int, dict] = field(default_factory=dict)
-    delivered: set = field(default_factory=set)
-
-    def __post_init__(self):
-        n = len(self.jobs)
-        self.produced, self.pending, self.done = [0] * n, [""] * n, [False] * n
-
-    def finish(self, i: int, final: dict) -> None:
-        self.done[i], self.finals[i], self.pending[i] = True, final, ""
-
-    def all_done(self) -> bool:
-        return all(self.done)
-
-    def collect(self, n: int) -> list:
-        """One item per job: its final (once), its text so far, or StopIteration after its final."""
-        out: list = []
-        for i in range(n):
-            if i in self.delivered:
-                out.append(StopIteration)
-            elif i in self.finals:
-                out.append(self.finals[i])
-                self.delivered.add(i)
-            else:
-                out.append({"delta": self.pending[i], "batch_size": n})
-                self.pending[i] = ""
-        return out
 
 class ContextError(UserError):
     """The prompt (images included) plus max_tokens does not fit the model's context."""
