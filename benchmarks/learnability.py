@@ -101,6 +101,7 @@ def main() -> None:
     enc = p.add_mutually_exclusive_group()
     enc.add_argument("--train-encoders", dest="train_encoders", action="store_true", default=None)
     enc.add_argument("--frozen-encoders", dest="train_encoders", action="store_false")
+    p.add_argument("--vision-lr", type=float, default=None, help="lr of trained encoders (default: --lr)")
     p.add_argument("--overrides", type=json.loads, default=None, help="flavour overrides (JSON)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=cfg.seed)
@@ -113,7 +114,7 @@ def main() -> None:
 
     ds = synthetic.generate(args.n_train, args.n_heldout, seed=args.seed)
     rows = ds.train_rows()
-    texts = [t["value"] for r in rows for t in r["conversations"]] + [conv.SYSTEM_PROMPT]
+    texts = [t["value"].replace(conv.IMAGE, " ") for r in rows for t in r["conversations"]]  # as preprocess
     tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
     train = _prepare(rows, {s.image_path: s.image for s in ds.train if s.image is not None}, tok, spec, n_per_view)
 
@@ -121,7 +122,10 @@ def main() -> None:
     model = SphinxX.from_flavour(flavour, tok)
     model.set_vision_trainable(train_encoders)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    encoders = {id(q) for m in (model.vision.convnext, model.vision.dino) for q in m.parameters()}
+    groups = [{"params": [q for q in params if id(q) not in encoders]},
+              {"params": [q for q in params if id(q) in encoders], "lr": args.vision_lr or args.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = max(1, math.ceil(cfg.warmup_ratio * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -145,7 +149,7 @@ def main() -> None:
 
     print(json.dumps({
         "config": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "n_train": args.n_train,
-                   "n_heldout": args.n_heldout, "train_encoders": train_encoders, "overrides": overrides,
+                   "n_heldout": args.n_heldout, "train_encoders": train_encoders, "vision_lr": args.vision_lr, "overrides": overrides,
                    "threads": args.threads, "seed": args.seed},
         "accuracy": evaluate(model, ds, tok, spec, n_per_view),
         "loss": {"first": round(losses[0], 3), "final": round(sum(losses[-20:]) / len(losses[-20:]), 3)},

@@ -190,3 +190,13 @@ def test_load_tokenizer_adds_image_token(tmp_path):
     assert loaded.decode(t.input_ids).startswith(SYSTEM_PROMPT) and t.input_ids[-1] == loaded.eos_token_id
     with pytest.raises(UserError):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_debug_tokenizer_learns_the_template_text_itself():
+    # trained only on turns (as preprocess does): the system prompt every row starts with must
+    # still be a few merged tokens, not ~110 byte-level ones (it once tripled the demo's rows)
+    tok = train_bpe_tokenizer(["What colour are the shapes?", "red", "Count the shapes.", "3"] * 5, vocab_size=400)
+    t = tokenize_conversation(CONV[:2], tok, image_tokens=[1], max_seq_len=1024)
+    template = len(tok.encode(SYSTEM_PROMPT, add_special_tokens=False))
+    assert template <= 40, template
+    assert len(t.input_ids) < 80
