@@ -99,6 +99,7 @@ class DecodeLoop:
         self._reset()
         self.steps = 0  # decode steps run
         self.row_steps = 0  # sum over steps of the rows decoded in that step (mean batch = row_steps / steps)
+        self.busy_s = self.busy_cpu_s = 0.0  # wall / this thread's CPU time spent admitting and stepping
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -118,7 +119,9 @@ class DecodeLoop:
         self._thread.join(timeout)
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "mean_rows_per_step": round(self.row_steps / self.steps, 2) if self.steps else 0.0}
+        """``busy_cpu_s`` well under ``busy_s``: the loop waited for a core or the GIL while decoding."""
+        return {"steps": self.steps, "mean_rows_per_step": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
+                "busy_s": round(self.busy_s, 3), "busy_cpu_s": round(self.busy_cpu_s, 3)}
 
     # ------------------------------------------------------------ the loop (its own thread)
 
@@ -127,6 +130,7 @@ class DecodeLoop:
             new = self._take()
             if new is None:
                 break
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 if new:
                     self._admit(new)
@@ -137,6 +141,8 @@ class DecodeLoop:
                 failed = self.rows + [r for r in new if r not in self.rows]
                 self._reset()
                 self.deliver([(r, err) for r in failed])
+            self.busy_s += time.perf_counter() - t0
+            self.busy_cpu_s += time.thread_time() - c0
         failed = self.rows + list(self._inbox)
         if failed:
             self.deliver([(r, RuntimeError("the decode loop was closed")) for r in failed])

@@ -83,17 +83,22 @@ def _openai_call(base_url: str, model: str, tokens: int, extra: dict):
     local = threading.local()
 
     def call() -> int:
-        if getattr(local, "conn", None) is None:
-            local.conn = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
-        try:
-            local.conn.request("POST", where.path + "/chat/completions", body,
-                               {"Content-Type": "application/json"})
-            resp = local.conn.getresponse()
-            data = resp.read()
-        except (OSError, http.client.HTTPException):
-            local.conn.close()
-            local.conn = None
-            raise
+        for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile: once more, fresh
+            reused = getattr(local, "conn", None) is not None
+            if not reused:
+                local.conn = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
+            try:
+                local.conn.request("POST", where.path + "/chat/completions", body,
+                                   {"Content-Type": "application/json"})
+                resp = local.conn.getresponse()
+                data = resp.read()
+                break
+            except (OSError, http.client.HTTPException) as err:
+                local.conn.close()
+                local.conn = None
+                stale = isinstance(err, (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected))
+                if not (reused and stale and attempt == 0):
+                    raise
         if resp.status != 200:
             raise RuntimeError(f"{base_url}: HTTP {resp.status}: {data[:300]!r}")
         out = json.loads(data)
@@ -143,7 +148,11 @@ def bench_endpoint(model_dir: Path, tokens: int, per_client: int, batching: bool
         call = _openai_call(summary["url"] + "/v1", "debug", tokens, {"ignore_eos": True})
         out = {str(c): _drive(call, c, per_client) for c in CONCURRENCY}
         stats = json.loads(_get(summary["url"] + "/v1/stats"))["models"]["debug"]
-        out["batch_size_histogram"] = stats["batch_size_histogram"]  # requests per batch size, all C
+        out["batch_size_histogram"] = stats["batch_size_histogram"]  # requests by largest batch, all C
+        from ray import serve
+
+        replica = serve.get_deployment_handle("debug", app_name=spec.name).stats.remote().result()
+        out["decode_loop"] = {k: replica.get(k) for k in ("steps", "mean_rows_per_step", "busy_s", "busy_cpu_s")}
         return out
     finally:
         serve_stage.shutdown(spec)
@@ -223,10 +232,7 @@ def bench_transformers_serve(model_dir: Path, tokens: int, per_client: int) -> d
 
 def _load() -> str:
     """The 1/5/15-minute load averages (the box is shared: read figures against them)."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -260,14 +266,20 @@ def main() -> None:
     for key, name, batching in runs:
         if key in systems:
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            load = _load()
             result[name] = bench_endpoint(model_dir, a.tokens, a.requests_per_client, batching, a.batch_wait_s)
+            result[name]["loadavg"] = [load, _load()]
     if "d" in systems:
+        load = _load()
         result["d_raw_batched_loop"] = bench_raw(model_dir, a.tokens, a.requests_per_client)
+        result["d_raw_batched_loop"]["loadavg"] = [load, _load()]
     if "c" in systems:
+        load = _load()
         try:
             result["c_transformers_serve"] = bench_transformers_serve(model_dir, a.tokens, a.requests_per_client)
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             result["c_transformers_serve"] = {"error": f"{type(err).__name__}: {err}"}
+        result["c_transformers_serve"]["loadavg"] = [load, _load()]
     result["loadavg_end"] = _load()
     ratios = {}
     for c in map(str, CONCURRENCY):
