@@ -227,7 +227,8 @@ class Ingress:
 
     @app.get("/v1/stats")
     async def stats(self, request: Request) -> dict:
-        """Per member: requests served and a histogram {batch size: requests run at that size}."""
+        """Per member: requests served and a histogram {batch size: requests whose largest running
+        batch (continuous batching, actors.decode_loop) had that size}."""
         self._auth(request)
         return {"models": {name: {"requests": self.requests[name],
                                   "batch_size_histogram": {str(k): v for k, v in sorted(c.items())},
