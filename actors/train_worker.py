@@ -210,6 +210,29 @@ def export_model(engine, tokenizer, storage, out: str, check_batch: Optional[dic
 # ----------------------------------------------------------------------------- the loop
 
 
+def token_share(labels: torch.Tensor, world: int, device) -> float:
+    """This rank's share of the micro-batch's supervised tokens over all ranks (all_reduce).
+
+    Each rank's ``lm_loss`` is a mean over its own supervised tokens, and DeepSpeed averages the
+    ranks' gradients. Length grouping gives ranks very different rows (one rank the short
+    word / chat rows with one answer each, the other the scene rows with three), so a plain
+    average would weigh a token on a "short" rank several times more than one on a "long" rank.
+    Scaling each rank's loss by ``share · world`` makes the step the mean over ALL supervised
+    tokens of the global batch, as one process training on the whole batch would compute:
+
+        rank 0: 6 tokens, rank 1: 30 tokens  ->  shares 1/6, 5/6  (plain average: 1/2, 1/2)
+    """
+    import torch.distributed as dist
+
+    mine = float((labels[:, 1:] != -100).sum())
+    if world == 1:
+        return 1.0
+    counts = torch.tensor([mine], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(counts)
+    total = float(counts[0])
+    return mine / total if total else 1.0 / world
+
+
 def _report_pid(pid_dir: Optional[str], rank: int, step: int) -> None:
     """Test hook: `rank{r}.pid` holds "pid step" so a test can kill a worker mid-run."""
     if pid_dir:
@@ -262,6 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
         next(batches)
 
     engine.train()
+    aux_coef = float(engine.module.aux_loss_coef)
     last_batch = None
     report_s, last_report = 0.0, time.monotonic()
     report_every_s = float(config.get("report_every_s", REPORT_EVERY_S))
@@ -281,11 +305,14 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"rank {rank}: data out of plan order at step {step}: got positions "
                                    f"{pos.tolist()[:4]}..., expected from {expected}")
             t = time.perf_counter()
+            share = token_share(batch["labels"], world, engine.device)
             output = engine(**model_inputs(batch, engine.device))
-            engine.backward(output.loss)
+            lm = output.lm_loss * (share * world)  # DeepSpeed averages over ranks: x world undoes it
+            engine.backward(lm + (output.loss - output.lm_loss))
             engine.step()
             compute_s += time.perf_counter() - t
-            sums[:6] += torch.tensor([float(output.loss), float(output.lm_loss), float(output.aux_loss),
+            sums[:6] += torch.tensor([float(output.lm_loss) * share + float(output.aux_loss) * aux_coef / world,
+                                      float(output.lm_loss) * share, float(output.aux_loss) / world,
                                       float(batch["num_tokens"]), float(batch["image_tokens"]),
                                       float(batch["saved_tokens"])], dtype=torch.float64)
             last_batch = batch
@@ -299,9 +326,9 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {
             "step": step,
-            "loss": float(sums[0]) / (accum * world),
-            "lm_loss": float(sums[1]) / (accum * world),
-            "aux_loss": float(sums[2]) / (accum * world),
+            "loss": float(sums[0]) / accum,  # token-weighted over the ranks (see token_share)
+            "lm_loss": float(sums[1]) / accum,
+            "aux_loss": float(sums[2]) / accum,
             "lr": float(engine.get_lr()[0]),
             "grad_norm": float(norm) if norm is not None else None,
             "tokens": int(sums[3]),

@@ -14,18 +14,32 @@ def _shards(tmp_path, n_files=3, rows=10) -> list[str]:
     for k in range(n_files):
         path = str(tmp_path / f"part-{k:05d}.parquet")
         pq.write_table(pa.table({"id": [f"{k}:{i}" for i in range(rows)],
-                                 "views": [bytes([k, i]) for i in range(rows)]}), path)
+                                 "views": [bytes([k, i]) for i in range(rows)]}), path, row_group_size=4)
         files.append(path)
     return files
 
 
 def test_read_planned_rows_keeps_entry_order_across_files_and_repeats(tmp_path):
-    read = ReadPlannedRows({"uri": str(tmp_path)}, _shards(tmp_path), cache_files=2)
-    file, row = np.array([2, 0, 2, 1, 0, 0, 2]), np.array([3, 1, 3, 9, 0, 5, 0])
-    table = read({"file": file, "row": row, "_pos": np.arange(40, 47)})
-    assert table.column("id").to_pylist() == [f"{f}:{r}" for f, r in zip(file, row)]
-    assert table.column("views").to_pylist() == [bytes([f, r]) for f, r in zip(file, row)]
-    assert table.column("_pos").to_pylist() == list(range(40, 47))
+    # row groups of 4 rows; a cache smaller than two groups evicts as it goes
+    read = ReadPlannedRows({"uri": str(tmp_path)}, _shards(tmp_path), cache_bytes=1)
+    file, row = np.array([2, 0, 2, 1, 0, 0, 2, 1]), np.array([3, 1, 3, 9, 0, 5, 0, 4])
+    for _ in range(2):  # the second pass reads through the cache
+        table = read({"file": file, "row": row, "_pos": np.arange(40, 48)})
+        assert table.column("id").to_pylist() == [f"{f}:{r}" for f, r in zip(file, row)]
+        assert table.column("views").to_pylist() == [bytes([f, r]) for f, r in zip(file, row)]
+        assert table.column("_pos").to_pylist() == list(range(40, 48))
+
+
+def test_read_planned_rows_reads_each_row_group_once_when_it_fits(tmp_path, monkeypatch):
+    read = ReadPlannedRows({"uri": str(tmp_path)}, _shards(tmp_path))
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, *a, **k: reads.append(g) or real(self, g, *a, **k))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        file, row = rng.integers(0, 3, 8), rng.integers(0, 10, 8)
+        read({"file": file, "row": row, "_pos": np.arange(8)})
+    assert len(reads) <= 3 * 3  # 3 files × 3 row groups of 4, 4, 2 rows
 
 
 def test_plan_entries_positions_start_at_the_resumed_step():
