@@ -10,7 +10,7 @@ Samples (one image each, or none):
   (red, green, blue, yellow, purple, orange) at random, non-overlapping positions on a
   light background. Questions: ``colour``, ``shape``, ``count``.
 - **word**: one word of a closed vocabulary (:data:`WORDS`) rendered in dark ink at a
-  random place and size, on square or wide images (a word in a 1:3 strip is a few pixels
+  random size near the centre, on square or wide images (a word in a 1:3 strip is a few pixels
   tall on the debug flavour's 64 px canvas). Question: ``text`` (OCR-style).
 - **chat**: text only, "Repeat the word: X" -> "X" (the paper mixes text-only data into
   its one training stage; these keep the LLM's text path exercised).
@@ -64,6 +64,7 @@ COUNTS = (1, 2, 3, 4)
 # visually distinct at the debug flavour's resolution: lengths 2-8 and different
 # ascender / descender patterns (no near-twins such as "cat" / "car")
 WORDS = ("ox", "sun", "dog", "fish", "tree", "zebra", "apple", "kangaroo")
+WORD_JITTER = 0.1  # a word's place: the centre ± 5 % of the free space (see render_word)
 # (width, height) in pixels of the original image; the long side is 192 px at most
 ASPECTS: tuple[tuple[int, int], ...] = (
     (128, 128), (192, 128), (192, 96), (192, 48), (96, 192), (64, 192),
@@ -224,7 +225,14 @@ def _font(px: int) -> ImageFont.FreeTypeFont:
 
 
 def render_word(rng: random.Random, size: tuple[int, int], word: str) -> Image.Image:
-    """Draw ``word`` in dark ink, as large as fits 50-90 % of the width, at a random place."""
+    """Draw ``word`` in dark ink, as large as fits 50-90 % of the width, near the centre.
+
+    The place jitters by ``WORD_JITTER`` of the free space around the centre. The demo's
+    encoders are random (nothing can be downloaded): a linear probe on their features reads
+    a centred word in unseen renderings (size, ink, background, aspect ratio) perfectly, but
+    only 0.39 of words placed anywhere (0.73 at a jitter of 0.3) — so words stay near the
+    centre, while the scenes' shapes go anywhere.
+    """
     w, h = size
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
@@ -236,8 +244,9 @@ def render_word(rng: random.Random, size: tuple[int, int], word: str) -> Image.I
             break
         px -= 2
     l, t, r, b = draw.textbbox((0, 0), word, font=_font(px))
-    x = rng.uniform(0, max(0.0, w - (r - l))) - l
-    y = rng.uniform(0, max(0.0, h - (b - t))) - t
+    free_x, free_y = max(0.0, w - (r - l)), max(0.0, h - (b - t))
+    x = free_x * (0.5 + WORD_JITTER * rng.uniform(-0.5, 0.5)) - l
+    y = free_y * (0.5 + WORD_JITTER * rng.uniform(-0.5, 0.5)) - t
     ink = tuple(rng.randint(0, 60) for _ in range(3))
     draw.text((x, y), word, fill=ink, font=_font(px))
     return img
