@@ -2,6 +2,8 @@
 
     >>> with EmbeddedS3() as server:            # a free port on 127.0.0.1, in a thread
     ...     env = embedded_worker_env(server.endpoint_url)   # for Ray runtime_env
+    >>> with EmbeddedS3Process() as server:     # the same, in a child process (its own GIL)
+    ...     ...
 
 As a separate process (what `sphinx-x up` runs): ``python -m cluster.storage serve --port 9000``
 (``--port 0`` picks a free one; ``--ready-file F`` receives the endpoint URL once it answers).
@@ -83,6 +85,73 @@ class EmbeddedS3:
                 inner.server_close()
 
     def __enter__(self) -> "EmbeddedS3":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class EmbeddedS3Process:
+    """The same server in a child process (``python -m cluster.storage serve``), so that its
+    request handling does not share this process's GIL: a driver that uploads thousands of
+    objects from threads while the server parses them in-process runs at about one core.
+
+    ``start()`` returns once the server answers; ``stop()`` terminates the child.
+    """
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self._proc: Any = None
+        self._log: Any = None
+        self._endpoint: Optional[str] = None
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._endpoint is None:
+            raise RuntimeError("EmbeddedS3Process is not started")
+        return self._endpoint
+
+    def start(self, timeout_s: float = 60) -> "EmbeddedS3Process":
+        import subprocess
+        import tempfile
+
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self._log = tempfile.TemporaryFile()  # the child's output (a pipe could fill and block it)
+        with tempfile.TemporaryDirectory(prefix="sx-s3-") as tmp:
+            ready = Path(tmp, "endpoint")
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "cluster.storage", "serve", "--host", self.host, "--port", "0",
+                 "--ready-file", str(ready)], stdin=subprocess.DEVNULL, stdout=self._log,
+                stderr=subprocess.STDOUT, env=env)
+            deadline = time.monotonic() + timeout_s
+            while not ready.exists():
+                if self._proc.poll() is not None:
+                    self._log.seek(0)
+                    err = self._log.read().decode(errors="replace")[-2000:]
+                    raise UserError(f"storage: embedded S3 process exited with {self._proc.returncode}: {err}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise UserError(f"storage: embedded S3 process did not answer within {timeout_s:.0f}s")
+                time.sleep(0.05)
+            self._endpoint = ready.read_text().strip()
+        log.info("embedded S3 server (process %d) on %s", self._proc.pid, self._endpoint)
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc, self._endpoint = self._proc, None, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - it would not stop: kill it
+                proc.kill()
+                proc.wait(timeout=10)
+        log_file, self._log = self._log, None
+        if log_file is not None:
+            log_file.close()
+
+    def __enter__(self) -> "EmbeddedS3Process":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

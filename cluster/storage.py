@@ -46,6 +46,7 @@ from cluster.embedded_s3 import (  # noqa: F401
     DUMMY_CREDENTIALS,
     ENDPOINT_ENV,
     EmbeddedS3,
+    EmbeddedS3Process,
     embedded_worker_env,
     serve_main,
 )

@@ -258,11 +258,11 @@ class _Embedded:
 
     def start(self, spec: ClusterSpec) -> None:
         from cluster import runtime
-        from cluster.storage import ENDPOINT_ENV, EmbeddedS3
+        from cluster.storage import ENDPOINT_ENV, EmbeddedS3Process
 
         up = runtime.up_state(alive_only=True)
         if not os.environ.get(ENDPOINT_ENV) and not (up and up.get("s3")):
-            self.s3 = EmbeddedS3().start()
+            self.s3 = EmbeddedS3Process().start()  # its own process: uploads are not GIL-bound
             os.environ[ENDPOINT_ENV] = self.s3.endpoint_url
             log.info("demo: embedded S3 at %s", self.s3.endpoint_url)
         import ray

@@ -249,3 +249,24 @@ def test_a_ray_worker_without_the_endpoint_fails_instead_of_starting_its_own(ray
 
     env = {"env_vars": {"SPHINX_X_HOME": str(tmp_path)}}
     assert "endpoint unknown in this Ray worker" in ray_local.get(open_in_worker.options(runtime_env=env).remote())
+
+
+def test_embedded_server_as_a_child_process_serves_and_stops():
+    import boto3
+
+    from cluster.storage import EmbeddedS3Process
+
+    server = EmbeddedS3Process().start()
+    proc = server._proc
+    try:
+        assert server.endpoint_url.startswith("http://127.0.0.1:")
+        client = boto3.client("s3", endpoint_url=server.endpoint_url, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="child")
+        client.put_object(Bucket="child", Key="a", Body=b"hello")
+        assert client.get_object(Bucket="child", Key="a")["Body"].read() == b"hello"
+    finally:
+        server.stop()
+    assert proc.poll() is not None  # the child is gone
+    with pytest.raises(RuntimeError):
+        server.endpoint_url
