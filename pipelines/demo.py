@@ -17,7 +17,7 @@
 
 The debug model starts from random weights (no weights can be downloaded here), so the demo
 trains with lr 3e-3, not the paper's 2e-5 (which fine-tunes pretrained LLMs). Everything
-runs on 2 CPU cores in about fifteen minutes; ``--quick`` is the CI-sized version.
+runs on 2 CPU cores in about 13 minutes (BENCHMARKS.md, "sphinx-x demo"); ``--quick`` is the CI-sized version.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class DemoConfig:
 
     n_train: int = 5000
     n_heldout: int = 150
-    steps: int = 2000  # ~5-7 min under Ray Train on 2 cores; shape and count need them
+    steps: int = 2000  # ~10 min under Ray Train on 2 cores (3.6 steps/s); shape and count need them
     micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
     lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
     warmup_ratio: float = 0.05
