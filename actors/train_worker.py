@@ -210,8 +210,9 @@ def export_model(engine, tokenizer, storage, out: str, check_batch: Optional[dic
 # ----------------------------------------------------------------------------- the loop
 
 
-def token_share(labels: torch.Tensor, world: int, device) -> float:
-    """This rank's share of the micro-batch's supervised tokens over all ranks (all_reduce).
+def token_share(num_tokens: int, world: int, device) -> float:
+    """This rank's share of the micro-batch's supervised tokens over all ranks (all_reduce);
+    ``num_tokens`` is the model's own count (``SphinxOutput.num_tokens``).
 
     Each rank's ``lm_loss`` is a mean over its own supervised tokens, and DeepSpeed averages the
     ranks' gradients. Length grouping gives ranks very different rows (one rank the short
@@ -224,13 +225,12 @@ def token_share(labels: torch.Tensor, world: int, device) -> float:
     """
     import torch.distributed as dist
 
-    mine = float((labels[:, 1:] != -100).sum())
     if world == 1:
         return 1.0
-    counts = torch.tensor([mine], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    counts = torch.tensor([float(num_tokens)], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     total = float(counts[0])
-    return mine / total if total else 1.0 / world
+    return num_tokens / total if total else 1.0 / world
 
 
 def _report_pid(pid_dir: Optional[str], rank: int, step: int) -> None:
@@ -292,9 +292,9 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total:
         t0 = time.perf_counter()
         data_s = compute_s = 0.0
-        # loss, lm, aux, tokens, image tokens, saved tokens, "report now" (rank 0 decides; the
+        # lm, aux, tokens, image tokens, saved tokens, "report now" (rank 0 decides; the
         # all_reduce hands its decision to every rank, so all ranks call ray.train.report together)
-        sums = torch.zeros(7, dtype=torch.float64)
+        sums = torch.zeros(6, dtype=torch.float64)
         for m in range(accum):
             t = time.perf_counter()
             batch = next(batches)
@@ -305,19 +305,18 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"rank {rank}: data out of plan order at step {step}: got positions "
                                    f"{pos.tolist()[:4]}..., expected from {expected}")
             t = time.perf_counter()
-            share = token_share(batch["labels"], world, engine.device)
             output = engine(**model_inputs(batch, engine.device))
+            share = token_share(output.num_tokens, world, engine.device)
             lm = output.lm_loss * (share * world)  # DeepSpeed averages over ranks: x world undoes it
             engine.backward(lm + (output.loss - output.lm_loss))
             engine.step()
             compute_s += time.perf_counter() - t
-            sums[:6] += torch.tensor([float(output.lm_loss) * share + float(output.aux_loss) * aux_coef / world,
-                                      float(output.lm_loss) * share, float(output.aux_loss) / world,
+            sums[:5] += torch.tensor([float(output.lm_loss) * share, float(output.aux_loss) / world,
                                       float(batch["num_tokens"]), float(batch["image_tokens"]),
                                       float(batch["saved_tokens"])], dtype=torch.float64)
             last_batch = batch
         if rank == 0 and time.monotonic() - last_report >= report_every_s:
-            sums[6] = 1.0
+            sums[5] = 1.0
         t = time.perf_counter()
         dist.all_reduce(sums)
         norm = engine.get_global_grad_norm()
@@ -326,15 +325,15 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {
             "step": step,
-            "loss": float(sums[0]) / accum,  # token-weighted over the ranks (see token_share)
-            "lm_loss": float(sums[1]) / accum,
-            "aux_loss": float(sums[2]) / accum,
+            "loss": (float(sums[0]) + aux_coef * float(sums[1])) / accum,
+            "lm_loss": float(sums[0]) / accum,  # token-weighted over the ranks (see token_share)
+            "aux_loss": float(sums[1]) / accum,
             "lr": float(engine.get_lr()[0]),
             "grad_norm": float(norm) if norm is not None else None,
-            "tokens": int(sums[3]),
-            "tokens_per_s": float(sums[3]) / elapsed,
-            "image_tokens": int(sums[4]),
-            "saved_tokens": int(sums[5]),
+            "tokens": int(sums[2]),
+            "tokens_per_s": float(sums[2]) / elapsed,
+            "image_tokens": int(sums[3]),
+            "saved_tokens": int(sums[4]),
             "step_time_s": elapsed,
             "data_s": data_s, "compute_s": compute_s, "sync_s": sync_s, "report_s": report_s,
             "wall_t": time.time(),
@@ -350,7 +349,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
             shutil.rmtree(directory, ignore_errors=True)
             last_report = time.monotonic()
-        elif sums[6] > 0:
+        elif sums[5] > 0:
             ray.train.report(metrics)
             last_report = time.monotonic()
         report_s = time.perf_counter() - t  # outside the step: shown on the next step's metrics

@@ -19,25 +19,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, rows: list, out) -> None:
+def _rank(rank: int, port: int, counts: list, out) -> None:
     import torch.distributed as dist
 
     from actors.train_worker import token_share
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        out.put((rank, token_share(torch.tensor(rows[rank]), 2, torch.device("cpu"))))
+        out.put((rank, token_share(counts[rank], 2, torch.device("cpu"))))
     finally:
         dist.destroy_process_group()
 
 
 def test_token_share_weighs_every_supervised_token_alike():
-    # rank 0: 1 supervised target token; rank 1: 3 (the first column is never a target)
-    rows = [[[5, IGNORE, 7, IGNORE]], [[5, 6, 7, 8]]]
+    counts = [1, 3]  # supervised target tokens on rank 0 and rank 1
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, rows, out)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, port, counts, out)) for r in range(2)]
     for p in procs:
         p.start()
     shares = dict(out.get(timeout=60) for _ in procs)
@@ -59,7 +58,8 @@ def test_weighted_rank_losses_equal_the_global_token_mean():
     with torch.no_grad():
         whole = model(input_ids=ids, labels=labels).lm_loss
         parts = [model(input_ids=ids[i:i + 1], labels=labels[i:i + 1]) for i in range(2)]
-    n = [int((labels[i, 1:] != IGNORE).sum()) for i in range(2)]
+    n = [p.num_tokens for p in parts]  # what the train loop hands token_share
+    assert n == [2, 11]
     weighted = sum(p.lm_loss * k / sum(n) for p, k in zip(parts, n))
     plain = sum(p.lm_loss for p in parts) / 2
     assert torch.allclose(weighted, whole, atol=1e-5)
