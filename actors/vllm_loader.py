@@ -1,0 +1,63 @@
+"""Weights for the vLLM model, read from a sphinx-x model directory (vLLM ``load_format="sphinx_x"``).
+
+    >>> for name, tensor in iter_model_weights("out/export"):
+    ...     name            # 'llm.model.layers.0.self_attn.q_proj.weight', 'vision.projector.0.weight', ...
+
+Names are those of ``models.sphinx.SphinxX.state_dict()`` (``llm.`` + the HF causal-LM names,
+``vision.`` + models.vision's), whatever the directory layout: :func:`iter_model_weights` is
+the only function that knows the layout, so a change of ``models.checkpoint``'s layout changes
+it alone. Tensors are read one at a time (safetensors ``safe_open``), never the whole state dict.
+
+The loader registered as ``load_format="sphinx_x"`` feeds that stream to
+``SphinxXForConditionalGeneration.load_weights`` and fails, naming the keys, when a parameter
+was left unloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+
+from models.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
+
+
+def iter_model_weights(model_dir: Union[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(SphinxX state-dict name, tensor) for every tensor of the model directory's weights."""
+    from safetensors import safe_open
+
+    src = Path(model_dir)
+    if (src / INDEX_FILE).is_file():
+        files = sorted(set(json.loads((src / INDEX_FILE).read_text())["weight_map"].values()))
+    elif (src / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {src}")
+    for name in files:
+        if not (src / name).is_file():
+            raise CheckpointError(f"{src / INDEX_FILE} names {name}, which is missing")
+        with safe_open(str(src / name), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def make_model_loader():
+    """vLLM's BaseModelLoader subclass for ``load_format="sphinx_x"`` (built lazily: vLLM is optional)."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    class SphinxXModelLoader(BaseModelLoader):
+        def download_model(self, model_config) -> None:  # local directories only
+            if not Path(model_config.model).is_dir():
+                raise CheckpointError(f"sphinx-x model directory not found: {model_config.model}")
+
+        def load_weights(self, model: torch.nn.Module, model_config) -> None:
+            loaded = model.load_weights(iter_model_weights(model_config.model))
+            missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+            if missing:
+                shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+                raise CheckpointError(f"{model_config.model}: no weights for {len(missing)} parameter(s) of the "
+                                      f"vLLM model: {shown}")
+
+    return SphinxXModelLoader
