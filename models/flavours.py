@@ -34,6 +34,15 @@ class Flavour:
     dino_input: int
     grid: int = 2
     tile_size: int = 224
+    # geometry (models.tiling): where the image sits on its padded square, "top_left" (the paper)
+    # or "centre" (the official release, LLaMA2-Accessory's PadToSquare), and whether fully padded
+    # tiles become one skip token each (the paper) or are encoded like any tile (False: the release)
+    pad: Literal["top_left", "centre"] = "top_left"
+    skip_tokens: bool = True
+    # where an image's tokens go: "inline" at its <image> placeholder (this project's template) or
+    # "after_bos", right after <s> and before the system prompt, placeholders dropped (the official
+    # release's MetaModel: h = [bos, image, caption]); models.conversation builds the ids
+    image_position: Literal["inline", "after_bos"] = "inline"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     # None: train a BPE tokenizer offline (debug); otherwise an HF tokenizer directory
@@ -112,13 +121,23 @@ _DEBUG_VISION = dict(
     dino_input=48,  # 4×4 patches of 12 px + CLS = 17 tokens per view
 )
 
+_TINYLLAMA = dict(
+    hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+    intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+)
+# The official SPHINX-Tiny release (LLaMA2-Accessory `llama_ens_light` / `llama_ens5_light`, read
+# by `sphinx-x convert --from accessory`): the same two encoders and 257 + 2 tokens per view, the
+# image centred on its padded square, no skip tokens, the image right after <s>.
+#   sphinx-tiny     one 512 px view (G = 1): 259 image tokens
+#   sphinx-tiny-1k  a 1024 canvas: the global view, then 2×2 tiles of 512 (the ConvNeXt sees each at
+#                   512, DINOv2 at 224, i.e. the release's 448 resize cut into 2×2): 5 · 259 = 1295
+_RELEASE = dict(pad="centre", skip_tokens=False, image_position="after_bos")
+# Their toys (the converter's tests): the debug encoders on 64 px views, the ConvNeXt's own input
+
 FLAVOURS: dict[str, Flavour] = {
     f.name: f
     for f in [
-        _real("tiny", "llama", dict(
-            hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-            intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        ), notes="TinyLlama-1.1B"),
+        _real("tiny", "llama", _TINYLLAMA, notes="TinyLlama-1.1B"),
         _real("intern2", "llama", dict(
             hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
             intermediate_size=14336, vocab_size=92544, max_position_embeddings=32768,
@@ -137,6 +156,14 @@ FLAVOURS: dict[str, Flavour] = {
         Flavour(name="debug-moe", llm_arch="mixtral", llm=dict(
             _DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01,
         ), tile_size=48, max_seq_len=1024, notes="tests and demo, MoE", **_DEBUG_VISION),
+        _real("sphinx-tiny", "llama", _TINYLLAMA, grid=1, tile_size=512, **_RELEASE,
+              notes="the official SPHINX-Tiny (llama_ens_light): one 512 px view"),
+        _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE,
+              notes="the official SPHINX-Tiny-1k (llama_ens5_light): global view + 2x2 tiles of 512"),
+        Flavour(name="debug-sphinx-tiny", llm_arch="llama", llm=_DEBUG_LLM, grid=1, tile_size=64,
+                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny in miniature (tests)", **_DEBUG_VISION),
+        Flavour(name="debug-sphinx-tiny-1k", llm_arch="llama", llm=_DEBUG_LLM, grid=2, tile_size=64,
+                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny-1k in miniature (tests)", **_DEBUG_VISION),
     ]
 }
 

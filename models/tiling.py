@@ -1,10 +1,17 @@
 """The one any-resolution rule (DESIGN.md §1), shared by preprocess, training and serving.
 
 An image of W×H pixels (after EXIF transpose) is scaled so that its long side is the canvas
-side C = G·S, pasted at the top-left of a C×C canvas filled with the uint8 mean colour, and
-cut into G×G tiles of S×S, row-major. A tile is kept iff it holds at least one image pixel;
-the others are skipped (one learnable skip token each). The global view (the whole canvas
-reduced to S×S) comes first, then the kept tiles.
+side C = G·S, pasted on a C×C canvas filled with the uint8 mean colour, and cut into G×G tiles
+of S×S, row-major. The global view (the whole canvas reduced to S×S) comes first, then the
+kept tiles. Two settings (carried by the flavour, so a model is always fed the geometry it was
+trained with) choose between the paper's rule and the official release's:
+
+- ``pad``: ``"top_left"`` (the paper, the default) pastes the image at (0, 0); ``"centre"``
+  (the released SPHINX models, LLaMA2-Accessory's ``PadToSquare``) at
+  ``((C - w') // 2, (C - h') // 2)``.
+- ``skip_tokens``: True (the paper) keeps a tile iff it holds at least one image pixel; the
+  others are skipped (not encoded, one learnable skip token each). False (the release) keeps
+  every tile: ``(1 + G²)·(N + 2)`` tokens for every image.
 
     >>> spec = TileSpec(grid=2, tile_size=224)
     >>> kept_mask(1000, 500, spec)                 # 2:1 wide -> scaled to 448×224
@@ -14,6 +21,11 @@ reduced to S×S) comes first, then the kept tiles.
     >>> t = tile_image(load_image(jpeg_bytes, max_pixels=64_000_000), spec)
     >>> t.views.shape, t.views.dtype               # [1 + kept, S, S, 3]: global view first
     ((3, 224, 224, 3), dtype('uint8'))
+    >>> release = TileSpec(grid=2, tile_size=512, pad="centre", skip_tokens=False)
+    >>> plan(1000, 500, release)                   # scaled 1024×512, centred at y = 256
+    TilePlan(scaled_size=(1024, 512), offset=(0, 256), kept=array([ True,  True,  True,  True]))
+    >>> image_token_count(1000, 500, release, tokens_per_view=257)   # 5 · 259
+    1295
 
 Pure numpy + PIL, deterministic. Rounding is round-half-up in exact integer arithmetic:
 ``w' = max(1, (2·W·C + M) // (2·M))`` with ``M = max(W, H)``, so no float ever decides a size.
@@ -26,7 +38,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,6 +47,8 @@ from models.errors import UserError
 
 DEFAULT_MEAN_U8 = (123, 117, 104)  # CLIP mean · 255, rounded (models.flavours.Flavour.mean_u8)
 DEFAULT_MAX_PIXELS = 64_000_000
+PADS = ("top_left", "centre")
+Pad = Literal["top_left", "centre"]
 _ORIGINAL_SIZE = "sphinx_x_original_size"  # PIL info key: (W, H) before a JPEG draft
 _RESAMPLE = Image.Resampling.BICUBIC
 _REDUCING_GAP = 3.0  # integer box-reduce first, then bicubic over the last <3x: fast, no aliasing
@@ -57,17 +71,24 @@ class ImageError(UserError):
 
 @dataclass(frozen=True)
 class TileSpec:
-    """Grid G (G×G tiles), tile side S in pixels, and the uint8 padding colour."""
+    """Grid G (G×G tiles), tile side S in pixels, the uint8 padding colour, where the image sits
+    on the canvas (``pad``) and whether empty tiles become skip tokens (``skip_tokens``)."""
 
     grid: int
     tile_size: int
     mean_u8: tuple[int, int, int] = DEFAULT_MEAN_U8
+    pad: Pad = "top_left"
+    skip_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.tile_size < 1:
             raise ValueError(f"grid and tile_size must be >= 1, got {self.grid}, {self.tile_size}")
         if len(self.mean_u8) != 3 or not all(0 <= int(v) <= 255 for v in self.mean_u8):
             raise ValueError(f"mean_u8 must be 3 values in [0, 255], got {self.mean_u8}")
+        if self.pad not in PADS:
+            raise ValueError(f"pad must be one of {PADS}, got {self.pad!r}")
+        if not isinstance(self.skip_tokens, bool):
+            raise ValueError(f"skip_tokens must be a bool, got {self.skip_tokens!r}")
 
     @property
     def canvas(self) -> int:
@@ -76,7 +97,29 @@ class TileSpec:
 
     @classmethod
     def from_flavour(cls, flavour: Any) -> "TileSpec":
-        return cls(grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8))
+        return cls(grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8),
+                   pad=flavour.pad, skip_tokens=flavour.skip_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what a shard manifest or a model directory records of the geometry."""
+        return {"grid": self.grid, "tile_size": self.tile_size, "canvas": self.canvas,
+                "mean_u8": [int(v) for v in self.mean_u8], "pad": self.pad, "skip_tokens": self.skip_tokens}
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where a W×H image lands on the canvas and which tiles are kept, decided without pixels.
+
+    scaled_size: (w', h'). offset: (x0, y0), the pasted image's top-left corner on the canvas.
+    kept: bool [G*G] row-major (empty for G = 1).
+    """
+
+    scaled_size: tuple[int, int]
+    offset: tuple[int, int]
+    kept: np.ndarray
+
+    def __repr__(self) -> str:
+        return f"TilePlan(scaled_size={self.scaled_size}, offset={self.offset}, kept={self.kept!r})"
 
 
 @dataclass(frozen=True)
@@ -85,12 +128,16 @@ class TiledImage:
 
     views: uint8 [1 + n_kept, S, S, 3] — global view, then kept tiles row-major.
     kept: bool [G*G] row-major (empty for G = 1). scaled_size: (w', h') on the canvas. original_size: (W, H).
+    offset: (x0, y0) where the scaled image sits on the canvas; pad / skip_tokens: the spec's settings.
     """
 
     views: np.ndarray
     kept: np.ndarray
     scaled_size: tuple[int, int]
     original_size: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+    pad: Pad = "top_left"
+    skip_tokens: bool = True
 
     @property
     def grid(self) -> int:
@@ -134,21 +181,40 @@ def scaled_size(width: int, height: int, canvas: int) -> tuple[int, int]:
     return (max(1, (2 * width * canvas + m) // (2 * m)), max(1, (2 * height * canvas + m) // (2 * m)))
 
 
-def kept_mask(width: int, height: int, spec: TileSpec) -> np.ndarray:
-    """bool [G*G], row-major: tile (r, c) is kept iff c·S < w' and r·S < h'.
+def plan(width: int, height: int, spec: TileSpec) -> TilePlan:
+    """The rule for a W×H image: its scaled size, its place on the canvas, the kept tiles.
 
-    G = 1 means the global view only: there are no sub-images and the mask is empty (bool [0]),
-    so ``1 + kept.sum()`` views and ``(~kept).sum()`` skip tokens hold for every G.
+    ``pad="top_left"``: offset (0, 0). ``pad="centre"``: ``((C - w') // 2, (C - h') // 2)``.
+    With ``skip_tokens``, tile (r, c) is kept iff it overlaps the pasted image, i.e.
+    ``c·S < x0 + w'`` and ``(c+1)·S > x0`` (and the same for rows with y0, h'); for top-left
+    padding that is the paper's ``c·S < w'`` and ``r·S < h'``. Without skip tokens every tile
+    is kept. G = 1 means the global view only: there are no sub-images and the mask is empty
+    (bool [0]), so ``1 + kept.sum()`` views and ``(~kept).sum()`` skip tokens hold for every G.
     """
+    c = spec.canvas
+    w, h = scaled_size(width, height, c)
+    x0, y0 = ((c - w) // 2, (c - h) // 2) if spec.pad == "centre" else (0, 0)
     if spec.grid == 1:
-        return np.zeros(0, bool)
-    w, h = scaled_size(width, height, spec.canvas)
-    edges = np.arange(spec.grid) * spec.tile_size
-    return ((edges[:, None] < h) & (edges[None, :] < w)).reshape(-1)
+        kept = np.zeros(0, bool)
+    elif not spec.skip_tokens:
+        kept = np.ones(spec.grid * spec.grid, bool)
+    else:
+        lo = np.arange(spec.grid) * spec.tile_size
+        hi = lo + spec.tile_size
+        rows = (lo < y0 + h) & (hi > y0)
+        cols = (lo < x0 + w) & (hi > x0)
+        kept = (rows[:, None] & cols[None, :]).reshape(-1)
+    return TilePlan(scaled_size=(w, h), offset=(x0, y0), kept=kept)
+
+
+def kept_mask(width: int, height: int, spec: TileSpec) -> np.ndarray:
+    """bool [G*G], row-major: which tiles of a W×H image are encoded (see :func:`plan`)."""
+    return plan(width, height, spec).kept
 
 
 def image_token_count(width: int, height: int, spec: TileSpec, tokens_per_view: int) -> int:
-    """LLM tokens of one image: (1 + kept)·(N + 2) + skipped (start/end per view, 1 per skip)."""
+    """LLM tokens of one image: (1 + kept)·(N + 2) + skipped (start/end per view, 1 per skip);
+    ``(1 + G²)·(N + 2)`` without skip tokens (G > 1), ``N + 2`` for G = 1."""
     mask = kept_mask(width, height, spec)
     kept = int(mask.sum())
     return (1 + kept) * (tokens_per_view + 2) + (len(mask) - kept)
@@ -276,19 +342,20 @@ def tile_image(image: Image.Image, spec: TileSpec) -> TiledImage:
         raise ImageError("unsupported_mode", f"tile_image needs an RGB image (use load_image), got {image.mode!r}")
     original = tuple(image.info.get(_ORIGINAL_SIZE, image.size))
     g, s, c = spec.grid, spec.tile_size, spec.canvas
-    w, h = scaled_size(original[0], original[1], c)
+    layout = plan(original[0], original[1], spec)
+    (w, h), kept = layout.scaled_size, layout.kept
     if image.size != (w, h):
         image = image.resize((w, h), _RESAMPLE, reducing_gap=_REDUCING_GAP if image.width > w else None)
     canvas = Image.new("RGB", (c, c), tuple(int(v) for v in spec.mean_u8))
-    canvas.paste(image, (0, 0))
-    kept = kept_mask(original[0], original[1], spec)
+    canvas.paste(image, layout.offset)
     views = np.empty((1 + int(kept.sum()), s, s, 3), np.uint8)
     views[0] = np.asarray(canvas.reduce(g) if g > 1 else canvas)  # global view: box-reduce C -> S
     arr = np.asarray(canvas)
     for i, idx in enumerate(np.flatnonzero(kept), start=1):
         r, col = divmod(int(idx), g)
         views[i] = arr[r * s:(r + 1) * s, col * s:(col + 1) * s]
-    return TiledImage(views=views, kept=kept, scaled_size=(w, h), original_size=original)
+    return TiledImage(views=views, kept=kept, scaled_size=(w, h), original_size=original, offset=layout.offset,
+                      pad=spec.pad, skip_tokens=spec.skip_tokens)
 
 
 def load_and_tile(data: ImageInput, spec: TileSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> TiledImage:

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from models.errors import UserError
+from models.flavours import from_name
 from models.tiling import (
-    ImageError, TileSpec, image_token_count, kept_mask, load_and_tile, load_image, tile_image, tokens_saved,
+    ImageError, TileSpec, image_token_count, kept_mask, load_and_tile, load_image, plan, tile_image, tokens_saved,
 )
 
 MEAN = (123, 117, 104)
@@ -243,3 +244,92 @@ def test_exif_rotation_with_a_drafted_jpeg():
     assert fast.scaled_size == full.scaled_size == (48, 64)
     assert (fast.kept == full.kept).all() and fast.views.shape == full.views.shape
     assert np.abs(fast.views.astype(int) - full.views.astype(int)).mean() < 2
+
+
+# ----------------------------------------------------------------------------- the release's geometry
+
+
+def _ref_centred(W: int, H: int, G: int, S: int) -> tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]:
+    """Independent re-derivation for centred padding: the scaled image's rectangle, centred with
+    floor division as LLaMA2-Accessory's PadToSquare does, and the tiles it overlaps."""
+    (w, h), _ = _ref_rule(W, H, G, S)
+    C = G * S
+    x0, y0 = (C - w) // 2, (C - h) // 2
+    rows = {r for r in range(G) for y in range(y0, y0 + h) if r * S <= y < (r + 1) * S}
+    cols = {c for c in range(G) for x in range(x0, x0 + w) if c * S <= x < (c + 1) * S}
+    return (w, h), (x0, y0), [(r, c) for r in range(G) for c in range(G) if r in rows and c in cols]
+
+
+@pytest.mark.parametrize("G,S", [(2, 32), (3, 16), (3, 224)])
+def test_centred_rule_matches_rederivation(G, S):
+    spec = TileSpec(grid=G, tile_size=S, pad="centre")
+    for W, H in SIZES:
+        size, offset, kept = _ref_centred(W, H, G, S)
+        p = plan(W, H, spec)
+        assert (p.scaled_size, p.offset) == (size, offset), (W, H)
+        assert [(i // G, i % G) for i in np.flatnonzero(p.kept)] == kept, (W, H)
+        assert image_token_count(W, H, spec, 17) == (1 + len(kept)) * 19 + G * G - len(kept)
+    if G == 3:  # a 3:1 image centred on a 3x3 grid keeps only the middle row (top-left: the top one)
+        assert kept_mask(300, 100, spec).reshape(G, G).any(1).tolist() == [False, True, False]
+        assert kept_mask(300, 100, TileSpec(grid=G, tile_size=S)).reshape(G, G).any(1).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("W,H", [(200, 100), (100, 200), (77, 300), (64, 64), (1, 500)])
+def test_centred_tiles_match_pad_to_square(W, H):
+    """The release pads at the original resolution (PadToSquare: a max(W,H) square of the mean
+    colour, the image at (max - min) // 2) and then resizes the square to C. The canvas here (resize,
+    then paste at (C - w') // 2) puts the image on the same rectangle, to within one pixel."""
+    G, S = 2, 32
+    spec = TileSpec(grid=G, tile_size=S, mean_u8=MEAN, pad="centre", skip_tokens=False)
+    y, x = np.mgrid[0:H, 0:W]
+    a = np.stack([x * 255 // max(W - 1, 1), y * 255 // max(H - 1, 1), np.full_like(x, 200)], -1).astype(np.uint8)
+    t = tile_image(load_image(Image.fromarray(a)), spec)
+    m = max(W, H)
+    square = Image.new("RGB", (m, m), MEAN)
+    square.paste(Image.fromarray(a), ((m - W) // 2, (m - H) // 2))
+    ref = np.asarray(square.resize((G * S, G * S), Image.Resampling.BICUBIC)).astype(int)
+    canvas = t.canvas(MEAN).astype(int)
+    (w, h), (x0, y0) = t.scaled_size, t.offset
+    def rect(margin: int) -> np.ndarray:
+        m = np.zeros(canvas.shape[:2], bool)
+        m[max(0, y0 - margin):max(0, y0 + h + margin), max(0, x0 - margin):max(0, x0 + w + margin)] = True
+        return m
+
+    assert (canvas[~rect(0)] == MEAN).all()  # exact padding outside the pasted image
+    assert (ref[~rect(2)] == MEAN).all()  # the reference's bicubic bleeds up to 2 px past its edge
+    inside = rect(-2)
+    if inside.any():
+        assert np.abs(canvas[inside] - ref[inside]).mean() < 3
+
+
+def test_no_skip_tokens_encodes_every_tile():
+    spec = TileSpec(grid=2, tile_size=32, mean_u8=MEAN, pad="centre", skip_tokens=False)
+    for W, H in SIZES:
+        assert kept_mask(W, H, spec).tolist() == [True] * 4
+        assert image_token_count(W, H, spec, 257) == 5 * 259
+    t = load_and_tile(_png(Image.new("RGB", (100, 25), (255, 0, 0))), spec)  # 4:1 -> 64x16 at y 24
+    assert t.views.shape == (5, 32, 32, 3) and t.n_skipped == 0 and tokens_saved(t.kept, 257) == 0
+    assert (t.offset, t.pad, t.skip_tokens) == ((0, 24), "centre", False)
+    assert (t.views[1][:24] == MEAN).all() and (t.views[1][25:] == (255, 0, 0)).all()  # top tiles: red below y 24
+    assert (t.views[3][:7] == (255, 0, 0)).all() and (t.views[3][9:] == MEAN).all()  # bottom tiles: red above y 8
+    canvas = t.canvas(MEAN)
+    assert (canvas[24:40] == (255, 0, 0)).all() and (canvas[:24] == MEAN).all() and (canvas[40:] == MEAN).all()
+    top_left = TileSpec(grid=2, tile_size=32, mean_u8=MEAN, skip_tokens=False)
+    assert kept_mask(100, 25, top_left).tolist() == [True] * 4 and plan(100, 25, top_left).offset == (0, 0)
+
+
+def test_spec_from_flavour_carries_the_geometry():
+    for name, tokens in [("sphinx-tiny", 259), ("sphinx-tiny-1k", 5 * 259)]:
+        f = from_name(name)
+        spec = TileSpec.from_flavour(f)
+        assert (spec.pad, spec.skip_tokens, spec.canvas) == ("centre", False, 512 * f.grid)
+        assert spec.to_dict() == {"grid": f.grid, "tile_size": 512, "canvas": 512 * f.grid,
+                                  "mean_u8": list(f.mean_u8), "pad": "centre", "skip_tokens": False}
+        for W, H in [(1000, 1000), (1000, 500), (30, 900)]:
+            assert image_token_count(W, H, spec, f.tokens_per_view) == tokens
+    t = tile_image(load_image(Image.new("RGB", (90, 30), (0, 255, 0))), TileSpec.from_flavour(from_name("debug-sphinx-tiny-1k")))
+    assert t.views.shape == (5, 64, 64, 3) and t.offset == (0, 42) and t.skip_tokens is False
+    paper = TileSpec.from_flavour(from_name("tiny"))
+    assert (paper.pad, paper.skip_tokens) == ("top_left", True)
+    with pytest.raises(ValueError, match="pad must be one of"):
+        TileSpec(grid=2, tile_size=32, pad="center")
