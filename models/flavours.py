@@ -15,10 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-# CLIP normalisation, shared by both encoders. The canvas is padded with the mean colour
-# in uint8 (`mean_u8`) and normalisation subtracts exactly that, so padding becomes 0.
+# Each encoder gets the normalisation it was trained with. The canvas is padded with the CLIP
+# mean colour in uint8 (`mean_u8`) and the ConvNeXt's normalisation subtracts exactly that, so
+# its padding becomes 0; DINOv2 sees the same pixels with ImageNet statistics, as the official
+# SPHINX release re-normalises them: x_dino = (x_clip·std_clip + mean_clip - mean_in) / std_in.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,10 @@ class Flavour:
     # "after_bos", right after <s> and before the system prompt, placeholders dropped (the official
     # release's MetaModel: h = [bos, image, caption]); models.conversation builds the ids
     image_position: Literal["inline", "after_bos"] = "inline"
-    mean: tuple[float, float, float] = CLIP_MEAN
+    mean: tuple[float, float, float] = CLIP_MEAN  # the canvas padding colour and the ConvNeXt's input
     std: tuple[float, float, float] = CLIP_STD
+    dino_mean: tuple[float, float, float] = IMAGENET_MEAN  # DINOv2's input
+    dino_std: tuple[float, float, float] = IMAGENET_STD
     # None: train a BPE tokenizer offline (debug); otherwise an HF tokenizer directory
     tokenizer: str | None = None
     max_seq_len: int = 4096
@@ -65,7 +71,7 @@ class Flavour:
         if unknown:
             raise KeyError(f"unknown flavour field(s) {unknown}; known: {sorted(known)}")
         data = dict(data)
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "dino_mean", "dino_std"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -85,7 +91,9 @@ class Flavour:
         return side * side + 1
 
 
-_CONVNEXT_XXL = dict(hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3])
+# open_clip's convnext_xxlarge (a timm trunk) uses LayerNorm eps 1e-5 everywhere; transformers
+# hard-codes 1e-6 inside the tower, so `norm_eps` (read by models.vision.build_convnext) sets it
+_CONVNEXT_XXL = dict(hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3], norm_eps=1e-5, layer_norm_eps=1e-5)
 _DINOV2_G = dict(
     hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
     use_swiglu_ffn=True, patch_size=14, image_size=224,

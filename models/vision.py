@@ -3,10 +3,12 @@
 Every view (the global view, then the kept tiles of each image) is seen by both encoders:
 
     views  uint8 [V, S, S, 3]          V = Σ over images of (1 + kept)
-      │  normalise: (x - mean_u8) / (std·255)  → the mean-colour padding is exactly 0
-      ├─ resize to convnext_input → ConvNextModel → map [V, Cc, h, w] → resize to g×g
-      │     tokens [V, g·g, Cc], pseudo-CLS = their mean → [V, N, Cc]      (N = 1 + g·g)
-      ├─ resize to dino_input    → Dinov2Model   → CLS + patches [V, N, Cd]
+      ├─ CLIP-normalise: (x - mean_u8) / (std·255)  → the mean-colour padding is exactly 0
+      │  resize to convnext_input → ConvNextModel → its final LayerNorm at every position
+      │     (open_clip's trunk with global_pool = Identity, as SPHINX uses it) → map [V, Cc, h, w]
+      │     → resize to g×g → tokens [V, g·g, Cc], pseudo-CLS = their mean → [V, N, Cc]  (N = 1 + g·g)
+      ├─ ImageNet-normalise the same pixels: (x/255 - dino_mean) / dino_std
+      │  resize to dino_input    → Dinov2Model   → CLS + patches [V, N, Cd]
       └─ concat channels [V, N, Cc + Cd] → Linear → LayerNorm → [V, N, d_llm]
 
 Each image then becomes one sequence of LLM embeddings, laid out as
@@ -37,13 +39,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model
+from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
 
 from models.errors import UserError
 from models.flavours import Flavour
 
 
 def build_convnext(flavour: Flavour) -> ConvNextModel:
-    return ConvNextModel(ConvNextConfig(**{**flavour.convnext, "image_size": flavour.convnext_input}))
+    """ConvNextModel from ``flavour.convnext``; its ``norm_eps`` (when given) sets the eps of the
+    stem, downsampling and block LayerNorms, which transformers fixes at 1e-6 (open_clip's
+    convnext_xxlarge uses 1e-5). ``layer_norm_eps`` is transformers' own: the final norm."""
+    model = ConvNextModel(ConvNextConfig(**{**flavour.convnext, "image_size": flavour.convnext_input}))
+    if flavour.convnext.get("norm_eps") is not None:
+        for module in model.modules():
+            if isinstance(module, ConvNextLayerNorm):
+                module.eps = float(flavour.convnext["norm_eps"])
+    return model
+
+
+def convnext_feature_map(convnext: ConvNextModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """pixel_values [V, 3, H, W] → the tower's map [V, Cc, H/32, W/32]: the last stage with the final
+    LayerNorm applied at every position (open_clip's trunk with ``head.global_pool = Identity``)."""
+    fmap = convnext(pixel_values=pixel_values).last_hidden_state  # [V, Cc, h, w]
+    return convnext.layernorm(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def build_dino(flavour: Flavour) -> Dinov2Model:
@@ -73,6 +91,11 @@ class MixtureOfVisualExperts(nn.Module):
                              persistent=False)
         self.register_buffer("std_u8", torch.tensor(flavour.std, dtype=torch.float32).view(1, 3, 1, 1) * 255,
                              persistent=False)
+        # DINOv2's own (ImageNet) statistics, in uint8 units
+        self.register_buffer("dino_mean_u8", torch.tensor(flavour.dino_mean, dtype=torch.float32).view(1, 3, 1, 1)
+                             * 255, persistent=False)
+        self.register_buffer("dino_std_u8", torch.tensor(flavour.dino_std, dtype=torch.float32).view(1, 3, 1, 1)
+                             * 255, persistent=False)
         self.set_encoders_trainable(not flavour.freeze_vision)
 
     # ------------------------------------------------------------------ freezing
@@ -94,11 +117,18 @@ class MixtureOfVisualExperts(nn.Module):
     # ------------------------------------------------------------------ encoding
 
     def normalise(self, views: torch.Tensor) -> torch.Tensor:
-        """uint8 [V, S, S, 3] → float [V, 3, S, S], (x - mean_u8) / (std·255)."""
+        """uint8 [V, S, S, 3] → the ConvNeXt's float input [V, 3, S, S], (x - mean_u8) / (std·255)."""
+        return (self._pixels(views) - self.mean_u8) / self.std_u8
+
+    def normalise_dino(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 [V, S, S, 3] → DINOv2's float input [V, 3, S, S], (x/255 - dino_mean) / dino_std."""
+        return (self._pixels(views) - self.dino_mean_u8) / self.dino_std_u8
+
+    @staticmethod
+    def _pixels(views: torch.Tensor) -> torch.Tensor:
         if views.dtype != torch.uint8 or views.dim() != 4 or views.shape[-1] != 3:
             raise UserError(f"views must be uint8 [V, S, S, 3], got {views.dtype} {list(views.shape)}")
-        x = views.permute(0, 3, 1, 2).float()
-        return (x - self.mean_u8) / self.std_u8
+        return views.permute(0, 3, 1, 2).float()
 
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 [V, S, S, 3] → projected view tokens [V, N, d_llm]."""
@@ -106,7 +136,7 @@ class MixtureOfVisualExperts(nn.Module):
         dtype = self.projector[0].weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoders_trainable):
             conv_in = _resize(x, self.flavour.convnext_input).to(self.convnext.embeddings.patch_embeddings.weight.dtype)
-            fmap = self.convnext(pixel_values=conv_in).last_hidden_state  # [V, Cc, h, w]
+            fmap = convnext_feature_map(self.convnext, conv_in)  # [V, Cc, h, w]
             g = self.patch_grid
             if fmap.shape[-1] != g or fmap.shape[-2] != g:
                 if fmap.shape[-1] % g == 0 and fmap.shape[-2] % g == 0:
@@ -115,6 +145,7 @@ class MixtureOfVisualExperts(nn.Module):
                     fmap = F.interpolate(fmap, size=(g, g), mode="bilinear", align_corners=False)
             conv_tokens = fmap.flatten(2).transpose(1, 2)  # [V, g·g, Cc]
             conv_tokens = torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)  # [V, N, Cc]
+            x = self.normalise_dino(views)
             dino_in = _resize(x, self.flavour.dino_input).to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
             dino_tokens = self.dino(pixel_values=dino_in).last_hidden_state  # [V, N, Cd]
         feats = torch.cat([conv_tokens.to(dtype), dino_tokens.to(dtype)], dim=-1)  # [V, N, Cc + Cd]

@@ -114,3 +114,28 @@ def test_every_trainable_param_gets_a_grad_even_when_unused(kept):
         assert all(torch.count_nonzero(g) == 0 for g in grads.values())
     else:
         assert torch.count_nonzero(grads["start"]) > 0 and torch.count_nonzero(grads["projector.0.weight"]) > 0
+
+
+def test_each_encoder_gets_its_own_normalisation(mov):
+    """ConvNeXt: CLIP statistics (the mean-colour padding is exactly 0); DINOv2: ImageNet
+    statistics of the same pixels, x_dino = (x_clip·std_clip + mean_clip - mean_in) / std_in."""
+    seen = {}
+    hooks = [enc.register_forward_pre_hook(lambda m, a, kw, name=name: seen.__setitem__(name, kw["pixel_values"]),
+                                           with_kwargs=True) for name, enc in (("conv", mov.convnext), ("dino", mov.dino))]
+    pad = torch.tensor(FLAVOUR.mean_u8, dtype=torch.uint8).expand(1, S, S, 3).contiguous()
+    views = torch.cat([pad, _views(1)])
+    try:
+        mov.encode_views(views)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.count_nonzero(seen["conv"][0]) == 0
+    x_clip = mov.normalise(views)
+    mean_clip = torch.tensor(FLAVOUR.mean_u8).view(1, 3, 1, 1) / 255  # the colour normalise() subtracts
+    std_clip = torch.tensor(FLAVOUR.std).view(1, 3, 1, 1)
+    mean_in = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std_in = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    renormalised = (x_clip * std_clip + mean_clip - mean_in) / std_in
+    assert torch.allclose(mov.normalise_dino(views), renormalised, atol=1e-5)
+    assert torch.allclose(seen["dino"], renormalised, atol=1e-5)  # dino_input == tile_size in debug: no resize
+    assert seen["dino"][0].abs().min() > 0.005  # the padding is not 0 for DINOv2 (as in the official release)
