@@ -7,8 +7,11 @@ Names are those of ``models.sphinx.SphinxX.state_dict()`` (``llm.`` + the HF cau
 ``vision.`` + models.vision's), whatever the directory layout: :func:`iter_model_weights` is
 the only function that knows the layout, so a change of ``models.checkpoint``'s layout changes
 it alone. Tensors are read one at a time (safetensors ``safe_open``), never the whole state dict.
+:func:`mixtral_to_vllm` renames one HF Mixtral weight for vLLM's MixtralForCausalLM (HF's fused
+experts split per expert).
 
-The loader registered as ``load_format="sphinx_x"`` feeds that stream to
+The loader registered as ``load_format="sphinx_x"`` reads the directory named by the config's
+``model_dir`` (actors.vllm_config), feeds that stream to
 ``SphinxXForConditionalGeneration.load_weights`` and fails, naming the keys, when a parameter
 was left unloaded.
 """
@@ -16,12 +19,39 @@ was left unloaded.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator, Union
 
 import torch
 
 from models.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
+
+# HF transformers >= 5 Mixtral: experts fused as 3-D tensors; vLLM loads the original per-expert layout
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER = re.compile(r"^(model\.layers\.\d+\.)mlp\.gate\.weight$")
+
+
+def mixtral_to_vllm(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """One HF Mixtral weight → the names vLLM's MixtralForCausalLM loads (others pass through).
+
+    ``mlp.experts.gate_up_proj [E, 2F, d]`` → ``block_sparse_moe.experts.e.w1`` (gate, rows :F) and
+    ``.w3`` (up, rows F:); ``mlp.experts.down_proj [E, d, F]`` → ``.w2``; ``mlp.gate`` → the router."""
+    if m := _ROUTER.match(name):
+        yield f"{m[1]}block_sparse_moe.gate.weight", tensor
+        return
+    if m := _FUSED_EXPERTS.match(name):
+        base = f"{m[1]}block_sparse_moe.experts"
+        if m[2] == "gate_up_proj":
+            half = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                yield f"{base}.{e}.w1.weight", tensor[e, :half]
+                yield f"{base}.{e}.w3.weight", tensor[e, half:]
+        else:
+            for e in range(tensor.shape[0]):
+                yield f"{base}.{e}.w2.weight", tensor[e]
+        return
+    yield name, tensor
 
 
 def iter_model_weights(model_dir: Union[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -47,17 +77,23 @@ def make_model_loader():
     """vLLM's BaseModelLoader subclass for ``load_format="sphinx_x"`` (built lazily: vLLM is optional)."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+    def source(model_config) -> Path:
+        src = Path(getattr(model_config.hf_config, "model_dir", "") or model_config.model)
+        if not src.is_dir():
+            raise CheckpointError(f"sphinx-x model directory not found: {src}")
+        return src
+
     class SphinxXModelLoader(BaseModelLoader):
         def download_model(self, model_config) -> None:  # local directories only
-            if not Path(model_config.model).is_dir():
-                raise CheckpointError(f"sphinx-x model directory not found: {model_config.model}")
+            source(model_config)
 
         def load_weights(self, model: torch.nn.Module, model_config) -> None:
-            loaded = model.load_weights(iter_model_weights(model_config.model))
+            src = source(model_config)
+            loaded = model.load_weights(iter_model_weights(src))
             missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
             if missing:
                 shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
-                raise CheckpointError(f"{model_config.model}: no weights for {len(missing)} parameter(s) of the "
+                raise CheckpointError(f"{src}: no weights for {len(missing)} parameter(s) of the "
                                       f"vLLM model: {shown}")
 
     return SphinxXModelLoader

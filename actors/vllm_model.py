@@ -21,7 +21,6 @@ Weights: ``load_weights`` takes the SphinxX state-dict stream of actors.vllm_loa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -33,37 +32,11 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from actors.vllm_config import SphinxXConfig, text_architecture
+from actors.vllm_loader import mixtral_to_vllm
 from actors.vllm_processor import SphinxXDummyInputsBuilder, SphinxXMultiModalProcessor, SphinxXProcessingInfo
 from models.checkpoint import CheckpointError
 from models.conversation import IMAGE
 from models.vision import MixtureOfVisualExperts
-
-# HF transformers >= 5 Mixtral: experts fused as 3-D tensors; vLLM loads the original per-expert layout
-_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER = re.compile(r"^(model\.layers\.\d+\.)mlp\.gate\.weight$")
-
-
-def mixtral_to_vllm(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """One HF Mixtral weight → the names vLLM's MixtralForCausalLM loads (others pass through).
-
-    ``mlp.experts.gate_up_proj [E, 2F, d]`` → ``block_sparse_moe.experts.e.w1`` (gate, rows :F) and
-    ``.w3`` (up, rows F:); ``mlp.experts.down_proj [E, d, F]`` → ``.w2``; ``mlp.gate`` → the router."""
-    if m := _ROUTER.match(name):
-        yield f"{m[1]}block_sparse_moe.gate.weight", tensor
-        return
-    if m := _FUSED_EXPERTS.match(name):
-        base = f"{m[1]}block_sparse_moe.experts"
-        if m[2] == "gate_up_proj":
-            half = tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                yield f"{base}.{e}.w1.weight", tensor[e, :half]
-                yield f"{base}.{e}.w3.weight", tensor[e, half:]
-        else:
-            for e in range(tensor.shape[0]):
-                yield f"{base}.{e}.w2.weight", tensor[e]
-        return
-    yield name, tensor
-
 
 @MULTIMODAL_REGISTRY.register_processor(SphinxXMultiModalProcessor, info=SphinxXProcessingInfo,
                                         dummy_inputs=SphinxXDummyInputsBuilder)

@@ -7,8 +7,10 @@ the entry point declared in pyproject.toml::
     sphinx_x = "actors.vllm_plugin:register"
 
 It registers the model class (``SphinxXForConditionalGeneration``, imported lazily by vLLM), the
-config format and the load format ``"sphinx_x"`` (a sphinx-x model directory is read as it is: no
-converted copy). :func:`engine_args` names them::
+config class (``model_type "sphinx_x"``, with transformers' AutoConfig) and the load format
+``"sphinx_x"``. :func:`engine_args` prepares the vLLM directory of a model directory
+(actors.vllm_config.prepare_vllm_dir: a config.json and symlinks, no weights copied) and names
+them::
 
     >>> from vllm import LLM
     >>> llm = LLM(**engine_args("out/export", dtype="float32", max_model_len=1024))
@@ -23,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from actors.vllm_config import ARCHITECTURE, CONFIG_FORMAT, MODEL_TYPE
+from actors.vllm_config import ARCHITECTURE, LOAD_FORMAT, MODEL_TYPE
 
 MODEL_CLASS = "actors.vllm_model:SphinxXForConditionalGeneration"
 
@@ -32,40 +34,31 @@ def register() -> None:
     """Idempotent: safe to call in any process, any number of times."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.config.load import LoadConfig
     from vllm.model_executor.model_loader import get_model_loader, register_model_loader
-    from vllm.transformers_utils.config import get_config_parser, register_config_parser
 
-    from actors.vllm_config import SphinxXConfig, make_config_parser
+    from actors.vllm_config import SphinxXConfig
     from actors.vllm_loader import make_model_loader
 
+    AutoConfig.register(MODEL_TYPE, SphinxXConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     try:
-        get_config_parser(CONFIG_FORMAT)
+        get_model_loader(LoadConfig(load_format=LOAD_FORMAT))
     except ValueError:
-        register_config_parser(CONFIG_FORMAT)(make_config_parser())
-    from vllm.config.load import LoadConfig
-
-    try:
-        get_model_loader(LoadConfig(load_format=CONFIG_FORMAT))
-    except ValueError:
-        register_model_loader(CONFIG_FORMAT)(make_model_loader())
-    AutoConfig.register(MODEL_TYPE, SphinxXConfig, exist_ok=True)
+        register_model_loader(LOAD_FORMAT)(make_model_loader())
 
 
-def engine_args(model_dir: Union[str, Path], **overrides: Any) -> dict[str, Any]:
+def engine_args(model_dir: Union[str, Path], vllm_dir: Union[str, Path, None] = None,
+                **overrides: Any) -> dict[str, Any]:
     """vLLM engine keyword arguments for a sphinx-x model directory (``LLM(**...)``,
-    ``AsyncEngineArgs(**...)``, or Ray Serve LLM's ``engine_kwargs`` minus ``model``).
+    ``AsyncEngineArgs(**...)``, or Ray Serve LLM's ``engine_kwargs`` minus ``model``); writes its
+    vLLM directory (in ``vllm_dir``, default a per-model folder under the temp dir).
 
     ``overrides`` are any vLLM engine arguments (dtype, max_model_len, tensor_parallel_size,
     enable_expert_parallel, gpu_memory_utilization, ...); ``hf_overrides={"max_image_pixels": N}``
     sets the processor's decode limit."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        from models.checkpoint import CheckpointError
+    from actors.vllm_config import prepare_vllm_dir
 
-        raise CheckpointError(f"not a sphinx-x model directory (no config.json): {model_dir}")
-    args: dict[str, Any] = dict(model=str(model_dir), tokenizer=str(model_dir), config_format=CONFIG_FORMAT,
-                                load_format=CONFIG_FORMAT)
-    args.update(overrides)
-    return args
+    prepared = str(prepare_vllm_dir(model_dir, vllm_dir))
+    return {"model": prepared, "tokenizer": prepared, "load_format": LOAD_FORMAT, **overrides}
