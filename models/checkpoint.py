@@ -1,49 +1,72 @@
-"""Model directories (save / load) and importing pretrained LLM and encoder weights.
+"""The one model directory: written by export and convert, read by training init and serving.
 
-A model directory, as written by :func:`save_model_dir`::
+A model directory (format_version 2)::
 
-    config.json                       {"format": "sphinx-x", "format_version": 1,
-                                       "flavour": {...every field, overrides included...},
-                                       "token_ids": {vocab_size, image_token_id, pad/bos/eos}}
-    model.safetensors                 the whole state dict, or, above ``max_shard_bytes``,
-    model-00001-of-0000K.safetensors  HF-style shards + model.safetensors.index.json
-    tokenizer.json, tokenizer_config.json, ...   (tokenizer.save_pretrained)
+    config.json                 {"format": "sphinx-x", "format_version": 2, "flavour": {...every field...},
+                                 "geometry": {grid, tile_size, canvas, mean_u8, pad, skip_tokens,
+                                              tokens_per_view, max_image_tokens},
+                                 "token_ids": {vocab_size, image_token_id, pad/bos/eos_token_id},
+                                 "dtype": "bfloat16", "parts": {...}, "source": {...}?}
+    llm/                        a Hugging Face causal-LM directory (LlamaForCausalLM / MixtralForCausalLM
+                                save_pretrained: config.json with model_type, generation_config.json,
+                                model.safetensors or model-0000K-of-0000N.safetensors + index) and its
+                                tokenizer (tokenizer.json, tokenizer_config.json; <image> included):
+                                AutoModelForCausalLM / AutoTokenizer load it unchanged
+    convnext/                   ConvNextModel.save_pretrained (config.json + safetensors)
+    dinov2/                     Dinov2Model.save_pretrained
+    mm_projector.safetensors    projector.0.{weight,bias} (Linear), projector.1.{weight,bias} (LayerNorm),
+                                start, end, skip [d_llm] — models.vision's own parameters
 
-    >>> save_model_dir(model, tokenizer, "out/export")
-    >>> model, tokenizer = load_model_dir("out/export", dtype=torch.bfloat16)
+    >>> save_model_dir(model, tokenizer, "out/export", dtype=torch.bfloat16)   # bf16, 5 GB shards
+    >>> model, tokenizer = load_model_dir("out/export")                         # in the stored dtype
+    >>> inspect_model_dir("out/export")["parts"]["llm"]["params"]               # headers only
 
-Pretrained weights (never from a hub; local directories or files only):
+Every part is written in one dtype (``dtype``, default the model's own: bf16 when trained in
+bf16), sharded past ``max_shard_bytes`` (5 GB, as Hugging Face does) with an index.
+``load_model_dir`` builds the model with its parameters on the meta device (no random init, no
+second copy), loads the LLM with transformers' own loader (its on-disk layouts, e.g. Mixtral's
+per-expert tensors) and the rest strictly; every missing, unexpected or mis-shaped key is a
+CheckpointError naming the file and the key.
 
-- :func:`import_llm_weights` — a local HF Llama / Mixtral directory (config.json + safetensors,
-  sharded or not) into ``model.llm``; transformers' own loader handles its on-disk layouts
-  (e.g. Mixtral's per-expert w1/w2/w3). Extra tokenizer rows (``<image>``) stay as initialised.
-- :func:`import_encoder_weights` — a ConvNeXt or DINOv2 state dict (.safetensors or .bin, keys
-  as in transformers' ConvNextModel / Dinov2Model, optionally prefixed ``convnext.`` /
-  ``dinov2.``) into ``model.vision``.
-- :func:`import_weights_dir` — a directory laid out as ``llm/``, ``convnext.safetensors|bin``,
-  ``dinov2.safetensors|bin`` (any subset), as named by ``model.weights`` in the spec.
+Pretrained components (never from a hub; local directories or files only):
 
-Every mismatch raises a UserError listing the missing / unexpected / mis-shaped keys.
+- :func:`import_weights_dir` — a model directory as above (all parts), or a directory of
+  components: ``llm/``, ``convnext.safetensors|bin``, ``dinov2.safetensors|bin`` (any subset).
+- :func:`import_llm_weights` — a local HF Llama / Mixtral directory into ``model.llm``; extra
+  tokenizer rows (``<image>``) stay as initialised.
+- :func:`import_encoder_weights` — a ConvNeXt or DINOv2 state dict (keys as in transformers'
+  ConvNextModel / Dinov2Model, optionally prefixed ``convnext.`` / ``dinov2.``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.core_model_loading import revert_weight_conversion
 
 from models.errors import UserError
 from models.flavours import Flavour
 from models.sphinx import SphinxX
+from models.tiling import TileSpec, image_token_count
 
 FORMAT = "sphinx-x"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+LLM_DIR, CONVNEXT_DIR, DINO_DIR = "llm", "convnext", "dinov2"
+PROJECTOR_FILE = "mm_projector.safetensors"
+# each part → (where it lives in the directory, its prefix in SphinxX.state_dict())
+PARTS = {"llm": (LLM_DIR, "llm."), "convnext": (CONVNEXT_DIR, "vision.convnext."),
+         "dinov2": (DINO_DIR, "vision.dino."), "mm_projector": (PROJECTOR_FILE, "vision.")}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
 
 PathLike = Union[str, Path]
 
@@ -52,64 +75,225 @@ class CheckpointError(UserError):
     """A model directory or weights file that cannot be used as asked."""
 
 
-# ---------------------------------------------------------------- save / load
+# ---------------------------------------------------------------- save
+
+
+def geometry(flavour: Flavour) -> dict[str, Any]:
+    """What config.json records of the image geometry (models.tiling), derived from the flavour.
+    ``max_image_tokens``: a square image's count (every tile kept; a 1×1 image scales to C×C)."""
+    spec = TileSpec.from_flavour(flavour)
+    n = flavour.tokens_per_view
+    return {**spec.to_dict(), "tokens_per_view": n, "max_image_tokens": image_token_count(1, 1, spec, n)}
 
 
 def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write config.json, the weights (sharded above ``max_shard_bytes``) and the tokenizer."""
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Optional[torch.dtype] = None,
+                   source: Optional[dict[str, Any]] = None) -> Path:
+    """Write the model directory (module docstring) in ``dtype`` (default: the LLM's own dtype).
+
+    ``tokenizer`` goes to ``llm/``; ``source`` (e.g. what convert read) is recorded in config.json."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+    for stale in [out / LLM_DIR, out / CONVNEXT_DIR, out / DINO_DIR]:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    for stale in [out / PROJECTOR_FILE, out / "config.json", out / SINGLE_FILE, out / INDEX_FILE,
+                  *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _check_untied(state)
-    shards = _split(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True))
+    dtype = dtype or model.llm.get_input_embeddings().weight.dtype
+    vision = model.vision
+    parts: dict[str, Any] = {}
+    for name, module in (("llm", model.llm), ("convnext", vision.convnext), ("dinov2", vision.dino)):
+        sub = out / PARTS[name][0]
+        state = _cast(module.state_dict(), dtype)
+        module.save_pretrained(str(sub), state_dict=state, max_shard_size=max_shard_bytes)
+        # save_pretrained records the module's own dtype; the tensors are in ``dtype`` (what
+        # from_pretrained(dtype="auto") loads)
+        hf_config = json.loads((sub / "config.json").read_text())
+        hf_config["dtype"] = _dtype_name(dtype)
+        (sub / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        parts[name] = {"path": PARTS[name][0], "class": type(module).__name__,
+                       "model_type": module.config.model_type, "params": _numel(state)}
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out / LLM_DIR))
+    own = _cast(_own_vision_state(vision), dtype)
+    save_file(own, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
+    parts["mm_projector"] = {"path": PROJECTOR_FILE, "params": _numel(own), "keys": sorted(own)}
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "flavour": model.flavour.to_dict(),
-              "token_ids": model.token_ids(), "dtype": str(next(iter(state.values())).dtype).replace("torch.", "")}
+              "geometry": geometry(model.flavour), "token_ids": model.token_ids(),
+              "dtype": _dtype_name(dtype), "parts": parts,
+              "tokenizer": {"path": LLM_DIR, "size": len(tokenizer)} if tokenizer is not None else None}
+    if source:
+        config["source"] = source
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
-def load_model_dir(directory: PathLike, device: Union[str, torch.device] = "cpu",
-                   dtype: Optional[torch.dtype] = None) -> tuple[SphinxX, object]:
-    """(model, tokenizer) from a directory written by :func:`save_model_dir`."""
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in state.items()}
+
+
+def _own_vision_state(vision: nn.Module) -> dict[str, torch.Tensor]:
+    """models.vision's parameters outside the two towers: projector, start, end, skip."""
+    return {k: v for k, v in vision.state_dict().items() if not k.startswith(("convnext.", "dino."))}
+
+
+def _numel(state: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state.values())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- load
+
+
+def read_config(directory: PathLike) -> dict[str, Any]:
+    """config.json of a model directory, checked: format, version, flavour, geometry, token ids."""
     src = Path(directory)
-    config_path = src / "config.json"
-    if not config_path.is_file():
+    path = src / "config.json"
+    if not path.is_file():
         raise CheckpointError(f"not a sphinx-x model directory (no config.json): {src}")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
     if config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path} is not a sphinx-x model config (format={config.get('format')!r})")
+        raise CheckpointError(f"{path} is not a sphinx-x model config (format={config.get('format')!r})")
     if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{src} has format_version {config.get('format_version')}; "
-                              f"this code reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format_version {config.get('format_version')}; this code reads "
+                              f"{FORMAT_VERSION} (re-export the model with this version)")
+    for key in ("flavour", "token_ids", "geometry", "dtype"):
+        if key not in config:
+            raise CheckpointError(f"{path}: no {key!r}")
     try:
         flavour = Flavour.from_dict(config["flavour"])
     except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{config_path}: bad flavour: {err}") from None
-    model = SphinxX(flavour, **config["token_ids"])
-    state = read_safetensors_dir(src)
-    _load_strict(model, state, f"model directory {src}")
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        raise CheckpointError(f"{path}: bad flavour: {err}") from None
+    derived = geometry(flavour)
+    for key, value in config["geometry"].items():
+        if derived.get(key) != value:
+            raise CheckpointError(f"{path}: geometry.{key} is {value!r} but the flavour gives {derived.get(key)!r}")
+    missing = sorted({"vocab_size", "image_token_id", "pad_token_id", "bos_token_id", "eos_token_id"}
+                     - set(config["token_ids"]))
+    if missing:
+        raise CheckpointError(f"{path}: token_ids lacks {', '.join(missing)}")
+    if not hasattr(torch, str(config["dtype"])):
+        raise CheckpointError(f"{path}: unknown dtype {config['dtype']!r}")
+    config["flavour"] = flavour
+    return config
+
+
+def load_model_dir(directory: PathLike, device: Union[str, torch.device] = "cpu",
+                   dtype: Optional[torch.dtype] = None) -> tuple[SphinxX, object]:
+    """(model in eval mode, tokenizer) from a model directory; ``dtype`` None keeps the stored one."""
+    src = Path(directory)
+    config = read_config(src)
+    flavour, ids = config["flavour"], config["token_ids"]
+    dtype = dtype or getattr(torch, config["dtype"])
+    model = skeleton(flavour, ids)
+    _llm_config(src / LLM_DIR, flavour)
+    for part, module in _hf_parts(model):
+        part_dir = src / PARTS[part][0]
+        _load_strict(module, _hf_state(part_dir, module, dtype), str(part_dir), assign=True)
+    projector = src / PROJECTOR_FILE
+    if not projector.is_file():
+        raise CheckpointError(f"{projector} is missing")
+    expected = _own_vision_state(model.vision)
+    state = load_file(str(projector))
+    _check_keys(expected, state, str(projector))
+    model.vision.load_state_dict(state, strict=False, assign=True)
+    left = sorted(name for name, p in model.named_parameters() if p.is_meta)
+    if left:
+        raise CheckpointError(f"{src}: no weights for {len(left)} parameter(s): {_shown(left)}")
+    model = model.to(device=device, dtype=dtype)
+    model.set_vision_trainable(not flavour.freeze_vision)
     model.eval()
-    return model, _load_tokenizer(src)
+    return model, _load_tokenizer(src / LLM_DIR)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device; buffers stay real (rotary
+    tables, normalisation constants are not in the weights)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def skeleton(flavour: Flavour, token_ids: dict[str, int]) -> SphinxX:
+    """The flavour's SphinxX with every parameter on the meta device (shapes only, no memory)."""
+    with _parameters_on_meta():
+        return SphinxX(flavour, **{k: int(token_ids[k]) for k in
+                                   ("vocab_size", "image_token_id", "pad_token_id", "bos_token_id", "eos_token_id")})
+
+
+def _hf_parts(model: SphinxX) -> list[tuple[str, nn.Module]]:
+    return [("llm", model.llm), ("convnext", model.vision.convnext), ("dinov2", model.vision.dino)]
+
+
+def _hf_state(part_dir: Path, module: nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """A Hugging Face part directory's tensors under ``module``'s state-dict names, read by
+    transformers' own loader (it maps the on-disk layouts: Mixtral's per-expert tensors, DINOv2's
+    legacy names). Any key it could not place is an error naming the file."""
+    cls = type(module)
+    if not (part_dir / "config.json").is_file():
+        raise CheckpointError(f"{part_dir} is not a Hugging Face model directory (no config.json)")
+    safetensors_files(part_dir)  # the index and every shard it names are there
+    try:
+        # mismatched shapes are reported in ``info`` (and raised below, naming the keys), not raised bare
+        hf, info = cls.from_pretrained(str(part_dir), local_files_only=True, output_loading_info=True, dtype=dtype,
+                                       ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"cannot load {cls.__name__} from {part_dir}: {err}") from None
+    _raise_loading_info(info, part_dir)
+    return hf.state_dict()
+
+
+def _llm_config(llm_dir: Path, flavour: Flavour) -> dict[str, Any]:
+    """llm/config.json, checked against the flavour's LLM settings (the flavour built the model)."""
+    path = llm_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{llm_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    want = {"llama": "llama", "mixtral": "mixtral"}[flavour.llm_arch]
+    if config.get("model_type") != want:
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r}, flavour "
+                              f"{flavour.name!r} needs {want!r}")
+    for key, value in flavour.llm.items():
+        if key != "vocab_size" and key in config and config[key] != value:
+            raise CheckpointError(f"{path}: {key} is {config[key]!r} but flavour {flavour.name!r} has {value!r}")
+    return config
+
+
+def _raise_loading_info(info: dict[str, Any], where: Path) -> None:
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    shapes = sorted(str(m) for m in info.get("mismatched_keys", ()))
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{_weights_named(where)} does not match the model: "
+                              + _key_report(missing, unexpected, shapes))
+
+
+def _weights_named(directory: Path) -> str:
+    """The weight file(s) of an HF directory, for error messages."""
+    if (directory / INDEX_FILE).is_file():
+        return str(directory / INDEX_FILE)
+    return str(directory / SINGLE_FILE)
 
 
 def _load_tokenizer(src: Path):
@@ -120,66 +304,148 @@ def _load_tokenizer(src: Path):
     return load_tokenizer(src)
 
 
-def _check_untied(state: dict[str, torch.Tensor]) -> None:
-    seen: dict[tuple, str] = {}
-    for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
-            raise CheckpointError(f"{key} shares memory with {seen[ident]}: tied weights are not supported "
-                                  "(set tie_word_embeddings false)")
-        seen[ident] = key
-
-
-def _split(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy shards of at most max_bytes each (a single larger tensor gets its own shard)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    return shards
-
-
 def read_safetensors_dir(directory: PathLike) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or of the shards named by its index json."""
+    state: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(directory):
+        state.update(load_file(str(f)))
+    return state
+
+
+def safetensors_files(directory: PathLike) -> list[Path]:
+    """The safetensors file(s) of a directory: ``model.safetensors`` or the shards its index names."""
     src = Path(directory)
     if (src / INDEX_FILE).is_file():
-        weight_map = json.loads((src / INDEX_FILE).read_text())["weight_map"]
-        state: dict[str, torch.Tensor] = {}
-        for name in sorted(set(weight_map.values())):
-            if not (src / name).is_file():
-                raise CheckpointError(f"{src / INDEX_FILE} names {name}, which is missing")
-            state.update(load_file(str(src / name)))
-        return state
+        try:
+            weight_map = json.loads((src / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{src / INDEX_FILE} is not a weights index: {err}") from None
+        files = [src / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{src / INDEX_FILE} names {f.name}, which is missing")
+        return files
     if (src / SINGLE_FILE).is_file():
-        return load_file(str(src / SINGLE_FILE))
+        return [src / SINGLE_FILE]
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {src}")
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} {list(state[k].shape)} != {list(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+def part_files(directory: PathLike) -> dict[str, list[Path]]:
+    """Each part's weight files (``PARTS`` gives its prefix in SphinxX names); for streaming readers."""
+    src = Path(directory)
+    read_config(src)
+    return {name: ([src / path] if path.endswith(".safetensors") else safetensors_files(src / path))
+            for name, (path, _) in PARTS.items()}
+
+
+def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, Any], what: str) -> None:
+    """Exactly the expected keys with the expected shapes (``state`` values: tensors or shapes)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {list(_shape(state[k]))} != {list(expected[k].shape)}"
+                    for k in set(expected) & set(state) if tuple(_shape(state[k])) != tuple(expected[k].shape))
     if missing or unexpected or shapes:
         raise CheckpointError(f"{what} does not match the model: " + _key_report(missing, unexpected, shapes))
-    module.load_state_dict(state, strict=True)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, *, assign: bool = False) -> None:
+    _check_keys(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+def _shown(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _key_report(missing: list[str], unexpected: list[str], shapes: list[str] = ()) -> str:
-    def part(label: str, keys) -> str:
-        keys = list(keys)
-        shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
-        return f"{label} ({len(keys)}): {shown}"
-
-    parts = [part(label, keys) for label, keys in
+    parts = [f"{label} ({len(keys)}): {_shown(list(keys))}" for label, keys in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
     return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- inspect (no tensors read)
+
+
+def inspect_model_dir(directory: PathLike) -> dict[str, Any]:
+    """What a model directory holds, from config.json and the safetensors headers alone.
+
+    Returns ``{"path", "flavour", "geometry", "token_ids", "dtype", "tokenizer": {"size", ...},
+    "parts": {part: {"files", "dtypes", "params", "tensors"}}, "params": {"llm", "vision",
+    "projector", "total"}}``. Raises CheckpointError naming the file and the key for anything
+    that would not load: a missing, unexpected or mis-shaped key, a dtype other than the
+    recorded one, a tokenizer that does not fit the token ids."""
+    src = Path(directory)
+    config = read_config(src)
+    flavour, ids = config["flavour"], config["token_ids"]
+    model = skeleton(flavour, ids)
+    parts: dict[str, Any] = {}
+    llm_dir = src / LLM_DIR
+    _llm_config(llm_dir, flavour)
+    for part, module in _hf_parts(model):
+        part_dir = src / PARTS[part][0]
+        parts[part] = _headers(safetensors_files(part_dir))
+        on_disk = parts[part].pop("shapes")
+        # the names save_pretrained writes (transformers' reverse conversion, on meta tensors)
+        if {k: tuple(v.shape) for k, v in revert_weight_conversion(module, module.state_dict()).items()} != on_disk:
+            # another writer's layout (legacy names, another transformers): its loader decides, key by key
+            _check_keys(module.state_dict(), _hf_state(part_dir, module, None), str(part_dir))
+    projector = src / PROJECTOR_FILE
+    if not projector.is_file():
+        raise CheckpointError(f"{projector} is missing")
+    parts["mm_projector"] = _headers([projector])
+    _check_keys(_own_vision_state(model.vision), parts["mm_projector"].pop("shapes"), str(projector))
+    for part, found in parts.items():
+        other = sorted(set(found["dtypes"]) - {config["dtype"]})
+        if other:
+            raise CheckpointError(f"{src / PARTS[part][0]}: tensors in {', '.join(other)}, config.json says "
+                                  f"{config['dtype']}")
+    tokenizer = _load_tokenizer(llm_dir)
+    tok = None
+    if tokenizer is not None:
+        from models.conversation import IMAGE
+
+        tok = {"size": len(tokenizer), "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
+               "class": type(tokenizer).__name__}
+        if tok["size"] > ids["vocab_size"]:
+            raise CheckpointError(f"{llm_dir}: the tokenizer has {tok['size']} tokens, more than the "
+                                  f"vocab_size {ids['vocab_size']} of {src / 'config.json'}")
+        for name, value in (("image_token_id", tok["image_token_id"]), ("bos_token_id", tokenizer.bos_token_id),
+                            ("eos_token_id", tokenizer.eos_token_id)):
+            if value != ids[name]:
+                raise CheckpointError(f"{llm_dir}: the tokenizer's {name} is {value}, "
+                                      f"{src / 'config.json'} says {ids[name]}")
+    vision = parts["convnext"]["params"] + parts["dinov2"]["params"]
+    return {"path": str(src), "format_version": config["format_version"], "flavour": flavour.name,
+            "geometry": config["geometry"], "token_ids": ids, "dtype": config["dtype"], "tokenizer": tok,
+            "parts": parts, "source": config.get("source"),
+            "params": {"llm": parts["llm"]["params"], "vision": vision,
+                       "projector": parts["mm_projector"]["params"],
+                       "total": parts["llm"]["params"] + vision + parts["mm_projector"]["params"]}}
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
+                       "I64": "int64", "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+
+
+def _headers(files: list[Path]) -> dict[str, Any]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    shapes[key] = tuple(piece.get_shape())
+                    dtypes.add(_SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
+        except Exception as err:  # a truncated or foreign file: one clear line
+            raise CheckpointError(f"cannot read {f}: {type(err).__name__}: {err}") from None
+    params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    return {"files": [str(f) for f in files], "dtypes": sorted(dtypes), "params": params,
+            "tensors": len(shapes), "shapes": shapes}
 
 
 # ---------------------------------------------------------------- importing pretrained weights
@@ -198,10 +464,7 @@ def import_llm_weights(model: SphinxX, hf_dir: PathLike) -> None:
                                        dtype=model.llm.get_input_embeddings().weight.dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"cannot load {cls.__name__} weights from {src}: {err}") from None
-    if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
-        raise CheckpointError(f"{src} does not match {cls.__name__}: " + _key_report(
-            sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())),
-            sorted(str(m) for m in info.get("mismatched_keys", ()))))
+    _raise_loading_info(info, src)
     theirs, own = hf.state_dict(), model.llm.state_dict()
     missing = sorted(set(own) - set(theirs))
     unexpected = sorted(set(theirs) - set(own))
@@ -243,10 +506,13 @@ def import_encoder_weights(model: SphinxX, which: str, path: PathLike) -> None:
 
 
 def import_weights_dir(model: SphinxX, directory: PathLike) -> list[str]:
-    """Import whatever a weights directory holds (``llm/``, ``convnext.*``, ``dinov2.*``); returns what."""
+    """Import a model directory (every part, strictly) or whatever a components directory holds
+    (``llm/``, ``convnext.*``, ``dinov2.*``); returns the parts imported."""
     src = Path(directory)
     if not src.is_dir():
         raise CheckpointError(f"weights directory not found: {src}")
+    if (src / "config.json").is_file() and (src / PROJECTOR_FILE).is_file():
+        return _import_model_dir(model, src)
     done = []
     if (src / "llm").is_dir():
         import_llm_weights(model, src / "llm")
@@ -261,3 +527,21 @@ def import_weights_dir(model: SphinxX, directory: PathLike) -> list[str]:
         raise CheckpointError(f"{src} holds none of llm/, convnext.safetensors|bin, dinov2.safetensors|bin")
     return done
 
+
+def _import_model_dir(model: SphinxX, src: Path) -> list[str]:
+    """A whole model directory into an existing model (training init): the flavour may differ in
+    non-shape settings (e.g. freeze_vision), every tensor must fit."""
+    config = read_config(src)
+    if config["token_ids"]["image_token_id"] != model.image_token_id:
+        raise CheckpointError(f"{src / 'config.json'}: image_token_id {config['token_ids']['image_token_id']} "
+                              f"!= the model's {model.image_token_id} (use the directory's tokenizer, llm/)")
+    import_llm_weights(model, src / LLM_DIR)
+    with torch.no_grad():
+        for part, module in _hf_parts(model)[1:]:
+            part_dir = src / PARTS[part][0]
+            _load_strict(module, _hf_state(part_dir, module, module.embeddings.patch_embeddings.weight.dtype
+                                           if part == "convnext" else None), str(part_dir))
+        state = load_file(str(src / PROJECTOR_FILE))
+        _check_keys(_own_vision_state(model.vision), state, str(src / PROJECTOR_FILE))
+        model.vision.load_state_dict(state, strict=False)
+    return ["llm", "convnext", "dino", "projector"]
