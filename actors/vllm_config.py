@@ -6,31 +6,31 @@ and loads the tokenizer next to an HF-readable ``config.json``. A sphinx-x model
 directory beside it (no weights copied)::
 
     <vllm dir>/config.json     SphinxXConfig: architectures ["SphinxXForConditionalGeneration"],
-                               model_type "sphinx_x", text_config (LlamaConfig | MixtralConfig),
+                               model_type "sphinx_x", text_config (llm/config.json: Llama | Mixtral),
                                flavour {...every Flavour field...}, image_token_index, model_dir
-    <vllm dir>/<every other entry of the model directory>   symlinks (tokenizer files, ...)
+    <vllm dir>/llm, convnext, dinov2, mm_projector.safetensors      symlinks to the model directory's
+    <vllm dir>/tokenizer.json, tokenizer_config.json, generation_config.json, ...   symlinks into llm/
 
     >>> LLM(model=str(prepare_vllm_dir("out/export")), load_format="sphinx_x", ...)
 
 The plugin (actors.vllm_plugin) registers ``model_type "sphinx_x"`` with transformers' AutoConfig
 in every vLLM process, and the load format ``"sphinx_x"`` reads the weights from ``model_dir``
-(actors.vllm_loader). The text config is built exactly as ``models.sphinx.build_llm`` builds the
-PyTorch LLM (flavour kwargs + the token ids), so vLLM's Llama/Mixtral has the trained shapes.
-:func:`read_model_config` is the one place that reads the model directory's config.json.
+(actors.vllm_loader). The text config is ``llm/``'s own HF config (what AutoModelForCausalLM
+loads), so vLLM's Llama/Mixtral has the trained shapes. :func:`read_model_config` is the one
+place that reads the model directory's configs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from transformers import CONFIG_MAPPING, AutoConfig, LlamaConfig, MixtralConfig, PreTrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, LlamaConfig, PreTrainedConfig
 
-from models.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
+from models.checkpoint import LLM_DIR, CheckpointError, read_config
 from models.flavours import Flavour
 from models.tiling import DEFAULT_MAX_PIXELS
 
@@ -73,34 +73,28 @@ def text_architecture(flavour: Flavour) -> str:
 
 
 def read_model_config(model_dir: Union[str, Path]) -> SphinxXConfig:
-    """A sphinx-x model directory's config.json → :class:`SphinxXConfig` (clear error if it is not one)."""
-    src = Path(model_dir)
-    path = src / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"not a sphinx-x model directory (no config.json): {src}")
+    """A sphinx-x model directory → :class:`SphinxXConfig`: its config.json (checked by
+    ``models.checkpoint.read_config``) and, as ``text_config``, the HF config of its ``llm/``."""
+    src = Path(model_dir).resolve()
+    raw = read_config(src)
+    flavour: Flavour = raw["flavour"]
+    ids = raw["token_ids"]
+    llm_dir = src / LLM_DIR
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, got "
-                              f"{raw.get('format')!r} version {raw.get('format_version')!r}")
-    try:
-        flavour = Flavour.from_dict(raw["flavour"])
-        ids = {k: int(raw["token_ids"][k]) for k in
-               ("vocab_size", "image_token_id", "pad_token_id", "bos_token_id", "eos_token_id")}
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: bad 'flavour' or 'token_ids': {err}") from None
-    dtype = raw.get("dtype", "float32")
-    # the same kwargs as models.sphinx.build_llm
-    kwargs = dict(flavour.llm, vocab_size=ids["vocab_size"], pad_token_id=ids["pad_token_id"],
-                  bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
-                  architectures=[text_architecture(flavour)], dtype=dtype, tie_word_embeddings=False)
-    text = MixtralConfig(**kwargs) if flavour.is_moe else LlamaConfig(**kwargs)
-    return SphinxXConfig(text_config=text, flavour=flavour.to_dict(), image_token_index=ids["image_token_id"],
-                         model_dir=str(src.resolve()),
-                         pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"],
-                         eos_token_id=ids["eos_token_id"], dtype=dtype)
+        text = AutoConfig.from_pretrained(str(llm_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the LLM config {llm_dir / 'config.json'}: {err}") from None
+    want = {"llama": "llama", "mixtral": "mixtral"}[flavour.llm_arch]
+    if text.model_type != want:
+        raise CheckpointError(f"{llm_dir / 'config.json'}: model_type {text.model_type!r}, flavour "
+                              f"{flavour.name!r} needs {want!r}")
+    text.architectures = [text_architecture(flavour)]
+    # vLLM copies the top-level tie_word_embeddings into the text config of a multimodal model
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    return SphinxXConfig(text_config=text, flavour=flavour.to_dict(), image_token_index=int(ids["image_token_id"]),
+                         model_dir=str(src), tie_word_embeddings=tied, pad_token_id=int(ids["pad_token_id"]),
+                         bos_token_id=int(ids["bos_token_id"]), eos_token_id=int(ids["eos_token_id"]),
+                         dtype=raw["dtype"])
 
 
 def prepare_vllm_dir(model_dir: Union[str, Path], out_dir: Union[str, Path, None] = None) -> Path:
@@ -115,9 +109,10 @@ def prepare_vllm_dir(model_dir: Union[str, Path], out_dir: Union[str, Path, None
         out_dir = Path(tempfile.gettempdir()) / "sphinx-x-vllm" / f"{src.name}-{digest}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for entry in src.iterdir():
-        if entry.name == "config.json":
-            continue
+    # the directory's parts, and the LLM's tokenizer and generation config at the top (where vLLM looks)
+    llm_files = [f for f in (src / LLM_DIR).iterdir()
+                 if f.is_file() and f.name != "config.json" and not f.name.startswith("model")]
+    for entry in [e for e in src.iterdir() if e.name != "config.json"] + llm_files:
         link = out / entry.name
         if link.is_symlink() or link.exists():
             if link.is_symlink() and os.readlink(link) == str(entry):

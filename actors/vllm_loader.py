@@ -5,8 +5,9 @@
 
 Names are those of ``models.sphinx.SphinxX.state_dict()`` (``llm.`` + the HF causal-LM names,
 ``vision.`` + models.vision's), whatever the directory layout: :func:`iter_model_weights` is
-the only function that knows the layout, so a change of ``models.checkpoint``'s layout changes
-it alone. Tensors are read one at a time (safetensors ``safe_open``), never the whole state dict.
+the only function that knows the layout (through ``models.checkpoint.part_files`` / ``PARTS``),
+so a change of the layout changes it alone. The LLM is read tensor by tensor (safetensors
+``safe_open``), never as a whole state dict.
 :func:`mixtral_to_vllm` renames one HF Mixtral weight for vLLM's MixtralForCausalLM (HF's fused
 experts split per expert).
 
@@ -18,14 +19,17 @@ was left unloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator, Union
 
 import torch
 
-from models.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
+from transformers import ConvNextModel, Dinov2Model
+
+from models.checkpoint import PARTS, CheckpointError, part_files
+
+_TOWERS = {"convnext": ConvNextModel, "dinov2": Dinov2Model}  # parts stored by save_pretrained
 
 # HF transformers >= 5 Mixtral: experts fused as 3-D tensors; vLLM loads the original per-expert layout
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -55,22 +59,28 @@ def mixtral_to_vllm(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torc
 
 
 def iter_model_weights(model_dir: Union[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(SphinxX state-dict name, tensor) for every tensor of the model directory's weights."""
+    """(SphinxX state-dict name, tensor) for every weight of a model directory (models.checkpoint).
+
+    ``llm/`` and ``mm_projector.safetensors`` stream tensor by tensor under their on-disk names
+    (``llm.`` + HF names as save_pretrained wrote them: vLLM's decoders read HF checkpoints, and
+    :func:`mixtral_to_vllm` covers Mixtral's fused layout too). The encoder parts (``convnext/``,
+    ``dinov2/``, ~2 B params at full size) go through transformers' own ``from_pretrained``, which
+    maps their on-disk names (e.g. DINOv2's legacy attention names) to the module's, one at a time.
+    """
     from safetensors import safe_open
 
     src = Path(model_dir)
-    if (src / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((src / INDEX_FILE).read_text())["weight_map"].values()))
-    elif (src / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {src}")
-    for name in files:
-        if not (src / name).is_file():
-            raise CheckpointError(f"{src / INDEX_FILE} names {name}, which is missing")
-        with safe_open(str(src / name), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+    files = part_files(src)  # checks config.json and that every part's files exist
+    for part, (path, prefix) in PARTS.items():
+        if part in _TOWERS:
+            tower = _TOWERS[part].from_pretrained(str(src / path), local_files_only=True, dtype="auto")
+            yield from ((prefix + k, v) for k, v in tower.state_dict().items())
+            del tower
+            continue
+        for f in files[part]:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    yield prefix + key, handle.get_tensor(key)
 
 
 def make_model_loader():

@@ -56,7 +56,8 @@ def test_prepared_dir_reads_back_with_autoconfig_and_autotokenizer(saved, tokeni
     out = prepare_vllm_dir(directory, tmp_path / "vllm")
     assert prepare_vllm_dir(directory, tmp_path / "vllm") == out  # idempotent
     assert (directory / "config.json").read_text() == before  # the model directory is untouched
-    assert (out / "tokenizer.json").resolve() == (directory / "tokenizer.json").resolve()
+    assert (out / "tokenizer.json").resolve() == (directory / "llm" / "tokenizer.json").resolve()
+    assert (out / "llm").resolve() == (directory / "llm").resolve()
     AutoConfig.register(MODEL_TYPE, SphinxXConfig, exist_ok=True)  # what the vLLM plugin does
     config = AutoConfig.from_pretrained(str(out), local_files_only=True)
     assert isinstance(config, SphinxXConfig)
@@ -81,8 +82,17 @@ def test_bad_model_directories_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_model_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="expected format 'sphinx-x'"):
+    with pytest.raises(CheckpointError, match="not a sphinx-x model config"):
         read_model_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "sphinx-x", "format_version": 1, "flavour": {}}))
-    with pytest.raises(CheckpointError, match="bad 'flavour' or 'token_ids'"):
-        read_model_config(tmp_path)
+
+
+def test_an_llm_of_another_architecture_is_named(saved, tmp_path):
+    model, directory = saved
+    import shutil
+
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    llm_config = json.loads((copy / "llm" / "config.json").read_text())
+    llm_config["model_type"] = "mixtral" if not model.is_moe else "llama"
+    (copy / "llm" / "config.json").write_text(json.dumps(llm_config))
+    with pytest.raises(CheckpointError, match="llm/config.json: model_type"):
+        read_model_config(copy)
