@@ -115,7 +115,7 @@ def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
         parts[name] = {"path": PARTS[name][0], "class": type(module).__name__,
                        "model_type": module.config.model_type, "params": _numel(state)}
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out / LLM_DIR))
+        _save_tokenizer(tokenizer, out / LLM_DIR)
     own = _cast(_own_vision_state(vision), dtype)
     save_file(own, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
     parts["mm_projector"] = {"path": PROJECTOR_FILE, "params": _numel(own), "keys": sorted(own)}
@@ -127,6 +127,43 @@ def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
         config["source"] = source
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# strings whose ids a saved tokenizer must reproduce after AutoTokenizer.from_pretrained
+_PROBES = ("Hello world", " Human: hi\n###", "  two  spaces", "digits 12345 and 6.7", "émoji ☃", "<s> x </s>")
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """Save so that AutoTokenizer loads the same tokenizer. Some classes rebuild their
+    normaliser on load (transformers 5's LlamaTokenizer puts a Metaspace pre-tokenizer in
+    place of sentencepiece's prepend-and-replace, which changes text after a leading space):
+    such a tokenizer is stored as its backend, under the generic fast class."""
+    tokenizer.save_pretrained(str(directory))
+    if _reloads_same(tokenizer, directory):
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    generic = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map,
+                                      extra_special_tokens=list(getattr(tokenizer, "extra_special_tokens", ()) or ()))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        (directory / name).unlink(missing_ok=True)
+    generic.save_pretrained(str(directory))
+    if not _reloads_same(tokenizer, directory):
+        raise CheckpointError(f"the tokenizer saved in {directory} does not load back as the same tokenizer "
+                              f"({type(tokenizer).__name__})")
+
+
+def _reloads_same(tokenizer, directory: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if len(again) != len(tokenizer) or again.get_vocab() != tokenizer.get_vocab():
+        return False
+    for text in _PROBES:
+        for kwargs in ({"add_special_tokens": True}, {"add_special_tokens": False, "split_special_tokens": True}):
+            if again(text, **kwargs)["input_ids"] != tokenizer(text, **kwargs)["input_ids"]:
+                return False
+    return True
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -47,6 +47,10 @@ class Flavour:
     # "after_bos", right after <s> and before the system prompt, placeholders dropped (the official
     # release's MetaModel: h = [bos, image, caption]); models.conversation builds the ids
     image_position: Literal["inline", "after_bos"] = "inline"
+    # the padding colour and what the ConvNeXt's normalisation subtracts: "uint8" pads with
+    # round(mean·255) and subtracts exactly that (padding is 0); "exact" is the release's
+    # (PadToSquare pads with int(mean·255), ToTensor + Normalize subtracts mean·255 itself)
+    pixel_mean: Literal["uint8", "exact"] = "uint8"
     mean: tuple[float, float, float] = CLIP_MEAN  # the canvas padding colour and the ConvNeXt's input
     std: tuple[float, float, float] = CLIP_STD
     dino_mean: tuple[float, float, float] = IMAGENET_MEAN  # DINOv2's input
@@ -82,7 +86,17 @@ class Flavour:
 
     @property
     def mean_u8(self) -> tuple[int, int, int]:
+        """The canvas padding colour (see ``pixel_mean``)."""
+        if self.pixel_mean == "exact":
+            return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
         return tuple(int(round(m * 255)) for m in self.mean)  # type: ignore[return-value]
+
+    @property
+    def normalise_mean_u8(self) -> tuple[float, float, float]:
+        """What the ConvNeXt's CLIP normalisation subtracts from uint8 pixels (see ``pixel_mean``)."""
+        if self.pixel_mean == "exact":
+            return tuple(m * 255 for m in self.mean)  # type: ignore[return-value]
+        return tuple(float(v) for v in self.mean_u8)  # type: ignore[return-value]
 
     @property
     def tokens_per_view(self) -> int:
@@ -135,11 +149,11 @@ _TINYLLAMA = dict(
 )
 # The official SPHINX-Tiny release (LLaMA2-Accessory `llama_ens_light` / `llama_ens5_light`, read
 # by `sphinx-x convert --from accessory`): the same two encoders and 257 + 2 tokens per view, the
-# image centred on its padded square, no skip tokens, the image right after <s>.
+# image centred on its padded square, no skip tokens, the image right after <s>, its pixel statistics.
 #   sphinx-tiny     one 512 px view (G = 1): 259 image tokens
 #   sphinx-tiny-1k  a 1024 canvas: the global view, then 2×2 tiles of 512 (the ConvNeXt sees each at
 #                   512, DINOv2 at 224, i.e. the release's 448 resize cut into 2×2): 5 · 259 = 1295
-_RELEASE = dict(pad="centre", skip_tokens=False, image_position="after_bos")
+_RELEASE = dict(pad="centre", skip_tokens=False, image_position="after_bos", pixel_mean="exact")
 # Their toys (the converter's tests): the debug encoders on 64 px views, the ConvNeXt's own input
 
 FLAVOURS: dict[str, Flavour] = {

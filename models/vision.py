@@ -86,8 +86,9 @@ class MixtureOfVisualExperts(nn.Module):
         self.start = nn.Parameter(torch.randn(d_llm) * 0.02)
         self.end = nn.Parameter(torch.randn(d_llm) * 0.02)
         self.skip = nn.Parameter(torch.randn(d_llm) * 0.02)
-        # uint8 normalisation: subtract exactly the padding colour so padding becomes 0
-        self.register_buffer("mean_u8", torch.tensor(flavour.mean_u8, dtype=torch.float32).view(1, 3, 1, 1),
+        # uint8 normalisation: subtract exactly the padding colour so padding becomes 0 (flavour.pixel_mean
+        # "exact": the mean itself, as the official release does)
+        self.register_buffer("mean_u8", torch.tensor(flavour.normalise_mean_u8, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("std_u8", torch.tensor(flavour.std, dtype=torch.float32).view(1, 3, 1, 1) * 255,
                              persistent=False)
