@@ -91,7 +91,7 @@ class DecodeLoop:
     waits for others to share its prefill."""
 
     def __init__(self, model, *, max_batch_size: int, wait_s: float, deliver: Deliver, name: str = "decode"):
-        self.model, self.max_batch_size, self.wait_s, self.deliver = model, max(1, int(max_batch_size)), wait_s, deliver
+        self.model, self.max_batch_size, self.wait_s, self.deliver = model, max_batch_size, wait_s, deliver
         self._inbox: deque[Request] = deque()
         self._cv = threading.Condition()
         self._closed = False

@@ -38,10 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors import openai_api as oa
 from actors.image_source import ImagePolicy, check_image_header, fetch_image
 from actors.openai_api import ApiError
+from cluster.spec import ServeSection, StorageSection
 
 log = logging.getLogger(__name__)
 
-_PAGE = Path(__file__).resolve().parents[1] / "pipelines" / "static" / "index.html"
+_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 app = FastAPI(title="sphinx-x", docs_url=None, redoc_url=None)
 
 
@@ -117,22 +118,22 @@ class _ReplicaStream:
         return await self._next()
 
 
-@serve.deployment(max_ongoing_requests=1000, max_queued_requests=-1, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=1000, max_queued_requests=-1)
 @serve.ingress(app)
 class Ingress:
-    """Args: ``serve`` (the spec's serve section as a dict), ``bucket`` (the storage bucket or
-    None), ``storage`` (the storage section dict), ``models`` (name → DeploymentHandle),
-    ``key_hashes`` (SHA-256 hex of accepted API keys; empty: no auth)."""
+    """Args: the spec's ``serve`` and ``storage`` sections (typed), ``models`` (name →
+    DeploymentHandle), ``key_hashes`` (SHA-256 hex of accepted API keys; empty: no auth).
+    Its actor options (CPUs) come from ``pipelines.serve`` (cluster.connect.INGRESS_CPUS)."""
 
-    def __init__(self, serve_section: dict, storage: dict, models: dict[str, Any], key_hashes: list[str]):
+    def __init__(self, serve_section: ServeSection, storage: StorageSection, models: dict[str, Any],
+                 key_hashes: list[str]):
         self.section = serve_section
         self.storage_section = storage
         self.models = models
         self.key_hashes = list(key_hashes)
-        bucket = storage["uri"][5:].split("/", 1)[0] if storage["uri"].startswith("s3://") else None
-        self.policy = ImagePolicy(bucket=bucket, allowed_hosts=list(serve_section["allowed_image_hosts"]),
-                                  max_bytes=serve_section["max_request_bytes"],
-                                  max_pixels=serve_section["max_image_pixels"])
+        self.policy = ImagePolicy(bucket=storage.bucket, allowed_hosts=list(serve_section.allowed_image_hosts),
+                                  max_bytes=serve_section.max_request_bytes,
+                                  max_pixels=serve_section.max_image_pixels)
         self.created = int(time.time())
         self.batch_sizes: dict[str, Counter] = {name: Counter() for name in models}
         self.requests: Counter = Counter()
@@ -151,7 +152,7 @@ class Ingress:
                            code="invalid_api_key", type="authentication_error")
 
     async def _body(self, request: Request) -> bytes:
-        limit = self.section["max_request_bytes"]
+        limit = self.section.max_request_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {limit}",
@@ -166,10 +167,9 @@ class Ingress:
 
     def _filesystem(self):
         if self._fs is None:
-            from cluster.spec import StorageSection
             from cluster.storage import open_storage
 
-            self._fs = open_storage(StorageSection.model_validate(self.storage_section)).filesystem
+            self._fs = open_storage(self.storage_section).filesystem
         return self._fs
 
     async def _payload(self, req: oa.ChatRequest) -> dict:
@@ -188,17 +188,17 @@ class Ingress:
                     content.append({"type": "image", "index": len(urls)})
                     urls.append(part.image_url.url)
             messages.append({"role": m.role, "content": content})
-        limit = self.section["max_images_per_request"]
+        limit = self.section.max_images_per_request
         if len(urls) > limit:
             raise ApiError(400, f"{len(urls)} images in one request, the limit is {limit}",
                            param="messages", code="too_many_images")
         images = await asyncio.gather(*(asyncio.to_thread(self._image, u) for u in urls))
         max_tokens = req.requested_max_tokens()
-        if max_tokens is not None and max_tokens > self.section["max_tokens_limit"]:
+        if max_tokens is not None and max_tokens > self.section.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over this endpoint's limit of "
-                           f"{self.section['max_tokens_limit']}", param="max_tokens", code="invalid_value")
+                           f"{self.section.max_tokens_limit}", param="max_tokens", code="invalid_value")
         return {"messages": messages, "images": list(images), "max_tokens": max_tokens,
-                "max_tokens_limit": self.section["max_tokens_limit"], "temperature": req.temperature,
+                "max_tokens_limit": self.section.max_tokens_limit, "temperature": req.temperature,
                 "top_p": req.top_p, "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos,
                 "stream": req.stream}
 

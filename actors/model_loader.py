@@ -1,29 +1,27 @@
 """Which weights a serve member runs: a model directory (local or S3), the train export, or a
 flavour with random weights.
 
-    >>> model, tokenizer = load_member({"name": "m", "flavour": "debug", "checkpoint": None},
-    ...                                storage_section, train_output="train")   # random weights
+    >>> model, tokenizer = load_member(MemberWeights(name="m", flavour="debug"), storage_section)
 
-``checkpoint``:
-- ``"@train"`` → ``<storage>/<train.output>/export`` (must hold ``_SUCCESS``: training finished);
-- ``s3://…`` or a path relative to the storage root → downloaded through cluster.storage;
-- an absolute local path → loaded in place;
-- ``null`` → ``flavour`` built with seeded random weights (identical on every replica) and, for
-  the debug flavours, a BPE tokenizer trained on a fixed built-in text.
+``MemberWeights.checkpoint_uri`` is resolved on the driver by ``cluster.layout`` (``@train`` is
+the run's train export, which must hold ``_SUCCESS``; relative paths are under the storage root;
+``s3://…`` and absolute paths as given). ``None`` builds ``flavour`` with seeded random weights
+(identical on every replica) and, for the debug flavours, a BPE tokenizer trained on a fixed
+built-in text.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TRAIN_EXPORT = "@train"
 RANDOM_SEED = 0
 
 # a fixed text for the debug tokenizer of random-weight members (never a download)
@@ -35,13 +33,6 @@ _DEBUG_CORPUS = [
     "Hello! How are you today? I am fine, thank you. The quick brown fox jumps over the lazy dog.",
     "0 1 2 3 4 5 6 7 8 9 10 [0.12, 0.34, 0.56, 0.78] yes no left right top bottom",
 ]
-
-
-def resolve_checkpoint(checkpoint: str, storage_uri_for, train_output: str) -> str:
-    """``"@train"`` → the train export URI; anything else unchanged."""
-    if checkpoint == TRAIN_EXPORT:
-        return storage_uri_for(train_output, "export")
-    return checkpoint
 
 
 def debug_tokenizer(vocab_size: int):
@@ -65,34 +56,43 @@ def random_member(flavour_name: str):
     return SphinxX.from_flavour(flavour, tokenizer), tokenizer
 
 
-def load_member(member: dict[str, Any], storage_section: dict[str, Any], train_output: str,
-                cache_dir: str | None = None):
-    """(model in eval mode, tokenizer) for one ``serve.models`` entry (as a dict)."""
-    checkpoint = member.get("checkpoint")
-    if checkpoint is None:
-        model, tokenizer = random_member(member["flavour"])
+@dataclass(frozen=True)
+class MemberWeights:
+    """Where one serve member's weights come from (built by pipelines.serve from the spec)."""
+
+    name: str
+    flavour: Optional[str] = None  # for random weights (checkpoint_uri None)
+    checkpoint_uri: Optional[str] = None  # a model directory: s3://… or an absolute local path
+    require_success: bool = False  # the train export: only once training wrote _SUCCESS
+
+
+def load_member(weights: MemberWeights, storage_section, cache_dir: str | None = None):
+    """(model in eval mode, tokenizer) for one serve member."""
+    if weights.checkpoint_uri is None:
+        model, tokenizer = random_member(weights.flavour)
         return model.eval(), tokenizer
 
-    from cluster.spec import StorageSection
     from cluster.storage import open_storage
     from models.checkpoint import load_model_dir
 
-    path = Path(checkpoint)
-    if checkpoint != TRAIN_EXPORT and path.is_absolute() and "://" not in checkpoint:
-        if not path.is_dir():
-            raise UserError(f"serve model {member['name']!r}: checkpoint directory {checkpoint} does not exist")
-        model, tokenizer = load_model_dir(path)
+    uri = weights.checkpoint_uri
+    if not uri.startswith("s3://"):
+        if not Path(uri).is_dir():
+            raise UserError(f"serve model {weights.name!r}: checkpoint directory {uri} does not exist")
+        if weights.require_success and not Path(uri, "_SUCCESS").exists():
+            raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
+                            "(run `sphinx-x train SPEC` first)")
+        model, tokenizer = load_model_dir(uri)
         return model.eval(), tokenizer
-    storage = open_storage(StorageSection.model_validate(storage_section))
-    uri = resolve_checkpoint(checkpoint, storage.uri_for, train_output)
-    if checkpoint == TRAIN_EXPORT and not storage.exists(f"{uri.rstrip('/')}/_SUCCESS"):
-        raise UserError(f"serve model {member['name']!r}: checkpoint '@train' but there is no finished "
-                        f"train export at {uri} (run `sphinx-x train SPEC` first)")
-    local = Path(tempfile.mkdtemp(prefix=f"sphinx-x-{member['name']}-", dir=cache_dir))
+    storage = open_storage(storage_section)
+    if weights.require_success and not storage.exists(f"{uri.rstrip('/')}/_SUCCESS"):
+        raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
+                        "(run `sphinx-x train SPEC` first)")
+    local = Path(tempfile.mkdtemp(prefix=f"sphinx-x-{weights.name}-", dir=cache_dir))
     try:
         storage.download_dir(uri, local)
     except FileNotFoundError as err:
-        raise UserError(f"serve model {member['name']!r}: checkpoint {uri} not found ({err})") from None
-    log.info("serve model %s: loading %s", member["name"], uri)
+        raise UserError(f"serve model {weights.name!r}: checkpoint {uri} not found ({err})") from None
+    log.info("serve model %s: loading %s", weights.name, uri)
     model, tokenizer = load_model_dir(local)
     return model.eval(), tokenizer

@@ -41,6 +41,8 @@ import numpy as np
 from ray import serve
 
 from actors.decode_loop import DecodeLoop, Request
+from actors.model_loader import MemberWeights, load_member
+from cluster.spec import StorageSection
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -131,21 +133,29 @@ def _user_error(err: UserError, status: int = 400) -> dict:
                       "param": "messages"}}
 
 
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One member's replica, built once by ``pipelines.serve`` from the spec."""
+
+    weights: MemberWeights
+    storage: StorageSection
+    max_image_pixels: int  # serve.max_image_pixels
+    max_batch_size: int  # serve.models[].max_batch_size (1: every request alone)
+    batch_wait_s: float  # serve.models[].batch_wait_timeout_s
+    threads: int  # torch threads: the CPUs the replica reserves (ray_actor_options.num_cpus)
+
+
 @serve.deployment
 class ModelReplica:
-    """Args: ``member`` (a ``serve.models`` entry as a dict), ``storage`` (the storage section),
-    ``train_output`` (``train.output``), ``max_image_pixels``."""
+    """Args: a :class:`ReplicaConfig`."""
 
-    def __init__(self, member: dict, storage: dict, train_output: str, max_image_pixels: int):
+    def __init__(self, config: ReplicaConfig):
         import torch
 
-        from actors.model_loader import load_member
-
-        cpus = float(member.get("ray_actor_options", {}).get("num_cpus") or 1)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.name = member["name"]
-        self.max_pixels = max_image_pixels
-        self.model, self.tokenizer = load_member(member, storage, train_output)
+        torch.set_num_threads(max(1, config.threads))
+        self.name = config.weights.name
+        self.max_pixels = config.max_image_pixels
+        self.model, self.tokenizer = load_member(config.weights, config.storage)
         self.flavour = self.model.flavour
         self.context = min(int(self.flavour.max_seq_len),
                            int(self.flavour.llm.get("max_position_embeddings", self.flavour.max_seq_len)))
@@ -154,8 +164,8 @@ class ModelReplica:
         # new requests while it decodes (default 5 ms per hand-off).
         sys.setswitchinterval(0.0005)
         self._event_loop: Optional[asyncio.AbstractEventLoop] = None
-        self._decoder = DecodeLoop(self.model, max_batch_size=int(member.get("max_batch_size", 16)),
-                                   wait_s=float(member.get("batch_wait_timeout_s", 0.01)), deliver=self._deliver,
+        self._decoder = DecodeLoop(self.model, max_batch_size=config.max_batch_size,
+                                   wait_s=config.batch_wait_s, deliver=self._deliver,
                                    name=f"decode-{self.name}")
         self._prep_thread = ThreadPoolExecutor(1, thread_name_prefix="prep")
         self.batch_sizes: Counter = Counter()

@@ -112,12 +112,22 @@ class ImageFetcher:
         self._storage = storage
 
     def read(self, uri: str) -> bytes:
-        if self._storage is not None:
-            fs, path = self._storage.resolve(uri)
-        elif uri.startswith("s3://"):
-            raise _Quarantine("fetch", "fetch_error", f"{uri}: no S3 storage configured")
-        else:
-            fs, path = pafs.LocalFileSystem(), uri
+        """The image's bytes; any failure (a URL scheme we never fetch, another bucket we cannot
+        read, a missing object) is a quarantine reason for the row, never an error of the stage."""
+        if uri.startswith(("http://", "https://")) or ("://" in uri and not uri.startswith("s3://")):
+            raise _Quarantine("fetch", "unsupported_image_uri",
+                              f"{uri}: preprocess reads images from s3:// or local paths only (no URL fetches)")
+        try:
+            if self._storage is not None:
+                fs, path = self._storage.resolve(uri)
+            elif uri.startswith("s3://"):
+                raise _Quarantine("fetch", "fetch_error", f"{uri}: no S3 storage configured")
+            else:
+                fs, path = pafs.LocalFileSystem(), uri
+        except _Quarantine:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the cause, the row carries it
+            raise _Quarantine("fetch", "fetch_error", f"{uri}: {err}") from None
         try:
             with fs.open_input_stream(path) as f:
                 return f.read()
@@ -127,6 +137,8 @@ class ImageFetcher:
             if "not found" in str(err).lower() or "NoSuchKey" in str(err) or "does not exist" in str(err):
                 raise _Quarantine("fetch", "missing_image", f"{uri}: {err}") from None
             raise _Quarantine("fetch", "fetch_error", f"{uri}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - e.g. access denied on another bucket
+            raise _Quarantine("fetch", "fetch_error", f"{uri}: {type(err).__name__}: {err}") from None
 
 
 class Tiler:

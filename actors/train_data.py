@@ -20,7 +20,7 @@ the wrong samples. A row written several times (source ``ratio`` > 1) is several
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -28,28 +28,29 @@ import pyarrow as pa
 PLAN_COLUMNS = ["id", "num_tokens"]
 
 
-def read_index(storage, shard_dir: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(shard paths for ``storage.filesystem``, ``[n, 2]`` (file, row) of every row, num_tokens [n])."""
-    import pyarrow.fs as pafs
+def read_index(storage, layout, shards: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(shard URIs, ``[n, 2]`` (file, row) of every row, num_tokens [n]).
+
+    ``shards``: the manifest's shard names (``part-00000.parquet``, ...) under ``layout.shards``.
+    """
     import pyarrow.parquet as pq
 
     from models.errors import UserError
 
-    fs, base = storage.filesystem, storage.path(shard_dir)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    except FileNotFoundError:
-        infos = []
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
-                   and i.path.endswith(".parquet"))
-    if not files:
-        raise UserError(f"no shards (part-*.parquet) under {storage.uri_for(shard_dir)}; run "
-                        "`sphinx-x preprocess SPEC` first")
-    where, lengths = [], []
-    for k, path in enumerate(files):
-        table = pq.read_table(path, columns=["num_tokens"], filesystem=fs)
+    files, where, lengths = [], [], []
+    for k, name in enumerate(shards):
+        uri = f"{layout.shards}/{name}"
+        fs, path = storage.resolve(uri)
+        try:
+            table = pq.read_table(path, columns=["num_tokens"], filesystem=fs)
+        except (FileNotFoundError, OSError) as err:
+            raise UserError(f"the manifest lists {name}, which cannot be read under {layout.shards}: {err}; "
+                            "run `sphinx-x preprocess SPEC --force`") from None
+        files.append(uri)
         where.append(np.stack([np.full(table.num_rows, k), np.arange(table.num_rows)], axis=1))
         lengths.append(table.column("num_tokens").to_numpy())
+    if not files:
+        raise UserError(f"no shards under {layout.shards}; run `sphinx-x preprocess SPEC` first")
     return files, np.concatenate(where).astype(np.int64), np.concatenate(lengths).astype(np.int64)
 
 
@@ -74,25 +75,25 @@ class ReadPlannedRows:
     ``cache_bytes``, so each group is read about once per pass when the dataset fits the cache.
     """
 
-    def __init__(self, storage_section: dict, files: list[str], cache_bytes: int = 512 << 20):
-        self.storage_section = storage_section
+    def __init__(self, storage_section, files: list[str], cache_bytes: int = 512 << 20):
+        self.storage_section = storage_section  # cluster.spec.StorageSection
         self.files = files
         self.cache_bytes = cache_bytes
         self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cached = 0
         self._meta: dict[int, tuple[Any, np.ndarray]] = {}  # file -> (ParquetFile, row-group starts)
-        self._fs = None
+        self._storage = None
 
     def _file(self, k: int) -> tuple[Any, np.ndarray]:
         import pyarrow.parquet as pq
 
         if k not in self._meta:
-            if self._fs is None:
-                from cluster.spec import StorageSection
+            if self._storage is None:
                 from cluster.storage import open_storage
 
-                self._fs = open_storage(StorageSection(**self.storage_section)).filesystem
-            pf = pq.ParquetFile(self._fs.open_input_file(self.files[k]))
+                self._storage = open_storage(self.storage_section)
+            fs, path = self._storage.resolve(self.files[k])
+            pf = pq.ParquetFile(fs.open_input_file(path))
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
             self._meta[k] = (pf, np.cumsum([0] + sizes))
         return self._meta[k]
@@ -127,10 +128,17 @@ class ReadPlannedRows:
         return table.append_column("_pos", pa.array(np.asarray(batch["_pos"], dtype=np.int64)))
 
 
-def rank_datasets(files: list[str], storage_section: dict, entries: list[dict[str, np.ndarray]], *,
-                  num_cpus: float = 0.25, rows_per_task: int = 64) -> dict[str, Any]:
-    """``{"rank0": Dataset, ...}``: each rank's planned rows, in plan order (no shuffle)."""
+def rank_datasets(files: list[str], storage_section, entries: list[dict[str, np.ndarray]], *,
+                  num_cpus: Optional[float] = None, rows_per_task: int = 64) -> dict[str, Any]:
+    """``{"rank0": Dataset, ...}``: each rank's planned rows, in plan order (no shuffle).
+
+    Each rank's reader reserves ``cluster.connect.TRAIN_READER_CPUS`` (what the capacity check counts).
+    """
     import ray.data
+
+    from cluster.connect import TRAIN_READER_CPUS
+
+    num_cpus = TRAIN_READER_CPUS if num_cpus is None else num_cpus
 
     datasets = {}
     for rank, cols in enumerate(entries):

@@ -1,6 +1,6 @@
 """The training loop every Ray Train worker runs: DeepSpeed one-stage training of SphinxX.
 
-``train_loop_per_worker(config)`` (config built by ``pipelines.train``):
+``train_loop_per_worker({"config": TrainWorkerConfig})`` (built once by ``pipelines.train``):
 
 1. build the spec's flavour with the shards' tokenizer (same seed on every rank), freeze the
    encoders unless ``train.train_encoders``; DeepSpeed wraps it (``actors.deepspeed_config``:
@@ -14,7 +14,7 @@
 4. every ``checkpoint_every`` steps and at the end: every rank ``engine.save_checkpoint`` into
    its own directory, then ``ray.train.report(metrics, checkpoint=...)`` (Ray merges the ranks'
    files into one checkpoint on the run's storage);
-5. at the end, gather the full model (``actors.consolidate``) and write the export
+5. at the end, gather the full model (``actors.consolidate``) and write the export (paths: ``cluster.layout``)
    (``models.checkpoint`` format, ``_SUCCESS`` last) plus a fixed batch with the trained
    engine's logits (``export_check.pt``) so anyone can verify the export.
 
@@ -23,7 +23,8 @@ grad_norm, tokens, tokens_per_s, image_tokens, saved_tokens (image tokens skip t
 step_time_s (data_s waiting for the input + compute_s forward/backward/step + sync_s all_reduce and
 grad norm), report_s (the previous step's pid file, report and checkpoint, outside step_time_s),
 wall_t (unix time at the step's end), restored_from. Ray Train sees a report at every checkpoint
-and about every ``REPORT_EVERY_S`` seconds (config ``report_every_s``), not every step.
+and about every ``REPORT_EVERY_S`` seconds (config ``report_every_s``), not every step; rank 0
+also puts a small progress item (step, loss, tokens/s, its pid) on the driver's queue every step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -43,18 +45,36 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from actors.batching import collate, model_inputs
+from cluster.layout import Layout
+from cluster.spec import StorageSection, TrainSection
+from models.flavours import Flavour
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-EXPORT_DIR = "export"
-EXPORT_CHECK = "export_check.pt"
-SUCCESS = "_SUCCESS"
+METRICS_FILE = "metrics.jsonl"  # inside a checkpoint directory: rank 0's history up to it
 # ray.train.report is a barrier with the Ray Train controller (~0.5-2 s on a loaded 2-core box,
 # 10x a debug step): report at checkpoints and about every REPORT_EVERY_S seconds, not every step.
 # metrics.jsonl (rank 0's history) still holds every step.
 REPORT_EVERY_S = 10.0
-EXPORT_SUMMARY = "export.json"
+
+
+@dataclass(frozen=True)
+class TrainWorkerConfig:
+    """Everything a training worker gets from the driver, built once from the spec."""
+
+    train: TrainSection
+    storage: StorageSection
+    flavour: Flavour  # the spec's flavour, overrides and train.aux_loss_weight applied
+    layout: Layout
+    total_steps: int
+    tokenizer_uri: str
+    weights_uri: Optional[str] = None  # model.weights, resolved by the layout
+    data_start_step: int = 0  # the step this run's datasets start at
+    resume_from: Optional[str] = None  # a checkpoint URI the driver found (a restarted `train`)
+    export_from: Optional[str] = None  # export this checkpoint only, no training
+    export: bool = True
+    report_every_s: float = REPORT_EVERY_S
+    progress: Any = None  # a ray.util.queue.Queue rank 0 feeds once per step, or None
 
 
 class ShardCollate(NumpyBatchCollateFn):
@@ -71,33 +91,31 @@ class ShardCollate(NumpyBatchCollateFn):
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(spec, storage, tokenizer_uri: str):
-    """(SphinxX, tokenizer) on CPU: the spec's flavour, optional weights, encoders frozen by default."""
+def build_model(config: TrainWorkerConfig, storage):
+    """(SphinxX, tokenizer) on CPU: the flavour, optional weights, encoders frozen by default."""
     from models.checkpoint import import_weights_dir
     from models.conversation import load_tokenizer
-    from models.flavours import from_name
     from models.sphinx import SphinxX
 
     with tempfile.TemporaryDirectory(prefix="sx-tok-") as tmp:
-        tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
-    torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-    flavour = from_name(spec.model.flavour, **spec.model.overrides)
-    model = SphinxX.from_flavour(flavour, tokenizer)
-    if spec.model.weights:
+        tokenizer = load_tokenizer(storage.download_dir(config.tokenizer_uri, tmp))
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    model = SphinxX.from_flavour(config.flavour, tokenizer)
+    if config.weights_uri:
         with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
-            import_weights_dir(model, storage.download_dir(spec.model.weights, tmp))
-    model.set_vision_trainable(spec.train.train_encoders)
-    if spec.train.activation_checkpointing:
+            import_weights_dir(model, storage.download_dir(config.weights_uri, tmp))
+    model.set_vision_trainable(config.train.train_encoders)
+    if config.train.activation_checkpointing:
         model.llm.gradient_checkpointing_enable()
     return model, tokenizer
 
 
-def build_engine(spec, model, world_size: int, total_steps: int):
+def build_engine(train: TrainSection, model, world_size: int, total_steps: int):
     import deepspeed
 
     from actors.deepspeed_config import deepspeed_config
 
-    cfg = deepspeed_config(spec.train, model.flavour, world_size=world_size, total_steps=total_steps)
+    cfg = deepspeed_config(train, model.flavour, world_size=world_size, total_steps=total_steps)
     # No ZeRO-3 special cases: every parameter is used only inside its own module's forward, and
     # the vision module runs (and touches all its parameters) on every batch, images or not.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -139,10 +157,10 @@ def _load_from_storage(engine, storage, uri: str) -> tuple[int, list[dict]]:
 # ----------------------------------------------------------------------------- metrics
 
 
-def write_metrics(storage, out: str, history: list[dict], *, png: bool = False) -> None:
-    storage.write_bytes(f"{out}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history).encode())
+def write_metrics(storage, layout: Layout, history: list[dict], *, png: bool = False) -> None:
+    storage.write_bytes(layout.metrics, "".join(json.dumps(m) + "\n" for m in history).encode())
     if png and history:
-        storage.write_bytes(f"{out}/loss.png", loss_png(history))
+        storage.write_bytes(layout.loss_png, loss_png(history))
 
 
 def loss_png(history: list[dict]) -> bytes:
@@ -171,7 +189,7 @@ def loss_png(history: list[dict]) -> bytes:
 # ----------------------------------------------------------------------------- export
 
 
-def export_model(engine, tokenizer, storage, out: str, check_batch: Optional[dict], rank: int) -> dict:
+def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Optional[dict], rank: int) -> dict:
     """Gather the full model, write ``<out>/export`` (``_SUCCESS`` last); rank 0 returns a summary."""
     from actors.consolidate import consolidated_state_dict, load_consolidated
     from models.checkpoint import save_model_dir
@@ -190,20 +208,20 @@ def export_model(engine, tokenizer, storage, out: str, check_batch: Optional[dic
     plain = SphinxX(module.flavour, **module.token_ids())
     load_consolidated(plain, state)
     plain.eval()
-    summary: dict[str, Any] = {"export": storage.uri_for(out, EXPORT_DIR)}
+    summary: dict[str, Any] = {"export": layout.export}
     if check_batch is not None:
         with torch.no_grad():
             mine = plain(**model_inputs(check_batch)).logits.float()
         summary["export_max_abs_diff"] = float((mine - logits).abs().max())
         buf = io.BytesIO()
         torch.save({"batch": {k: v for k, v in check_batch.items()}, "logits": logits}, buf)
-        storage.write_bytes(f"{out}/{EXPORT_CHECK}", buf.getvalue())
-    storage.delete(f"{out}/{EXPORT_DIR}/")
+        storage.write_bytes(layout.export_check, buf.getvalue())
+    storage.delete(layout.export)
     with tempfile.TemporaryDirectory(prefix="sx-export-") as tmp:
         save_model_dir(plain, tokenizer, tmp)
-        storage.upload_dir(tmp, f"{out}/{EXPORT_DIR}")
-    storage.write_bytes(f"{out}/{EXPORT_DIR}/{SUCCESS}", b"")
-    storage.write_bytes(f"{out}/{EXPORT_SUMMARY}", json.dumps(summary).encode())
+        storage.upload_dir(tmp, layout.export)
+    storage.write_bytes(layout.export_success, b"")
+    storage.write_bytes(layout.export_summary, json.dumps(summary).encode())
     return summary
 
 
@@ -233,37 +251,40 @@ def token_share(num_tokens: int, world: int, device) -> float:
     return num_tokens / total if total else 1.0 / world
 
 
-def _report_pid(pid_dir: Optional[str], rank: int, step: int) -> None:
-    """Test hook: `rank{r}.pid` holds "pid step" so a test can kill a worker mid-run."""
-    if pid_dir:
-        path = Path(pid_dir, f"rank{rank}.pid")
-        path.with_suffix(".tmp").write_text(f"{os.getpid()} {step}")
-        path.with_suffix(".tmp").replace(path)
+def _progress(config: TrainWorkerConfig, rank: int, metrics: dict) -> None:
+    """Rank 0 hands the driver's progress line one small item per step (never blocks)."""
+    if rank != 0 or config.progress is None:
+        return
+    try:
+        config.progress.put_nowait({"step": metrics["step"], "total": config.total_steps, "loss": metrics["loss"],
+                                    "tokens_per_s": metrics["tokens_per_s"], "pid": os.getpid()})
+    except Exception:  # noqa: BLE001 - full (nobody reading) or gone: progress is best effort
+        pass
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from cluster.spec import parse_spec
     from cluster.storage import open_storage
 
-    spec = parse_spec(config["spec"], "train-config")
+    config: TrainWorkerConfig = loop_config["config"]
+    train, lay = config.train, config.layout
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    storage = open_storage(spec.storage)
-    out = spec.train.output
-    total, accum, micro = config["total_steps"], spec.train.grad_accum, spec.train.micro_batch
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    storage = open_storage(config.storage)
+    total, accum, micro = config.total_steps, train.grad_accum, train.micro_batch
+    # as many threads as CPUs the worker reserved (scaling_config: 1 unless resources_per_worker says)
+    torch.set_num_threads(max(1, int(train.resources_per_worker.get("CPU", 1))))
 
-    model, tokenizer = build_model(spec, storage, config["tokenizer_uri"])
-    engine = build_engine(spec, model, world, total)
+    model, tokenizer = build_model(config, storage)
+    engine = build_engine(train, model, world, total)
 
     step, history, restored_from = 0, [], None
-    if config.get("export_from"):  # export only: this checkpoint, no training
-        step, history = _load_from_storage(engine, storage, config["export_from"])
-        summary = export_model(engine, tokenizer, storage, out, None, rank)
+    if config.export_from:  # export only: this checkpoint, no training
+        step, history = _load_from_storage(engine, storage, config.export_from)
+        summary = export_model(engine, tokenizer, storage, lay, None, rank)
         ray.train.report({"step": step, **summary})
         return
     checkpoint = ray.train.get_checkpoint()
@@ -272,15 +293,13 @@ def train_loop_per_worker(config: dict) -> None:
             step, history = _load_checkpoint(engine, directory)
         restored_from = step
         log.info("rank %d: restored step %d", rank, step)
-    elif config.get("resume_from"):  # a restarted `sphinx-x train`: the driver found the latest checkpoint
-        step, history = _load_from_storage(engine, storage, config["resume_from"])
+    elif config.resume_from:  # a restarted `sphinx-x train`: the driver found the latest checkpoint
+        step, history = _load_from_storage(engine, storage, config.resume_from)
         restored_from = step
-
-    _report_pid(config.get("pid_dir"), rank, step)
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     batches = iter(shard.iter_torch_batches(batch_size=micro, collate_fn=ShardCollate(tokenizer.pad_token_id),
                                             drop_last=False, prefetch_batches=2))
-    ds_start = config.get("data_start_step", 0)
+    ds_start = config.data_start_step
     for _ in range((step - ds_start) * accum):  # consumed before the restored checkpoint
         next(batches)
 
@@ -288,7 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
     aux_coef = float(engine.module.aux_loss_coef)
     last_batch = None
     report_s, last_report = 0.0, time.monotonic()
-    report_every_s = float(config.get("report_every_s", REPORT_EVERY_S))
+    report_every_s = config.report_every_s
     while step < total:
         t0 = time.perf_counter()
         data_s = compute_s = 0.0
@@ -341,11 +360,11 @@ def train_loop_per_worker(config: dict) -> None:
         }
         history.append(metrics)
         t = time.perf_counter()
-        _report_pid(config.get("pid_dir"), rank, step)
-        if step % spec.train.checkpoint_every == 0 or step == total:
+        _progress(config, rank, metrics)
+        if step % train.checkpoint_every == 0 or step == total:
             directory = _save_checkpoint(engine, step, history, rank)
             if rank == 0:
-                write_metrics(storage, out, history)
+                write_metrics(storage, lay, history)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
             shutil.rmtree(directory, ignore_errors=True)
             last_report = time.monotonic()
@@ -355,8 +374,8 @@ def train_loop_per_worker(config: dict) -> None:
         report_s = time.perf_counter() - t  # outside the step: shown on the next step's metrics
 
     summary = {}
-    if config.get("export", True):
-        summary = export_model(engine, tokenizer, storage, out, last_batch, rank)
+    if config.export:
+        summary = export_model(engine, tokenizer, storage, lay, last_batch, rank)
     if rank == 0:
-        write_metrics(storage, out, history, png=True)
+        write_metrics(storage, lay, history, png=True)
     ray.train.report({**(history[-1] if history else {"step": step}), **summary, "done": True})

@@ -28,7 +28,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "pipelines"))
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -39,9 +38,8 @@ MICRO = 4
 
 
 def _batches(n: int, wide_only: bool = False):
-    from train_shards import build_rows
-
     from actors.batching import collate
+    from pipelines.synthetic_shards import build_rows
 
     tokenizer, rows = build_rows("debug", n_rows=n * MICRO, seed=3, wide_only=wide_only)
     cols = list(rows[0])
@@ -181,10 +179,10 @@ def demo_like(steps: int, report_every_s: float, s3_endpoint: str) -> dict:
     """The demo's train stage on the train-test shards; steady-state steps/s and phase means."""
     import uuid
 
-    from train_shards import write_shards
-
+    from cluster.connect import storage_for
+    from cluster.layout import Layout
     from cluster.spec import parse_spec
-    from cluster.storage import open_storage
+    from pipelines.synthetic_shards import write_shards
     from pipelines.train import run_stage
 
     spec = parse_spec({
@@ -193,12 +191,13 @@ def demo_like(steps: int, report_every_s: float, s3_endpoint: str) -> dict:
         "train": dict(workers=2, zero_stage=2, micro_batch=8, lr=3e-3, warmup_ratio=0.05, steps=steps, epochs=None,
                       checkpoint_every=steps, keep_checkpoints=1, max_failures=0, precision="fp32", use_gpu=False),
     }, "bench-spec")
-    storage = open_storage(spec.storage)
-    write_shards(storage, spec.data.output, n_rows=400, rows_per_shard=100)
+    storage = storage_for(spec)
+    lay = Layout.from_spec(spec, storage.uri)
+    write_shards(storage, lay, n_rows=400, rows_per_shard=100)
     t0 = time.perf_counter()
     run_stage(spec, force=True, export=False, report_every_s=report_every_s)
     wall = time.perf_counter() - t0
-    history = [json.loads(x) for x in storage.read_bytes(f"{spec.train.output}/metrics.jsonl").decode().splitlines()]
+    history = [json.loads(x) for x in storage.read_bytes(lay.metrics).decode().splitlines()]
     steady = history[5:-1]  # past warm-up, before the final checkpoint
     rate = (len(steady) - 1) / (steady[-1]["wall_t"] - steady[0]["wall_t"])
     phases = {k: round(float(np.mean([m[k] for m in steady])), 4)
@@ -216,7 +215,9 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    from cluster.storage import EmbeddedS3, embedded_worker_env
+    from cluster.connect import worker_env
+    from cluster.spec import StorageSection
+    from cluster.storage import EmbeddedS3
 
     tokenizer, batches = _batches(8)
     server = EmbeddedS3()
@@ -225,7 +226,7 @@ def main() -> None:
     demo = {}
     # the dashboard serves the state API Ray Train v2's placement-group cleaner asks (tests/conftest.py)
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": embedded_worker_env(server.endpoint_url)})
+             runtime_env={"env_vars": worker_env(StorageSection(), server.endpoint_url)})
     try:
         bares, ones = [], []
         for _ in range(args.rounds):  # interleaved, so a burst of load on the shared box hits both

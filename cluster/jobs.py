@@ -9,8 +9,8 @@ What a submission carries (``runtime_env``), and what it does not:
 - ``working_dir``: a copy of the project (``.venv``, ``.git``, ``runs``, caches excluded)
   with the spec written into it as ``job-spec.yaml``, so the job reads the same spec
   wherever the user's file lives. Python dependencies come from the cluster's image.
-- ``env_vars``: :meth:`Storage.worker_env` — endpoint (embedded server), region, checksum
-  settings. Never a credential value: credentials come from the cluster's environment.
+- ``env_vars``: ``cluster.connect.worker_env`` — endpoint, region, checksum settings. Never a
+  credential value: credentials come from the cluster's environment.
 
     >>> client = connect("http://127.0.0.1:8265")                      # doctest: +SKIP
     >>> job_id = submit(client, entrypoint="python -m pipelines.cli run job-spec.yaml ...",
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
+from cluster.layout import JOB_SPEC_NAME as JOB_SPEC
 from cluster.spec import ClusterSpec, dump_spec, load_spec
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-JOB_SPEC = "job-spec.yaml"
 # Never shipped with a job: environments, VCS, outputs, caches, weights and data.
 EXCLUDES = [".venv", "venv", ".git", "runs", ".sphinx-x", "tmp", "build", "dist", "node_modules",
             "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info",
@@ -81,7 +81,17 @@ def connect(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # ConnectionError, ValueError (bad URL), ...
+        if _needs_token(err):
+            raise UserError(f"the Ray Jobs API at {address} needs an auth token (Ray 2.60 heads turn token "
+                            "auth on): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the head's token file> "
+                            "(or RAY_AUTH_TOKEN=<token>); a `sphinx-x up` head prints both. "
+                            f"({_one_line(err)})") from None
         raise UserError(f"cannot reach the Ray Jobs API at {address}: {_one_line(err)}") from None
+
+
+def _needs_token(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(k in text for k in ("401", "unauthorized", "unauthenticated", "auth token", "authentication"))
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -116,17 +126,18 @@ def stage_working_dir(spec: ClusterSpec, dest: Path) -> Path:
 
 
 def worker_env(spec: ClusterSpec) -> dict[str, str]:
-    """Env vars the job needs to reach storage — no secret values.
+    """The job's environment: ``cluster.connect.worker_env`` — no secret values.
 
-    For the embedded server this opens the storage (finds or starts the server) to learn its
-    endpoint; for any other endpoint nothing is contacted from here.
+    For the embedded server this finds (or starts) the server to learn its endpoint; for any
+    other endpoint nothing is contacted from here.
     """
-    from cluster.storage import Storage, open_storage
+    from cluster.connect import storage_for
+    from cluster.connect import worker_env as env_for
 
     section = spec.storage
     if section.is_s3 and section.endpoint_url == "embedded":
-        return open_storage(section).worker_env()
-    return Storage(section.uri, endpoint_url=section.endpoint_url, region=section.region).worker_env()
+        return env_for(section, storage_for(spec).endpoint_url)
+    return env_for(section)
 
 
 def runtime_env(working_dir: Path, env_vars: dict[str, str]) -> dict:

@@ -16,9 +16,10 @@ started, nothing is imported from higher layers):
   min/max workers, setup commands that install sphinx-x.
 
 Placement: every worker group declares its custom resource ``group.placement_resource``
-(e.g. ``sphinx_group_gpu``) with :data:`GROUP_RESOURCE_CAPACITY` units, plus its own
-``resources`` / ``labels``; work placed on a group asks for :data:`PLACEMENT_REQUEST` units,
-so placement constrains *where* work runs without limiting *how much* runs there.
+(e.g. ``sphinx_group_gpu``) with ``cluster.placement.GROUP_CAPACITY`` units, plus its own
+``resources`` / ``labels``; work placed on a group asks for ``PLACEMENT_FRACTION`` of one, so
+placement constrains *where* work runs without limiting *how much* runs there. Every pod and
+job gets the one worker environment, ``cluster.connect.worker_env``.
 
 Secrets: credentials appear only as ``secretKeyRef`` to the Secret ``<name>-secrets``, one key
 per environment-variable name (``storage.*_env``, ``serve.api_keys_env``); never as values.
@@ -38,19 +39,16 @@ from typing import Any, Optional
 
 import yaml
 
-from cluster.spec import ClusterSpec, NodeGroup, WorkerGroup, dump_spec, load_spec
+from cluster.connect import worker_env
+from cluster.layout import STAGES, stage_entrypoint
+from cluster.placement import GROUP_CAPACITY, node_resources, placement
+from cluster.spec import ClusterSpec, NodeGroup, dump_spec, load_spec
 
-STAGES = ("preprocess", "train", "serve")
 SERVE_IMPORT_PATH = "pipelines.serve:build_app"
-GROUP_RESOURCE_CAPACITY = 1000
-PLACEMENT_REQUEST = 0.01
 SPEC_MOUNT_DIR = "/etc/sphinx-x"
 SPEC_IN_POD = f"{SPEC_MOUNT_DIR}/spec.yaml"
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
-# Settings S3-compatible servers other than AWS need (DESIGN.md §3): not secrets.
-_CHECKSUM_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
-                 "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED"}
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -69,25 +67,8 @@ def secret_env_names(spec: ClusterSpec) -> list[str]:
 
 
 def plain_env(spec: ClusterSpec) -> dict[str, str]:
-    """Non-secret storage settings every Ray node needs (region, endpoint, checksum mode)."""
-    env = {"AWS_REGION": spec.storage.region, "AWS_DEFAULT_REGION": spec.storage.region}
-    endpoint = spec.storage.endpoint_url
-    if endpoint and endpoint != "embedded":
-        env["AWS_ENDPOINT_URL"] = endpoint
-    if endpoint:  # any non-AWS server (embedded included) mishandles the new SDK checksums
-        env.update(_CHECKSUM_ENV)
-    return env
-
-
-def group_resources(group: WorkerGroup) -> dict[str, float]:
-    """Custom resources a node of ``group`` declares: its placement resource + the spec's."""
-    return {group.placement_resource: GROUP_RESOURCE_CAPACITY, **group.resources}
-
-
-def placement_request(spec: ClusterSpec, group_name: Optional[str]) -> dict[str, float]:
-    """Resources work placed on ``group_name`` asks for ({} when it is not placed)."""
-    group = spec.cluster.group(group_name)
-    return {group.placement_resource: PLACEMENT_REQUEST} if group else {}
+    """The worker environment a rendered node or job carries (cluster.connect.worker_env: no secrets)."""
+    return worker_env(spec.storage)
 
 
 def _quantity(value: float) -> str:
@@ -104,7 +85,7 @@ def ray_actor_options(spec: ClusterSpec, model) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
     if opts.memory_gb:
         actor["memory"] = int(opts.memory_gb * 2**30)
-    resources = {**opts.resources, **placement_request(spec, model.group)}
+    resources = {**opts.resources, **placement(spec, model.group)}
     if resources:
         actor["resources"] = resources
     return actor
@@ -202,7 +183,7 @@ def raycluster_spec(spec: ClusterSpec) -> dict[str, Any]:
             "minReplicas": g.min_workers,
             "maxReplicas": g.max_workers,
             "rayStartParams": {},
-            "resources": _str_map(group_resources(g)),
+            "resources": _str_map(node_resources(g)),
             "template": _pod_template(spec, g, "ray-worker", head=False),
         }
         if g.labels:
@@ -232,11 +213,6 @@ def _meta(spec: ClusterSpec, name: str) -> dict[str, Any]:
             "labels": {"app.kubernetes.io/name": "sphinx-x", "app.kubernetes.io/instance": spec.name}}
 
 
-def stage_entrypoint(stage: str, spec_path: str = SPEC_IN_POD) -> str:
-    """The command a RayJob runs on the head: the stage in-process on the cluster it is on."""
-    return f"sphinx-x run {spec_path} --stages {stage} --address local" + (" --detach" if stage == "serve" else "")
-
-
 def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
     """File name -> manifest: ConfigMap, RayCluster, one RayJob per stage, RayService."""
     cluster = raycluster_spec(spec)
@@ -252,7 +228,7 @@ def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
             "kind": "RayJob",
             "metadata": _meta(spec, f"{spec.name}-{stage}"),
             "spec": {
-                "entrypoint": stage_entrypoint(stage),
+                "entrypoint": stage_entrypoint(stage, SPEC_IN_POD),
                 "runtimeEnvYAML": yaml.safe_dump({"env_vars": plain_env(spec)}, sort_keys=False),
                 "shutdownAfterJobFinishes": stage != "serve",
                 "ttlSecondsAfterFinished": 600,
@@ -294,7 +270,7 @@ def render_launcher(spec: ClusterSpec) -> dict[str, Any]:
     """A ``ray up`` cluster config. Run ``ray up`` from the project root: it syncs ``.``."""
     types = {"head": _node_type(spec, spec.cluster.head, {}, 0, 0)}
     for g in spec.cluster.worker_groups:
-        types[g.name] = _node_type(spec, g, {g.placement_resource: GROUP_RESOURCE_CAPACITY},
+        types[g.name] = _node_type(spec, g, {g.placement_resource: GROUP_CAPACITY},
                                    g.min_workers, g.max_workers)
     exports = [f"echo 'export {k}={v}' >> ~/.bashrc" for k, v in plain_env(spec).items()]
     return {

@@ -1,4 +1,4 @@
-"""The local runtime: `ensure_ray(spec)` for stage work, and `sphinx-x up | down | status`.
+"""The local runtime: `sphinx-x up | down | status` (connecting is cluster.connect's).
 
 `sphinx-x up` keeps two things alive in the background, each a child in its own process group:
 
@@ -7,14 +7,14 @@
 - the embedded S3 server (``python -m cluster.storage serve``).
 
 Their PIDs, the GCS address, the dashboard URL and the S3 endpoint go to ``state.json`` in the
-run directory (``$SPHINX_X_HOME``, default ``~/.sphinx-x/run``). `ensure_ray` and
-`cluster.storage.open_storage` read it, so every later stage reuses them:
+run directory (``$SPHINX_X_HOME``, default ``~/.sphinx-x/run``). ``cluster.connect`` reads it,
+so every later stage reuses them:
 
     $ sphinx-x up
     $ sphinx-x run cluster/examples/local.yaml   # uses the head and the S3 server above
     $ sphinx-x down                              # stops only what `up` started (never `ray stop`)
 
-Without `up`, `ensure_ray` starts a private local Ray for the process (``address="local"``).
+Without `up`, ``cluster.connect`` starts a private local Ray for the process (``address="local"``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from cluster.embedded_s3 import ENDPOINT_ENV, embedded_worker_env
+from cluster.placement import group_resources
 from cluster.spec import ClusterSpec, load_spec
-from cluster.storage import ENDPOINT_ENV, embedded_worker_env, open_storage
+from cluster.storage import open_storage
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,6 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_FILE = "state.json"
 COMPONENTS = ("ray", "s3")
-# The local head stands in for every worker group, so it declares each group's custom
-# resource (cluster.spec.WorkerGroup.placement_resource) with the capacity a group's node
-# declares (docs/interfaces.md "Placement"; cluster.render.GROUP_RESOURCE_CAPACITY).
-LOCAL_GROUP_CAPACITY = 1000.0
 
 
 def run_dir() -> Path:
@@ -86,50 +84,21 @@ def up_state(alive_only: bool = False, directory: Optional[Path] = None) -> Opti
     return state
 
 
-# ---------------------------------------------------------------- ensure_ray
+# ---------------------------------------------------------------- joining the `up` head
 
 
-def group_resources(spec: ClusterSpec) -> dict[str, float]:
-    return {g.placement_resource: LOCAL_GROUP_CAPACITY for g in spec.cluster.worker_groups}
-
-
-def ensure_ray(spec: ClusterSpec, *, num_cpus: Optional[int] = None):
-    """Connect this driver to Ray for ``cluster.address: local``; returns the ``ray`` module.
-
-    Reuses an initialized Ray; else connects to ``$RAY_ADDRESS`` (set inside a Ray Job); else
-    to the head `sphinx-x up` started; else starts a private one (``address="local"``, never
-    somebody else's). Workers get ``storage.worker_env()`` through ``runtime_env``.
-    """
-    if spec.cluster.address != "local":
-        raise UserError(f"ensure_ray is for cluster.address: local, not {spec.cluster.address}; "
-                        "stages on a remote cluster run as Ray Jobs (sphinx-x run SPEC)")
+def join_up_head(state: dict[str, Any], runtime_env: dict[str, Any]) -> None:
+    """``ray.init`` on the head `sphinx-x up` recorded (cluster.connect decides when)."""
     import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
 
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        # inside a Ray Job (cluster.jobs) or pointed at a cluster by the user: connect to it;
-        # the job's runtime_env already carries Storage.worker_env()
-        log.info("connecting to the Ray cluster at $RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
-        ray.init()
-        return ray
-    storage = open_storage(spec.storage)
-    runtime_env = {"env_vars": storage.worker_env()}
-    state = up_state(alive_only=True)
-    if state and "ray" in state:
-        log.info("using the Ray head started by `sphinx-x up` at %s", state["ray"]["gcs_address"])
-        # the head's private token. The env stays set for this process: Ray's config and token
-        # cache must agree for the life of the connection (and any later ray.init here).
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        os.environ.update(_auth_env(Path(state["ray"]["auth_token_path"])))
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-        ray.init(address=state["ray"]["gcs_address"], runtime_env=runtime_env)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, resources=group_resources(spec) or None,
-                 runtime_env=runtime_env)
-    return ray
+    log.info("using the Ray head started by `sphinx-x up` at %s", state["ray"]["gcs_address"])
+    # the head's private token. The env stays set for this process: Ray's config and token
+    # cache must agree for the life of the connection (and any later ray.init here).
+    os.environ.update(_auth_env(Path(state["ray"]["auth_token_path"])))
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    ray.init(address=state["ray"]["gcs_address"], runtime_env=runtime_env)
 
 
 # ---------------------------------------------------------------- up
@@ -280,8 +249,8 @@ def _start_head(spec: Optional[ClusterSpec], directory: Path, env: dict[str, str
            "--ray-client-server-port", str(_free_port()),
            "--dashboard-agent-listen-port", str(_free_port()),
            "--temp-dir", str(temp_dir), "--disable-usage-stats",
-           # logical CPUs: at least 4, so 2 train workers + Data + a replica fit on a laptop
-           "--num-cpus", str(num_cpus or max(4, os.cpu_count() or 1)),
+           # logical CPUs: what the spec's head declares (cluster.head.cpus), else at least 4
+           "--num-cpus", str(num_cpus or (spec.cluster.head.cpus if spec else max(4, os.cpu_count() or 1))),
            "--include-dashboard", "true" if dashboard else "false"]
     if dashboard:
         cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]

@@ -101,7 +101,8 @@ class ClusterSection(_Strict):
         default_factory=lambda: {"type": "aws", "region": "us-east-1"},
         description="cluster-launcher provider block (rendered by `render --to launcher`)",
     )
-    head: NodeGroup = Field(default_factory=NodeGroup)
+    # the local default: 4 logical CPUs, so 2 train workers + their readers + a replica fit a laptop
+    head: NodeGroup = Field(default_factory=lambda: NodeGroup(cpus=4))
     worker_groups: list[WorkerGroup] = Field(default_factory=list)
 
     @field_validator("address")

@@ -20,21 +20,20 @@ bucket, access denied) raise :class:`~models.errors.UserError` with one clear li
 
 The embedded server keeps objects in memory: they live as long as the server process does
 (this process, or the one ``sphinx-x up`` started). Run it alone with
-``python -m cluster.storage serve --port 9000``.
+``python -m cluster.storage serve --port 9000``. Its endpoint comes from ``$SPHINX_X_S3_ENDPOINT``:
+``cluster.connect`` finds or starts the server and sets it (this module discovers nothing).
 
 Secrets: the spec names the environment variables that hold credentials; their values are
-never logged and never put into :meth:`Storage.worker_env` (Ray shows runtime_env in its
+never logged and never put into ``cluster.connect.worker_env`` (Ray shows runtime_env in its
 dashboard). Workers on a real cluster get credentials from their own environment / instance role.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,40 +57,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-_process_server: Optional[EmbeddedS3] = None
-_process_lock = threading.Lock()
-
-
-def _in_ray_worker() -> bool:
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return False
-    from ray._private.worker import WORKER_MODE, global_worker
-
-    return global_worker.mode == WORKER_MODE
-
-
 def _embedded_endpoint() -> str:
-    """$SPHINX_X_S3_ENDPOINT, else the server `sphinx-x up` started, else one for this process."""
-    global _process_server
-    if os.environ.get(ENDPOINT_ENV):
-        return os.environ[ENDPOINT_ENV].rstrip("/")
-    from cluster.runtime import up_state  # lazy: runtime imports this module
-
-    state = up_state(alive_only=True)
-    if state and state.get("s3", {}).get("endpoint_url"):
-        return state["s3"]["endpoint_url"]
-    if _in_ray_worker():  # a private server here would swallow the data: fail loudly instead
-        raise UserError(f"storage: embedded S3 endpoint unknown in this Ray worker (${ENDPOINT_ENV} is "
-                        "not set); pass Storage.worker_env() in the job's runtime_env")
-    with _process_lock:
-        if _process_server is None:
-            _process_server = EmbeddedS3().start()
-            atexit.register(_process_server.stop)
-            log.info("started an embedded S3 server for this process (%s); objects vanish at exit — "
-                     "`sphinx-x up` keeps one alive", _process_server.endpoint_url)
-        os.environ[ENDPOINT_ENV] = _process_server.endpoint_url
-        return _process_server.endpoint_url
+    """``$SPHINX_X_S3_ENDPOINT``: set by cluster.connect on the driver, by the worker env in workers."""
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    if not endpoint:
+        raise UserError(f"storage: the embedded S3 endpoint is unknown here (${ENDPOINT_ENV} is not set); "
+                        "drivers open storage through cluster.connect, workers get it from connect.worker_env")
+    return endpoint.rstrip("/")
 
 
 # ---------------------------------------------------------------- locations
@@ -257,15 +229,6 @@ class Storage:
                 aws_session_token=creds.get("session_token"),
             )
         return self._cache["client"]
-
-    def worker_env(self) -> dict[str, str]:
-        """Env vars for Ray ``runtime_env``: endpoint (embedded), region, checksum settings.
-
-        Never real secret values; for the embedded server the dummy credentials.
-        """
-        if self.embedded and self.endpoint_url:
-            return embedded_worker_env(self.endpoint_url, self.region)
-        return {"AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, **CHECKSUM_ENV}
 
     # -- retries
 

@@ -10,8 +10,12 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
-STAGES = ("preprocess", "train", "serve")
+from cluster.layout import STAGES
+
+# verbs that start Ray and run for minutes: their library logs go to a file (cluster.logs)
+LONG_VERBS = ("demo", "run", "preprocess", "train", "serve")
 
 
 def _stages(text: str) -> list[str]:
@@ -50,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                         ("serve", "host serve.models behind an OpenAI-compatible endpoint")]:
         sp = verb(stage, f"pipelines.{stage}", help)
         sp.add_argument("spec")
-        sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")
+        if stage != "serve":  # a deploy always replaces the app
+            sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")
         if stage == "train":
             sp.add_argument("--export-from", default=None, metavar="CKPT",
                             help="only export a consolidated model dir from this checkpoint ('latest' ok)")
         if stage == "serve":
-            sp.add_argument("--detach", action="store_true", help="deploy and return; the app stays up")
+            sp.add_argument("--detach", action="store_true", help="deploy and return; the app stays up "
+                            "(without it, Ctrl-C deletes the app this command deployed)")
 
     rd = verb("render", "cluster.render", "render KubeRay / cluster-launcher / Serve YAML from the spec")
     rd.add_argument("spec")
@@ -78,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     i = verb("info", "pipelines.info", "parameter counts (meta device) and token budget of a flavour")
     i.add_argument("--flavour", default="debug")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--weights", default=None, metavar="DIR",
+                   help="check a model directory instead: parts, dtypes, parameter counts, tokenizer, keys")
+
+    cv = verb("convert", "pipelines.convert", "published weights (LLaMA2-Accessory SPHINX-Tiny) -> a model directory")
+    cv.add_argument("src", help="the release directory (consolidated.NN-of-MM.model.pth, tokenizer.model, ...)")
+    cv.add_argument("--from", dest="source_format", required=True, choices=["accessory"])
+    cv.add_argument("-o", "--output", required=True, metavar="OUT", help="the model directory to write")
+    cv.add_argument("--flavour", default=None, help="base flavour (default: by llama_type, sphinx-tiny[-1k])")
+    cv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="written dtype (default: the checkpoint's)")
+    cv.add_argument("--json", action="store_true")
 
     verb("up", "cluster.runtime", "start a local Ray head + embedded S3 in the background").add_argument(
         "--spec", default=None, help="spec whose storage to serve (default: the embedded default)")
@@ -95,11 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    if args.verb in LONG_VERBS:
+        # Ray's, Ray Train's and DeepSpeed's own lines go to the run's log file; ours, the live
+        # progress lines, warnings and errors reach the terminal (cluster.logs)
+        from cluster.logs import setup
+
+        path = setup(f"{args.verb}-{Path(getattr(args, 'spec', None) or args.verb).stem}", verbose=args.verbose)
+        print(f"[sphinx-x] log file: {path}", file=sys.stderr, flush=True)
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
     from cluster.spec import SpecError
     from models.errors import UserError
 

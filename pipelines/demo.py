@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cluster.layout import Layout
 from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
 from models.errors import UserError
 from pipelines import synthetic
@@ -206,7 +207,7 @@ def tiling_png(ds: synthetic.Dataset, flavour, path: Path) -> dict:
 
 def loss_png(storage, spec: ClusterSpec, history: list[dict], path: Path) -> None:
     """The train stage's loss.png; drawn here from metrics.jsonl if the stage left none."""
-    key = f"{spec.train.output}/loss.png"
+    key = Layout.from_spec(spec, storage.uri).loss_png
     if storage.exists(key):
         path.write_bytes(storage.read_bytes(key))
         return
@@ -224,7 +225,7 @@ def loss_png(storage, spec: ClusterSpec, history: list[dict], path: Path) -> Non
 
 
 def _metrics(storage, spec: ClusterSpec) -> list[dict]:
-    key = f"{spec.train.output}/metrics.jsonl"
+    key = Layout.from_spec(spec, storage.uri).metrics
     if not storage.exists(key):
         return []
     return [json.loads(line) for line in storage.read_bytes(key).decode().splitlines() if line.strip()]
@@ -267,9 +268,11 @@ class _Embedded:
             log.info("demo: embedded S3 at %s", self.s3.endpoint_url)
         import ray
 
+        from cluster.connect import connect
+
         if not ray.is_initialized():
             self.ray_started = not (up and up.get("ray")) and not os.environ.get("RAY_ADDRESS")
-            runtime.ensure_ray(spec, num_cpus=max(4, spec.cluster.head.cpus))
+        connect(spec)  # the spec's head resources (cluster/examples/local.yaml: 4 logical CPUs)
 
     def stop(self, spec: ClusterSpec) -> None:
         """Delete the demo's Serve app; stop Serve and Ray if this demo started Ray, then S3."""
@@ -306,7 +309,7 @@ def _stage(name: str, fn, timings: dict) -> dict:
 
 def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
     """The whole demo; returns the report (also ``run_dir/report.json``)."""
-    from cluster.storage import open_storage
+    from cluster.connect import storage_for
     from models.flavours import from_name
     from pipelines import preprocess, serve, train
 
@@ -318,7 +321,7 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
     timings: dict[str, float] = {}
     try:
         _stage("start embedded S3 + local Ray", lambda: env.start(spec), timings)
-        storage = open_storage(spec.storage)
+        storage = storage_for(spec)
         ds = _stage("generate synthetic data", lambda: synthetic.generate(cfg.n_train, cfg.n_heldout, cfg.seed),
                     timings)
         where = _stage("upload to S3", lambda: synthetic.write(ds, DATA_DIR, storage), timings)

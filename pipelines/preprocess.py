@@ -8,8 +8,8 @@ The graph (streaming, bounded memory; Ray Data shows a progress bar per operator
     read_parquet(parquet)   ─► rows    -> raw rows  ─┘     writes <uuid>-00000.parquet    tally, errors/,
                                                                                        rename to part-XXXXX
 
-Output under ``<storage>/<data.output>/`` (docs/interfaces.md): ``part-00000.parquet`` ...,
-``errors/part-00000.parquet`` ..., ``tokenizer/``, and ``_manifest.json`` written last.
+Output under ``<data.output>/`` (cluster.layout: ``part-00000.parquet`` ...,
+``errors/part-00000.parquet`` ..., ``tokenizer/``, and ``_manifest.json`` written last).
 
 Source formats (``data.sources[].format``, ``auto`` decides by extension; ``path`` is a file
 or a directory / prefix; ``s3://…`` and absolute paths are used as they are, relative ones
@@ -63,17 +63,19 @@ import pyarrow.parquet as pq
 from actors import rows as raw
 from actors.shards import ShardWriter
 from actors.tiler import BOOK_SCHEMA, ERROR_COLUMNS, Tiler, TilerConfig
+from cluster import layout as run_layout
+from cluster.connect import check_capacity, connect, storage_for
+from cluster.layout import Layout
+from cluster.logs import Progress
+from cluster.placement import placement
 from cluster.spec import ClusterSpec, SourceSpec, load_spec
-from cluster.storage import Storage, open_storage
+from cluster.stall import stall_watch
+from cluster.storage import Storage
 from models.errors import UserError
 from models.flavours import Flavour, from_name
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
-TOKENIZER_DIR = "tokenizer"
-ERRORS_DIR = "errors"
-TMP_DIR = "_tmp"  # the actors' shard files until the driver renames them
 _TOKENIZER_TEXT_ROWS = 200_000  # rows of text the debug BPE tokenizer is trained on (at most)
 _BATCH_ROWS = 16  # rows per parse batch
 
@@ -105,36 +107,39 @@ def command(args: argparse.Namespace) -> int:
 
 
 def is_complete(spec: ClusterSpec) -> bool:
-    return open_storage(spec.storage).exists(f"{spec.data.output}/{MANIFEST}")
+    storage = storage_for(spec)
+    return run_layout.preprocess_complete(storage, Layout.from_spec(spec, storage.uri))
 
 
 def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
     """Run the preprocess graph; returns the manifest (plus ``skipped``/``errors_uri``)."""
-    storage = open_storage(spec.storage)
-    manifest = f"{spec.data.output}/{MANIFEST}"
-    if not force and storage.exists(manifest):
-        summary = json.loads(storage.read_bytes(manifest))
-        log.info("preprocess: %s is complete; skipping (use --force to redo)", storage.uri_for(manifest))
+    storage = storage_for(spec)
+    lay = Layout.from_spec(spec, storage.uri)
+    if not force and run_layout.preprocess_complete(storage, lay):
+        summary = json.loads(storage.read_bytes(lay.manifest))
+        log.info("preprocess: %s is complete; skipping (use --force to redo)", lay.manifest)
         return {**summary, "skipped": True}
     if not spec.data.sources:
         raise UserError("data.sources is empty: nothing to preprocess")
-    _ensure_ray(spec, storage)
+    connect(spec)
+    check_capacity(spec, "preprocess")
     from ray.data import DataContext
 
     flavour = from_name(spec.model.flavour, **spec.model.overrides)
-    sources = [_resolve_source(storage, i, s) for i, s in enumerate(spec.data.sources)]
+    sources = [_resolve_source(storage, lay, i, s) for i, s in enumerate(spec.data.sources)]
     t0 = time.time()
-    _clear_output(storage, spec.data.output)
-    tokenizer = _tokenizer(spec, flavour, storage, sources)
+    _clear_output(storage, lay)
+    tokenizer = _tokenizer(spec, flavour, storage, lay, sources)
     options = DataContext.get_current().execution_options
     old_order, options.preserve_order = options.preserve_order, True  # determinism (see module doc)
     try:
-        summary = _run_graph(spec, flavour, storage, sources, tokenizer)
+        with stall_watch("preprocess"):
+            summary = _run_graph(spec, flavour, storage, lay, sources, tokenizer)
     finally:
         options.preserve_order = old_order
     summary["seconds"] = round(time.time() - t0, 2)
-    storage.write_bytes(manifest, json.dumps(summary, indent=2, sort_keys=True).encode())
-    summary["errors_uri"] = storage.uri_for(spec.data.output, ERRORS_DIR)
+    storage.write_bytes(lay.manifest, json.dumps(summary, indent=2, sort_keys=True).encode())
+    summary["errors_uri"] = lay.errors
     limit = spec.data.max_quarantine_fraction
     if summary["rows_quarantined"] > limit * summary["rows_in"]:
         raise QuarantineError(summary, limit)
@@ -153,17 +158,18 @@ class _Source:
     image_root: Optional[str]  # a URI: s3://bucket/key or an absolute local path
 
 
-def _locate(storage: Storage, path: str) -> tuple[pafs.FileSystem, str, str]:
-    """A spec path -> (filesystem, filesystem path, URI); relative paths are under storage.uri."""
-    fs, fs_path = storage.resolve(path)
-    return fs, fs_path, storage.locate(path).uri
+def _locate(storage: Storage, lay: Layout, path: str) -> tuple[pafs.FileSystem, str, str]:
+    """A spec path -> (filesystem, filesystem path, URI), by the layout's one rule."""
+    uri = lay.path(path)
+    fs, fs_path = storage.resolve(uri)
+    return fs, fs_path, uri
 
 
 _EXT_FORMAT = {".json": "json", ".jsonl": "jsonl", ".tar": "webdataset", ".parquet": "parquet"}
 
 
-def _resolve_source(storage: Storage, i: int, src: SourceSpec) -> _Source:
-    fs, path, uri = _locate(storage, src.path)
+def _resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec) -> _Source:
+    fs, path, uri = _locate(storage, lay, src.path)
     where = f"data.sources[{i}] ({src.name}): path {uri}"
     try:
         info = fs.get_file_info(path)
@@ -187,7 +193,7 @@ def _resolve_source(storage: Storage, i: int, src: SourceSpec) -> _Source:
             raise UserError(f"{where}: mixes formats {sorted(kinds)}; split it or set format")
         fmt = kinds.pop()
         fmt = "auto" if fmt == "json" else fmt  # json vs jsonl decided per file
-    image_root = _locate(storage, src.image_root)[2] if src.image_root else None
+    image_root = lay.path(src.image_root) if src.image_root else None
     if image_root is None and fmt in ("auto", "json", "jsonl"):
         image_root = uri.rsplit("/", 1)[0] if info.type != pafs.FileType.Directory else uri
     return _Source(spec=src, format=fmt, filesystem=fs, files=tuple(files), image_root=image_root)
@@ -259,19 +265,16 @@ def _all_raw(sources: list[_Source], rows_per_shard: int):
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: list[_Source]):
+def _tokenizer(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layout, sources: list[_Source]):
     """Load ``model.tokenizer`` (or the flavour's), or train the debug BPE on the sources' text."""
     from models.conversation import load_tokenizer, train_bpe_tokenizer
 
     vocab = int(flavour.llm["vocab_size"])
     path = spec.model.tokenizer or flavour.tokenizer
     if path:
+        uri = lay.path(path)
         with tempfile.TemporaryDirectory() as tmp:
-            if path.startswith("s3://") or not path.startswith("/"):
-                storage.download_dir(path if path.startswith("s3://") else storage.uri_for(path), tmp)
-                tokenizer = load_tokenizer(tmp)
-            else:
-                tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(storage.download_dir(uri, tmp) if uri.startswith("s3://") else uri)
     else:
         tokenizer = train_bpe_tokenizer(_source_texts(sources), vocab)
     if len(tokenizer) > vocab:
@@ -279,7 +282,7 @@ def _tokenizer(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: l
                         f"vocab_size {vocab}; set model.overrides.llm.vocab_size >= {len(tokenizer)}")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        storage.upload_dir(tmp, storage.uri_for(spec.data.output, TOKENIZER_DIR))
+        storage.upload_dir(tmp, lay.tokenizer)
     return tokenizer
 
 
@@ -319,25 +322,26 @@ def _source_texts(sources: list[_Source]) -> list[str]:
 # ----------------------------------------------------------------------------- the graph
 
 
-def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: list[_Source], tokenizer) -> dict:
+def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layout, sources: list[_Source],
+               tokenizer) -> dict:
     config = TilerConfig(
         grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8),
         tokens_per_view=flavour.tokens_per_view, max_seq_len=spec.data.max_seq_len,
         overflow=spec.data.overflow, max_pixels=spec.data.max_image_pixels,
     )
     remote: dict[str, Any] = {}
-    group = spec.cluster.group(spec.data.group)
-    if group is not None:
-        remote["resources"] = {group.placement_resource: 0.001}
+    if spec.data.group is not None:
+        remote["resources"] = placement(spec, spec.data.group)
     import ray.data
 
-    out_dir = storage.path(spec.data.output)
+    fs, out_dir = storage.resolve(lay.shards)
+    _, tmp_dir = storage.resolve(lay.shards_tmp)
     ds = _all_raw(sources, spec.data.rows_per_shard).map_batches(
         Tiler, batch_format="pyarrow", batch_size=None,  # one block = one shard
         compute=ray.data.ActorPoolStrategy(size=spec.data.concurrency),
         num_cpus=spec.data.num_cpus_per_worker,
         fn_constructor_kwargs=dict(config=config, tokenizer=tokenizer, storage=storage,
-                                   shard_dir=f"{out_dir}/{TMP_DIR}"),
+                                   shard_dir=tmp_dir, filesystem=fs),
         **remote,
     )
     # Ray Data's union interleaves the sources' blocks (each source's stay in order): so files
@@ -346,24 +350,27 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, sources: l
     written: list[list[str]] = [[] for _ in sources]  # the actors' files, in block order
     bad_rows: list[list[pa.Table]] = [[] for _ in sources]
     tally = _Tally()
+    progress = Progress("preprocess", unit="rows")
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         _, bad = tally.add(batch)
+        progress.update(tally.rows_read(), quarantined=tally.quarantined())
         for k, rows in _by_source(bad, order):
             bad_rows[k].append(rows)
         for src, path in zip(batch.column("source").to_pylist(), batch.column("shard").to_pylist()):
             if path is not None and path not in written[order[src]][-1:]:  # a file's rows are consecutive
                 written[order[src]].append(path)
-    errors = ShardWriter(storage.filesystem, f"{out_dir}/{ERRORS_DIR}", spec.data.rows_per_shard, BOOK_SCHEMA,
-                         ERROR_COLUMNS)
+    progress.close()
+    _, errors_dir = storage.resolve(lay.errors)
+    errors = ShardWriter(fs, errors_dir, spec.data.rows_per_shard, BOOK_SCHEMA, ERROR_COLUMNS)
     for tables in bad_rows:
         for t in tables:
             errors.write(t)
     errors.close()
     files = [path for per_source in written for path in per_source]
-    names = [f"part-{k:05d}.parquet" for k in range(len(files))]
+    names = [run_layout.shard_name(k) for k in range(len(files))]
     for path, name in zip(files, names):
-        storage.filesystem.move(path, f"{out_dir}/{name}")
-    storage.delete(f"{spec.data.output}/{TMP_DIR}")
+        fs.move(path, f"{out_dir}/{name}")
+    storage.delete(lay.shards_tmp)
     return tally.manifest(spec, flavour, tokenizer, names, errors.names)
 
 
@@ -373,6 +380,12 @@ class _Tally:
     def __init__(self) -> None:
         self.per_source: dict[str, Counter] = defaultdict(Counter)
         self.reasons: dict[str, Counter] = defaultdict(Counter)
+
+    def rows_read(self) -> int:
+        return sum(c["rows_read"] for c in self.per_source.values())
+
+    def quarantined(self) -> int:
+        return sum(c["rows_quarantined"] for c in self.per_source.values())
 
     def add(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
         cols = batch.select(["source", "copies", "reason", "truncated", "text_tokens", "image_tokens",
@@ -419,17 +432,29 @@ class _Tally:
                        "total": int(total["text_tokens"] + total["image_tokens"])},
             "sources": sources,
             "shards": shards,
-            "error_shards": [f"{ERRORS_DIR}/{n}" for n in errors],
+            "error_shards": [f"errors/{n}" for n in errors],
             "flavour": flavour.name,
-            "tiling": {"grid": flavour.grid, "tile_size": flavour.tile_size, "mean_u8": list(flavour.mean_u8),
-                       "tokens_per_view": flavour.tokens_per_view},
+            "tiling": tiling_facts(flavour),
             "max_seq_len": spec.data.max_seq_len,
             "overflow": spec.data.overflow,
             "max_image_pixels": spec.data.max_image_pixels,
-            "tokenizer": TOKENIZER_DIR,
+            "tokenizer": "tokenizer",
             "vocab_size": len(tokenizer),
+            "image_token_id": image_token_id(tokenizer),
             "code_version": _code_version(),
         }
+
+
+def tiling_facts(flavour: Flavour) -> dict:
+    """What the shards' tiling depends on; training refuses a model that differs (pipelines.train)."""
+    return {"grid": flavour.grid, "tile_size": flavour.tile_size, "mean_u8": list(flavour.mean_u8),
+            "tokens_per_view": flavour.tokens_per_view}
+
+
+def image_token_id(tokenizer) -> int:
+    from models.conversation import image_token_id as find
+
+    return find(tokenizer)
 
 
 def _by_source(table: pa.Table, order: dict[str, int]) -> list[tuple[int, pa.Table]]:
@@ -456,29 +481,13 @@ _COUNT_KEYS = ("rows_read", "subsampled_out", "rows_in", "rows_written", "rows_q
 # ----------------------------------------------------------------------------- helpers
 
 
-def _clear_output(storage: Storage, output: str) -> None:
+def _clear_output(storage: Storage, lay: Layout) -> None:
     """Delete the manifest first (the output is incomplete from now on), then old shards."""
-    for rel in (MANIFEST, ERRORS_DIR, TOKENIZER_DIR, TMP_DIR):
-        storage.delete(f"{output}/{rel}")
-    for key in storage.list(output):
-        name = key[len(output):].strip("/")
-        if name.startswith("part-") and name.endswith(".parquet"):
-            storage.delete(key)
-
-
-def _ensure_ray(spec: ClusterSpec, storage: Storage) -> None:
-    """Local: ``cluster.runtime.ensure_ray``. A remote address: we run as a Ray Job on that cluster
-    (``sphinx-x run`` submits us), so join it through ``$RAY_ADDRESS``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if spec.cluster.address == "local":
-        from cluster.runtime import ensure_ray
-
-        ensure_ray(spec)
-    else:
-        ray.init(runtime_env={"env_vars": storage.worker_env()})
+    for uri in (lay.manifest, lay.errors, lay.tokenizer, lay.shards_tmp):
+        storage.delete(uri)
+    for uri in storage.list(lay.shards):
+        if run_layout.is_shard(uri) and "/" not in uri[len(lay.shards):].strip("/"):
+            storage.delete(uri)
 
 
 def _code_version() -> str:

@@ -20,20 +20,20 @@ storage: shards → checkpoints → exported model → endpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
-import os
+import signal
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Iterator, Optional, TextIO
 
 from cluster import jobs
+from cluster.layout import JOB_SPEC_NAME, ordered, stage_entrypoint
 from cluster.spec import ClusterSpec, load_spec
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
-
-STAGES = ("preprocess", "train", "serve")
 
 
 class StageFailed(UserError):
@@ -44,14 +44,6 @@ class StageFailed(UserError):
         super().__init__(f"stage {stage} failed (job {result.job_id} {result.status}):\n{jobs.error_summary(result)}")
 
 
-def ordered(stages: list[str]) -> list[str]:
-    """Pipeline order, whatever order the user typed: ``["train", "preprocess"]`` → preprocess, train."""
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise UserError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    return [s for s in STAGES if s in stages]
-
-
 def _stage_module(stage: str):
     return importlib.import_module(f"pipelines.{stage}")
 
@@ -59,50 +51,38 @@ def _stage_module(stage: str):
 # ---------------------------------------------------------------- in-process
 
 
-def join_job_cluster() -> bool:
-    """Inside a Ray Job's entrypoint, connect to the cluster the job runs on (``$RAY_ADDRESS``).
-
-    Stages then find Ray initialized and use it instead of starting a private one. The job's
-    ``runtime_env`` (storage env vars) applies to every task and actor it starts.
-    """
-    if not (os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS")):
-        return False
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-        log.info("joined the job's Ray cluster at %s", os.environ["RAY_ADDRESS"])
-    return True
+@contextlib.contextmanager
+def own_signals(stage: str) -> Iterator[None]:
+    """Whatever signal handlers a stage installs (Ray Train installs a SIGINT handler that only
+    "gracefully aborts the training run") end with the stage: Ctrl-C works again after it."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if signal.getsignal(sig) is not handler:
+                log.debug("%s: restoring the %s handler it replaced", stage, sig.name)
+                signal.signal(sig, handler)
 
 
 def run_local(spec: ClusterSpec, stages: list[str], *, force: bool = False) -> dict[str, dict]:
     """Run ``stages`` here, in order; returns stage -> summary (``{"skipped": True}`` if complete)."""
     summaries: dict[str, dict] = {}
-    join_job_cluster()
     for stage in ordered(stages):
         module = _stage_module(stage)
-        if not force and module.is_complete(spec):
-            log.info("%s: outputs complete, skipped (--force to redo)", stage)
-            summaries[stage] = {"skipped": True}
-            continue
-        started = time.monotonic()
-        log.info("%s: running", stage)
-        summaries[stage] = module.run_stage(spec, force=force)
-        log.info("%s: done in %.1fs", stage, time.monotonic() - started)
+        with own_signals(stage):
+            if not force and module.is_complete(spec):
+                log.info("%s: outputs complete, skipped (--force to redo)", stage)
+                summaries[stage] = {"skipped": True}
+                continue
+            started = time.monotonic()
+            log.info("%s: running", stage)
+            summaries[stage] = module.run_stage(spec, force=force)
+            log.info("%s: done in %.1fs", stage, time.monotonic() - started)
     return summaries
 
 
 # ---------------------------------------------------------------- as Ray Jobs
-
-
-def stage_entrypoint(stage: str, *, force: bool = False) -> str:
-    """The job's command: this same verb, in-process on the cluster, for one stage."""
-    cmd = f"python -m pipelines.cli run {jobs.JOB_SPEC} --stages {stage} --address local"
-    if force:
-        cmd += " --force"
-    if stage == "serve":
-        cmd += " --detach"  # deploy and return: the Serve app outlives the job's driver
-    return cmd
 
 
 def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool = False,
@@ -113,7 +93,7 @@ def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool 
     env = jobs.worker_env(spec)
     results: dict[str, jobs.JobResult] = {}
     for stage in ordered(stages):
-        job_id = jobs.submit(client, entrypoint=stage_entrypoint(stage, force=force), spec=spec,
+        job_id = jobs.submit(client, entrypoint=stage_entrypoint(stage, JOB_SPEC_NAME, force=force), spec=spec,
                              metadata={"stage": stage}, env_vars=env)
         print(f"[sphinx-x] {stage}: submitted job {job_id} to {address}", file=out, flush=True)
         try:
@@ -132,13 +112,6 @@ def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool 
 # ---------------------------------------------------------------- CLI
 
 
-def _wait_for_interrupt(spec: ClusterSpec) -> None:
-    http = spec.serve.http
-    print(f"serving at http://{http.host}:{http.port}/v1 — Ctrl-C to stop", flush=True)
-    while True:
-        time.sleep(3600)
-
-
 def command(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     address = args.address or spec.cluster.address
@@ -148,7 +121,15 @@ def command(args: argparse.Namespace) -> int:
         return 0
     summaries = run_local(spec, stages, force=args.force)
     for stage, summary in summaries.items():
-        print(f"{stage}: {summary}")
+        print(f"{stage}: {_short(summary)}", flush=True)
     if "serve" in stages and not args.detach:
-        _wait_for_interrupt(spec)
+        from pipelines.serve import serve_until_interrupted, url
+
+        serve_until_interrupted(spec, summaries["serve"] if "url" in summaries["serve"] else
+                                {"app": spec.name, "url": url(spec), "models": [m.name for m in spec.serve.models]})
     return 0
+
+
+def _short(summary: dict) -> str:
+    keys = ("skipped", "rows_written", "rows_quarantined", "step", "loss", "export", "url", "models")
+    return ", ".join(f"{k}={summary[k]}" for k in keys if k in summary) or str(summary)

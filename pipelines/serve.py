@@ -24,10 +24,12 @@ import logging
 import os
 import signal
 import time
-from typing import Any
 
+from cluster import layout as run_layout
+from cluster.connect import INGRESS_CPUS, check_capacity, connect, storage_for
+from cluster.layout import Layout
 from cluster.render import ray_actor_options
-from cluster.spec import ClusterSpec, load_spec, parse_spec
+from cluster.spec import ClusterSpec, ServeModel, load_spec, parse_spec
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,20 +40,31 @@ INGRESS_NAME = "SphinxXIngress"
 # ---------------------------------------------------------------- the application
 
 
+def member_weights(spec: ClusterSpec, m: ServeModel, storage_uri: str | None = None):
+    """Where member ``m``'s weights come from, resolved by the run layout."""
+    from actors.model_loader import MemberWeights
+
+    if m.checkpoint is None:
+        return MemberWeights(name=m.name, flavour=m.flavour)
+    lay = Layout.from_spec(spec, storage_uri)
+    return MemberWeights(name=m.name, flavour=m.flavour, checkpoint_uri=lay.checkpoint(m.checkpoint),
+                         require_success=m.checkpoint == run_layout.TRAIN_EXPORT)
+
+
 def build_application(spec: ClusterSpec, *, batching: bool = True):
     """The Serve application of a spec; ``batching=False`` runs every request alone (benchmarks)."""
     from actors.ingress import Ingress, key_hashes_from_env
-    from actors.replica import ModelReplica
+    from actors.replica import ModelReplica, ReplicaConfig
 
     names = [m.name for m in spec.serve.models]
     if INGRESS_NAME in names:
         raise UserError(f"serve.models: the name {INGRESS_NAME!r} is reserved for the ingress")
-    storage = spec.storage.model_dump(mode="json")
     handles = {}
     for m in spec.serve.models:
-        member = m.model_dump(mode="json")
-        if not batching:
-            member["max_batch_size"] = 1
+        config = ReplicaConfig(
+            weights=member_weights(spec, m), storage=spec.storage, max_image_pixels=spec.serve.max_image_pixels,
+            max_batch_size=m.max_batch_size if batching else 1, batch_wait_s=m.batch_wait_timeout_s,
+            threads=max(1, int(m.ray_actor_options.num_cpus)))
         deployment = ModelReplica.options(
             name=m.name,
             autoscaling_config=m.autoscaling_config.model_dump(exclude_none=True),
@@ -59,9 +72,9 @@ def build_application(spec: ClusterSpec, *, batching: bool = True):
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
         )
-        handles[m.name] = deployment.bind(member, storage, spec.train.output, spec.serve.max_image_pixels)
-    return Ingress.options(name=INGRESS_NAME).bind(
-        spec.serve.model_dump(mode="json"), storage, handles, key_hashes_from_env(spec.serve.api_keys_env))
+        handles[m.name] = deployment.bind(config)
+    return Ingress.options(name=INGRESS_NAME, ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(
+        spec.serve, spec.storage, handles, key_hashes_from_env(spec.serve.api_keys_env))
 
 
 def build_app(args: dict):
@@ -76,62 +89,83 @@ def build_app(args: dict):
 
 def check_members(spec: ClusterSpec) -> None:
     """Fail early, on the driver, for checkpoints that cannot be found."""
-    from actors.model_loader import TRAIN_EXPORT, resolve_checkpoint
-
-    needs_storage = []
+    storage = None
     for m in spec.serve.models:
-        if m.checkpoint is None:
+        weights = member_weights(spec, m)
+        uri = weights.checkpoint_uri
+        if uri is None:
             continue
-        if os.path.isabs(m.checkpoint):
-            if not os.path.isdir(m.checkpoint):
-                raise UserError(f"serve model {m.name!r}: checkpoint directory {m.checkpoint} does not exist")
+        if not uri.startswith("s3://") and not weights.require_success:
+            if not os.path.isdir(uri):
+                raise UserError(f"serve model {m.name!r}: checkpoint directory {uri} does not exist")
             continue
-        needs_storage.append(m)
-    if not needs_storage:
-        return
-    from cluster.storage import open_storage
-
-    storage = open_storage(spec.storage)
-    for m in needs_storage:
-        uri = resolve_checkpoint(m.checkpoint, storage.uri_for, spec.train.output).rstrip("/")
-        marker = f"{uri}/_SUCCESS" if m.checkpoint == TRAIN_EXPORT else f"{uri}/config.json"
+        storage = storage or storage_for(spec)
+        marker = f"{uri}/_SUCCESS" if weights.require_success else f"{uri}/config.json"
         if not storage.exists(marker):
-            what = "no finished train export (run `sphinx-x train SPEC` first)" if m.checkpoint == TRAIN_EXPORT \
+            what = "no finished train export (run `sphinx-x train SPEC` first)" if weights.require_success \
                 else "no model directory (config.json missing)"
             raise UserError(f"serve model {m.name!r}: {what} at {uri}")
-
-
-def _connect(spec: ClusterSpec):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS") or spec.cluster.address != "local":
-        ray.init(address=os.environ.get("RAY_ADDRESS") or spec.cluster.address)
-        return ray
-    from cluster.runtime import ensure_ray
-
-    return ensure_ray(spec)
 
 
 def url(spec: ClusterSpec) -> str:
     return f"http://{spec.serve.http.host}:{spec.serve.http.port}"
 
 
+def _start_serve(spec: ClusterSpec) -> None:
+    """Start Serve with the spec's HTTP settings, or refuse a running Serve that listens elsewhere.
+
+    A Serve already running on this Ray (e.g. the `sphinx-x up` head after an earlier `serve`)
+    keeps its proxy: Ray ignores new http_options. If it listens elsewhere and runs no app but
+    ours, it is restarted on the spec's port; if other apps use it, the mismatch is an error.
+    """
+    from ray import serve
+
+    want = (spec.serve.http.host, spec.serve.http.port)
+    running = _running_http()
+    if running is not None and running != want:
+        others = [a for a in serve.status().applications if a != spec.name]
+        if others:
+            raise UserError(f"serve: Ray Serve on this cluster already listens on {running[0]}:{running[1]} "
+                            f"(apps {others}); serve.http asks for {want[0]}:{want[1]}. Use that port in the "
+                            "spec, or stop the other apps first")
+        log.info("serve: restarting Ray Serve on %s:%d (it listened on %s:%d)", *want, *running)
+        serve.shutdown()
+    serve.start(http_options={"host": want[0], "port": want[1]})
+
+
+def _running_http():
+    """(host, port) of the Serve running on the connected Ray, or None."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return None
+        config = client.http_config
+        return (config.host, int(config.port))
+    except Exception:  # noqa: BLE001 - no Serve here
+        return None
+
+
 def run_stage(spec: ClusterSpec, *, force: bool = False, batching: bool = True) -> dict:
-    """Deploy (or redeploy) the app on the connected / local Ray; returns a summary."""
+    """Deploy (or redeploy) the app on the connected / local Ray; returns a summary.
+
+    ``force`` is accepted for the stage protocol (`run --force`): a deploy always replaces the app.
+    """
     from ray import serve
 
     check_members(spec)
-    _connect(spec)
-    serve.start(http_options={"host": spec.serve.http.host, "port": spec.serve.http.port})
+    connect(spec)
+    check_capacity(spec, "serve")
+    _start_serve(spec)
     app = build_application(spec, batching=batching)
     t0 = time.monotonic()
     try:
         serve.run(app, name=spec.name, route_prefix="/", blocking=False)
     except RuntimeError as err:  # a replica failed to start: say which and why, in one line
         raise UserError(f"serve: the app {spec.name!r} failed to deploy: {str(err).strip().splitlines()[-1]}") from None
-    summary = {"app": spec.name, "url": url(spec), "models": [m.name for m in spec.serve.models],
+    host, port = _running_http() or (spec.serve.http.host, spec.serve.http.port)
+    summary = {"app": spec.name, "url": f"http://{host}:{port}", "models": [m.name for m in spec.serve.models],
                "deploy_s": round(time.monotonic() - t0, 2)}
     log.info("serving %s at %s (models: %s)", spec.name, summary["url"], ", ".join(summary["models"]))
     return summary
@@ -161,6 +195,27 @@ def shutdown(spec: ClusterSpec) -> None:
         serve.shutdown()
 
 
+def serve_until_interrupted(spec: ClusterSpec, summary: dict) -> None:
+    """Block until Ctrl-C (or SIGTERM), then delete the app this command deployed."""
+    print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']}) — "
+          "Ctrl-C to stop", flush=True)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever a stage left installed
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    shutdown(spec)
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt()
+
+
 def command(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.detach and spec.cluster.address == "local" and not os.environ.get("RAY_ADDRESS"):
@@ -169,17 +224,11 @@ def command(args: argparse.Namespace) -> int:
         if not up_state(alive_only=True):
             raise UserError("--detach needs a Ray that outlives this command: run `sphinx-x up` first "
                             "(or use a cluster address)")
-    summary = run_stage(spec, force=args.force)
-    print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']})", flush=True)
+    summary = run_stage(spec)
     if args.detach:
+        print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']})", flush=True)
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-    shutdown(spec)
+    serve_until_interrupted(spec, summary)
     import ray
 
     ray.shutdown()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.model_loader import debug_tokenizer, resolve_checkpoint
+from actors.model_loader import debug_tokenizer
 from actors.replica import TextStream, prepare_chat
 from models.conversation import build_prompt
 from models.flavours import from_name
@@ -50,7 +50,14 @@ def test_text_stream_cuts_at_stop_strings_and_never_leaks_them(tok):
     assert "".join(ts.push(i) for i in ids) + ts.flush() == "the quick brown fox jumps"
 
 
-def test_train_export_resolution():
-    uri_for = lambda *parts: "s3://b/run/" + "/".join(parts)  # noqa: E731
-    assert resolve_checkpoint("@train", uri_for, "train") == "s3://b/run/train/export"
-    assert resolve_checkpoint("s3://b/models/x", uri_for, "train") == "s3://b/models/x"
+def test_member_weights_come_from_the_run_layout():
+    from cluster.spec import parse_spec
+    from pipelines.serve import member_weights
+
+    spec = parse_spec({"storage": {"uri": "s3://bkt/run"}, "serve": {"models": [
+        {"name": "a", "checkpoint": "@train"}, {"name": "b", "checkpoint": "models/x"},
+        {"name": "c", "checkpoint": "/abs/dir"}, {"name": "d", "flavour": "debug"}]}})
+    got = [member_weights(spec, m) for m in spec.serve.models]
+    assert [(w.checkpoint_uri, w.require_success) for w in got] == [
+        ("s3://bkt/run/train/export", True), ("s3://bkt/run/models/x", False), ("/abs/dir", False), (None, False)]
+    assert got[3].flavour == "debug"

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.train_data import ReadPlannedRows, plan_entries
+from cluster.spec import StorageSection
 
 
 def _shards(tmp_path, n_files=3, rows=10) -> list[str]:
@@ -21,7 +22,7 @@ def _shards(tmp_path, n_files=3, rows=10) -> list[str]:
 
 def test_read_planned_rows_keeps_entry_order_across_files_and_repeats(tmp_path):
     # row groups of 4 rows; a cache smaller than two groups evicts as it goes
-    read = ReadPlannedRows({"uri": str(tmp_path)}, _shards(tmp_path), cache_bytes=1)
+    read = ReadPlannedRows(StorageSection(uri=str(tmp_path)), _shards(tmp_path), cache_bytes=1)
     file, row = np.array([2, 0, 2, 1, 0, 0, 2, 1]), np.array([3, 1, 3, 9, 0, 5, 0, 4])
     for _ in range(2):  # the second pass reads through the cache
         table = read({"file": file, "row": row, "_pos": np.arange(40, 48)})
@@ -31,7 +32,7 @@ def test_read_planned_rows_keeps_entry_order_across_files_and_repeats(tmp_path):
 
 
 def test_read_planned_rows_reads_each_row_group_once_when_it_fits(tmp_path, monkeypatch):
-    read = ReadPlannedRows({"uri": str(tmp_path)}, _shards(tmp_path))
+    read = ReadPlannedRows(StorageSection(uri=str(tmp_path)), _shards(tmp_path))
     reads = []
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, *a, **k: reads.append(g) or real(self, g, *a, **k))

@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.render import (GROUP_RESOURCE_CAPACITY, PLACEMENT_REQUEST, SERVE_IMPORT_PATH, render_kuberay,
+from cluster.placement import GROUP_CAPACITY, PLACEMENT_FRACTION
+from cluster.render import (SERVE_IMPORT_PATH, render_kuberay,
                             render_launcher, render_serve_config)
 from cluster.spec import EXAMPLES_DIR, load_spec, parse_spec
 from pipelines.cli import main
@@ -102,7 +103,7 @@ def test_raycluster_groups_resources_and_placement():
     assert "resources" not in head  # nothing is placed on the head
     cpu, gpu = cluster["workerGroupSpecs"]
     assert (cpu["groupName"], cpu["minReplicas"], cpu["maxReplicas"], cpu["replicas"]) == ("cpu", 0, 4, 0)
-    assert cpu["resources"] == {"sphinx_group_cpu": str(GROUP_RESOURCE_CAPACITY)}
+    assert cpu["resources"] == {"sphinx_group_cpu": str(int(GROUP_CAPACITY))}
     assert cpu["labels"] == {"tier": "cpu"}
     assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["resources"] == {"sphinx_group_gpu_a100": "1000", "a100": "4"}
@@ -122,7 +123,7 @@ def test_rayjobs_one_per_stage():
     docs = render_kuberay(parse_spec(MULTI_GROUP))
     for stage in ("preprocess", "train", "serve"):
         job = docs[f"rayjob-{stage}.yaml"]["spec"]
-        assert job["entrypoint"].startswith(f"sphinx-x run /etc/sphinx-x/spec.yaml --stages {stage} --address local")
+        assert job["entrypoint"].startswith(f"python -m pipelines.cli run /etc/sphinx-x/spec.yaml --stages {stage} --address local")
         assert job["shutdownAfterJobFinishes"] is (stage != "serve")
         assert job["ttlSecondsAfterFinished"] > 0
         assert job["rayClusterSpec"]["workerGroupSpecs"][1]["groupName"] == "gpu-a100"
@@ -144,7 +145,7 @@ def test_serve_config_is_accepted_by_ray_and_carries_model_options():
     assert tiny["autoscaling_config"]["target_ongoing_requests"] == 4
     assert (tiny["max_ongoing_requests"], tiny["max_queued_requests"]) == (8, 20)
     assert tiny["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1, "memory": 8 * 2**30,
-                                         "resources": {"sphinx_group_gpu_a100": PLACEMENT_REQUEST}}
+                                         "resources": {"sphinx_group_gpu_a100": PLACEMENT_FRACTION}}
     assert "resources" not in cpu["ray_actor_options"]  # unplaced: may run anywhere
     # the RayService carries the same application
     service = render_kuberay(spec)["rayservice.yaml"]["spec"]

@@ -1,4 +1,4 @@
-"""cluster.runtime: `sphinx-x up / down / status` and ensure_ray.
+"""cluster.runtime: `sphinx-x up / down / status`, and cluster.connect joining the `up` head.
 
 The up head runs without its dashboard here (the slowest part to start); the CLI `up` verb
 is exercised on an already-up state.
@@ -17,8 +17,6 @@ import psutil
 import pytest
 
 from cluster import runtime
-from cluster.spec import parse_spec
-from models.errors import UserError
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,18 +39,6 @@ def _gone(pids) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return alive
-
-
-def test_ensure_ray_refuses_a_remote_address():
-    spec = parse_spec({"cluster": {"address": "http://head:8265"}})
-    with pytest.raises(UserError, match="Ray Jobs"):
-        runtime.ensure_ray(spec)
-
-
-def test_ensure_ray_reuses_an_initialized_ray(ray_local, make_spec):
-    before = ray_local.get_runtime_context().gcs_address
-    assert runtime.ensure_ray(make_spec()) is ray_local
-    assert ray_local.get_runtime_context().gcs_address == before
 
 
 def test_status_and_down_when_nothing_is_up(home, capsys):
@@ -81,19 +67,18 @@ def test_down_never_kills_what_it_did_not_start(home):
 
 _PROBE = """
 import json, os, ray
-from cluster.runtime import ensure_ray
+from cluster.connect import connect, storage_for
 from cluster.spec import parse_spec
-from cluster.storage import open_storage
 spec = parse_spec({"storage": {"uri": "s3://probe-bucket/x", "endpoint_url": "embedded"}})
-ensure_ray(spec)
+connect(spec)
 env = ray.get(ray.remote(lambda: os.environ.get("SPHINX_X_S3_ENDPOINT")).remote())
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "worker_s3": env,
-                  "driver_s3": open_storage(spec.storage).endpoint_url}))
+                  "driver_s3": storage_for(spec).endpoint_url}))
 ray.shutdown()
 """
 
 
-def test_up_then_ensure_ray_reuses_it_then_down_leaves_nothing(home, ray_local, capsys):
+def test_up_then_connect_reuses_it_then_down_leaves_nothing(home, ray_local, capsys):
     # the session's own Ray (its GCS and raylet), which `down` must leave alone
     other = {p.pid for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")}
     assert len(other) == 2
@@ -130,42 +115,3 @@ def test_up_then_ensure_ray_reuses_it_then_down_leaves_nothing(home, ray_local, 
     # the Ray this process started itself is untouched
     assert set(_gone(other)) == other
     assert ray_local.get(ray_local.remote(lambda: 41 + 1).remote()) == 42
-
-
-class _FakeRay:
-    """Records ray.init calls (the branch ensure_ray takes) without starting anything."""
-
-    def __init__(self):
-        self.calls = []
-
-    def is_initialized(self):
-        return False
-
-    def init(self, **kwargs):
-        self.calls.append(kwargs)
-
-
-def test_ensure_ray_inside_a_job_connects_to_ray_address(monkeypatch, home):
-    import ray
-
-    fake = _FakeRay()
-    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
-    monkeypatch.setattr(ray, "init", fake.init)
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    runtime.ensure_ray(parse_spec({}))
-    assert fake.calls == [{}]  # no address, no num_cpus: the job's cluster and runtime_env
-
-
-def test_ensure_ray_without_up_starts_a_private_local_ray(monkeypatch, home, make_spec, s3):
-    import ray
-
-    fake = _FakeRay()
-    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
-    monkeypatch.setattr(ray, "init", fake.init)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    spec = make_spec(cluster={"worker_groups": [{"name": "gpu-a", "gpus": 1}]})
-    runtime.ensure_ray(spec, num_cpus=3)
-    (call,) = fake.calls
-    assert call["address"] == "local" and call["num_cpus"] == 3  # never someone else's Ray
-    assert call["resources"] == {"sphinx_group_gpu_a": runtime.LOCAL_GROUP_CAPACITY}
-    assert call["runtime_env"]["env_vars"]["SPHINX_X_S3_ENDPOINT"] == s3.endpoint_url

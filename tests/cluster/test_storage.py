@@ -11,15 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.spec import StorageSection
-from cluster.storage import (
-    CHECKSUM_ENV,
-    ENDPOINT_ENV,
-    RetryPolicy,
-    Storage,
-    embedded_worker_env,
-    is_transient,
-    open_storage,
-)
+from cluster.storage import ENDPOINT_ENV, RetryPolicy, Storage, is_transient, open_storage
 from models.errors import UserError
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
@@ -52,14 +44,7 @@ def test_paths_and_uris(storage):
         storage.locate("gs://bucket/x")
 
 
-def test_worker_env_embedded_has_endpoint_and_dummy_credentials(storage, s3):
-    env = storage.worker_env()
-    assert env == embedded_worker_env(s3.endpoint_url)
-    assert env[ENDPOINT_ENV] == s3.endpoint_url and env["AWS_ACCESS_KEY_ID"] == "testing"
-    assert {k: env[k] for k in CHECKSUM_ENV} == CHECKSUM_ENV
-
-
-def test_worker_env_never_carries_real_secrets(monkeypatch):
+def test_storage_never_shows_real_secrets(monkeypatch):
     monkeypatch.setenv("MY_KEY", "AKIAREALKEY")
     monkeypatch.setenv("MY_SECRET", "real-secret-value")
     section = StorageSection(uri="s3://bucket/p", endpoint_url=None, region="eu-west-1",
@@ -67,10 +52,13 @@ def test_worker_env_never_carries_real_secrets(monkeypatch):
     from cluster.storage import _credentials
 
     st = Storage(section.uri, endpoint_url=None, region=section.region, credentials=_credentials(section))
-    env = st.worker_env()
-    assert env["AWS_REGION"] == "eu-west-1" and ENDPOINT_ENV not in env
-    assert "real-secret-value" not in repr(env) and "AKIAREALKEY" not in repr(env)
-    assert "real-secret-value" not in repr(st)
+    assert "real-secret-value" not in repr(st) and "AKIAREALKEY" not in repr(st)
+
+
+def test_embedded_without_a_known_endpoint_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    with pytest.raises(UserError, match="embedded S3 endpoint is unknown"):
+        open_storage(StorageSection(uri="s3://sphinx-x-test/p"))
 
 
 def test_half_set_credentials_is_a_user_error(monkeypatch):
@@ -217,7 +205,6 @@ def test_local_storage(tmp_path):
     st.upload_dir(out, "d2")
     assert st.list("d2") == ["d2/e/y.bin", "d2/x.bin"]
     assert st.delete("d") == 2 and not st.exists("d")
-    assert st.worker_env()["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_REQUIRED"
 
 
 def test_storage_pickles_without_clients(storage):
@@ -248,7 +235,7 @@ def test_a_ray_worker_without_the_endpoint_fails_instead_of_starting_its_own(ray
         return "opened"
 
     env = {"env_vars": {"SPHINX_X_HOME": str(tmp_path)}}
-    assert "endpoint unknown in this Ray worker" in ray_local.get(open_in_worker.options(runtime_env=env).remote())
+    assert "embedded S3 endpoint is unknown here" in ray_local.get(open_in_worker.options(runtime_env=env).remote())
 
 
 def test_embedded_server_as_a_child_process_serves_and_stops():

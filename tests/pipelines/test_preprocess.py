@@ -86,12 +86,16 @@ def _mix_lines() -> tuple[list[str], Counter]:
         json.dumps({"id": "role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]}),
         json.dumps({"id": "mismatch", "conversations": _turns("<image>\nWhat?", "Nothing.")}),
         json.dumps({"id": "missing", "image": "nope.jpg", "conversations": _turns("<image>\nWhat?", "x")}),
+        # images that cannot be fetched for other reasons are quarantined, never fatal
+        json.dumps({"id": "http", "image": "http://127.0.0.1:9/a.jpg", "conversations": _turns("<image>\nWhat?", "x")}),
+        json.dumps({"id": "bucket", "image": "s3://no-such-bucket-sphinx-x/a.jpg",
+                    "conversations": _turns("<image>\nWhat?", "x")}),
         json.dumps({"id": "trunc", "image": "truncated.jpg", "conversations": _turns("<image>\nWhat?", "x")}),
         json.dumps({"id": "bomb", "image": "bomb.png", "conversations": _turns("<image>\nWhat?", "x")}),
         json.dumps({"id": "long", "conversations": _turns("Tell a story.", "once upon a time " * 400)}),
     ]
-    expected = Counter(invalid_json=1, bad_field=2, unknown_role=1, image_mismatch=1, missing_image=1,
-                       corrupt_image=1, too_many_pixels=1, too_long=1)
+    expected = Counter(invalid_json=1, bad_field=2, unknown_role=1, image_mismatch=1, missing_image=2,
+                       unsupported_image_uri=1, corrupt_image=1, too_many_pixels=1, too_long=1)
     return lines, expected
 
 
@@ -179,7 +183,7 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     assert m["rows_in"] == m["rows_written"] + m["rows_quarantined"]
     assert Counter(m["quarantined_by_reason"]) == expected
     src = m["sources"]
-    assert src["mix"]["rows_in"] == 20 and src["mix"]["rows_written"] == 11
+    assert src["mix"]["rows_in"] == 22 and src["mix"]["rows_written"] == 11
     assert src["arr"]["rows_read"] == 2 and src["arr"]["rows_in"] == 4 and src["arr"]["rows_written"] == 4
     assert src["wds"]["rows_written"] == 3
     assert src["pq"]["rows_read"] == 8 and src["pq"]["rows_in"] + src["pq"]["subsampled_out"] == 8
@@ -192,6 +196,8 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     assert Counter(errs.column("reason").to_pylist()) == expected
     by_id = {r["id"]: r for r in errs.to_pylist()}
     assert by_id["missing"]["stage"] == "fetch" and by_id["bomb"]["stage"] == "decode"
+    assert by_id["http"]["reason"] == "unsupported_image_uri" and "no URL fetches" in by_id["http"]["detail"]
+    assert by_id["bucket"]["stage"] == "fetch" and "no-such-bucket-sphinx-x" in by_id["bucket"]["detail"]
     assert by_id["long"]["stage"] == "tokenize" and by_id["role"]["stage"] == "parse"
     assert all(r["detail"] for r in errs.to_pylist())
 

@@ -52,12 +52,7 @@ def test_run_local_orders_stages_and_skips_complete_ones(monkeypatch):
     run.run_local(None, ["serve", "train", "preprocess"], force=True)
     assert calls == [("preprocess", True), ("train", True), ("serve", True)]
     with pytest.raises(UserError, match="unknown stage"):
-        run.ordered(["deploy"])
-
-
-def test_job_entrypoints():
-    assert run.stage_entrypoint("train") == "python -m pipelines.cli run job-spec.yaml --stages train --address local"
-    assert run.stage_entrypoint("serve", force=True).endswith("--address local --force --detach")
+        run.run_local(None, ["deploy"])
 
 
 # ---------------------------------------------------------------- a real Ray head
@@ -213,3 +208,67 @@ def test_each_stage_runs_on_its_node_group(s3, make_spec, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+# ---------------------------------------------------------------- Ctrl-C, as a user presses it
+
+
+def test_ctrl_c_stops_run_while_serving_after_training(tmp_path):
+    """`sphinx-x run --stages train,serve` in a child with SIGINT at its default (a background
+    job of a non-interactive shell ignores it): after training, while serving, one SIGINT ends
+    the command within seconds (Ray Train's own SIGINT handler must not outlive the stage)."""
+    import threading
+    import urllib.request
+
+    from cluster.connect import storage_for
+    from cluster.layout import Layout
+    from cluster.spec import parse_spec
+    from pipelines.synthetic_shards import write_shards
+
+    port = _free_port()
+    spec = parse_spec({
+        "name": "ctrl-c", "storage": {"uri": str(tmp_path / "store")},
+        "cluster": {"head": {"cpus": 3}},
+        "model": {"flavour": "debug"},
+        "train": {"workers": 1, "steps": 2, "checkpoint_every": 2, "micro_batch": 2, "max_failures": 0},
+        "serve": {"http": {"port": port}, "models": [{
+            "name": "m", "checkpoint": "@train", "ray_actor_options": {"num_cpus": 0.5},
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]},
+    })
+    storage = storage_for(spec)
+    write_shards(storage, Layout.from_spec(spec, storage.uri), "debug", n_rows=8)
+    path = _spec_file(tmp_path, spec)
+    env = {**os.environ, "SPHINX_X_HOME": str(tmp_path / "home"), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    for var in ("RAY_ADDRESS", "SPHINX_X_S3_ENDPOINT"):
+        env.pop(var, None)
+    child = subprocess.Popen([str(VENV_BIN / "sphinx-x"), "run", path, "--stages", "train,serve"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def read() -> None:
+        for line in child.stdout:
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                serving.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert serving.wait(480), "never served:\n" + "".join(lines[-40:])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as resp:
+            assert resp.status == 200
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=30)
+        took = time.monotonic() - t0
+        assert child.returncode in (0, 130), "".join(lines[-40:])
+        assert took < 30
+        out = "".join(lines)
+        assert "Gracefully aborting" not in out, out[-3000:]
+        assert "log file:" in out and "train " in out  # the log path and the progress line
+        assert "TrainingReport(" not in out  # Ray Train's own dicts go to the log file
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()

@@ -1,6 +1,7 @@
 """sphinx-x train on CPU with 2 workers: loss falls, MoE expert parallel export, resume, worker kill.
 
-Shards come from tests/pipelines/train_shards.py (small, learnable, written to the embedded S3).
+Shards come from pipelines/synthetic_shards.py (small, learnable, written to the embedded S3 with
+a manifest, as preprocess writes them).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import json
 import os
 import signal
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from train_shards import write_shards  # tests/pipelines/train_shards.py (rootdir-less import)
+from cluster.layout import Layout
+from models.errors import UserError
+from pipelines.synthetic_shards import write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +30,13 @@ def _spec(make_spec, flavour="debug", **train):
 
 
 def _storage(spec):
-    from cluster.storage import open_storage
+    from cluster.connect import storage_for
 
-    return open_storage(spec.storage)
+    return storage_for(spec)
+
+
+def _shards(storage, spec, flavour="debug", **kw):
+    return write_shards(storage, Layout.from_spec(spec, storage.uri), flavour, **kw)
 
 
 def _metrics(storage, spec):
@@ -58,7 +63,7 @@ def test_dense_loss_falls_checkpoints_and_export_on_s3(ray_local, make_spec):
 
     spec = _spec(make_spec, steps=50, checkpoint_every=25)
     storage = _storage(spec)
-    write_shards(storage, spec.data.output, "debug", n_rows=32)
+    _shards(storage, spec, "debug", n_rows=32)
     summary = run_stage(spec)
     assert summary["step"] == 50 and summary["export_max_abs_diff"] < 1e-4
     history = _metrics(storage, spec)
@@ -81,10 +86,15 @@ def test_moe_expert_parallel_trains_and_export_equals_full_model(ray_local, make
 
     spec = _spec(make_spec, "debug-moe", steps=4, zero_stage=zero, expert_parallel=2)
     storage = _storage(spec)
-    write_shards(storage, spec.data.output, "debug-moe", n_rows=16)
+    _shards(storage, spec, "debug-moe", n_rows=16)
     summary = run_stage(spec)
     assert summary["step"] == 4 and summary["expert_parallel"] == 2
-    assert all(m["loss"] == m["loss"] for m in _metrics(storage, spec))  # finite, not NaN
+    history = _metrics(storage, spec)
+    assert all(m["loss"] == m["loss"] for m in history)  # finite, not NaN
+    # train.aux_loss_weight (0.01) is the load-balancing coefficient, and the experts' router
+    # loss reaches the loss under expert parallel
+    assert all(m["aux_loss"] > 0 for m in history)
+    assert all(abs(m["loss"] - m["lm_loss"] - 0.01 * m["aux_loss"]) < 1e-5 for m in history)
     _export_matches_trained_logits(storage, spec)
     # on demand from a checkpoint, too
     exported = run_stage(spec, export_from="latest")
@@ -99,46 +109,38 @@ def test_dense_zero3_trains_and_export_equals_full_model(ray_local, make_spec):
 
     spec = _spec(make_spec, steps=3, zero_stage=3, checkpoint_every=3)
     storage = _storage(spec)
-    write_shards(storage, spec.data.output, "debug", n_rows=16)
+    _shards(storage, spec, "debug", n_rows=16)
     summary = run_stage(spec)
     assert summary["step"] == 3 and summary["export_max_abs_diff"] < 1e-4
     history = _metrics(storage, spec)
     assert [m["step"] for m in history] == [1, 2, 3] and all(m["loss"] == m["loss"] for m in history)
     _export_matches_trained_logits(storage, spec)
 
-def _kill_when(pid_dir: Path, at_step: int, killed: list, timeout_s: float = 400) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        path = pid_dir / "rank1.pid"
-        if path.exists():
-            pid, step = map(int, path.read_text().split())
-            if step >= at_step:
-                os.kill(pid, signal.SIGKILL)
-                killed.append((pid, step))
-                return
-        time.sleep(0.1)
-
-
-def _run_with_kill(spec, tmp_path, at_step):
+def _run_with_kill(spec, at_step):
+    """Train; SIGKILL rank 0's worker once it reports ``at_step`` (the driver's progress feed)."""
     from pipelines.train import run_stage
 
     killed: list = []
-    killer = threading.Thread(target=_kill_when, args=(tmp_path, at_step, killed), daemon=True)
-    killer.start()
+
+    def on_step(item):
+        if not killed and item["step"] >= at_step:
+            os.kill(item["pid"], signal.SIGKILL)
+            killed.append((item["pid"], item["step"]))
+
     try:
-        return run_stage(spec, pid_dir=str(tmp_path), export=False), killed
+        return run_stage(spec, export=False, on_step=on_step), killed
     finally:
-        killer.join(timeout=1)
+        assert killed, "the worker was never killed"
 
 
-def test_worker_killed_mid_run_completes_from_last_checkpoint(ray_local, make_spec, tmp_path):
+def test_worker_killed_mid_run_completes_from_last_checkpoint(ray_local, make_spec):
     # enough steps that the kill (polled every 0.1 s) lands mid-run at several steps/s, with
     # checkpoints well before it: Ray Train registers a reported checkpoint asynchronously, so
     # the newest one may not be restorable yet when a worker dies a second after saving it
     spec = _spec(make_spec, steps=60, checkpoint_every=10, max_failures=1)
     storage = _storage(spec)
-    write_shards(storage, spec.data.output, "debug", n_rows=16)
-    summary, killed = _run_with_kill(spec, tmp_path, at_step=35)
+    _shards(storage, spec, "debug", n_rows=16)
+    summary, killed = _run_with_kill(spec, at_step=35)
     assert killed and summary["step"] == 60
     assert killed[0][1] < 60, f"the kill came after the last step: {killed}"
     history = _metrics(storage, spec)
@@ -147,14 +149,14 @@ def test_worker_killed_mid_run_completes_from_last_checkpoint(ray_local, make_sp
     assert restored in (10, 20, 30, 40, 50) and restored <= killed[0][1], (killed, restored)
 
 
-def test_resume_after_a_stop_continues_step_count_and_curve(ray_local, make_spec, tmp_path):
+def test_resume_after_a_stop_continues_step_count_and_curve(ray_local, make_spec):
     from pipelines.train import run_stage
 
     spec = _spec(make_spec, steps=8, checkpoint_every=3, max_failures=0)
     storage = _storage(spec)
-    write_shards(storage, spec.data.output, "debug", n_rows=16)
+    _shards(storage, spec, "debug", n_rows=16)
     with pytest.raises(Exception):
-        _run_with_kill(spec, tmp_path, at_step=4)  # the run stops: no retries left
+        _run_with_kill(spec, at_step=4)  # the run stops: no retries left
     before = _metrics(storage, spec)
     stopped = before[-1]["step"]
     assert stopped in (3, 6) and [m["step"] for m in before] == list(range(1, stopped + 1))
@@ -164,3 +166,20 @@ def test_resume_after_a_stop_continues_step_count_and_curve(ray_local, make_spec
     assert [m["step"] for m in after] == list(range(1, 9))
     assert after[:stopped] == before  # the curve continues, the first part unchanged
     assert all(m["restored_from"] == stopped for m in after[stopped:])
+
+
+def test_shards_for_another_model_are_refused_on_the_driver(make_spec):
+    from pipelines.train import run_stage
+
+    spec = make_spec(model={"flavour": "debug", "overrides": {"grid": 3}}, train={"workers": 2, "steps": 2})
+    storage = _storage(spec)
+    _shards(storage, spec, "debug", n_rows=8)
+    with pytest.raises(UserError, match=r"grid: shards 2 vs model 3"):
+        run_stage(spec)  # before any Ray: this test has no Ray fixture
+
+
+def test_no_manifest_is_a_clear_error(make_spec):
+    from pipelines.train import run_stage
+
+    with pytest.raises(UserError, match="no preprocess manifest .* run `sphinx-x preprocess SPEC` first"):
+        run_stage(make_spec())

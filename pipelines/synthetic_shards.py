@@ -1,4 +1,6 @@
-"""A small, learnable shard set for the training tests (written the way preprocess writes it).
+"""A small, learnable shard set for training tests and benchmarks, written the way preprocess
+writes it (the shards, ``tokenizer/`` and a ``_manifest.json`` with the tiling and tokenizer facts
+training checks), at the spec's run layout.
 
 Image rows: a solid-colour image (square, or 2:1 wide so two tiles are skipped) and the
 question "colour?" → the colour's name. Text rows: "say WORD" → WORD. Both are learnable in a
@@ -73,19 +75,29 @@ def build_rows(flavour_name: str = "debug", n_rows: int = 48, seed: int = 0, wid
     return tokenizer, rows
 
 
-def write_shards(storage, output: str, flavour_name: str = "debug", n_rows: int = 48, seed: int = 0,
+def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48, seed: int = 0,
                  rows_per_shard: int = 16) -> list[dict]:
-    """Write part-XXXXX.parquet, tokenizer/ and _manifest.json under ``<storage>/<output>``."""
+    """Write ``part-XXXXX.parquet``, ``tokenizer/`` and ``_manifest.json`` at ``layout.shards``."""
     import json
     import tempfile
 
+    from cluster.layout import shard_name
+    from models.conversation import image_token_id
+    from pipelines.preprocess import tiling_facts
+
     tokenizer, rows = build_rows(flavour_name, n_rows, seed)
-    fs = storage.filesystem
+    flavour = from_name(flavour_name)
+    names = []
     for k in range(0, len(rows), rows_per_shard):
         table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=SCHEMA)
-        pq.write_table(table, storage.path(output, f"part-{k // rows_per_shard:05d}.parquet"), filesystem=fs)
+        fs, path = storage.resolve(layout.shard(k // rows_per_shard))
+        pq.write_table(table, path, filesystem=fs)
+        names.append(shard_name(k // rows_per_shard))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        storage.upload_dir(tmp, f"{output}/tokenizer")
-    storage.write_bytes(f"{output}/_manifest.json", json.dumps({"rows": len(rows)}).encode())
+        storage.upload_dir(tmp, layout.tokenizer)
+    manifest = {"rows_in": len(rows), "rows_written": len(rows), "rows_quarantined": 0, "shards": names,
+                "flavour": flavour.name, "tiling": tiling_facts(flavour), "max_seq_len": flavour.max_seq_len,
+                "tokenizer": "tokenizer", "vocab_size": len(tokenizer), "image_token_id": image_token_id(tokenizer)}
+    storage.write_bytes(layout.manifest, json.dumps(manifest).encode())
     return rows

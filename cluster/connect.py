@@ -1,0 +1,243 @@
+"""The one way to connect (docs/architecture.md "Connecting"): Ray, storage, the worker
+environment and placement, for every stage, `run` and the demo.
+
+    >>> conn = connect(spec)           # Ray up (or joined), storage open, env for workers
+    >>> conn.storage.uri               # 's3://sphinx-x/runs/local'
+    >>> conn.env                       # {'AWS_REGION': ..., 'SPHINX_X_S3_ENDPOINT': ...}: no secrets
+    >>> check_capacity(spec, "train")  # fails at once, with the numbers, if the cluster is too small
+
+Where Ray comes from, first match wins:
+
+1. this process already runs Ray (a test, the demo, an earlier stage): reuse it;
+2. inside a Ray Job (``sphinx-x run --address``): join the job's cluster (its runtime_env already
+   carries :func:`worker_env`);
+3. ``$RAY_ADDRESS`` or a ``ray://`` ``cluster.address``: join it;
+4. ``cluster.address: local``: the head `sphinx-x up` keeps alive, else a private local Ray with
+   the resources the spec's head declares (``cluster.head.cpus/gpus``, one custom resource per
+   worker group) — whichever command starts it.
+
+Placement on worker groups is :mod:`cluster.placement`'s. An ``http://HEAD:8265`` address is not joined: stages run there as Ray Jobs (`sphinx-x run`).
+
+The embedded S3 endpoint (``storage.endpoint_url: embedded``) is found in ``$SPHINX_X_S3_ENDPOINT``,
+then in the `up` state, else a server is started for this process (objects vanish at exit).
+Workers learn it from :func:`worker_env`, never by discovery.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cluster.embedded_s3 import CHECKSUM_ENV, DUMMY_CREDENTIALS, ENDPOINT_ENV, EmbeddedS3, embedded_worker_env
+from cluster.placement import group_resources, node_resources, placement
+from cluster.spec import ClusterSpec, StorageSection
+from cluster.storage import Storage, open_storage
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# CPUs each rank's Ray Data reader (actors.train_data.rank_datasets) reserves beside the workers.
+TRAIN_READER_CPUS = 0.25
+# CPUs of the HTTP ingress deployment (actors.ingress), one replica
+INGRESS_CPUS = 0.25
+
+_process_server: Optional[EmbeddedS3] = None
+_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------- the worker environment
+
+
+def worker_env(section: StorageSection, endpoint_url: Optional[str] = None) -> dict[str, str]:
+    """The ONE environment every Ray worker, job and rendered pod gets to reach storage.
+
+    Region; for any non-AWS endpoint the checksum settings (DESIGN.md §3) and the endpoint
+    (``AWS_ENDPOINT_URL``); for the embedded server its URL and its dummy credentials. Never a
+    real secret: those come from the nodes' own environment or instance role.
+    """
+    env = {"AWS_REGION": section.region, "AWS_DEFAULT_REGION": section.region}
+    if section.is_s3 and section.endpoint_url == "embedded":
+        env.update(CHECKSUM_ENV)
+        if endpoint_url:
+            env.update(embedded_worker_env(endpoint_url, section.region))
+    elif section.is_s3 and section.endpoint_url:
+        env.update(CHECKSUM_ENV)
+        env["AWS_ENDPOINT_URL"] = section.endpoint_url
+    return env
+
+
+# ---------------------------------------------------------------- storage
+
+
+def embedded_endpoint() -> str:
+    """The embedded S3 endpoint for this process (see the module docstring); sets the env var."""
+    global _process_server
+    if os.environ.get(ENDPOINT_ENV):
+        return os.environ[ENDPOINT_ENV].rstrip("/")
+    from cluster.runtime import up_state
+
+    state = up_state(alive_only=True)
+    endpoint = (state or {}).get("s3", {}).get("endpoint_url")
+    if not endpoint:
+        with _lock:
+            if _process_server is None:
+                _process_server = EmbeddedS3().start()
+                atexit.register(_process_server.stop)
+                log.info("started an embedded S3 server for this process (%s); objects vanish at exit — "
+                         "`sphinx-x up` keeps one alive", _process_server.endpoint_url)
+            endpoint = _process_server.endpoint_url
+    os.environ[ENDPOINT_ENV] = endpoint
+    return endpoint
+
+
+def storage_for(spec: ClusterSpec) -> Storage:
+    """The spec's storage on the driver: the embedded endpoint found (or started), bucket checked."""
+    if spec.storage.is_s3 and spec.storage.endpoint_url == "embedded":
+        embedded_endpoint()
+        for key, value in DUMMY_CREDENTIALS.items():
+            os.environ.setdefault(key, value)
+    return open_storage(spec.storage)
+
+
+# ---------------------------------------------------------------- Ray
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What a stage needs from :func:`connect`: the storage, the worker env, where Ray is."""
+
+    storage: Storage
+    env: dict[str, str] = field(default_factory=dict)
+    ray_address: str = ""
+
+
+def in_ray_job() -> bool:
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"))
+
+
+def connect(spec: ClusterSpec, *, ray: bool = True) -> Connection:
+    """Storage, the worker env and (``ray=True``) a Ray connection, by the rules above."""
+    storage = storage_for(spec)
+    env = worker_env(spec.storage, storage.endpoint_url)
+    address = _init_ray(spec, env) if ray else ""
+    return Connection(storage=storage, env=env, ray_address=address)
+
+
+def _init_ray(spec: ClusterSpec, env: dict[str, str]) -> str:
+    address = _start_or_join(spec, env)
+    from cluster.logs import after_ray_init
+
+    after_ray_init()
+    return address
+
+
+def _start_or_join(spec: ClusterSpec, env: dict[str, str]) -> str:
+    import ray
+
+    from cluster.logs import ray_init_kwargs
+
+    if ray.is_initialized():
+        return "this process's Ray"
+    address = spec.cluster.address
+    runtime_env = {"env_vars": env}
+    if in_ray_job():
+        ray.init(**ray_init_kwargs())  # the job's runtime_env applies; passing one would replace it
+        return os.environ["RAY_ADDRESS"]
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **ray_init_kwargs())
+        return os.environ["RAY_ADDRESS"]
+    if address.startswith("ray://"):
+        ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs())
+        return address
+    if address != "local":
+        raise UserError(f"cluster.address is {address}: stages run there as Ray Jobs; use "
+                        f"`sphinx-x run SPEC` (or `--address {address}`), not a single stage command")
+    from cluster.runtime import join_up_head, up_state
+
+    state = up_state(alive_only=True)
+    if state and "ray" in state:
+        join_up_head(state, runtime_env)
+        return state["ray"]["gcs_address"]
+    head = spec.cluster.head
+    ray.init(address="local", num_cpus=head.cpus, num_gpus=head.gpus,
+             resources={**group_resources(spec), **head.resources} or None,
+             include_dashboard=True, dashboard_host="127.0.0.1",  # the state API (stall reports)
+             runtime_env=runtime_env, **ray_init_kwargs())
+    return "a private local Ray"
+
+
+# ---------------------------------------------------------------- capacity
+
+
+def stage_demand(spec: ClusterSpec, stage: str) -> tuple[dict[str, float], str]:
+    """(resources the stage asks for at once, how that sum is made) — for :func:`check_capacity`."""
+    if stage == "preprocess":
+        d = spec.data
+        cpus = d.concurrency * d.num_cpus_per_worker
+        demand = {"CPU": cpus, **_times(placement(spec, d.group), d.concurrency)}
+        return demand, f"{d.concurrency} tiling actors x {d.num_cpus_per_worker:g} CPU"
+    if stage == "train":
+        t = spec.train
+        per = {"CPU": 1.0, **t.resources_per_worker}
+        if t.use_gpu:
+            per.setdefault("GPU", 1.0)
+        per = {**per, **placement(spec, t.group)}
+        demand = _times(per, t.workers)
+        demand["CPU"] = demand.get("CPU", 0.0) + t.workers * TRAIN_READER_CPUS
+        how = (f"{t.workers} train workers x {per['CPU']:g} CPU"
+               + (f" x {per['GPU']:g} GPU" if per.get("GPU") else "")
+               + f" + {t.workers} data readers x {TRAIN_READER_CPUS:g} CPU")
+        return demand, how
+    if stage == "serve":
+        demand: dict[str, float] = {}
+        parts = []
+        for m in spec.serve.models:
+            n = m.autoscaling_config.initial_replicas
+            n = max(1, m.autoscaling_config.min_replicas if n is None else n)
+            o = m.ray_actor_options
+            per = {"CPU": o.num_cpus, "GPU": o.num_gpus, **o.resources, **placement(spec, m.group)}
+            for k, v in _times(per, n).items():
+                demand[k] = demand.get(k, 0.0) + v
+            parts.append(f"{m.name}: {n} x {o.num_cpus:g} CPU" + (f" x {o.num_gpus:g} GPU" if o.num_gpus else ""))
+        demand["CPU"] = demand.get("CPU", 0.0) + INGRESS_CPUS
+        return {k: v for k, v in demand.items() if v}, "replicas " + ", ".join(parts) + \
+            f" + the ingress {INGRESS_CPUS:g} CPU"
+    raise UserError(f"no resource demand known for stage {stage!r}")
+
+
+def _times(resources: dict[str, float], n: int) -> dict[str, float]:
+    return {k: v * n for k, v in resources.items() if v}
+
+
+def spec_capacity(spec: ClusterSpec) -> dict[str, float]:
+    """What the spec's cluster can grow to: the head plus every group at ``max_workers``."""
+    c = spec.cluster
+    total = {"CPU": float(c.head.cpus), "GPU": float(c.head.gpus), **c.head.resources}
+    for g in c.worker_groups:
+        for k, v in {"CPU": g.cpus, "GPU": g.gpus, **node_resources(g)}.items():
+            total[k] = total.get(k, 0.0) + v * g.max_workers
+    return total
+
+
+def check_capacity(spec: ClusterSpec, stage: str) -> None:
+    """Fail at once, naming the numbers, when the stage cannot fit on the connected cluster.
+
+    On a local Ray the cluster is what it is. On a cluster whose worker groups can grow, the
+    bound is what the spec lets them grow to (the autoscaler adds the rest).
+    """
+    import ray
+
+    demand, how = stage_demand(spec, stage)
+    have = {k: float(v) for k, v in ray.cluster_resources().items()}
+    growable = spec.cluster.address != "local" and spec.cluster.worker_groups
+    bound = {k: max(have.get(k, 0.0), v) for k, v in spec_capacity(spec).items()} if growable else have
+    short = {k: (v, bound.get(k, 0.0)) for k, v in demand.items() if v > bound.get(k, 0.0) + 1e-9}
+    if short:
+        lacking = ", ".join(f"{k}: needs {need:g}, the cluster has {got:g}" for k, (need, got) in sorted(short.items()))
+        hint = (" Raise cluster.head.cpus (logical CPUs of the local Ray) or ask for less."
+                if spec.cluster.address == "local" else " Add nodes to the spec's worker groups or ask for less.")
+        raise UserError(f"{stage}: the cluster cannot hold this stage ({how}) — {lacking}.{hint}")

@@ -1,0 +1,184 @@
+"""The run layout (docs/architecture.md "Run layout"): every path a run reads or writes, derived
+from the spec once, and each stage's "complete" test. No other module types a run path.
+
+One rule resolves every path setting (``data.sources[].path``/``image_root``, ``data.output``,
+``train.output``, ``model.weights``/``tokenizer``, ``serve.models[].checkpoint``): a relative
+path is under ``storage.uri``; an ``s3://`` URI or an absolute local path is taken as given.
+
+    >>> lay = Layout.from_spec(spec, storage_uri="s3://sphinx-x/runs/local")
+    >>> lay.shards, lay.manifest
+    ('s3://sphinx-x/runs/local/shards', 's3://sphinx-x/runs/local/shards/_manifest.json')
+    >>> lay.export                       # train.output: /data/train (absolute: as given)
+    '/data/train/export'
+
+    <data.output>/                 preprocess
+        part-00000.parquet ...       shards (renamed from _tmp/ in source order)
+        errors/part-00000.parquet    quarantined rows with their reason
+        tokenizer/                   the tokenizer every later stage uses
+        _tmp/                        the tiler actors' files until the driver renames them
+        _manifest.json               written last: the stage is complete
+    <train.output>/                train
+        checkpoints/checkpoint_*/    Ray Train run (DeepSpeed shards of every rank)
+        metrics.jsonl, loss.png      rank 0's per-step history
+        export_check.pt, export.json a fixed batch + the trained engine's logits; export summary
+        export/ ... export/_SUCCESS  the consolidated model directory, _SUCCESS written last
+        summary.json                 written last: the stage is complete
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from cluster.spec import ClusterSpec
+from models.errors import UserError
+
+STAGES = ("preprocess", "train", "serve")
+JOB_SPEC_NAME = "job-spec.yaml"  # the spec, as a Ray Job's working directory carries it
+TRAIN_EXPORT = "@train"  # serve.models[].checkpoint naming this run's train export
+
+MANIFEST = "_manifest.json"
+SHARD_PREFIX = "part-"
+CHECKPOINT_RUN = "checkpoints"  # the Ray Train run name under train.output
+SUCCESS = "_SUCCESS"
+
+
+def resolve(base_uri: str, setting: str) -> str:
+    """A path setting -> a URI / absolute path: relative ones under ``base_uri``, others as given."""
+    if setting.startswith("s3://"):
+        return setting.rstrip("/")
+    if "://" in setting:
+        raise UserError(f"only s3:// URIs or local paths are supported, got {setting!r}")
+    if os.path.isabs(setting) or setting.startswith("~"):
+        return os.path.abspath(os.path.expanduser(setting))
+    return join(base_uri, setting)
+
+
+def join(*parts: str) -> str:
+    head, *rest = parts
+    tail = "/".join(p.strip("/") for p in rest if p and p.strip("/"))
+    return f"{head.rstrip('/')}/{tail}" if tail else head.rstrip("/") or head
+
+
+def storage_root(spec: ClusterSpec) -> str:
+    """``storage.uri`` as an s3:// URI or an absolute local path."""
+    uri = spec.storage.uri
+    return uri.rstrip("/") if uri.startswith("s3://") else os.path.abspath(os.path.expanduser(uri))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every URI of one run (see the module docstring). Plain strings: picklable, typed."""
+
+    root: str
+    shards: str
+    train: str
+
+    @classmethod
+    def from_spec(cls, spec: ClusterSpec, storage_uri: Optional[str] = None) -> "Layout":
+        root = storage_uri or storage_root(spec)
+        return cls(root=root, shards=resolve(root, spec.data.output), train=resolve(root, spec.train.output))
+
+    def path(self, setting: str) -> str:
+        """Any other path setting of the spec, by the one rule."""
+        return resolve(self.root, setting)
+
+    # -- preprocess
+    @property
+    def manifest(self) -> str:
+        return join(self.shards, MANIFEST)
+
+    @property
+    def errors(self) -> str:
+        return join(self.shards, "errors")
+
+    @property
+    def tokenizer(self) -> str:
+        return join(self.shards, "tokenizer")
+
+    @property
+    def shards_tmp(self) -> str:
+        return join(self.shards, "_tmp")
+
+    def shard(self, k: int) -> str:
+        return join(self.shards, shard_name(k))
+
+    # -- train
+    @property
+    def checkpoints(self) -> str:
+        return join(self.train, CHECKPOINT_RUN)
+
+    @property
+    def metrics(self) -> str:
+        return join(self.train, "metrics.jsonl")
+
+    @property
+    def loss_png(self) -> str:
+        return join(self.train, "loss.png")
+
+    @property
+    def export(self) -> str:
+        return join(self.train, "export")
+
+    @property
+    def export_success(self) -> str:
+        return join(self.export, SUCCESS)
+
+    @property
+    def export_check(self) -> str:
+        return join(self.train, "export_check.pt")
+
+    @property
+    def export_summary(self) -> str:
+        return join(self.train, "export.json")
+
+    @property
+    def train_summary(self) -> str:
+        return join(self.train, "summary.json")
+
+    # -- serve
+    def checkpoint(self, setting: str) -> str:
+        """A ``serve.models[].checkpoint``: ``@train`` is this run's export; others by the rule."""
+        return self.export if setting == TRAIN_EXPORT else self.path(setting)
+
+
+def shard_name(k: int) -> str:
+    return f"{SHARD_PREFIX}{k:05d}.parquet"
+
+
+def is_shard(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(SHARD_PREFIX) and base.endswith(".parquet")
+
+
+# ---------------------------------------------------------------- "complete" tests
+
+
+def preprocess_complete(storage, layout: Layout) -> bool:
+    return storage.exists(layout.manifest)
+
+
+def train_complete(storage, layout: Layout) -> bool:
+    return storage.exists(layout.export_success) and storage.exists(layout.train_summary)
+
+
+# ---------------------------------------------------------------- stages as commands
+
+
+def ordered(stages: list[str]) -> list[str]:
+    """Pipeline order, whatever order the user typed: ``["train", "preprocess"]`` -> preprocess, train."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+def stage_entrypoint(stage: str, spec_path: str, *, force: bool = False, python: str = "python") -> str:
+    """The command that runs ONE stage on a cluster (a Ray Job, a RayJob pod): `run` in-process."""
+    cmd = f"{python} -m pipelines.cli run {spec_path} --stages {stage} --address local"
+    if force:
+        cmd += " --force"
+    if stage == "serve":
+        cmd += " --detach"  # deploy and return: the Serve app outlives the job's driver
+    return cmd

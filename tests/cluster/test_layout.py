@@ -1,0 +1,39 @@
+"""cluster.layout: one rule for every path setting, every run path named once."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.layout import Layout, ordered, resolve, stage_entrypoint
+from cluster.spec import parse_spec
+from models.errors import UserError
+
+
+def test_relative_under_the_root_absolute_and_s3_as_given():
+    assert resolve("s3://bkt/run", "shards") == "s3://bkt/run/shards"
+    assert resolve("s3://bkt/run", "/data/shards/") == "/data/shards"
+    assert resolve("s3://bkt/run", "s3://other/x/") == "s3://other/x"
+    assert resolve("/srv/run", "a/b") == "/srv/run/a/b"
+    with pytest.raises(UserError, match="only s3://"):
+        resolve("s3://bkt/run", "gs://x/y")
+
+
+def test_every_run_path_derives_from_the_spec():
+    spec = parse_spec({"storage": {"uri": "s3://bkt/run"}, "data": {"output": "/abs/shards"},
+                       "train": {"output": "t"}})
+    lay = Layout.from_spec(spec)
+    assert (lay.shards, lay.manifest, lay.tokenizer, lay.errors) == (
+        "/abs/shards", "/abs/shards/_manifest.json", "/abs/shards/tokenizer", "/abs/shards/errors")
+    assert lay.shard(3) == "/abs/shards/part-00003.parquet"
+    assert (lay.checkpoints, lay.export, lay.export_success, lay.train_summary) == (
+        "s3://bkt/run/t/checkpoints", "s3://bkt/run/t/export", "s3://bkt/run/t/export/_SUCCESS", "s3://bkt/run/t/summary.json")
+    assert lay.checkpoint("@train") == lay.export and lay.checkpoint("models/x") == "s3://bkt/run/models/x"
+
+
+def test_stages_run_in_pipeline_order_and_as_one_command():
+    assert ordered(["serve", "preprocess"]) == ["preprocess", "serve"]
+    with pytest.raises(UserError, match="unknown stage"):
+        ordered(["tune"])
+    assert stage_entrypoint("train", "job-spec.yaml") == \
+        "python -m pipelines.cli run job-spec.yaml --stages train --address local"
+    assert stage_entrypoint("serve", "s.yaml", force=True).endswith("--address local --force --detach")
