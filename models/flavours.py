@@ -154,7 +154,9 @@ _TINYLLAMA = dict(
 #   sphinx-tiny-1k  a 1024 canvas: the global view, then 2×2 tiles of 512 (the ConvNeXt sees each at
 #                   512, DINOv2 at 224, i.e. the release's 448 resize cut into 2×2): 5 · 259 = 1295
 _RELEASE = dict(pad="centre", skip_tokens=False, image_position="after_bos", pixel_mean="exact")
-# Their toys (the converter's tests): the debug encoders on 64 px views, the ConvNeXt's own input
+# Their toys (the converter's tests): the debug encoders on 64 px views, which both take as they are
+# (DINOv2 with 16 px patches): 4×4 maps, N = 17
+_TOY_RELEASE_VISION = dict(_DEBUG_VISION, dino=dict(_DEBUG_VISION["dino"], patch_size=16, image_size=64), dino_input=64)
 
 FLAVOURS: dict[str, Flavour] = {
     f.name: f
@@ -183,9 +185,9 @@ FLAVOURS: dict[str, Flavour] = {
         _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE,
               notes="the official SPHINX-Tiny-1k (llama_ens5_light): global view + 2x2 tiles of 512"),
         Flavour(name="debug-sphinx-tiny", llm_arch="llama", llm=_DEBUG_LLM, grid=1, tile_size=64,
-                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny in miniature (tests)", **_DEBUG_VISION),
+                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny in miniature (tests)", **_TOY_RELEASE_VISION),
         Flavour(name="debug-sphinx-tiny-1k", llm_arch="llama", llm=_DEBUG_LLM, grid=2, tile_size=64,
-                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny-1k in miniature (tests)", **_DEBUG_VISION),
+                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny-1k in miniature (tests)", **_TOY_RELEASE_VISION),
     ]
 }
 

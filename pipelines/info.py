@@ -122,6 +122,10 @@ def render(report: dict[str, Any]) -> str:
 
 
 def command(args: argparse.Namespace) -> int:
+    if args.weights:
+        from pipelines.convert import weights_command
+
+        return weights_command(args)
     if args.flavour not in FLAVOURS:
         raise UserError(f"unknown flavour {args.flavour!r}; known: {', '.join(sorted(FLAVOURS))}")
     report = info(from_name(args.flavour))

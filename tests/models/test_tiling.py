@@ -328,8 +328,10 @@ def test_spec_from_flavour_carries_the_geometry():
         for W, H in [(1000, 1000), (1000, 500), (30, 900)]:
             assert image_token_count(W, H, spec, f.tokens_per_view) == tokens
         # the release pads with PadToSquare's int(mean·255) and normalises with the mean itself
-        assert spec.mean_u8 == (122, 116, 104) and f.normalise_mean_u8 == pytest.approx((122.771, 116.746, 104.094), abs=1e-3)
-    t = tile_image(load_image(Image.new("RGB", (90, 30), (0, 255, 0))), TileSpec.from_flavour(from_name("debug-sphinx-tiny-1k")))
+        assert spec.mean_u8 == (122, 116, 104)
+        assert f.normalise_mean_u8 == pytest.approx((122.771, 116.746, 104.094), abs=1e-3)
+    toy = TileSpec.from_flavour(from_name("debug-sphinx-tiny-1k"))
+    t = tile_image(load_image(Image.new("RGB", (90, 30), (0, 255, 0))), toy)
     assert t.views.shape == (5, 64, 64, 3) and t.offset == (0, 42) and t.skip_tokens is False
     paper = TileSpec.from_flavour(from_name("tiny"))
     assert (paper.pad, paper.skip_tokens, paper.mean_u8) == ("top_left", True, (123, 117, 104))
