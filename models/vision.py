@@ -169,6 +169,9 @@ class MixtureOfVisualExperts(nn.Module):
         kept = kept.bool()
         if kept.dim() != 2 or kept.shape[1] != gg:
             raise UserError(f"kept must be bool [images, {gg}] for grid {self.grid}, got {list(kept.shape)}")
+        if not self.flavour.skip_tokens and not bool(kept.all()):  # its skip token was never trained
+            raise UserError(f"flavour {self.flavour.name!r} has no skip tokens: every tile is kept (tile with "
+                            "models.tiling.TileSpec.from_flavour)")
         n_views = int((1 + kept.sum(1)).sum())
         if views.shape[0] != n_views:
             raise UserError(f"views hold {views.shape[0]} views but kept masks need {n_views} "

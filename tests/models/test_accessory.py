@@ -210,3 +210,12 @@ def test_bad_checkpoints_name_the_file_and_the_key(release, tmp_path):
     (src / "config.json").write_text(json.dumps({**ARGS, "n_expert": 8}))
     with pytest.raises(AccessoryError, match=r"config.json: unknown model argument\(s\) n_expert"):
         read_accessory(src)
+
+
+def test_release_models_refuse_skipped_tiles(converted):
+    """Without skip tokens a model never learnt one: a mask with a skipped tile is an error."""
+    out, _ = converted
+    model, _ = load_model_dir(out)
+    views = torch.zeros(4, 64, 64, 3, dtype=torch.uint8)
+    with pytest.raises(UserError, match="has no skip tokens: every tile is kept"):
+        model.vision(views, torch.tensor([[True, True, True, False]]))
