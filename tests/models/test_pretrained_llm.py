@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -22,7 +23,6 @@ from models.flavours import from_name
 from models.pretrained_llm import internlm2_to_llama, load_llm_tokenizer, load_pretrained_llm, sentencepiece_tokenizer
 from models.sphinx import SphinxX
 
-spm = pytest.importorskip("sentencepiece")
 
 TOL = 1e-5
 SHAPES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
