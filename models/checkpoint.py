@@ -241,11 +241,12 @@ def load_model_dir(directory: PathLike, device: Union[str, torch.device] = "cpu"
     expected = _own_vision_state(model.vision)
     state = load_file(str(projector))
     _check_keys(expected, state, str(projector))
-    model.vision.load_state_dict(state, strict=False, assign=True)
+    model.vision.load_state_dict(_cast(state, dtype), strict=False, assign=True)
     left = sorted(name for name, p in model.named_parameters() if p.is_meta)
     if left:
         raise CheckpointError(f"{src}: no weights for {len(left)} parameter(s): {_shown(left)}")
-    model = model.to(device=device, dtype=dtype)
+    # parameters are in ``dtype`` already; buffers (rotary frequencies, pixel statistics) stay fp32
+    model = model.to(device=device)
     model.set_vision_trainable(not flavour.freeze_vision)
     model.eval()
     return model, _load_tokenizer(src / LLM_DIR)
@@ -254,7 +255,8 @@ def load_model_dir(directory: PathLike, device: Union[str, torch.device] = "cpu"
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device; buffers stay real (rotary
-    tables, normalisation constants are not in the weights)."""
+    tables, normalisation constants are not in the weights). Patches nn.Module for the duration:
+    build nothing else on another thread meanwhile."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:

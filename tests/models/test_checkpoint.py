@@ -72,6 +72,8 @@ def test_layout_and_exact_round_trip(tokenizer, tmp_path):
         assert torch.equal(model(**_inputs(model)).logits, loaded(**_inputs(model)).logits)
     half, _ = load_model_dir(tmp_path / "m", dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    # buffers keep full precision: rotary frequencies, the pixel statistics (122.77 is 122.5 in bf16)
+    assert {b.dtype for b in half.buffers()} == {torch.float32}
 
 
 @pytest.mark.parametrize("name", ["debug", "debug-moe"])
