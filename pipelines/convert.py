@@ -5,11 +5,14 @@ and writes one sphinx-x model directory (models.checkpoint), then reads that dir
 way serving and training will and prints both: what the source held and what was written.
 
     $ sphinx-x convert --from accessory SPHINX-Tiny-1k/ -o models/sphinx-tiny-1k
-    source  SPHINX-Tiny-1k/ (llama_ens5_light, 2 model-parallel shards, bfloat16, 1234 tensors)
-    ...
+    source  SPHINX-Tiny-1k/ (llama_ens5_light, 2 model-parallel shard(s), bfloat16, 1071 tensors)
+      SPHINX-Tiny-1k/consolidated.00-of-02.model.pth
+      SPHINX-Tiny-1k/consolidated.01-of-02.model.pth
+      tokenizer.model: 32000 words -> 32001 tokens with <image>
     model directory models/sphinx-tiny-1k (flavour sphinx-tiny-1k, bfloat16)
-      llm           1.100 B  bfloat16  1 file(s)  keys: all 201 placed
-      ...
+      llm               1.100 B  bfloat16  1 file(s)  keys: all 201 placed, none missing or unexpected
+      convnext ...
+      geometry      grid 2x2 of 512 px (canvas 1024), pad centre, skip tokens off, 257 tokens per view, ...
 
 ``info --weights DIR`` prints the model directory's parts, dtypes, parameter counts, tokenizer
 and geometry from config.json and the safetensors headers (no tensor is read unless a part's

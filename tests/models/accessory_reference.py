@@ -64,6 +64,7 @@ class ToyRelease:
     state: dict[str, torch.Tensor]  # the full model, Meta layout, no "llma." prefix
     n_words: int
     views: int  # per image: 1 (llama_ens_light) or 5 (llama_ens5_light)
+    args: dict  # config.json
 
 
 def _rand(gen: torch.Generator, *shape: int, scale: float = 0.05, offset: float = 0.0) -> torch.Tensor:
@@ -157,10 +158,11 @@ def make_toy_release(directory: Path, *, llama_type: str = "llama_ens5_light", m
     for rank, part in enumerate(shard(state, mp)):
         torch.save({"model": {k: v.to(dtype) for k, v in part.items()}},
                    directory / f"consolidated.{rank:02d}-of-{mp:02d}.model.pth")
-    (directory / "config.json").write_text(json.dumps({**ARGS, **(args_extra or {})}))
+    args = {**ARGS, **(args_extra or {})}
+    (directory / "config.json").write_text(json.dumps(args))
     (directory / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
     return ToyRelease(directory, {k: v.to(dtype).float() for k, v in state.items()}, n_words,
-                      views=5 if llama_type == "llama_ens5_light" else 1)
+                      views=5 if llama_type == "llama_ens5_light" else 1, args=args)
 
 
 # ----------------------------------------------------------------------------- reference forward
@@ -281,4 +283,4 @@ def release_logits(release: ToyRelease, bos: int, caption: list[int], views: tor
     if views is not None:
         img = image_tokens(s, views)
         h = torch.cat([h[:, :1], img[None], h[:, 1:]], dim=1)
-    return meta_llama(s, h)
+    return meta_llama(s, h, release.args)

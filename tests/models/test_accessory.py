@@ -114,6 +114,17 @@ def test_tiny_single_view(tmp_path):
     assert (ours[..., :release.n_words] - ref).abs().max() < TOL
 
 
+def test_rope_scaling_and_theta(tmp_path):
+    """Accessory multiplies positions by rope_scaling; transformers' linear rope divides by its factor."""
+    release = make_toy_release(tmp_path / "src", mp=1, seed=5, args_extra={"rope_scaling": 0.25, "rope_theta": 500.0})
+    convert_accessory(release.directory, tmp_path / "m", flavour=TOY)
+    model, tokenizer = load_model_dir(tmp_path / "m")
+    caption = _caption(tokenizer) * 3
+    with torch.no_grad():
+        ours = model(torch.tensor([[tokenizer.bos_token_id] + caption])).logits[..., :release.n_words]
+    assert (ours - release_logits(release, tokenizer.bos_token_id, caption, None)).abs().max() < TOL
+
+
 def test_the_directory_records_what_was_read(release, converted):
     out, report = converted
     source, found = report["source"], report["model_dir"]
