@@ -5,7 +5,7 @@ and writes one sphinx-x model directory (models.checkpoint), then reads that dir
 way serving and training will and prints both: what the source held and what was written.
 
     $ sphinx-x convert --from accessory SPHINX-Tiny-1k/ -o models/sphinx-tiny-1k
-    source  SPHINX-Tiny-1k/ (llama_ens5_light, 2 model-parallel shard(s), bfloat16, 1071 tensors)
+    source  SPHINX-Tiny-1k/ (llama_ens5_light, 2 model-parallel shard(s), bfloat16, 1152 tensors)
       SPHINX-Tiny-1k/consolidated.00-of-02.model.pth
       SPHINX-Tiny-1k/consolidated.01-of-02.model.pth
       tokenizer.model: 32000 words -> 32001 tokens with <image>
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _human(n: int) -> str:
