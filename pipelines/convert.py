@@ -26,12 +26,7 @@ import argparse
 import json
 from typing import Any
 
-
-def _human(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return str(n)
+from pipelines.info import _human
 
 
 def render_model_dir(report: dict[str, Any]) -> str:
