@@ -245,7 +245,7 @@ def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict[str, Any], *
         raise UserError(f"{source}: missing InternLM2 weight output.weight (and tie_word_embeddings is false)")
     ffn = kwargs["intermediate_size"]
     for i in range(n_layers):
-        p, q = f"model.layers.{i}.", f"model.layers.{i}."
+        p = q = f"model.layers.{i}."
         names = ["weight"] + (["bias"] if kwargs["attention_bias"] else [])
         for name in names:
             rows = (h + 2 * k) * hd
