@@ -26,7 +26,12 @@ import argparse
 import json
 from typing import Any
 
-from pipelines.info import _human
+
+def _human(n: int) -> str:  # as pipelines.info's (which imports this module: no import back)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
 
 
 def render_model_dir(report: dict[str, Any]) -> str:
