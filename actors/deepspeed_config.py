@@ -4,7 +4,7 @@
     >>> cfg["train_batch_size"], cfg["zero_optimization"]["stage"], cfg["bf16"]["enabled"]
     (8, 2, False)
 
-What comes from where (DESIGN.md §1 and §3):
+What comes from where (docs/architecture.md; the paper's recipe):
 
 - batch: ``micro_batch`` per rank, ``grad_accum`` micro-batches per optimizer step, so the
   global batch is ``micro_batch × grad_accum × world_size`` (every rank is data parallel —

@@ -55,7 +55,7 @@ _lock = threading.Lock()
 def worker_env(section: StorageSection, endpoint_url: Optional[str] = None) -> dict[str, str]:
     """The ONE environment every Ray worker, job and rendered pod gets to reach storage.
 
-    Region; for any non-AWS endpoint the checksum settings (DESIGN.md §3) and the endpoint
+    Region; for any non-AWS endpoint the checksum settings (docs/architecture.md "Connecting") and the endpoint
     (``AWS_ENDPOINT_URL``); for the embedded server its URL and its dummy credentials. Never a
     real secret: those come from the nodes' own environment or instance role.
     """

@@ -1,4 +1,4 @@
-"""moto's S3 server on 127.0.0.1: the "embedded" storage of the local default (DESIGN.md §3).
+"""moto's S3 server on 127.0.0.1: the "embedded" storage of the local default (docs/architecture.md "Connecting").
 
     >>> with EmbeddedS3() as server:            # a free port on 127.0.0.1, in a thread
     ...     env = embedded_worker_env(server.endpoint_url)   # for Ray runtime_env

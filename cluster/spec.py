@@ -1,6 +1,6 @@
 """The one cluster spec: a YAML file, validated by pydantic, that drives every stage.
 
-Sections (DESIGN.md §2): ``name``, ``cluster``, ``storage``, ``data``, ``model``,
+Sections (docs/architecture.md "The spec"): ``name``, ``cluster``, ``storage``, ``data``, ``model``,
 ``train``, ``serve``. Unknown keys are errors everywhere. The defaults give the embedded
 local setup (local Ray + an S3 server on 127.0.0.1), so ``ClusterSpec()`` is a valid spec.
 

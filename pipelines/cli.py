@@ -1,4 +1,4 @@
-"""`sphinx-x`: the command line (DESIGN.md §2 — a contract: tests and users rely on these names).
+"""`sphinx-x`: the command line (a contract: tests and users rely on these names; docs/architecture.md).
 
 Every verb is declared here and dispatched lazily to ``command(args) -> int`` in the module
 that owns it, so `sphinx-x --help` is instant and a verb never imports another's stack.

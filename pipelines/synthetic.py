@@ -1,7 +1,7 @@
 """The demo's synthetic multimodal dataset: rendered scenes, rendered words, text-only chat.
 
 No dataset can be downloaded here, so the demo trains on scenes it draws itself (PIL),
-in the LLaVA / SPHINX conversation format (DESIGN.md §1). Everything is seeded: the same
+in the LLaVA / SPHINX conversation format (docs/interfaces.md "models.conversation"). Everything is seeded: the same
 ``(n_train, n_heldout, seed)`` gives byte-identical files.
 
 Samples (one image each, or none):
