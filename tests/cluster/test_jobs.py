@@ -93,3 +93,14 @@ def test_error_summary_keeps_the_end_of_the_message():
     summary = jobs.error_summary(result, limit_lines=5)
     assert summary.splitlines()[-1] == "error: boom" and len(summary.splitlines()) == 5
     assert jobs.error_summary(jobs.JobResult("x", "STOPPED")) == "job ended STOPPED"
+
+
+def test_a_head_that_needs_a_token_is_answered_with_how_to_give_it(monkeypatch):
+    import ray.job_submission
+
+    def refuse(address):
+        raise RuntimeError("Request failed with status code 401: Unauthorized: missing auth token")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
+    with pytest.raises(UserError, match="RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH"):
+        jobs.connect("http://127.0.0.1:8265")

@@ -392,3 +392,19 @@ def test_rendered_serve_config_builds_the_app_by_import_path():
     bad["serve"] = {**bad["serve"], "models": [{"name": "a", "flavour": "debug", "max_queued_requests": 0}]}
     with pytest.raises(UserError, match="max_queued_requests"):
         getattr(importlib.import_module(module), attr)({"spec": bad})
+
+
+def test_a_second_app_on_another_port_is_refused_naming_both(live):
+    """Ray Serve keeps the port it started with; a spec asking for another one while other apps
+    use that Serve is an error naming both, not an app that answers somewhere unexpected."""
+    from cluster.spec import parse_spec
+    from models.errors import UserError
+    from pipelines import serve as serve_stage
+
+    data = live["spec"].model_dump(mode="json")
+    running = int(live["url"].rsplit(":", 1)[1])
+    data.update(name="other-app", serve={**data["serve"], "http": {"host": "127.0.0.1", "port": _free_port()},
+                                         "models": [{"name": "x", "flavour": "debug"}]})
+    with pytest.raises(UserError, match=f"already listens on 127.0.0.1:{running}"):
+        serve_stage.run_stage(parse_spec(data))
+    assert {m.id for m in live["client"].models.list()} == {"debug", "debug-moe", "pre"}  # untouched

@@ -183,3 +183,28 @@ def test_no_manifest_is_a_clear_error(make_spec):
 
     with pytest.raises(UserError, match="no preprocess manifest .* run `sphinx-x preprocess SPEC` first"):
         run_stage(make_spec())
+
+
+def test_absolute_and_s3_outputs_are_taken_as_given_through_preprocess_and_train(ray_local, make_spec, tmp_path):
+    """data.output an absolute local path and train.output an s3:// URI outside storage.uri: every
+    file lands where the setting says (cluster.layout's one rule), none under the storage root."""
+    from pipelines import preprocess, synthetic
+    from pipelines.train import run_stage
+
+    where = synthetic.write(synthetic.generate(12, 0, seed=5), tmp_path / "src")
+    spec = make_spec(data={"sources": [{"name": "syn", "path": where["train"], "image_root": where["image_root"]}],
+                           "output": str(tmp_path / "shards"), "rows_per_shard": 6, "concurrency": 1},
+                     model={"flavour": "debug"})
+    elsewhere = f"s3://sphinx-x-test/elsewhere-{os.getpid()}-{tmp_path.name}"
+    spec = make_spec(**{**spec.model_dump(mode="json"), "train": {
+        "workers": 1, "steps": 2, "checkpoint_every": 2, "micro_batch": 2, "max_failures": 0,
+        "output": elsewhere}})
+    storage = _storage(spec)
+    summary = preprocess.run_stage(spec)
+    assert summary["rows_written"] > 0
+    assert (tmp_path / "shards" / "_manifest.json").exists() and (tmp_path / "shards" / "tokenizer").is_dir()
+    assert sorted(p.name for p in (tmp_path / "shards").glob("part-*.parquet")) == summary["shards"]
+    trained = run_stage(spec)
+    assert trained["step"] == 2 and trained["export"] == f"{elsewhere}/export"
+    assert storage.exists(f"{elsewhere}/export/_SUCCESS") and storage.exists(f"{elsewhere}/summary.json")
+    assert storage.list("") == []  # nothing under the storage root itself
