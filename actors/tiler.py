@@ -84,19 +84,26 @@ _CHUNK_ROWS = 16  # rows fetched + tiled at a time in shard mode (bounds the act
 
 @dataclass(frozen=True)
 class TilerConfig:
-    """What the stage needs from the spec (small and picklable)."""
+    """What the stage needs from the spec and the flavour (small and picklable); build it with
+    :meth:`from_flavour` so the geometry is the model's own (models.tiling.TileSpec)."""
 
-    grid: int
-    tile_size: int
-    mean_u8: tuple[int, int, int]
+    tile: TileSpec  # grid, tile size, padding colour, pad (top_left | centre), skip_tokens
     tokens_per_view: int
+    image_position: str  # models.conversation: "inline" | "after_bos"
     max_seq_len: int
-    overflow: str = "truncate"
-    max_pixels: int = 64_000_000
+    overflow: str
+    max_pixels: int
+
+    @classmethod
+    def from_flavour(cls, flavour: Any, *, max_seq_len: int, overflow: str = "truncate",
+                     max_pixels: int = 64_000_000) -> "TilerConfig":
+        return cls(tile=TileSpec.from_flavour(flavour), tokens_per_view=flavour.tokens_per_view,
+                   image_position=flavour.image_position, max_seq_len=max_seq_len, overflow=overflow,
+                   max_pixels=max_pixels)
 
     @property
     def tile_spec(self) -> TileSpec:
-        return TileSpec(grid=self.grid, tile_size=self.tile_size, mean_u8=self.mean_u8)
+        return self.tile
 
 
 class _Quarantine(Exception):
@@ -220,7 +227,8 @@ class Tiler:
         counts = [image_token_count(*t.original_size, self.spec, cfg.tokens_per_view) for t in tiled]
         try:
             tok = tokenize_conversation(json.loads(row["conversations"]), self.tokenizer, image_tokens=counts,
-                                        max_seq_len=cfg.max_seq_len, overflow=cfg.overflow)
+                                        max_seq_len=cfg.max_seq_len, overflow=cfg.overflow,
+                                        image_position=cfg.image_position)
         except ConversationError as err:
             raise _Quarantine("tokenize", getattr(err, "reason", "bad_conversation"), str(err)) from None
         except UserError as err:  # any other user-fixable problem is still a row problem
@@ -239,8 +247,8 @@ class Tiler:
             "views": np.ascontiguousarray(views).tobytes(),
             "view_counts": [int(t.views.shape[0]) for t in kept_images],
             "kept": [bool(k) for t in kept_images for k in t.kept],
-            "tile_size": cfg.tile_size,
-            "grid": cfg.grid,
+            "tile_size": cfg.tile.tile_size,
+            "grid": cfg.tile.grid,
             "truncated": bool(tok.truncated),
         }
 

@@ -137,8 +137,7 @@ def _config_and_tokenizer(texts: list[str]):
     from models.flavours import from_name
 
     f = from_name("debug", tile_size=TILE, grid=GRID)
-    cfg = TilerConfig(grid=f.grid, tile_size=f.tile_size, mean_u8=f.mean_u8, tokens_per_view=f.tokens_per_view,
-                      max_seq_len=f.max_seq_len)
+    cfg = TilerConfig.from_flavour(f, max_seq_len=f.max_seq_len)
     return cfg, train_bpe_tokenizer(texts, int(f.llm["vocab_size"]))
 
 

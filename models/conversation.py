@@ -98,10 +98,21 @@ def image_token_id(tokenizer: Any) -> int:
     return int(tid)
 
 
-def _human_segments(text: str, tokenizer: Any, images: list[tuple[int, int]], system: str | None) -> list[_Seg]:
-    """`` Human: {q}\\n###`` with each ``<image>`` replaced by (image index, token count)."""
+IMAGE_POSITIONS = ("inline", "after_bos")
+
+
+def _human_segments(text: str, tokenizer: Any, images: list[tuple[int, int]], system: str | None,
+                    lead: Sequence[tuple[int, int]] = ()) -> list[_Seg]:
+    """`` Human: {q}`` + newline + ``###`` with each ``<image>`` replaced by (image index, token
+    count); the first turn opens with ``<s>`` and the system prompt, and ``lead`` images sit right
+    after ``<s>``."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    segs = [] if system is None else [_Seg(bos), _Seg(_encode(tokenizer, system + SEP))]
+    segs = [] if system is None else [_Seg(bos)]
+    if lead:
+        lead_id = image_token_id(tokenizer)
+        segs += [_Seg([lead_id] * count, image=index) for index, count in lead]
+    if system is not None:
+        segs.append(_Seg(_encode(tokenizer, system + SEP)))
     pieces = text.split(IMAGE)
     img_id = image_token_id(tokenizer) if images else None
     for k, piece in enumerate(pieces):
@@ -148,15 +159,25 @@ def _place_images(human_texts: list[str], n_images: int) -> list[str]:
     return human_texts
 
 
-def _build(turns: list[tuple[str, str]], tokenizer: Any, image_tokens: Sequence[int], system: str) -> list[_Seg]:
+def _build(turns: list[tuple[str, str]], tokenizer: Any, image_tokens: Sequence[int], system: str,
+           image_position: str = "inline") -> list[_Seg]:
+    """``image_position``: ``inline`` (each image at its ``<image>``, the paper's layout) or
+    ``after_bos`` (every image right after ``<s>``, before the system prompt: the released
+    SPHINX models' layout; the placeholders then only count the images)."""
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
     humans = _place_images([v for r, v in turns if r == "human"], len(image_tokens))
     images = list(enumerate(int(n) for n in image_tokens))
+    lead: list[tuple[int, int]] = []
+    if image_position == "after_bos":
+        humans, lead, images = [t.replace(IMAGE + "\n", "").replace(IMAGE, "") for t in humans], images, []
     segs: list[_Seg] = []
     h = 0
     for role, value in turns:
         if role == "human":
             n = humans[h].count(IMAGE)
-            segs += _human_segments(humans[h], tokenizer, images[:n], system if h == 0 else None)
+            segs += _human_segments(humans[h], tokenizer, images[:n], system if h == 0 else None,
+                                    lead if h == 0 else ())
             images, h = images[n:], h + 1
         else:
             segs.append(_Seg(_encode(tokenizer, " Assistant:")))
@@ -175,6 +196,7 @@ def tokenize_conversation(
     max_seq_len: int,
     overflow: Literal["truncate", "quarantine"] = "truncate",
     system: str = SYSTEM_PROMPT,
+    image_position: str = "inline",
 ) -> Tokenized:
     """A LLaVA/SPHINX ``conversations`` list -> ``input_ids`` and ``labels`` (images expanded).
 
@@ -183,7 +205,7 @@ def tokenize_conversation(
     an image; if nothing trainable remains it raises ``too_long``.
     """
     turns = _validate(conversations)
-    segs = _build(turns, tokenizer, image_tokens, system)
+    segs = _build(turns, tokenizer, image_tokens, system, image_position)
     if tokenizer.eos_token_id is not None:
         segs.append(_Seg([tokenizer.eos_token_id], trainable=True, turn_end=True))
     total = sum(len(s.ids) for s in segs)
@@ -242,7 +264,8 @@ def _content_text(content: Any, index: int) -> str:
     return "".join(out)
 
 
-def build_prompt(messages: Any, tokenizer: Any, image_tokens: Sequence[int] = ()) -> list[int]:
+def build_prompt(messages: Any, tokenizer: Any, image_tokens: Sequence[int] = (), *,
+                 image_position: str = "inline") -> list[int]:
     """OpenAI-style messages -> prompt ids ending with `` Assistant:`` (same template as training).
 
     Roles: an optional leading ``system`` (replaces the system prompt), then ``user`` /
@@ -272,7 +295,7 @@ def build_prompt(messages: Any, tokenizer: Any, image_tokens: Sequence[int] = ()
         raise ConversationError("bad_order", "messages must start and end with a user message")
     if any(IMAGE in v for r, v in turns if r == "gpt"):
         raise ConversationError("image_mismatch", "images are only allowed in user messages")
-    segs = _build(turns, tokenizer, image_tokens, system)
+    segs = _build(turns, tokenizer, image_tokens, system, image_position)
     segs.append(_Seg(_encode(tokenizer, " Assistant:")))
     return [i for s in segs for i in s.ids]
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tarfile
 import tempfile
 import time
@@ -271,19 +272,47 @@ def _tokenizer(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layou
 
     vocab = int(flavour.llm["vocab_size"])
     path = spec.model.tokenizer or flavour.tokenizer
-    if path:
+    if spec.model.weights:
+        # published weights bring their own tokenizer (<image> and pad added); the vocab follows it
+        from models.pretrained_llm import load_llm_tokenizer
+
+        uri = lay.path(path) if spec.model.tokenizer else run_layout.join(lay.path(spec.model.weights), "llm")
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = load_llm_tokenizer(_tokenizer_files(storage, uri, tmp))
+    elif path:
         uri = lay.path(path)
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = load_tokenizer(storage.download_dir(uri, tmp) if uri.startswith("s3://") else uri)
+            tokenizer = load_tokenizer(_tokenizer_files(storage, uri, tmp))
     else:
         tokenizer = train_bpe_tokenizer(_source_texts(sources), vocab)
-    if len(tokenizer) > vocab:
+    if not spec.model.weights and len(tokenizer) > vocab:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but flavour {flavour.name!r} has "
                         f"vocab_size {vocab}; set model.overrides.llm.vocab_size >= {len(tokenizer)}")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         storage.upload_dir(tmp, lay.tokenizer)
     return tokenizer
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".msgpack", ".h5", ".gguf")
+
+
+def _tokenizer_files(storage: Storage, uri: str, tmp: str) -> str:
+    """A local directory holding the tokenizer files at ``uri`` (an S3 prefix: only those files are
+    downloaded, never the weights beside them)."""
+    if not uri.startswith("s3://"):
+        if not os.path.isdir(uri):
+            raise UserError(f"no tokenizer directory at {uri}")
+        return uri
+    names = [u for u in storage.list(uri) if not u.endswith(_WEIGHT_SUFFIXES)]
+    if not names:
+        raise UserError(f"no tokenizer files under {uri}")
+    for u in names:
+        target = os.path.join(tmp, u[len(uri):].lstrip("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(storage.read_bytes(u))
+    return tmp
 
 
 def _source_texts(sources: list[_Source]) -> list[str]:
@@ -324,11 +353,8 @@ def _source_texts(sources: list[_Source]) -> list[str]:
 
 def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layout, sources: list[_Source],
                tokenizer) -> dict:
-    config = TilerConfig(
-        grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8),
-        tokens_per_view=flavour.tokens_per_view, max_seq_len=spec.data.max_seq_len,
-        overflow=spec.data.overflow, max_pixels=spec.data.max_image_pixels,
-    )
+    config = TilerConfig.from_flavour(flavour, max_seq_len=spec.data.max_seq_len, overflow=spec.data.overflow,
+                                      max_pixels=spec.data.max_image_pixels)
     remote: dict[str, Any] = {}
     if spec.data.group is not None:
         remote["resources"] = placement(spec, spec.data.group)
@@ -446,9 +472,12 @@ class _Tally:
 
 
 def tiling_facts(flavour: Flavour) -> dict:
-    """What the shards' tiling depends on; training refuses a model that differs (pipelines.train)."""
-    return {"grid": flavour.grid, "tile_size": flavour.tile_size, "mean_u8": list(flavour.mean_u8),
-            "tokens_per_view": flavour.tokens_per_view}
+    """What the shards' pixels and token layout depend on (the geometry of models.tiling, tokens
+    per view, where images sit); training refuses a model that differs (pipelines.train)."""
+    from models.tiling import TileSpec
+
+    return {**TileSpec.from_flavour(flavour).to_dict(), "tokens_per_view": flavour.tokens_per_view,
+            "image_position": flavour.image_position}
 
 
 def image_token_id(tokenizer) -> int:

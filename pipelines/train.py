@@ -31,6 +31,8 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from cluster import layout as run_layout
 from cluster.connect import check_capacity, connect, storage_for
 from cluster.layout import Layout
@@ -80,7 +82,7 @@ def read_manifest(storage: Storage, lay: Layout) -> dict:
         raise UserError(f"{lay.manifest} is not valid JSON: {err}") from None
 
 
-def check_manifest(manifest: dict, flavour: Flavour, where: str) -> None:
+def check_manifest(manifest: dict, flavour: Flavour, where: str, *, weights: bool = False) -> None:
     """Refuse shards tiled or tokenized for another model, naming both sides (on the driver)."""
     from pipelines.preprocess import tiling_facts
 
@@ -92,7 +94,8 @@ def check_manifest(manifest: dict, flavour: Flavour, where: str) -> None:
                         f"{manifest.get('flavour')!r}) than {flavour.name!r}: " + "; ".join(diffs)
                         + ". Run `sphinx-x preprocess SPEC --force` with this model.")
     vocab = manifest.get("vocab_size")
-    if flavour.tokenizer is None and vocab is not None and vocab > int(flavour.llm["vocab_size"]):
+    # with published weights the vocab follows their tokenizer (models.pretrained_llm)
+    if not weights and flavour.tokenizer is None and vocab is not None and vocab > int(flavour.llm["vocab_size"]):
         raise UserError(f"the shards' tokenizer at {where} has {vocab} tokens but flavour {flavour.name!r} "
                         f"has vocab_size {flavour.llm['vocab_size']}")
     if not manifest.get("shards"):
@@ -190,20 +193,21 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
 
     flavour = train_flavour(spec)
     manifest = read_manifest(storage, lay)
-    check_manifest(manifest, flavour, lay.shards)
+    check_manifest(manifest, flavour, lay.shards, weights=bool(spec.model.weights))
     conn = connect(spec)
     check_capacity(spec, "train")
     train = spec.train
     files, where, lengths = read_index(storage, lay, manifest["shards"])
     global_batch = train.global_batch
-    steps = total_steps(len(lengths), global_batch, steps=train.steps, epochs=train.epochs)
-    plan = plan_batches(lengths, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
+    packs, row_lengths = training_rows(spec, lengths)
+    steps = total_steps(len(row_lengths), global_batch, steps=train.steps, epochs=train.epochs)
+    plan = plan_batches(row_lengths, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
                         world_size=train.workers, steps=steps, seed=train.seed)
     done = list_checkpoints(spec, storage)
     start = min(done[-1][0], steps) if done else 0
     if start:
         log.info("train: resuming from step %d (%s)", start, done[-1][1])
-    datasets = rank_datasets(files, spec.storage, plan_entries(plan, where, start_step=start))
+    datasets = rank_datasets(files, spec.storage, plan_entries(plan, where, start_step=start, packs=packs))
     progress_queue = _progress_queue()
     config = TrainWorkerConfig(
         train=train, storage=spec.storage, flavour=flavour, layout=lay, total_steps=steps,
@@ -223,6 +227,7 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
         metrics.update(json.loads(storage.read_bytes(lay.export_summary)))
     summary = {
         "step": metrics.get("step"), "total_steps": steps, "rows": len(lengths), "global_batch": global_batch,
+        "packed_rows": len(row_lengths) if train.packing else None,
         "workers": train.workers, "zero_stage": train.zero_stage, "expert_parallel": train.expert_parallel,
         "flavour": spec.model.flavour, "loss": metrics.get("loss"), "aux_loss": metrics.get("aux_loss"),
         "resumed_from": start or None,
@@ -284,6 +289,19 @@ class _follow:
             pass
 
 
+def training_rows(spec: ClusterSpec, lengths: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """(sample indices per training row, the rows' token counts): ``train.packing`` packs the
+    samples into rows of at most ``data.max_seq_len`` (actors.batching.pack_rows), else one
+    sample per row."""
+    from actors.batching import pack_rows
+
+    if spec.train.packing:
+        packs = pack_rows(lengths, capacity=spec.data.max_seq_len, seed=spec.train.seed)
+    else:
+        packs = [np.asarray([i], dtype=np.int64) for i in range(len(lengths))]
+    return packs, np.asarray([int(lengths[p].sum()) for p in packs], dtype=np.int64)
+
+
 def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
     """Export ``<train.output>/export`` from a checkpoint URI (or ``latest``) with the run's layout."""
     from actors.batching import total_steps
@@ -306,7 +324,7 @@ def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
     check_capacity(spec, "train")
     manifest = read_manifest(storage, lay)
     _, _, lengths = read_index(storage, lay, manifest["shards"])
-    steps = total_steps(len(lengths), spec.train.global_batch, steps=spec.train.steps, epochs=spec.train.epochs)
+    steps = total_steps(len(training_rows(spec, lengths)[1]), spec.train.global_batch, steps=spec.train.steps, epochs=spec.train.epochs)
     config = TrainWorkerConfig(
         train=spec.train, storage=spec.storage, flavour=train_flavour(spec), layout=lay, total_steps=steps,
         tokenizer_uri=_tokenizer_uri(spec, storage, lay), weights_uri=None, export_from=uri)

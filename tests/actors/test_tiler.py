@@ -28,8 +28,7 @@ def tokenizer():
 
 def _tiler(tokenizer, **kw):
     f = from_name("debug")
-    cfg = TilerConfig(grid=f.grid, tile_size=f.tile_size, mean_u8=f.mean_u8, tokens_per_view=f.tokens_per_view,
-                      max_seq_len=kw.pop("max_seq_len", 400), **kw)
+    cfg = TilerConfig.from_flavour(f, max_seq_len=kw.pop("max_seq_len", 400), **kw)
     return Tiler(cfg, tokenizer), cfg
 
 
@@ -118,8 +117,7 @@ def test_shard_mode_writes_good_rows_and_returns_bookkeeping(tokenizer, tmp_path
         raw.raw_row("s", "twice", 2.0, conversations=_turns("hello", "hello there")),
     ]
     f = from_name("debug")
-    cfg = TilerConfig(grid=f.grid, tile_size=f.tile_size, mean_u8=f.mean_u8, tokens_per_view=f.tokens_per_view,
-                      max_seq_len=400)
+    cfg = TilerConfig.from_flavour(f, max_seq_len=400)
     tiler = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))
     book = tiler(raw.to_table(rows))
     assert book.column_names == BOOK_COLUMNS + ["shard"] and book.num_rows == 3

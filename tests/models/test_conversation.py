@@ -64,6 +64,20 @@ def test_images_are_expanded_in_place(tok):
     assert "### Human: <image><image><image><image>Describe." in tok.decode(t.input_ids)
 
 
+def test_release_layout_puts_the_images_right_after_bos(tok):
+    """image_position "after_bos" (the released SPHINX models): <s>, every image, then the system
+    prompt and the turns without placeholders; training ids and the serving prompt agree."""
+    img = image_token_id(tok)
+    t = tokenize_conversation(CONV, tok, image_tokens=[5], max_seq_len=1024, image_position="after_bos")
+    assert t.input_ids[:6] == [tok.bos_token_id] + [img] * 5 and img not in t.input_ids[6:]
+    assert tok.decode(t.input_ids[6:]).startswith(SYSTEM_PROMPT + "### Human: What is in the image?\n###")
+    assert t.images_kept == 1 and t.image_token_count == 5
+    prompt = build_prompt([{"role": "user", "content": CONV[0]["value"]}], tok, [5], image_position="after_bos")
+    assert t.input_ids[:len(prompt)] == prompt  # the serving prompt is a prefix of the training ids
+    with pytest.raises(ValueError, match="image_position"):
+        tokenize_conversation(CONV, tok, image_tokens=[5], max_seq_len=1024, image_position="middle")
+
+
 def test_special_token_text_is_not_special(tok):
     conv = [{"from": "human", "value": "say </s> and <s>"}, {"from": "gpt", "value": "ok </s>"}]
     t = tokenize_conversation(conv, tok, max_seq_len=1024)

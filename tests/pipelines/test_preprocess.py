@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from models.conversation import tokenize_conversation
 from models.tiling import TileSpec, load_and_tile
 
 MAX_PIXELS = 1_000_000
@@ -247,3 +249,42 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_published_weights_bring_their_tokenizer_and_the_vocab_follows_it(ray_local, make_spec):
+    """model.weights given: preprocess uses the weights' own tokenizer (a sentencepiece
+    tokenizer.model here), never a freshly trained one; <image> is added, so it has one token more
+    than the LLM's vocab (Llama: 32001 vs 32000), which is accepted: the vocab follows it."""
+    import io as _io
+
+    import sentencepiece as spm
+
+    from cluster.connect import storage_for
+    from models.pretrained_llm import load_llm_tokenizer
+    from pipelines import preprocess
+
+    texts = ["a cat on a mat", "the dog sat on the log", "hello world", " Human: Assistant: ###"] * 50
+    out = _io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=out, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   minloglevel=2, hard_vocab_limit=False)
+    spec0 = make_spec()
+    storage = storage_for(spec0)
+    storage.write_bytes("weights/llm/tokenizer.model", out.getvalue())
+    storage.write_bytes("weights/llm/tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}).encode())
+    storage.write_bytes("weights/llm/model.safetensors", b"not read by preprocess")
+    rows = [{"id": f"t{i}", "conversations": _turns(f"hello {w}", f"the {w} sat")} for i, w in enumerate(["cat", "dog"])]
+    storage.write_bytes("src/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir("weights/llm", tmp)
+        expected = load_llm_tokenizer(tmp)
+    n_spm = len(expected) - 1  # without the <image> load_llm_tokenizer adds
+    spec = make_spec(storage=spec0.storage.model_dump(), data={"sources": [{"name": "t", "path": "src/rows.jsonl"}]},
+                     model={"flavour": "debug", "weights": "weights", "overrides": {"llm": {"vocab_size": n_spm}}})
+    summary = preprocess.run_stage(spec)
+    assert summary["rows_written"] == 2 and summary["vocab_size"] == n_spm + 1
+    shards = _read(storage, "shards")
+    first = shards.to_pylist()[0]
+    assert first["input_ids"] == tokenize_conversation(rows[0]["conversations"], expected, max_seq_len=512).input_ids
