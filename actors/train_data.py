@@ -15,6 +15,13 @@ Before → after (``ReadPlannedRows``)::
 ``_pos = ((step · grad_accum) + micro) · micro_batch + slot`` is the row's place in rank r's
 stream; the worker checks it, so an out-of-order stream fails loudly instead of training on
 the wrong samples. A row written several times (source ``ratio`` > 1) is several rows here.
+
+Packed training rows (``actors.batching.pack_rows``): an entry's ``file`` / ``row`` are lists,
+the samples of one training row; ``ReadPlannedRows`` reads them all and concatenates each
+entry's samples into one row (``merge_pack``) with ``seq_lens``::
+
+    {_pos: 12, file: [1, 0], row: [7, 3]}
+    → {_pos: 12, id: "vqa:7+chat:3", input_ids: [...7's..., ...3's...], seq_lens: [412, 97], ...}
 """
 
 from __future__ import annotations
@@ -54,14 +61,55 @@ def read_index(storage, layout, shards: list[str]) -> tuple[list[str], np.ndarra
     return files, np.concatenate(where).astype(np.int64), np.concatenate(lengths).astype(np.int64)
 
 
-def plan_entries(plan: np.ndarray, where: np.ndarray, *, start_step: int = 0) -> list[dict[str, np.ndarray]]:
-    """plan [steps, world, accum, micro] → per rank ``{_pos, file, row}`` columns from ``start_step``."""
+def plan_entries(plan: np.ndarray, where: np.ndarray, *, start_step: int = 0,
+                 packs: Optional[list[np.ndarray]] = None) -> list[dict[str, Any]]:
+    """plan [steps, world, accum, micro] → per rank ``{_pos, file, row}`` columns from ``start_step``.
+
+    With ``packs`` (sample indices per packed row; the plan then indexes packs), ``file`` and
+    ``row`` hold one list per entry: that training row's samples."""
     steps, world, accum, micro = plan.shape
     out = []
     for rank in range(world):
         rows = plan[start_step:, rank].reshape(-1)
         pos = np.arange(len(rows), dtype=np.int64) + start_step * accum * micro
-        out.append({"_pos": pos, "file": where[rows, 0], "row": where[rows, 1]})
+        if packs is None:
+            out.append({"_pos": pos, "file": where[rows, 0], "row": where[rows, 1]})
+        else:
+            out.append({"_pos": pos, "file": [where[packs[r], 0] for r in rows],
+                        "row": [where[packs[r], 1] for r in rows]})
+    return out
+
+
+SUMMED = ("num_tokens", "text_tokens", "image_tokens", "saved_tokens")
+CONCATENATED = ("input_ids", "labels", "view_counts", "kept")
+
+
+def merge_pack(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Shard rows (dicts) → one packed row: ids joined by ``+``, token lists, views and masks
+    concatenated in order, counts summed, ``seq_lens`` the samples' lengths."""
+    from models.errors import UserError
+
+    out = dict(rows[0])
+    out["seq_lens"] = [len(r["input_ids"]) for r in rows]
+    if len(rows) == 1:
+        return out
+    out["id"] = "+".join(str(r["id"]) for r in rows)
+    for key in SUMMED:
+        if key in out:
+            out[key] = sum(int(r[key]) for r in rows)
+    for key in CONCATENATED:
+        if key in out:
+            out[key] = [x for r in rows for x in (r[key] or [])]
+    if "views" in out:
+        out["views"] = b"".join(r["views"] or b"" for r in rows)
+    with_images = [r for r in rows if r.get("view_counts")]
+    for key in ("tile_size", "grid"):
+        values = {int(r[key]) for r in with_images if key in r}
+        if len(values) > 1:
+            raise UserError(f"rows {[r['id'] for r in with_images]} have different {key} {sorted(values)}; "
+                            "one run's shards are tiled with one geometry")
+        if values:
+            out[key] = values.pop()
     return out
 
 
@@ -112,6 +160,22 @@ class ReadPlannedRows:
         return table
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        first = batch["file"][0] if len(batch["file"]) else 0
+        if np.ndim(first) == 0:  # one sample per entry
+            return self._read(batch)
+        counts = [len(np.atleast_1d(f)) for f in batch["file"]]
+        flat = {"file": np.concatenate([np.atleast_1d(f) for f in batch["file"]]),
+                "row": np.concatenate([np.atleast_1d(r) for r in batch["row"]]),
+                "_pos": np.repeat(np.asarray(batch["_pos"], dtype=np.int64), counts)}
+        table = self._read(flat)
+        samples = table.to_pylist()
+        packed, k = [], 0
+        for n in counts:
+            packed.append(merge_pack(samples[k:k + n]))
+            k += n
+        return pa.Table.from_pylist(packed, schema=table.schema.append(pa.field("seq_lens", pa.list_(pa.int32()))))
+
+    def _read(self, batch: dict[str, np.ndarray]) -> pa.Table:
         files, rows = np.asarray(batch["file"], dtype=np.int64), np.asarray(batch["row"], dtype=np.int64)
         groups = np.empty_like(rows)
         for k in np.unique(files):
@@ -142,12 +206,12 @@ def rank_datasets(files: list[str], storage_section, entries: list[dict[str, np.
 
     datasets = {}
     for rank, cols in enumerate(entries):
-        ds = ray.data.from_items([{"_pos": int(p), "file": int(f), "row": int(r)}
+        ds = ray.data.from_items([{"_pos": int(p), "file": np.asarray(f).tolist(), "row": np.asarray(r).tolist()}
                                  for p, f, r in zip(cols["_pos"], cols["file"], cols["row"])],
                                  override_num_blocks=max(1, len(cols["_pos"]) // rows_per_task))
         ds = ds.map_batches(ReadPlannedRows, fn_constructor_kwargs=dict(storage_section=storage_section, files=files),
                             batch_size=rows_per_task, batch_format="numpy", num_cpus=num_cpus,
-                            concurrency=1)
+                            compute=ray.data.ActorPoolStrategy(size=1))
         ds.context.execution_options.preserve_order = True
         ds.context.enable_progress_bars = False
         datasets[f"rank{rank}"] = ds

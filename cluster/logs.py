@@ -24,9 +24,10 @@ OWN = ("cluster", "pipelines", "actors", "models", "__main__")
 LIBRARIES = ("ray", "ray.train", "ray.data", "ray.serve", "ray.tune", "deepspeed", "DeepSpeed",
              "torch", "transformers", "filelock", "urllib3", "botocore", "werkzeug")
 # a worker line that reaches the terminal, not only the file
-_LOUD = re.compile(r"\b(ERROR|Error|Exception|Traceback|WARNING|CRITICAL|FATAL|Killed|OOM)\b")
+_LOUD = re.compile(r"\b(ERROR|Error|Exception|Traceback|CRITICAL|FATAL|Killed|OOM)\b")
 
 _log_file: Optional[Path] = None
+_terminal: Optional[TextIO] = None
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -34,9 +35,20 @@ def log_file() -> Optional[Path]:
     return _log_file
 
 
-def setup(name: str, *, verbose: bool = False, directory: Optional[Path] = None) -> Path:
-    """Send everything to a new log file, and to the terminal only ours + warnings; returns the path."""
-    global _log_file
+def terminal() -> TextIO:
+    """Where the user's terminal is: the original stderr (after :func:`setup`, fd 2 is the log file)."""
+    return _terminal or sys.stderr
+
+
+def setup(name: str, *, verbose: bool = False, directory: Optional[Path] = None,
+          capture_fd: bool = True) -> Path:
+    """Send everything to a new log file, and to the terminal only ours + warnings; returns the path.
+
+    ``capture_fd``: also point file descriptor 2 at the log file, so what libraries and child
+    processes write to stderr themselves (Ray's C++ core, raylets, DeepSpeed's builds, Python
+    warnings) lands there too; the terminal keeps a duplicate of the original stderr.
+    """
+    global _log_file, _terminal
     if directory is None:
         from cluster.runtime import run_dir
 
@@ -44,17 +56,26 @@ def setup(name: str, *, verbose: bool = False, directory: Optional[Path] = None)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     _log_file = path
+    if capture_fd:
+        import os
+
+        sys.stderr.flush()
+        _terminal = os.fdopen(os.dup(2), "w", buffering=1)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(logging.Formatter(_FORMAT))
     file_handler.setLevel(logging.DEBUG)
-    terminal = logging.StreamHandler(sys.stderr)
-    terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    terminal.addFilter(_OwnOrLoud(logging.DEBUG if verbose else logging.INFO))
+    terminal_handler = logging.StreamHandler(terminal())
+    terminal_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    terminal_handler.addFilter(_OwnOrLoud(logging.DEBUG if verbose else logging.INFO))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(file_handler)
-    root.addHandler(terminal)
+    root.addHandler(terminal_handler)
+    logging.captureWarnings(True)  # py.warnings: to the file (and, as warnings, the terminal)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     quiet_libraries()
     return path
@@ -67,6 +88,8 @@ class _OwnOrLoud(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         own = record.name.split(".")[0] in OWN
+        if record.name == "py.warnings":  # libraries' deprecation notes and the like: the file only
+            return False
         return record.levelno >= (self.own_level if own else logging.WARNING)
 
 
@@ -114,7 +137,7 @@ def _worker_lines(data: dict) -> None:
         pass
     for line in lines:
         if _LOUD.search(line):
-            print(prefix + line, file=sys.stderr, flush=True)
+            print(prefix + line, file=terminal(), flush=True)
 
 
 class Progress:
@@ -127,15 +150,16 @@ class Progress:
     def __init__(self, label: str, *, total: Optional[int] = None, unit: str = "rows",
                  stream: Optional[TextIO] = None, every_s: float = 10.0):
         self.label, self.total, self.unit = label, total, unit
-        self.stream = stream or sys.stderr
+        self.stream = stream or terminal()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s = 0.25 if self.tty else every_s
         self.t0 = time.monotonic()
-        self._last = 0.0
-        self._start_done: Optional[int] = None
+        self._last = self.t0  # the first line after every_s (or at the end)
+        self._started = False
+        self._first: Optional[tuple[int, float]] = None  # (done, time) at the first update
         self.done = 0
         self.fields: dict[str, Any] = {}
-        self._drawn = False
+        self._drawn_text = ""
 
     def __enter__(self) -> "Progress":
         return self
@@ -144,17 +168,20 @@ class Progress:
         self.close()
 
     def update(self, done: int, **fields: Any) -> None:
-        if self._start_done is None:
-            self._start_done = done
-        self.done, self.fields = done, {**self.fields, **fields}
+        self._started = True
         now = time.monotonic()
+        if self._first is None:
+            self._first = (done, now)
+        self.done, self.fields = done, {**self.fields, **fields}
         if now - self._last >= self.every_s:
             self._last = now
             self._draw()
 
     def line(self) -> str:
-        elapsed = max(1e-6, time.monotonic() - self.t0)
-        rate = (self.done - (self._start_done or 0)) / elapsed
+        now = time.monotonic()
+        d0, t0 = self._first or (0, self.t0)
+        # the rate since the first update (start-up excluded); with one update, since the start
+        rate = (self.done - d0) / (now - t0) if self.done > d0 and now > t0 else self.done / max(1e-6, now - self.t0)
         parts = [self.label, f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"]
         parts += [f"{k} {_fmt(v)}" for k, v in self.fields.items() if v is not None]
         parts.append(f"{rate:.1f} {self.unit}/s")
@@ -164,21 +191,21 @@ class Progress:
 
     def _draw(self) -> None:
         text = self.line()
+        self._drawn_text = text
         if self.tty:
             self.stream.write("\r\033[K" + text)
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
-        self._drawn = True
 
     def close(self) -> None:
-        if self._start_done is None:
+        if not self._started:
             return
-        self._draw()
+        self._draw()  # the final figures, always
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
-        self._start_done = None
+        self._started = False
 
 
 def _fmt(v: Any) -> str:

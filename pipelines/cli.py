@@ -111,20 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.logs import terminal
+
     args = build_parser().parse_args(argv)
-    if args.verb in LONG_VERBS:
+    # the console script (argv None) owns the process: its stderr goes to the log file; called
+    # with argv (tests, other programs) it leaves the caller's streams and logging alone
+    if args.verb in LONG_VERBS and argv is None:
         # Ray's, Ray Train's and DeepSpeed's own lines go to the run's log file; ours, the live
         # progress lines, warnings and errors reach the terminal (cluster.logs)
         from cluster.logs import setup
 
         path = setup(f"{args.verb}-{Path(getattr(args, 'spec', None) or args.verb).stem}", verbose=args.verbose)
-        print(f"[sphinx-x] log file: {path}", file=sys.stderr, flush=True)
+        print(f"[sphinx-x] log file: {path}", file=terminal(), flush=True)
     else:
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
+    from cluster.logs import log_file
     from cluster.spec import SpecError
     from models.errors import UserError
 
@@ -132,13 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(args.target)
         return int(module.command(args) or 0)
     except SpecError as err:
-        print(f"spec error: {err}", file=sys.stderr)
+        print(f"spec error: {err}", file=terminal())
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=terminal())
         return 130
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=terminal())
+        return 1
+    except Exception as err:  # a bug or a library failure: one line here, the traceback in the log
+        if log_file() is None:
+            raise
+        logging.getLogger("pipelines.cli").debug("unexpected error", exc_info=True)
+        import traceback
+
+        traceback.print_exc()  # fd 2: the log file
+        print(f"error: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
+              f"  (full traceback in {log_file()})", file=terminal())
         return 1
 
 
