@@ -26,15 +26,18 @@ PENDING_TASK = "PENDING_NODE_ASSIGNMENT"
 
 def pending_work() -> list[dict]:
     """Actors and tasks Ray cannot place yet: ``[{"kind", "name", "wants"}]`` (wants: resources)."""
+    import ray
     from ray.util.state import list_actors, list_tasks
 
+    address = ray.get_runtime_context().gcs_address  # this process's Ray, never another on the machine
     found = []
-    for a in list_actors(filters=[("state", "=", PENDING_ACTOR)], detail=True, raise_on_missing_output=False,
-                         timeout=5):
+    for a in list_actors(address=address, filters=[("state", "=", PENDING_ACTOR)], detail=True,
+                         raise_on_missing_output=False, timeout=5):
         found.append({"kind": "actor", "name": a.class_name, "wants": dict(a.required_resources or {})})
-    for t in list_tasks(filters=[("state", "=", PENDING_TASK)], detail=True, raise_on_missing_output=False,
-                        timeout=5):
-        found.append({"kind": "task", "name": t.func_or_class_name, "wants": dict(t.required_resources or {})})
+    for t in list_tasks(address=address, filters=[("state", "=", PENDING_TASK)], detail=True,
+                        raise_on_missing_output=False, timeout=5):
+        if not t.func_or_class_name.endswith(".__init__"):  # an actor's creation: counted as the actor
+            found.append({"kind": "task", "name": t.func_or_class_name, "wants": dict(t.required_resources or {})})
     return found
 
 
