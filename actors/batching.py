@@ -16,6 +16,18 @@ small mixed set, all one task), and the demo model learned visibly worse with it
 ``max_seq_len``. The rows an epoch cannot fill a global batch with (``n % global_batch``) wait
 for the next epoch (the permutation changes, so no row is left out for good).
 
+**Packing** (``train.packing``, on by default): ``pack_rows`` first packs the samples into
+training rows of at most ``max_seq_len`` tokens (best-fit decreasing, seeded ties), once per
+run; the plan then groups and shuffles those packed rows exactly as it does single samples
+(a single sample is a pack of one: one code path). A packed row is its samples'
+concatenation (``actors.train_data.ReadPlannedRows``) with ``seq_lens``; ``collate`` restarts
+the position ids at every sample and masks each sample's first label, and the model confines
+attention to each sample (``models.sphinx``). The loss and the cross-rank token weighting are
+unchanged: the same supervised tokens, the same per-token cross entropy.
+
+    >>> pack_rows([5, 9, 7, 3], capacity=12, seed=0)
+    [array([0, 2]), array([1, 3])]          # 5+7, 9+3: two rows instead of four
+
 ``collate`` turns one micro-batch of shard rows (docs/interfaces.md columns) into the model's
 inputs. Before (numpy batch of 2 rows, the first with one image of 3 views, G = 2)::
 
@@ -26,6 +38,7 @@ inputs. Before (numpy batch of 2 rows, the first with one image of 3 views, G = 
 After::
 
     input_ids long [2, T] (pad_token_id on the right)   attention_mask long [2, T]
+    position_ids long [2, T] (only with a ``seq_lens`` column: packed rows)
     labels long [2, T] (-100 on padding)                 views uint8 [3, S, S, 3]
     kept bool [1, 4]      num_tokens / image_tokens / saved_tokens: long scalars (sums)
 """
@@ -80,6 +93,48 @@ def plan_batches(lengths: Sequence[int], *, micro_batch: int, grad_accum: int, w
     return np.concatenate(out)[:steps]
 
 
+def pack_rows(lengths: Sequence[int], *, capacity: int, seed: int) -> list[np.ndarray]:
+    """Sample indices per packed row (each row's total ≤ ``capacity``; a longer sample alone).
+
+    Best-fit decreasing: the samples, longest first (seeded order among equal lengths), each go
+    into the open row with the least room that still fits them, else a new row. Rows come back
+    in a seeded random order, each row's samples in a seeded random order.
+    """
+    import bisect
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if capacity < 1:
+        raise UserError(f"packing capacity (data.max_seq_len) must be ≥ 1, got {capacity}")
+    rng = np.random.default_rng([seed, 7919])
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free tokens, row) of the rows that can still take one
+    for i in order.tolist():
+        n = int(lengths[i])
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            free, r = room.pop(k)
+            rows[r].append(i)
+            free -= n
+        else:
+            r, free = len(rows), capacity - n
+            rows.append([i])
+        if free > 0:
+            bisect.insort(room, (free, r))
+    out = [np.asarray(rows[r], dtype=np.int64) for r in rng.permutation(len(rows))]
+    return [row[rng.permutation(len(row))] for row in out]
+
+
+def padding_share(lengths: Sequence[int], plan: np.ndarray) -> float:
+    """The share of padding among the tokens the plan's micro-batches hold (each padded to its
+    own longest row): ``1 - real / Σ micro-batch rows × longest``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches = lengths[plan.reshape(-1, plan.shape[-1])]
+    held = int((batches.max(axis=1) * batches.shape[1]).sum())
+    return 1.0 - int(batches.sum()) / held if held else 0.0
+
+
 def _ragged(column: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in column]
 
@@ -116,6 +171,18 @@ def collate(batch: dict[str, Any], *, pad_token_id: int) -> dict[str, torch.Tens
         views.append(raw.reshape(n_views, s, s, 3))
         mask = np.asarray(batch["kept"][i], dtype=bool)
         kept.append(mask.reshape(len(counts), g * g))
+    position_ids = None
+    if "seq_lens" in batch:  # packed rows: positions restart per sample, padding is one more run
+        position_ids = torch.zeros((b, width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            lens = [int(n) for n in np.asarray(batch["seq_lens"][i]).tolist()]
+            if sum(lens) != len(x):
+                raise UserError(f"row {batch['id'][i]!r}: seq_lens {lens} sum to {sum(lens)}, not its "
+                                f"{len(x)} input_ids")
+            runs = lens + ([width - len(x)] if width > len(x) else [])
+            position_ids[i] = torch.cat([torch.arange(n) for n in runs])
+            starts = np.cumsum([0] + lens[:-1])
+            label_t[i, torch.as_tensor(starts, dtype=torch.long)] = IGNORE_INDEX  # never a target across samples
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -124,6 +191,8 @@ def collate(batch: dict[str, Any], *, pad_token_id: int) -> dict[str, torch.Tens
         "image_tokens": torch.tensor(int(np.sum(batch["image_tokens"]))),
         "saved_tokens": torch.tensor(int(np.sum(batch["saved_tokens"]))),
     }
+    if position_ids is not None:
+        out["position_ids"] = position_ids
     if "_pos" in batch:
         out["pos"] = torch.as_tensor(np.asarray(batch["_pos"], dtype=np.int64))
     if views:
@@ -134,5 +203,5 @@ def collate(batch: dict[str, Any], *, pad_token_id: int) -> dict[str, torch.Tens
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor | None]:
     """The SphinxX.forward keyword arguments of a collated batch, moved to ``device``."""
-    keys = ("input_ids", "attention_mask", "labels", "views", "kept")
+    keys = ("input_ids", "attention_mask", "labels", "views", "kept", "position_ids")
     return {k: (batch[k].to(device) if k in batch else None) for k in keys}

@@ -2,6 +2,13 @@
 
 Runs on every rank of the training group (the gathers are collectives); rank 0 gets the full
 state dict with the names of the plain single-device model, every other rank ``None``.
+Memory: one parameter at a time is gathered, on the engine's device (NCCL takes device
+tensors only; gloo the CPU ones: the same code path), and only rank 0 copies it to host memory,
+in the export dtype. So no rank but 0 ever holds the model in host memory, and rank 0 holds it
+once (bf16 when training in bf16), never an fp32 copy per rank.
+
+``scatter_from_rank0`` is the way in: a model built partitioned (``deepspeed.zero.Init``)
+receives rank 0's plain weights parameter by parameter.
 
 - ZeRO-3 partitions each parameter over its process group: ``GatheredParameters`` rebuilds it.
   ZeRO-1/2 keep full parameters on every rank.
@@ -32,26 +39,56 @@ def _autoep_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, AutoEPMoELayer)}
 
 
-def _full(param: torch.Tensor, zero3: bool) -> torch.Tensor:
+def _full(param: torch.Tensor, zero3: bool, *, keep: bool, dtype: Optional[torch.dtype],
+          expert_group=None, device=None) -> Optional[torch.Tensor]:
+    """The whole parameter on the host (``keep``: rank 0) or None; every rank must call it.
+
+    ``expert_group``: an AutoEP expert tensor, all-gathered over its EP group on ``device``."""
     if zero3 and hasattr(param, "ds_id"):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            return param.detach().to("cpu", copy=True)
-    return param.detach().to("cpu", copy=True)
+            return _host(param.detach(), keep=keep, dtype=dtype, expert_group=expert_group, device=device)
+    return _host(param.detach(), keep=keep, dtype=dtype, expert_group=expert_group, device=device)
 
 
-def _gather_experts(local: torch.Tensor, ep_group) -> torch.Tensor:
-    """[E_local, ...] on each EP rank → [E, ...] (EP rank order)."""
+def _host(tensor: torch.Tensor, *, keep: bool, dtype, expert_group, device) -> Optional[torch.Tensor]:
+    if expert_group is not None:
+        tensor = gather_experts(tensor, expert_group, device)
+    if not keep:
+        return None
+    return tensor.to("cpu", dtype=dtype or tensor.dtype, copy=True)
+
+
+def gather_experts(local: torch.Tensor, ep_group, device) -> torch.Tensor:
+    """[E_local, ...] on each EP rank → [E, ...] (EP rank order), gathered on ``device``."""
     import torch.distributed as dist
 
+    local = local.to(device).contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=ep_group))]
-    dist.all_gather(parts, local.contiguous(), group=ep_group)
+    dist.all_gather(parts, local, group=ep_group)
     return torch.cat(parts)
 
 
-def consolidated_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
-    """The plain model's state dict on rank 0 (``None`` elsewhere); call on every rank."""
+def scatter_from_rank0(model: nn.Module, source: Optional[nn.Module]) -> None:
+    """Copy rank 0's ``source`` (a plain model with the same names; None elsewhere) into
+    ``model``'s ZeRO-3 partitioned parameters, one parameter at a time; call on every rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    params = dict(source.named_parameters()) if rank0 else {}
+    for name, param in model.named_parameters():
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank0:
+                if name not in params or params[name].shape != param.shape:
+                    raise RuntimeError(f"initial weights have no {name} of shape {tuple(param.shape)}")
+                param.data.copy_(params[name].data)
+
+
+def consolidated_state_dict(engine, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
+    """The plain model's state dict on rank 0 (``None`` elsewhere), parameters in ``dtype``
+    (None: as trained); call on every rank."""
     import torch.distributed as dist
 
     module = engine.module
@@ -67,11 +104,12 @@ def consolidated_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
 
     state: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
-        full = _full(param, zero3)
         owner = next((p for p in layers if name.startswith(p + ".")), None)
-        if owner is not None and name.startswith(owner + ".experts."):
-            full = _gather_experts(full, ep_group)
-        state[name] = full
+        experts = owner is not None and name.startswith(owner + ".experts.")
+        full = _full(param, zero3, keep=rank0, dtype=dtype, expert_group=ep_group if experts else None,
+                     device=engine.device)
+        if rank0:
+            state[name] = full
     if not rank0:
         return None
     persistent = set(module.state_dict(keep_vars=True))
@@ -91,7 +129,9 @@ def consolidated_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
 
 
 def load_consolidated(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Load a consolidated state into a fresh plain model; any key mismatch is an error."""
+    """Load a consolidated state into a fresh plain model (parameters on the meta device, e.g.
+    ``models.checkpoint.skeleton``, take the state's tensors as they are: no second copy);
+    any key mismatch is an error."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -99,5 +139,9 @@ def load_consolidated(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mo
     if missing or unexpected or shapes:
         raise RuntimeError(f"consolidated state does not fit the model: missing {missing[:8]}, "
                            f"unexpected {unexpected[:8]}, shape mismatch {shapes[:8]}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    meta = any(p.is_meta for p in model.parameters())
+    if meta:
+        model.load_state_dict(state, strict=True, assign=True)
+    else:
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return model

@@ -36,9 +36,10 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -91,33 +92,143 @@ class ShardCollate(NumpyBatchCollateFn):
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(config: TrainWorkerConfig, storage):
-    """(SphinxX, tokenizer) on CPU: the flavour, optional weights, encoders frozen by default."""
+def activation_checkpointing(train: TrainSection, flavour: Flavour) -> bool:
+    """``train.activation_checkpointing``; unset (None) means on for the real flavours (an HF
+    tokenizer: a real LLM's shapes) and off for the toys (``debug``, ``debug-moe``)."""
+    if train.activation_checkpointing is None:
+        return flavour.tokenizer is not None
+    return bool(train.activation_checkpointing)
+
+
+def build_model(config: TrainWorkerConfig, storage, ds_config: Optional[dict] = None, device=None):
+    """(SphinxX, tokenizer): the shards' tokenizer, the model (``construct_model``), the initial
+    weights when ``config.weights_uri`` is set.
+
+    ZeRO-3: rank 0 alone reads the weights into a plain copy and hands them out parameter by
+    parameter (``actors.consolidate.scatter_from_rank0``); other ranks never hold the model.
+    Otherwise every rank imports them into its own (ZeRO-1/2 keep full parameters anyway)."""
+    import torch.distributed as dist
+
     from models.checkpoint import import_weights_dir
     from models.conversation import load_tokenizer
-    from models.sphinx import SphinxX
 
     with tempfile.TemporaryDirectory(prefix="sx-tok-") as tmp:
         tokenizer = load_tokenizer(storage.download_dir(config.tokenizer_uri, tmp))
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    model = SphinxX.from_flavour(config.flavour, tokenizer)
+    model = construct_model(config.flavour, tokenizer, config.train, ds_config, device)
     if config.weights_uri:
-        with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
-            import_weights_dir(model, storage.download_dir(config.weights_uri, tmp))
-    model.set_vision_trainable(config.train.train_encoders)
-    if config.train.activation_checkpointing:
-        model.llm.gradient_checkpointing_enable()
+        if is_zero3(ds_config):
+            from actors.consolidate import scatter_from_rank0
+
+            source = None
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                source = _plain_with_weights(config, storage, tokenizer)
+            scatter_from_rank0(model, source)
+            del source
+        else:
+            with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
+                import_weights_dir(model, storage.download_dir(config.weights_uri, tmp))
+            model.set_vision_trainable(config.train.train_encoders)
     return model, tokenizer
 
 
-def build_engine(train: TrainSection, model, world_size: int, total_steps: int):
+def is_zero3(ds_config: Optional[dict]) -> bool:
+    return bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
+
+
+def _use_flash_attention(model, train: TrainSection) -> None:
+    """On GPU with ``flash_attn`` installed, the LLM's SDPA becomes flash-attention 2 (packed rows
+    then run as varlen sequences split at the position-id restarts). Only the live module's
+    config changes: the flavour, and so the export, keep SDPA."""
+    if not (train.use_gpu and torch.cuda.is_available()) or model.llm.config._attn_implementation != "sdpa":
+        return
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return
+    model.llm.config._attn_implementation = "flash_attention_2"
+
+
+@contextmanager
+def _hf_init_deferred() -> Iterator[None]:
+    """transformers' ``post_init`` initialises the whole model after its modules exist, when
+    zero.Init has partitioned them already: defer it (``_hf_init_gathered`` runs it after)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original  # type: ignore[method-assign]
+
+
+def _hf_init_gathered(model) -> None:
+    """The Hugging Face parts' own initialisation, one module at a time: its parameters gathered,
+    rank 0 initialises, ZeRO-3 re-partitions (so rank 0's values on every rank, no full copy)."""
+    import deepspeed
+
+    for part in (model.llm, model.vision.convnext, model.vision.dino):
+        for module in part.modules():
+            params = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                part._init_weights(module)
+        if hasattr(part, "tie_weights"):
+            part.tie_weights()
+
+
+def construct_model(flavour: Flavour, tokenizer, train: TrainSection, ds_config: Optional[dict] = None,
+                    device=None):
+    """The flavour's SphinxX, random-initialised with ``train.seed`` (the same on every rank),
+    encoders frozen unless ``train.train_encoders``, activation checkpointing per
+    ``activation_checkpointing``.
+
+    ZeRO-3 (``ds_config`` stage 3): built inside ``deepspeed.zero.Init``, so each module's
+    parameters are partitioned over the ranks (in the training dtype) as soon as it exists: no
+    rank ever holds the whole model. Otherwise built directly on ``device`` (the GPU: no host
+    copy; None: CPU)."""
+    from models.sphinx import SphinxX
+
+    torch.manual_seed(train.seed)
+    if is_zero3(ds_config):
+        import deepspeed
+
+        from actors.deepspeed_config import use_bf16
+
+        dtype = torch.bfloat16 if use_bf16(train) else torch.float32
+        deepspeed.init_distributed()  # adopts the process group Ray Train made (zero.Init reads its size)
+        with _hf_init_deferred(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = SphinxX.from_flavour(flavour, tokenizer)
+        _hf_init_gathered(model)
+    else:
+        with torch.device(device or "cpu"):
+            model = SphinxX.from_flavour(flavour, tokenizer)
+    model.set_vision_trainable(train.train_encoders)
+    _use_flash_attention(model, train)
+    if activation_checkpointing(train, flavour):
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _plain_with_weights(config: TrainWorkerConfig, storage, tokenizer):
+    """Rank 0's one plain copy of the initial weights (the ZeRO-3 source, see ``build_model``)."""
+    from models.checkpoint import import_weights_dir
+    from models.sphinx import SphinxX
+
+    plain = SphinxX.from_flavour(config.flavour, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
+        import_weights_dir(plain, storage.download_dir(config.weights_uri, tmp))
+    return plain
+
+
+def build_engine(train: TrainSection, model, world_size: int, total_steps: int, ds_config: Optional[dict] = None):
     import deepspeed
 
     from actors.deepspeed_config import deepspeed_config
 
-    cfg = deepspeed_config(train, model.flavour, world_size=world_size, total_steps=total_steps)
+    cfg = ds_config or deepspeed_config(train, model.flavour, world_size=world_size, total_steps=total_steps)
     # No ZeRO-3 special cases: every parameter is used only inside its own module's forward, and
     # the vision module runs (and touches all its parameters) on every batch, images or not.
+    # Frozen parameters (the encoders) go to no optimizer group: no optimizer state, no gradient.
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
     return engine
@@ -189,11 +300,19 @@ def loss_png(history: list[dict]) -> bytes:
 # ----------------------------------------------------------------------------- export
 
 
+def export_dtype(engine) -> torch.dtype:
+    """The export's dtype: bf16 when the engine trains in bf16, else fp32."""
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
 def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Optional[dict], rank: int) -> dict:
-    """Gather the full model, write ``<out>/export`` (``_SUCCESS`` last); rank 0 returns a summary."""
+    """Gather the full model parameter by parameter (``actors.consolidate``: on rank 0 only, in
+    the training dtype), write ``<out>/export`` (``_SUCCESS`` last); rank 0 returns a summary.
+
+    Rank 0 loads the gathered tensors into a meta-device skeleton (no second copy) and writes
+    the model directory in the training dtype (bf16 when training in bf16)."""
     from actors.consolidate import consolidated_state_dict, load_consolidated
-    from models.checkpoint import save_model_dir
-    from models.sphinx import SphinxX
+    from models.checkpoint import save_model_dir, skeleton
 
     logits = None
     if check_batch is not None:  # every rank runs the forward (EP layers exchange tokens)
@@ -201,24 +320,27 @@ def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Option
         with torch.no_grad():
             logits = engine(**model_inputs(check_batch, engine.device)).logits.float().cpu()
         engine.module.train()
-    state = consolidated_state_dict(engine)
+    dtype = export_dtype(engine)
+    state = consolidated_state_dict(engine, dtype=dtype)
     if rank != 0:
         return {}
     module = engine.module
-    plain = SphinxX(module.flavour, **module.token_ids())
+    plain = skeleton(module.flavour, module.token_ids())
     load_consolidated(plain, state)
+    del state
+    plain.set_vision_trainable(False)
     plain.eval()
     summary: dict[str, Any] = {"export": layout.export}
     if check_batch is not None:
         with torch.no_grad():
-            mine = plain(**model_inputs(check_batch)).logits.float()
+            mine = plain(**model_inputs(check_batch)).logits.float()  # on CPU, in the export dtype
         summary["export_max_abs_diff"] = float((mine - logits).abs().max())
         buf = io.BytesIO()
         torch.save({"batch": {k: v for k, v in check_batch.items()}, "logits": logits}, buf)
         storage.write_bytes(layout.export_check, buf.getvalue())
     storage.delete(layout.export)
     with tempfile.TemporaryDirectory(prefix="sx-export-") as tmp:
-        save_model_dir(plain, tokenizer, tmp)
+        save_model_dir(plain, tokenizer, tmp, dtype=dtype)
         storage.upload_dir(tmp, layout.export)
     storage.write_bytes(layout.export_success, b"")
     storage.write_bytes(layout.export_summary, json.dumps(summary).encode())
@@ -241,14 +363,20 @@ def token_share(num_tokens: int, world: int, device) -> float:
 
         rank 0: 6 tokens, rank 1: 30 tokens  ->  shares 1/6, 5/6  (plain average: 1/2, 1/2)
     """
-    import torch.distributed as dist
-
     if world == 1:
         return 1.0
-    counts = torch.tensor([float(num_tokens)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    total = float(counts[0])
+    total = all_reduce_sums([float(num_tokens)], device)[0]
     return num_tokens / total if total else 1.0 / world
+
+
+def all_reduce_sums(values: list[float], device) -> list[float]:
+    """Sum ``values`` over all ranks: one float64 all_reduce on ``device`` (the engine's: NCCL
+    takes only GPU tensors, gloo CPU ones; the same code for both)."""
+    import torch.distributed as dist
+
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return sums.tolist()
 
 
 def _progress(config: TrainWorkerConfig, rank: int, metrics: dict) -> None:
@@ -264,7 +392,6 @@ def _progress(config: TrainWorkerConfig, rank: int, metrics: dict) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
-    import torch.distributed as dist
     from ray.train import Checkpoint
 
     from cluster.storage import open_storage
@@ -278,8 +405,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # as many threads as CPUs the worker reserved (scaling_config: 1 unless resources_per_worker says)
     torch.set_num_threads(max(1, int(train.resources_per_worker.get("CPU", 1))))
 
-    model, tokenizer = build_model(config, storage)
-    engine = build_engine(train, model, world, total)
+    from actors.deepspeed_config import deepspeed_config
+
+    ds_config = deepspeed_config(train, config.flavour, world_size=world, total_steps=total)
+    device = None
+    if train.use_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # Ray Train set this worker's GPU
+    model, tokenizer = build_model(config, storage, ds_config, device)
+    engine = build_engine(train, model, world, total, ds_config)
 
     step, history, restored_from = 0, [], None
     if config.export_from:  # export only: this checkpoint, no training
@@ -313,7 +446,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         data_s = compute_s = 0.0
         # lm, aux, tokens, image tokens, saved tokens, "report now" (rank 0 decides; the
         # all_reduce hands its decision to every rank, so all ranks call ray.train.report together)
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = [0.0] * 6
         for m in range(accum):
             t = time.perf_counter()
             batch = next(batches)
@@ -330,14 +463,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             engine.backward(lm + (output.loss - output.lm_loss))
             engine.step()
             compute_s += time.perf_counter() - t
-            sums[:5] += torch.tensor([float(output.lm_loss) * share, float(output.aux_loss) / world,
-                                      float(batch["num_tokens"]), float(batch["image_tokens"]),
-                                      float(batch["saved_tokens"])], dtype=torch.float64)
+            for k, v in enumerate((float(output.lm_loss) * share, float(output.aux_loss) / world,
+                                   float(batch["num_tokens"]), float(batch["image_tokens"]),
+                                   float(batch["saved_tokens"]))):
+                sums[k] += v
             last_batch = batch
         if rank == 0 and time.monotonic() - last_report >= report_every_s:
             sums[5] = 1.0
         t = time.perf_counter()
-        dist.all_reduce(sums)
+        sums = all_reduce_sums(sums, engine.device)
         norm = engine.get_global_grad_norm()
         sync_s = time.perf_counter() - t
         step += 1

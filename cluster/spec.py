@@ -255,7 +255,8 @@ class TrainSection(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     aux_loss_weight: float = Field(0.01, ge=0)
-    activation_checkpointing: bool = False
+    activation_checkpointing: Optional[bool] = None  # None: on for the real flavours, off for toys
+    packing: bool = True  # several samples per row up to data.max_seq_len (actors.batching.pack_rows)
     train_encoders: bool = False
     steps: Optional[int] = Field(100, ge=1)
     epochs: Optional[int] = Field(None, ge=1)

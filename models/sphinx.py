@@ -9,6 +9,13 @@ Inputs (docs/interfaces.md, "Batches"):
 
     input_ids  long [B, T]   each image already expanded to image_tokens copies of image_token_id
     attention_mask   [B, T]  1 on real tokens, 0 on padding (left or right)
+    position_ids long [B, T] optional: packed rows (several samples per row, training). Each
+                             sample's positions restart at 0 (padding is one more "sample");
+                             attention is then confined to each sample: the LLM gets no 2-D
+                             mask, and transformers builds the block-diagonal causal mask from
+                             the restarts (SDPA / eager) or runs flash-attention varlen on them.
+                             A sample's first label must be -100 (actors.batching.collate does it)
+                             so no sample predicts the next sample's first token.
     labels     long [B, T]   -100 everywhere except assistant answers
     views     uint8 [V, S, S, 3]  all images' views, in the order the images appear (sample by
                              sample, left to right); kept bool [I, G·G] one mask per image
@@ -146,13 +153,17 @@ class SphinxX(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, views: Optional[torch.Tensor] = None,
-                kept: Optional[torch.Tensor] = None) -> SphinxOutput:
+                kept: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> SphinxOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed(input_ids, views, kept)
         kwargs = dict(output_router_logits=True) if self.is_moe else {}
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+        if position_ids is None:
+            mask, position_ids = attention_mask, position_ids_from_mask(attention_mask)
+        else:  # packed: the restarts confine attention (see the module docstring)
+            mask, position_ids = None, position_ids.to(input_ids.device)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                       use_cache=False, **kwargs)
         logits = out.logits
         aux = getattr(out, "aux_loss", None)
         if not torch.is_tensor(aux):  # dense, or router logits not recorded (e.g. replaced blocks)

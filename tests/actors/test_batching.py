@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.batching import GROUP_WINDOW, collate, model_inputs, plan_batches, total_steps
+from actors.batching import GROUP_WINDOW, collate, model_inputs, pack_rows, padding_share, plan_batches, total_steps
 from models.errors import UserError
 
 
@@ -71,7 +71,8 @@ def test_collate_pads_to_batch_longest_and_concatenates_views():
     assert out["kept"].tolist() == [[True, False, True, False], [True, True, True, True]]
     assert int(out["image_tokens"]) == 20 and int(out["saved_tokens"]) == 4 and int(out["num_tokens"]) == 10
     inputs = model_inputs(out)
-    assert set(inputs) == {"input_ids", "attention_mask", "labels", "views", "kept"}
+    assert set(inputs) == {"input_ids", "attention_mask", "labels", "views", "kept", "position_ids"}
+    assert inputs["position_ids"] is None  # one sample per row: no seq_lens column
 
 
 def test_collate_text_only_has_no_views_and_bad_rows_fail():
@@ -84,4 +85,50 @@ def test_collate_text_only_has_no_views_and_bad_rows_fail():
     bad = _row("y", 3)
     bad["labels"] = bad["labels"][:2]
     with pytest.raises(UserError, match="'y': 3 input_ids but 2 labels"):
+        collate(_batch([bad]), pad_token_id=0)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_pack_rows_fills_rows_up_to_capacity_with_every_sample_once():
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(20, 300, 400), [900]])  # one sample longer than a row
+    packs = pack_rows(lengths, capacity=512, seed=3)
+    flat = np.concatenate(packs)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))  # each sample exactly once
+    totals = np.array([lengths[p].sum() for p in packs])
+    assert [p.tolist() for p in packs if lengths[p].sum() > 512] == [[400]]  # alone in its row
+    assert totals[totals <= 512].mean() > 0.95 * 512  # nearly full rows
+    again = pack_rows(lengths, capacity=512, seed=3)
+    assert all((a == b).all() for a, b in zip(packs, again)) and len(packs) == len(again)
+    assert [p.tolist() for p in pack_rows(lengths, capacity=512, seed=4)] != [p.tolist() for p in packs]
+    with pytest.raises(UserError, match="max_seq_len"):
+        pack_rows([3], capacity=0, seed=0)
+
+
+def test_packed_plan_pads_far_less_than_length_grouping():
+    """A mix like the demo's (short chat rows, long image rows): packing then grouping the rows."""
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([rng.integers(15, 60, 300), rng.integers(280, 700, 100)])
+    kw = dict(micro_batch=2, grad_accum=1, world_size=2, seed=0)
+    grouped = plan_batches(lengths, steps=len(lengths) // 4, **kw)
+    packs = pack_rows(lengths, capacity=1024, seed=0)
+    rows = np.array([lengths[p].sum() for p in packs])
+    packed = plan_batches(rows, steps=len(rows) // 4, **kw)
+    assert padding_share(rows, packed) < 0.05
+    assert padding_share(lengths, grouped) > padding_share(rows, packed)
+
+
+def test_collate_packed_rows_restart_positions_and_mask_each_first_label():
+    a, b, c = _row("a", 3, views=3), _row("b", 2), _row("c", 4)
+    packed = {**a, "id": "a+b", "input_ids": np.concatenate([a["input_ids"], b["input_ids"]]),
+              "labels": np.concatenate([a["labels"], b["labels"]]), "seq_lens": np.array([3, 2])}
+    out = collate(_batch([packed, {**c, "seq_lens": np.array([4])}]), pad_token_id=0)
+    assert out["input_ids"].shape == (2, 5)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]  # padding: its own run
+    assert out["labels"].tolist() == [[-100, 3, 3, -100, 3], [-100, 3, 3, 3, -100]]
+    assert int(out["num_tokens"]) == 9 and out["views"].shape == (3, 4, 4, 3)
+    bad = {**packed, "seq_lens": np.array([3, 3])}
+    with pytest.raises(UserError, match="'a\\+b': seq_lens \\[3, 3\\] sum to 6, not its 5 input_ids"):
         collate(_batch([bad]), pad_token_id=0)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.train_data import ReadPlannedRows, plan_entries
+from actors.train_data import ReadPlannedRows, merge_pack, plan_entries
 from cluster.spec import StorageSection
 
 
@@ -50,3 +51,47 @@ def test_plan_entries_positions_start_at_the_resumed_step():
     assert entries[1]["_pos"].tolist() == list(range(3, 12))
     assert entries[1]["file"].tolist() == (plan[1:, 1].reshape(-1) // 10).tolist()
     assert entries[1]["row"].tolist() == (plan[1:, 1].reshape(-1) % 10).tolist()
+
+
+def _sample_shard(tmp_path) -> str:
+    path = str(tmp_path / "part-00000.parquet")
+    rows = [{"id": f"s{i}", "input_ids": list(range(1, 2 + i)), "labels": [5] * (1 + i), "num_tokens": 1 + i,
+             "image_tokens": 3 * (i % 2), "saved_tokens": i % 2, "views": bytes([i]) * (i % 2),
+             "view_counts": [1] if i % 2 else [], "kept": [True, False] if i % 2 else [],
+             "tile_size": 4, "grid": 1 + i % 2} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    return path
+
+
+def test_packed_entries_come_back_as_one_concatenated_row_each(tmp_path):
+    read = ReadPlannedRows(StorageSection(uri=str(tmp_path)), [_sample_shard(tmp_path)])
+    entries = {"file": np.array([np.array([0, 0]), np.array([0]), np.array([0, 0, 0])], dtype=object),
+               "row": np.array([np.array([1, 4]), np.array([2]), np.array([5, 0, 3])], dtype=object),
+               "_pos": np.array([7, 8, 9])}
+    table = read(entries).to_pylist()
+    assert [r["id"] for r in table] == ["s1+s4", "s2", "s5+s0+s3"]
+    assert [r["_pos"] for r in table] == [7, 8, 9]
+    first = table[0]
+    assert first["seq_lens"] == [2, 5] and first["input_ids"] == [1, 2, 1, 2, 3, 4, 5]
+    assert first["num_tokens"] == 7 and first["image_tokens"] == 3 and first["views"] == bytes([1])
+    assert first["view_counts"] == [1] and first["kept"] == [True, False] and first["grid"] == 2
+    assert table[2]["seq_lens"] == [6, 1, 4] and table[2]["views"] == bytes([5, 3])
+    assert table[2]["view_counts"] == [1, 1] and table[2]["image_tokens"] == 6
+
+
+def test_packed_samples_with_different_geometry_are_refused():
+    from models.errors import UserError
+
+    rows = [{"id": "a", "input_ids": [1], "view_counts": [1], "tile_size": 4, "grid": 2},
+            {"id": "b", "input_ids": [1], "view_counts": [1], "tile_size": 8, "grid": 2}]
+    with pytest.raises(UserError, match="different tile_size"):
+        merge_pack(rows)
+
+
+def test_plan_entries_of_packs_list_each_rows_samples():
+    plan = np.arange(2 * 1 * 1 * 2).reshape(2, 1, 1, 2)  # 4 packed rows
+    where = np.stack([np.zeros(6, dtype=np.int64), np.arange(6)], axis=1)
+    packs = [np.array([5]), np.array([0, 3]), np.array([1, 2]), np.array([4])]
+    entries = plan_entries(plan, where, packs=packs, start_step=1)[0]
+    assert entries["_pos"].tolist() == [2, 3]
+    assert [r.tolist() for r in entries["row"]] == [[1, 2], [4]]

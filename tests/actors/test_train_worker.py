@@ -64,3 +64,60 @@ def test_weighted_rank_losses_equal_the_global_token_mean():
     plain = sum(p.lm_loss for p in parts) / 2
     assert torch.allclose(weighted, whole, atol=1e-5)
     assert not torch.allclose(plain, whole, atol=1e-3)
+
+
+class _Recorded(Exception):
+    """Raised by the recording collectives once they have seen the tensor."""
+
+
+def _recording_collectives(monkeypatch, seen: list):
+    import torch.distributed as dist
+
+    def record(name):
+        def collective(*args, **kwargs):
+            tensors = [a for a in args if torch.is_tensor(a)] + [t for a in args if isinstance(a, list)
+                                                                   for t in a if torch.is_tensor(t)]
+            seen.extend((name, t.device) for t in tensors)
+            raise _Recorded(name)
+        return collective
+
+    monkeypatch.setattr(dist, "all_reduce", record("all_reduce"))
+    monkeypatch.setattr(dist, "all_gather", record("all_gather"))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+
+def test_every_collective_gets_the_engines_device(monkeypatch):
+    """token_share, the step sums and the MoE export gathers hand the collective tensors on the
+    engine's device. A device no CPU tensor is on (meta) stands in for cuda: a tensor built on
+    the host (as NCCL would reject) shows up as cpu here."""
+    import pytest
+
+    from actors.consolidate import gather_experts
+    from actors.train_worker import all_reduce_sums, token_share
+
+    device = torch.device("meta")
+    seen: list = []
+    _recording_collectives(monkeypatch, seen)
+    for call in (lambda: token_share(5, 2, device), lambda: all_reduce_sums([1.0, 2.0, 3.0], device),
+                 lambda: gather_experts(torch.ones(2, 3), None, device)):
+        with pytest.raises(_Recorded):
+            call()
+    assert [name for name, _ in seen] == ["all_reduce", "all_reduce", "all_gather", "all_gather", "all_gather"]
+    assert {d for _, d in seen} == {device}
+
+
+def test_the_loop_reduces_on_the_engine_device():
+    """The training loop hands every collective helper the engine's device (read from its source:
+    the loop itself needs Ray Train; tests/pipelines/test_train.py runs it)."""
+    import ast
+    import inspect
+
+    from actors import train_worker
+
+    tree = ast.parse(inspect.getsource(train_worker.train_loop_per_worker))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None)
+             in {"all_reduce_sums", "token_share"}]
+    assert len(calls) == 2
+    for call in calls:
+        assert ast.unparse(call.args[-1]) == "engine.device"
+    assert "dist.all_reduce" not in inspect.getsource(train_worker.train_loop_per_worker)
