@@ -101,32 +101,49 @@ def activation_checkpointing(train: TrainSection, flavour: Flavour) -> bool:
 
 
 def build_model(config: TrainWorkerConfig, storage, ds_config: Optional[dict] = None, device=None):
-    """(SphinxX, tokenizer): the shards' tokenizer, the model (``construct_model``), the initial
-    weights when ``config.weights_uri`` is set.
+    """(SphinxX, tokenizer): the shards' tokenizer, the initial weights' settings when
+    ``config.weights_uri`` is set (``actors.initial_weights``: published components or a
+    sphinx-x model dir; the model is built AFTER their flavour overrides, with their
+    tokenizer), the model (``construct_model``), then the weights.
 
-    ZeRO-3: rank 0 alone reads the weights into a plain copy and hands them out parameter by
-    parameter (``actors.consolidate.scatter_from_rank0``); other ranks never hold the model.
-    Otherwise every rank imports them into its own (ZeRO-1/2 keep full parameters anyway)."""
+    ZeRO-3: rank 0 alone reads the weights into a plain copy, hands the flavour to the other
+    ranks (``broadcast_object_list``) and the weights parameter by parameter
+    (``actors.consolidate.scatter_from_rank0``); the other ranks never hold the model.
+    Otherwise every rank loads them into its own (ZeRO-1/2 keep full parameters anyway)."""
     import torch.distributed as dist
 
-    from models.checkpoint import import_weights_dir
+    from actors.initial_weights import check_tokenizer, read_initial_weights
     from models.conversation import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="sx-tok-") as tmp:
         tokenizer = load_tokenizer(storage.download_dir(config.tokenizer_uri, tmp))
-    model = construct_model(config.flavour, tokenizer, config.train, ds_config, device)
-    if config.weights_uri:
-        if is_zero3(ds_config):
+    if not config.weights_uri:
+        return construct_model(config.flavour, tokenizer, config.train, ds_config, device), tokenizer
+    zero3 = is_zero3(ds_config)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    init, flavour = None, config.flavour
+    with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
+        if rank0 or not zero3:
+            init = read_initial_weights(Path(storage.download_dir(config.weights_uri, tmp)), config.flavour)
+            check_tokenizer(init.tokenizer, tokenizer, config.weights_uri)
+            flavour, tokenizer = init.flavour, init.tokenizer or tokenizer
+        if zero3 and dist.is_initialized():
+            shared = [flavour]
+            dist.broadcast_object_list(shared, src=0, device=device)
+            flavour = shared[0]
+        model = construct_model(flavour, tokenizer, config.train, ds_config, device)
+        if zero3:
             from actors.consolidate import scatter_from_rank0
+            from models.sphinx import SphinxX
 
             source = None
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                source = _plain_with_weights(config, storage, tokenizer)
+            if rank0:
+                source = SphinxX.from_flavour(flavour, tokenizer)
+                init.load_into(source)
             scatter_from_rank0(model, source)
             del source
         else:
-            with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
-                import_weights_dir(model, storage.download_dir(config.weights_uri, tmp))
+            init.load_into(model)
             model.set_vision_trainable(config.train.train_encoders)
     return model, tokenizer
 
@@ -207,17 +224,6 @@ def construct_model(flavour: Flavour, tokenizer, train: TrainSection, ds_config:
     if activation_checkpointing(train, flavour):
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-def _plain_with_weights(config: TrainWorkerConfig, storage, tokenizer):
-    """Rank 0's one plain copy of the initial weights (the ZeRO-3 source, see ``build_model``)."""
-    from models.checkpoint import import_weights_dir
-    from models.sphinx import SphinxX
-
-    plain = SphinxX.from_flavour(config.flavour, tokenizer)
-    with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
-        import_weights_dir(plain, storage.download_dir(config.weights_uri, tmp))
-    return plain
 
 
 def build_engine(train: TrainSection, model, world_size: int, total_steps: int, ds_config: Optional[dict] = None):

@@ -121,3 +121,63 @@ def test_the_loop_reduces_on_the_engine_device():
     for call in calls:
         assert ast.unparse(call.args[-1]) == "engine.device"
     assert "dist.all_reduce" not in inspect.getsource(train_worker.train_loop_per_worker)
+
+
+def _zero3_rank(rank: int, port: int, out) -> None:
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from actors.consolidate import consolidated_state_dict, scatter_from_rank0
+        from actors.deepspeed_config import deepspeed_config
+        from actors.train_worker import construct_model
+        from cluster.spec import TrainSection
+        from models.conversation import train_bpe_tokenizer
+
+        tok = train_bpe_tokenizer(["a b c d e f"], 300)
+        flavour = from_name("debug")
+        train = TrainSection(workers=2, zero_stage=3, micro_batch=1, steps=2)
+        model = construct_model(flavour, tok, train, deepspeed_config(train, flavour, world_size=2, total_steps=2))
+        partitioned = all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in model.parameters())
+        local = sum(p.ds_tensor.numel() for p in model.parameters())
+        total = sum(p.ds_numel for p in model.parameters())
+        source = None
+        if rank == 0:
+            torch.manual_seed(7)
+            source = SphinxX.from_flavour(flavour, tok)
+        scatter_from_rank0(model, source)
+        engine = SimpleNamespace(module=model, device=torch.device("cpu"), zero_optimization_stage=lambda: 3)
+        state = consolidated_state_dict(engine, dtype=torch.bfloat16)
+        same = None
+        if rank == 0:
+            want = source.state_dict()
+            same = all(torch.equal(state[k].float(), want[k].to(torch.bfloat16).float())
+                       for k, _ in source.named_parameters()) and state["llm.lm_head.weight"].dtype == torch.bfloat16
+        out.put((rank, partitioned, local / total, state is None, same))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_builds_partitioned_takes_rank0_weights_and_gathers_them_back():
+    """ZeRO-3: built under zero.Init, every parameter is a partition from the start (about half
+    of the elements per rank, no full tensor); rank 0's weights go in parameter by parameter and
+    come back gathered on rank 0 only, in the export dtype."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_zero3_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r[0], r[1:]) for r in (out.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        partitioned, share, _, _ = results[rank]
+        assert partitioned and 0.45 < share < 0.56
+    assert results[0][2:] == (False, True)  # rank 0: the state, equal to its source
+    assert results[1][2:] == (True, None)  # rank 1: nothing kept
