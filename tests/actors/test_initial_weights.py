@@ -86,3 +86,23 @@ def test_bad_weights_dirs_and_other_tokenizers_are_refused(tmp_path, components)
     with pytest.raises(UserError, match="another tokenizer than the weights'"):
         check_tokenizer(init.tokenizer, train_bpe_tokenizer(TEXTS, vocab_size=280), "s3://b/w")
     check_tokenizer(init.tokenizer, init.tokenizer, "s3://b/w")
+
+
+def test_the_worker_builds_from_the_weights_settings_and_tokenizer(tmp_path, components):
+    """actors.train_worker.build_model with model.weights (no ZeRO-3): the overrides are in the
+    built model, the weights loaded, the tokenizer the weights' own."""
+    from types import SimpleNamespace
+
+    from actors.train_worker import TrainWorkerConfig, build_model
+    from cluster.spec import TrainSection
+    from models.pretrained_llm import load_llm_tokenizer
+
+    src, llm, _, vocab = components
+    load_llm_tokenizer(src / "llm").save_pretrained(str(tmp_path / "tok"))  # what preprocess stores
+    storage = SimpleNamespace(download_dir=lambda uri, tmp: uri)  # local paths as they are
+    config = TrainWorkerConfig(train=TrainSection(workers=1), storage=None, flavour=from_name("debug"), layout=None,
+                               total_steps=1, tokenizer_uri=str(tmp_path / "tok"), weights_uri=str(src))
+    model, tok = build_model(config, storage)
+    assert model.flavour.llm["rope_theta"] == 5e5 and len(tok) == model.vocab_size
+    torch.testing.assert_close(model.llm.lm_head.weight[:vocab], llm.lm_head.weight)
+    assert not any(p.requires_grad for p in model.vision.convnext.parameters())  # frozen after loading
