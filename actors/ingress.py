@@ -14,7 +14,9 @@ What it sends a replica (plain data, one dict per request)::
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                                {"type": "image", "index": 0}]}],
      "images": [b"\\x89PNG..."], "max_tokens": 16 | None, "temperature": 0.0, "top_p": 1.0,
-     "stop": ["###"], "seed": 0 | None}
+     "stop": ["Q:"], "seed": 0 | None, "n": 1, "logprobs": False, "top_logprobs": 0}
+
+(the replica adds the template's turn separator ``###`` to every request's stops).
 
 Status codes: 400 bad input, 401 bad key, 404 unknown model, 413 body too large, 429 the
 member's queue is full, 503 no replica can take it. The body is always OpenAI's error JSON.
@@ -93,12 +95,13 @@ class _ReplicaStream:
     """Items of a replica's ``chat`` stream; replica errors and handle failures become ApiError."""
 
     def __init__(self, gen):
-        self._gen = gen
+        self._gen, self._done = gen, False
 
     async def _next(self) -> dict:
         try:
             item = await self._gen.__anext__()
         except StopAsyncIteration:
+            self._done = True
             raise
         except Exception as err:  # noqa: BLE001 - mapped to an HTTP status
             raise _handle_error(err) from None
@@ -110,6 +113,14 @@ class _ReplicaStream:
             return await self._next()
         except StopAsyncIteration:
             raise ApiError(500, "the replica returned nothing", code="internal_error") from None
+
+    async def aclose(self) -> None:
+        """Stop the replica's generator (its request is aborted there) unless it finished."""
+        if not self._done:
+            try:
+                self._gen.cancel()
+            except Exception:  # noqa: BLE001 - already done
+                pass
 
     def __aiter__(self) -> "_ReplicaStream":
         return self
@@ -200,7 +211,8 @@ class Ingress:
         return {"messages": messages, "images": list(images), "max_tokens": max_tokens,
                 "max_tokens_limit": self.section.max_tokens_limit, "temperature": req.temperature,
                 "top_p": req.top_p, "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos,
-                "stream": req.stream}
+                "stream": req.stream, "n": req.n, "logprobs": bool(req.logprobs),
+                "top_logprobs": req.top_logprobs or 0}
 
     def _image(self, url: str) -> bytes:
         data = fetch_image(url, self.policy, self._filesystem)
@@ -227,8 +239,8 @@ class Ingress:
 
     @app.get("/v1/stats")
     async def stats(self, request: Request) -> dict:
-        """Per member: requests served and a histogram {batch size: requests whose largest running
-        batch (continuous batching, actors.decode_loop) had that size}."""
+        """Per member: requests served and a histogram {batch size: requests that shared their
+        replica's vLLM engine with at most that many requests (themselves included)}."""
         self._auth(request)
         return {"models": {name: {"requests": self.requests[name],
                                   "batch_size_histogram": {str(k): v for k, v in sorted(c.items())},
@@ -239,6 +251,7 @@ class Ingress:
     async def chat_completions(self, request: Request):
         self._auth(request)
         req = oa.parse_chat_request(await self._body(request))
+        req.check_logprobs()
         handle = self.models.get(req.model)
         if handle is None:
             raise ApiError(404, f"the model {req.model!r} does not exist; available: {sorted(self.models)}",
@@ -252,29 +265,37 @@ class Ingress:
                 raise _handle_error(err) from None
             _raise_replica_error(out)
             self._record(req.model, out)
-            return JSONResponse(oa.completion(cid, req.model, out["text"], out.get("finish_reason", "stop"),
-                                              out["prompt_tokens"], out.get("completion_tokens", 0)))
+            return JSONResponse(oa.completion(cid, req.model, out["choices"], out["prompt_tokens"],
+                                              out.get("completion_tokens", 0)))
         stream = _ReplicaStream(handle.options(stream=True).chat.remote(payload))
         head = await stream.first()  # errors surface here, before any byte is sent
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(self._sse(req.model, cid, head, stream, include_usage),
+        return StreamingResponse(self._sse(req.model, cid, head, stream, include_usage, req.n),
                                  media_type="text/event-stream")
 
     async def _sse(self, model: str, cid: str, head: dict, stream: "_ReplicaStream",
-                   include_usage: bool) -> AsyncIterator[str]:
-        yield oa.chunk(cid, model, {"role": "assistant", "content": ""})
+                   include_usage: bool, n: int) -> AsyncIterator[str]:
+        """OpenAI's chunks: a role chunk per choice, content deltas, a finish chunk per choice,
+        usage (if asked), [DONE]. A client that leaves closes ``stream``: the replica aborts."""
+        for i in range(n):
+            yield oa.chunk(cid, model, {"role": "assistant", "content": ""}, index=i)
         final: dict = {}
         try:
             async for item in stream:
-                if item.get("delta"):
-                    yield oa.chunk(cid, model, {"content": item["delta"]})
-                if "finish_reason" in item:
+                if "done" in item:
                     final = item
+                    continue
+                if item.get("delta") or item.get("logprobs"):
+                    yield oa.chunk(cid, model, {"content": item["delta"]}, index=item["index"],
+                                   logprobs=item.get("logprobs"))
+                if "finish_reason" in item:
+                    yield oa.chunk(cid, model, {}, finish_reason=item["finish_reason"], index=item["index"])
         except ApiError as err:
             yield oa.sse_error(err)
             return
+        finally:
+            await stream.aclose()
         self._record(model, final)
-        yield oa.chunk(cid, model, {}, finish_reason=final.get("finish_reason", "stop"))
         if include_usage:
             yield oa.chunk(cid, model, {}, usage_=oa.usage(head["prompt_tokens"], final.get("completion_tokens", 0)),
                            choices=False)

@@ -66,24 +66,37 @@ class MemberWeights:
     require_success: bool = False  # the train export: only once training wrote _SUCCESS
 
 
-def load_member(weights: MemberWeights, storage_section, cache_dir: str | None = None):
-    """(model in eval mode, tokenizer) for one serve member."""
+def member_model_dir(weights: MemberWeights, storage_section, cache_dir: str | None = None) -> tuple[Path, bool]:
+    """(a local model directory for the member, whether it is a temporary copy to delete).
+
+    Random weights are saved (models.checkpoint.save_model_dir) to a temp directory; an s3://
+    directory is downloaded to one; a local directory is used in place."""
+    from models.checkpoint import save_model_dir
+
     if weights.checkpoint_uri is None:
         model, tokenizer = random_member(weights.flavour)
-        return model.eval(), tokenizer
-
-    from cluster.storage import open_storage
-    from models.checkpoint import load_model_dir
-
+        local = Path(tempfile.mkdtemp(prefix=f"sphinx-x-{weights.name}-", dir=cache_dir))
+        save_model_dir(model, tokenizer, local)
+        return local, True
     uri = weights.checkpoint_uri
     if not uri.startswith("s3://"):
-        if not Path(uri).is_dir():
-            raise UserError(f"serve model {weights.name!r}: checkpoint directory {uri} does not exist")
-        if weights.require_success and not Path(uri, "_SUCCESS").exists():
-            raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
-                            "(run `sphinx-x train SPEC` first)")
-        model, tokenizer = load_model_dir(uri)
-        return model.eval(), tokenizer
+        _check_local(weights, uri)
+        return Path(uri), False
+    return _download(weights, storage_section, cache_dir), True
+
+
+def _check_local(weights: MemberWeights, uri: str) -> None:
+    if not Path(uri).is_dir():
+        raise UserError(f"serve model {weights.name!r}: checkpoint directory {uri} does not exist")
+    if weights.require_success and not Path(uri, "_SUCCESS").exists():
+        raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
+                        "(run `sphinx-x train SPEC` first)")
+
+
+def _download(weights: MemberWeights, storage_section, cache_dir: str | None) -> Path:
+    from cluster.storage import open_storage
+
+    uri = weights.checkpoint_uri
     storage = open_storage(storage_section)
     if weights.require_success and not storage.exists(f"{uri.rstrip('/')}/_SUCCESS"):
         raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
@@ -93,6 +106,17 @@ def load_member(weights: MemberWeights, storage_section, cache_dir: str | None =
         storage.download_dir(uri, local)
     except FileNotFoundError as err:
         raise UserError(f"serve model {weights.name!r}: checkpoint {uri} not found ({err})") from None
-    log.info("serve model %s: loading %s", weights.name, uri)
-    model, tokenizer = load_model_dir(local)
+    log.info("serve model %s: downloaded %s", weights.name, uri)
+    return local
+
+
+def load_member(weights: MemberWeights, storage_section, cache_dir: str | None = None):
+    """(model in eval mode, tokenizer) for one serve member (models.sphinx: benchmarks, parity)."""
+    if weights.checkpoint_uri is None:
+        model, tokenizer = random_member(weights.flavour)
+        return model.eval(), tokenizer
+
+    from models.checkpoint import load_model_dir
+
+    model, tokenizer = load_model_dir(member_model_dir(weights, storage_section, cache_dir)[0])
     return model.eval(), tokenizer

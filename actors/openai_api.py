@@ -97,13 +97,14 @@ class ChatRequest(_Strict):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, le=8)
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="vLLM's extension: decode max_tokens tokens (benchmarks)")
     # accepted for client compatibility only at their neutral values
     frequency_penalty: float = Field(0.0, ge=0, le=0)
     presence_penalty: float = Field(0.0, ge=0, le=0)
-    logprobs: Literal[False, None] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,6 +113,10 @@ class ChatRequest(_Strict):
         if any(s == "" for s in stops):
             raise ApiError(400, "stop sequences must not be empty", param="stop", code="invalid_value")
         return stops
+
+    def check_logprobs(self) -> None:
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -147,22 +152,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
+def completion(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole completion; ``choices`` as the replica returns them (``text``, ``finish_reason``,
+    ``logprobs``: OpenAI's ``content`` list or None)."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                     "finish_reason": c.get("finish_reason", "stop"),
+                     "logprobs": None if c.get("logprobs") is None else {"content": c["logprobs"]}}
+                    for i, c in enumerate(choices)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: Optional[str] = None,
-          usage_: Optional[dict] = None, choices: bool = True) -> str:
-    """One SSE event ``data: {...}\\n\\n`` of a streamed completion."""
+          usage_: Optional[dict] = None, choices: bool = True, index: int = 0,
+          logprobs: Optional[list] = None) -> str:
+    """One SSE event ``data: {...}\\n\\n`` of a streamed completion (choice ``index``)."""
     body: dict[str, Any] = {
         "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if choices else [],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                     "logprobs": None if logprobs is None else {"content": logprobs}}] if choices else [],
     }
     if usage_ is not None:
         body["usage"] = usage_

@@ -1,47 +1,43 @@
-"""One family member behind the endpoint: a Serve deployment that batches concurrent requests.
+"""One family member behind the endpoint: a Serve deployment around vLLM's ``AsyncLLM``.
 
-A request (the plain dict :mod:`actors.ingress` sends) is prepared with exactly the training
-code — ``models.tiling.load_and_tile`` for images, ``models.conversation.build_prompt`` for
-the template — then joins the replica's running batch (:mod:`actors.decode_loop`, continuous
-batching: at the next decode step, up to ``max_batch_size`` rows; an idle loop waits
-``batch_wait_timeout_s`` for others to share the first prefill). Rows decode together with the
-KV cache, each with its own max_tokens, stop strings, temperature, top_p and seed, and every
-request streams its tokens as they come.
+A request (the plain dict :mod:`actors.ingress` sends) becomes one vLLM request: the prompt
+from ``models.conversation.build_prompt`` with ONE ``<image>`` id per image, the images' bytes
+as ``multi_modal_data`` (the SPHINX-X processor, actors.vllm_processor, tiles them with
+``models.tiling`` and expands each placeholder to its token count). vLLM schedules it with every
+other request in the replica (paged KV cache, continuous batching, chunked prefill).
 
 ``chat(payload)`` yields, in order::
 
-    {"prompt_tokens": 137}                                         # accepted (image tokens counted)
-    {"delta": "The", "batch_size": 4}     # text as decoded (streams: flushed every decode_loop.STREAM_FLUSH_S)
+    {"prompt_tokens": 137}                                        # accepted (image tokens counted)
+    {"index": 0, "delta": "The", "logprobs": [...] | None}        # streams: text as decoded, per choice
     ...
-    {"delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9, "batch_size": 4}
+    {"index": 0, "delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9}   # per choice
+    {"done": True, "completion_tokens": 9, "batch_size": 4}
 
 or a single ``{"error": {"status": 400, "message", "code", "param"}}`` for a bad request
 (undecodable image, prompt over the context, ...). ``complete(payload)`` is the same request in
-one reply, ``{"prompt_tokens", "text", "finish_reason", "completion_tokens", "batch_size"}``, for
-non-streamed requests (one Ray message instead of a stream). ``batch_size`` is the largest
-running batch the request was decoded in; it is recorded per request in the Serve metric
-``sphinx_x_batch_size`` and in :meth:`ModelReplica.stats` (with the mean rows per decode step).
-
-Per request, the hot path does no per-token work it can skip: non-streamed text without stop
-strings is decoded once at the end, and the decode thread hands items to the event loop once per
-step and only when a request finishes or a stream is due a flush.
+one reply, ``{"prompt_tokens", "choices": [{"text", "finish_reason", "completion_tokens",
+"logprobs"}], "completion_tokens", "batch_size"}``. ``batch_size`` is the most requests the
+replica's engine held at once while this one ran (Serve metric ``sphinx_x_batch_size``,
+:meth:`ModelReplica.stats`). A client gone mid-stream aborts its vLLM request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
-import sys
+import shutil
+import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 import numpy as np
 from ray import serve
 
-from actors.decode_loop import DecodeLoop, Request
-from actors.model_loader import MemberWeights, load_member
+from actors.model_loader import MemberWeights, member_model_dir
+from actors.vllm_engine import EngineOptions, context_length, sampling_params, start_engine
 from cluster.spec import StorageSection
 from models.errors import UserError
 
@@ -52,8 +48,8 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 @dataclass
 class Prepared:
-    """A request ready for the model: input_ids with images expanded, views uint8 [V, S, S, 3],
-    kept bool [I, G*G] (None without images), image_tokens per image."""
+    """A request as the training code builds it: input_ids with images expanded, views uint8
+    [V, S, S, 3], kept bool [I, G*G] (None without images), image_tokens per image."""
 
     input_ids: list[int]
     views: Optional[np.ndarray]
@@ -79,58 +75,72 @@ def prepare_chat(messages: list[dict], images: list[bytes], tokenizer: Any, flav
     return Prepared(input_ids, views, kept, image_tokens)
 
 
-class TextStream:
-    """Token ids → text deltas, cut at the first stop string (never emitting part of one).
+def image_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(W, H) of encoded image bytes after EXIF orientation, from the header alone (None if
+    unreadable: the processor then reports the image)."""
+    from PIL import Image
 
-    ``incremental=False`` (a non-streamed request without stop strings: nobody reads the
-    text before the end) only collects ids and decodes once, in :meth:`flush`.
-    """
-
-    def __init__(self, tokenizer: Any, stops: list[str], incremental: bool = True):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.incremental = incremental or bool(stops)
-        self.ids: list[int] = []
-        self.text, self.sent, self.stopped = "", 0, False
-        self._hold = max((len(s) for s in stops), default=1) - 1
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        if not self.incremental:
-            return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.text, self.stopped = text[:min(cuts)], True
-            return self.flush()
-        self.text = text
-        upto = len(text.rstrip("\ufffd")) - self._hold  # wait for whole characters / possible stops
-        delta = text[self.sent:upto] if upto > self.sent else ""
-        self.sent += len(delta)
-        return delta
-
-    def flush(self) -> str:
-        if not self.incremental:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = self.text[self.sent:].rstrip("\ufffd")
-        self.sent += len(delta)
-        return delta
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated 90°: load_image transposes it
+                w, h = h, w
+            return w, h
+    except Exception:  # noqa: BLE001 - decoding errors belong to the processor (400 with a reason)
+        return None
 
 
-@dataclass
-class _Job:
-    prepared: Prepared
-    max_new: int
-    temperature: float
-    top_p: float
-    seed: Optional[int]
-    stops: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    stream: bool = False
+def prompt_ids(messages: list[dict], images: list[bytes], tokenizer: Any, flavour: Any) -> tuple[list[int], int]:
+    """(the vLLM prompt: one ``<image>`` id per image, the expanded prompt's length)."""
+    from models.conversation import build_prompt
+    from models.tiling import TileSpec, image_token_count
+
+    spec = TileSpec.from_flavour(flavour)
+    ids = build_prompt(messages, tokenizer, [1] * len(images))
+    sizes = [image_size(d) for d in images]
+    expanded = len(ids) + sum(image_token_count(*s, spec, flavour.tokens_per_view) - 1 for s in sizes if s)
+    return ids, expanded
 
 
 def _user_error(err: UserError, status: int = 400) -> dict:
     return {"error": {"status": status, "message": str(err), "code": getattr(err, "reason", None) or "invalid_request",
                       "param": "messages"}}
+
+
+def engine_error(err: BaseException) -> Optional[dict]:
+    """vLLM's failure to take a request → our error item: the image's reason (the processor's
+    ValueError has the models.tiling.ImageError as its cause), context_length_exceeded, or
+    invalid_request for another ValueError; None for anything else (not the request's fault)."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 16:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, UserError) and getattr(e, "reason", None):
+            return _user_error(e)
+    for e in chain:
+        if isinstance(e, ValueError):
+            text = str(e)
+            code = ("context_length_exceeded" if "maximum model length" in text or "longer than" in text
+                    else "invalid_request")
+            return {"error": {"status": 400, "message": text, "code": code, "param": "messages"}}
+    return None
+
+
+def openai_logprobs(output: Any, tokenizer: Any, top: int) -> Optional[list[dict]]:
+    """vLLM's per-token logprobs of ``output`` (a CompletionOutput) → OpenAI's ``content`` list."""
+    if output.logprobs is None:
+        return None
+
+    def entry(token_id: int, lp: Any) -> dict:
+        token = lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([token_id])
+        return {"token": token, "logprob": float(lp.logprob), "bytes": list(token.encode())}
+
+    out = []
+    for token_id, table in zip(output.token_ids, output.logprobs):
+        tops = sorted(table.items(), key=lambda kv: kv[1].rank)[:top] if top else []
+        out.append({**entry(token_id, table[token_id]), "top_logprobs": [entry(t, lp) for t, lp in tops]})
+    return out
 
 
 @dataclass(frozen=True)
@@ -140,49 +150,57 @@ class ReplicaConfig:
     weights: MemberWeights
     storage: StorageSection
     max_image_pixels: int  # serve.max_image_pixels
-    max_batch_size: int  # serve.models[].max_batch_size (1: every request alone)
-    batch_wait_s: float  # serve.models[].batch_wait_timeout_s
-    threads: int  # torch threads: the CPUs the replica reserves (ray_actor_options.num_cpus)
+    engine: EngineOptions  # serve.models[]: device, dtype, max_model_len, max_num_seqs, TP, KV budget
 
 
 @serve.deployment
 class ModelReplica:
     """Args: a :class:`ReplicaConfig`."""
 
-    def __init__(self, config: ReplicaConfig):
-        import torch
+    async def __init__(self, config: ReplicaConfig):
+        from models.checkpoint import load_model_dir  # noqa: F401 - fail here, not in the engine process
+        from models.checkpoint import read_config
+        from models.conversation import load_tokenizer
+        from models.checkpoint import LLM_DIR
 
-        torch.set_num_threads(max(1, config.threads))
         self.name = config.weights.name
         self.max_pixels = config.max_image_pixels
-        self.model, self.tokenizer = load_member(config.weights, config.storage)
-        self.flavour = self.model.flavour
-        self.context = min(int(self.flavour.max_seq_len),
-                           int(self.flavour.llm.get("max_position_embeddings", self.flavour.max_seq_len)))
-        # the decode thread owns the model (torch state stays on it); another prepares inputs.
-        # It holds the GIL between torch ops: a short switch interval lets the event loop take in
-        # new requests while it decodes (default 5 ms per hand-off).
-        sys.setswitchinterval(0.0005)
-        self._event_loop: Optional[asyncio.AbstractEventLoop] = None
-        self._decoder = DecodeLoop(self.model, max_batch_size=config.max_batch_size,
-                                   wait_s=config.batch_wait_s, deliver=self._deliver,
-                                   name=f"decode-{self.name}")
-        self._prep_thread = ThreadPoolExecutor(1, thread_name_prefix="prep")
+        self.model_dir, self._temp = member_model_dir(config.weights, config.storage)
+        self.flavour = read_config(self.model_dir)["flavour"]
+        self.tokenizer = load_tokenizer(self.model_dir / LLM_DIR)
+        self.context = config.engine.max_model_len or context_length(self.model_dir)
+        self.engine = start_engine(self.model_dir, config.engine, max_image_pixels=config.max_image_pixels)
+        self._active = 0
+        self._peaks: dict[str, int] = {}
         self.batch_sizes: Counter = Counter()
         from ray.serve.metrics import Histogram
 
         self._batch_metric = Histogram("sphinx_x_batch_size",
-                                       description="per request: the largest running batch it was decoded in",
+                                       description="per request: the most requests its engine held at once",
                                        boundaries=BATCH_BOUNDARIES, tag_keys=("model",))
         self._batch_metric.set_default_tags({"model": self.name})
-        log.info("serve model %s ready (%s, context %d)", self.name, self.flavour.name, self.context)
+        log.info("serve model %s ready (%s on %s, %s, context %d)", self.name, self.flavour.name,
+                 config.engine.device, config.engine.dtype, self.context)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        try:
+            if engine is not None:
+                engine.shutdown()
+        except Exception:  # noqa: BLE001 - at interpreter exit vLLM's own teardown may be gone
+            pass
+        if getattr(self, "_temp", False):
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+
+    async def check_health(self) -> None:
+        if self.engine.errored:  # Serve replaces a replica whose engine died
+            raise RuntimeError(f"the vLLM engine of {self.name} is dead")
 
     # ------------------------------------------------------------ requests
 
-    def _prepare(self, payload: dict) -> _Job:
-        prepared = prepare_chat(payload["messages"], payload["images"], self.tokenizer, self.flavour,
-                                max_pixels=self.max_pixels)
-        prompt = len(prepared.input_ids)
+    def _request(self, payload: dict) -> tuple[dict, Any]:
+        """(vLLM prompt, SamplingParams) of a payload; UserError for what cannot fit."""
+        ids, prompt = prompt_ids(payload["messages"], payload["images"], self.tokenizer, self.flavour)
         room = self.context - prompt
         wanted = payload.get("max_tokens")
         if room <= 0 or (wanted is not None and wanted > room):
@@ -190,84 +208,91 @@ class ModelReplica:
                                f"{prompt} tokens (images included)" + (f" and {wanted} more were requested"
                                                                        if wanted is not None else ""))
         max_new = wanted if wanted is not None else min(room, int(payload.get("max_tokens_limit") or room))
-        return _Job(prepared, max_new, float(payload.get("temperature", 1.0)), float(payload.get("top_p", 1.0)),
-                    payload.get("seed"), list(payload.get("stop") or []), bool(payload.get("ignore_eos")),
-                    bool(payload.get("stream")))
+        prompt_in: dict = {"prompt_token_ids": ids}
+        if payload["images"]:
+            prompt_in["multi_modal_data"] = {"image": list(payload["images"])}
+        return prompt_in, sampling_params(payload, max_tokens=max_new, stream=bool(payload.get("stream")))
 
     async def chat(self, payload: dict) -> AsyncIterator[dict]:
-        loop = asyncio.get_running_loop()
-        try:  # images are decoded and tiled off the event loop; text alone is quicker than a hop
-            job = (await loop.run_in_executor(self._prep_thread, self._prepare, payload) if payload["images"]
-                   else self._prepare(payload))
+        try:
+            prompt, params = self._request(payload)
         except UserError as err:
             yield _user_error(err)
             return
-        yield {"prompt_tokens": len(job.prepared.input_ids)}
-        # Every item crossing to the ingress is a Ray message: the decode loop hands a request
-        # text only when it finishes or (streams) at most every STREAM_FLUSH_S.
-        async for item in self._generate(job):
+        top = int(payload.get("top_logprobs") or 0)
+        rid = uuid.uuid4().hex
+        self._active += 1
+        self._peaks[rid] = self._active
+        for other in self._peaks:
+            self._peaks[other] = max(self._peaks[other], self._active)
+        counts: Counter = Counter()
+        started = finished = False
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=rid):
+                if not started:
+                    started = True
+                    yield {"prompt_tokens": len(out.prompt_token_ids)}
+                for choice in out.outputs:
+                    counts[choice.index] += len(choice.token_ids)
+                    item = {"index": choice.index, "delta": choice.text,
+                            "logprobs": openai_logprobs(choice, self.tokenizer, top)}
+                    if choice.finish_reason is not None:
+                        item.update(finish_reason="length" if choice.finish_reason == "length" else "stop",
+                                    completion_tokens=counts[choice.index])
+                    if item["delta"] or "finish_reason" in item or item["logprobs"]:
+                        yield item
+            finished = True
+        except Exception as err:  # noqa: BLE001 - the processor / input checks: a bad request
+            item = None if started else engine_error(err)
+            if item is None:
+                raise
             yield item
+            return
+        finally:
+            self._active -= 1
+            peak = self._peaks.pop(rid, 1)
+            if not finished:  # the client left (or the engine failed): free its KV blocks
+                asyncio.get_running_loop().create_task(self.engine.abort(rid))
+        self.batch_sizes[peak] += 1
+        self._batch_metric.observe(peak)
+        yield {"done": True, "completion_tokens": sum(counts.values()), "batch_size": peak}
 
     async def complete(self, payload: dict) -> dict:
         """A non-streamed request in ONE Ray message (no stream protocol): ``{"prompt_tokens",
-        "text", "finish_reason", "completion_tokens", "batch_size"}`` or ``{"error": ...}``."""
-        out: dict = {"text": ""}
-        async for item in self.chat({**payload, "stream": False}):
-            if "error" in item:
-                return item
-            if "prompt_tokens" in item:
-                out["prompt_tokens"] = item["prompt_tokens"]
-            elif "finish_reason" in item:
-                out.update(item, text=item["delta"])
-                del out["delta"]
+        "choices", "completion_tokens", "batch_size"}`` or ``{"error": ...}``."""
+        out: dict = {}
+        choices: dict[int, dict] = {}
+        items = self.chat({**payload, "stream": False})
+        try:
+            async for item in items:
+                if "error" in item:
+                    return item
+                if "prompt_tokens" in item:
+                    out["prompt_tokens"] = item["prompt_tokens"]
+                elif "done" in item:
+                    out.update(completion_tokens=item["completion_tokens"], batch_size=item["batch_size"])
+                else:
+                    c = choices.setdefault(item["index"], {"text": "", "logprobs": None, "finish_reason": "stop",
+                                                           "completion_tokens": 0})
+                    c["text"] += item["delta"]
+                    if item.get("logprobs") is not None:
+                        c["logprobs"] = (c["logprobs"] or []) + item["logprobs"]
+                    if "finish_reason" in item:
+                        c.update(finish_reason=item["finish_reason"], completion_tokens=item["completion_tokens"])
+        finally:
+            await items.aclose()
+        out["choices"] = [choices[i] for i in sorted(choices)]
         return out
 
     def prepare(self, payload: dict) -> dict:
-        """What the replica would feed the model (for checks against preprocess output)."""
-        p = self._prepare(payload).prepared
+        """What the training code builds for this request (for checks against preprocess output)."""
+        p = prepare_chat(payload["messages"], payload["images"], self.tokenizer, self.flavour,
+                         max_pixels=self.max_pixels)
         return {"input_ids": p.input_ids, "views": p.views, "kept": p.kept, "image_tokens": p.image_tokens}
 
     def stats(self) -> dict:
-        """``batch_size_histogram``: requests by the largest batch they decoded in; the decode
-        loop's ``steps`` and ``mean_rows_per_step``."""
-        return {"model": self.name, "batch_size_histogram": dict(self.batch_sizes), **self._decoder.stats()}
-
-    # ------------------------------------------------------------ the decode loop
-
-    async def _generate(self, job: _Job) -> AsyncIterator[dict]:
-        """Decode ``job`` in the running batch: text items as the loop hands them over, then the
-        final one (``finish_reason``, ``completion_tokens``, ``batch_size``)."""
-        if self._event_loop is None:
-            self._event_loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        eos = self.tokenizer.eos_token_id
-        request = Request(job.prepared.input_ids, job.max_new, TextStream(self.tokenizer, job.stops, job.stream),
-                          sink=queue, views=job.prepared.views, kept=job.prepared.kept,
-                          temperature=job.temperature, top_p=job.top_p, seed=job.seed,
-                          stop_token_ids=frozenset() if job.ignore_eos else frozenset([eos]), stream=job.stream)
-        self._decoder.submit(request)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if "finish_reason" in item:
-                    self.batch_sizes[item["batch_size"]] += 1
-                    self._batch_metric.observe(item["batch_size"])
-                    yield item
-                    return
-                yield item
-        finally:
-            request.cancelled = True  # a no-op once finished; a client gone mid-stream frees its row
-
-    def _deliver(self, items: list) -> None:
-        """On the decode thread: hand a step's items to the event loop in one hop."""
-        self._event_loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list) -> None:
-    for request, item in items:
-        request.sink.put_nowait(item)
+        """``batch_size_histogram``: requests by the most requests their engine held at once."""
+        return {"model": self.name, "batch_size_histogram": dict(self.batch_sizes)}
 
 
 class ContextError(UserError):

@@ -328,8 +328,14 @@ class ServeModel(_Strict):
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # the member's vLLM engine (actors.vllm_engine): requests decoded at once, context, parallelism
+    max_num_seqs: int = Field(32, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=16)  # None: the model's context
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs (or CPU worker processes) per replica
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU replicas: the fraction of each GPU
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)  # CPU replicas: the KV cache size
+    enforce_eager: Optional[bool] = None  # None: eager on CPU, CUDA graphs on GPU
     group: Optional[str] = None
 
     _flavour = field_validator("flavour")(classmethod(lambda cls, v: v and _known_flavour(v)))

@@ -51,8 +51,25 @@ def member_weights(spec: ClusterSpec, m: ServeModel, storage_uri: str | None = N
                          require_success=m.checkpoint == run_layout.TRAIN_EXPORT)
 
 
-def build_application(spec: ClusterSpec, *, batching: bool = True):
-    """The Serve application of a spec; ``batching=False`` runs every request alone (benchmarks)."""
+def engine_options(m: ServeModel):
+    """Member ``m``'s vLLM engine settings: a GPU engine when its replicas reserve GPUs."""
+    from actors.vllm_engine import EngineOptions
+
+    gpus = m.ray_actor_options.num_gpus
+    device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus < m.tensor_parallel_size:
+        raise UserError(f"serve model {m.name!r}: tensor_parallel_size {m.tensor_parallel_size} needs "
+                        f"ray_actor_options.num_gpus >= {m.tensor_parallel_size} (it is {gpus})")
+    dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    eager = m.enforce_eager if m.enforce_eager is not None else device == "cpu"
+    threads = max(1, int(m.ray_actor_options.num_cpus) // m.tensor_parallel_size)
+    return EngineOptions(device=device, dtype=dtype, max_model_len=m.max_model_len, max_num_seqs=m.max_num_seqs,
+                         tensor_parallel_size=m.tensor_parallel_size, gpu_memory_utilization=m.gpu_memory_utilization,
+                         cpu_kv_cache_gb=m.cpu_kv_cache_gb, enforce_eager=eager, threads=threads)
+
+
+def build_application(spec: ClusterSpec):
+    """The Serve application of a spec."""
     from actors.ingress import Ingress, key_hashes_from_env
     from actors.replica import ModelReplica, ReplicaConfig
 
@@ -61,10 +78,8 @@ def build_application(spec: ClusterSpec, *, batching: bool = True):
         raise UserError(f"serve.models: the name {INGRESS_NAME!r} is reserved for the ingress")
     handles = {}
     for m in spec.serve.models:
-        config = ReplicaConfig(
-            weights=member_weights(spec, m), storage=spec.storage, max_image_pixels=spec.serve.max_image_pixels,
-            max_batch_size=m.max_batch_size if batching else 1, batch_wait_s=m.batch_wait_timeout_s,
-            threads=max(1, int(m.ray_actor_options.num_cpus)))
+        config = ReplicaConfig(weights=member_weights(spec, m), storage=spec.storage,
+                               max_image_pixels=spec.serve.max_image_pixels, engine=engine_options(m))
         deployment = ModelReplica.options(
             name=m.name,
             autoscaling_config=m.autoscaling_config.model_dump(exclude_none=True),
@@ -147,7 +162,7 @@ def _running_http():
         return None
 
 
-def run_stage(spec: ClusterSpec, *, force: bool = False, batching: bool = True) -> dict:
+def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
     """Deploy (or redeploy) the app on the connected / local Ray; returns a summary.
 
     ``force`` is accepted for the stage protocol (`run --force`): a deploy always replaces the app.
@@ -158,7 +173,7 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, batching: bool = True) 
     connect(spec)
     check_capacity(spec, "serve")
     _start_serve(spec)
-    app = build_application(spec, batching=batching)
+    app = build_application(spec)
     t0 = time.monotonic()
     try:
         serve.run(app, name=spec.name, route_prefix="/", blocking=False)

@@ -12,7 +12,16 @@ from models.errors import UserError
 def test_request_schema_rejects_what_it_does_not_implement():
     req = oa.parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "x"}')
     assert req.stop_list() == ["x"] and req.requested_max_tokens() is None
-    for body, param in [(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    req = oa.parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2, '
+                                b'"logprobs": true, "top_logprobs": 3, "seed": 5}')
+    assert (req.n, req.logprobs, req.top_logprobs, req.seed) == (2, True, 3, 5)
+    req.check_logprobs()
+    with pytest.raises(oa.ApiError, match="logprobs"):
+        oa.parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+                              b'"top_logprobs": 3}').check_logprobs()
+    for body, param in [(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9}', "n"),
+                        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}',
+                         "top_logprobs"),
                         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": []}', "tools"),
                         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p")]:
         with pytest.raises(oa.ApiError) as info:
@@ -20,6 +29,19 @@ def test_request_schema_rejects_what_it_does_not_implement():
         assert info.value.status == 400 and info.value.param == param
     body = oa.error_body(oa.ApiError(429, "busy", code="queue_full"))
     assert body == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "queue_full"}}
+
+
+def test_completion_and_chunks_carry_every_choice_and_logprobs():
+    lp = [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}]
+    body = oa.completion("c1", "m", [{"text": "a", "finish_reason": "stop", "logprobs": lp},
+                                     {"text": "bb", "finish_reason": "length", "logprobs": None}], 7, 3)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["choices"][0]["logprobs"] == {"content": lp} and body["choices"][1]["logprobs"] is None
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    import json
+
+    event = json.loads(oa.chunk("c1", "m", {"content": "a"}, index=1, logprobs=lp).removeprefix("data: "))
+    assert event["choices"][0]["index"] == 1 and event["choices"][0]["logprobs"] == {"content": lp}
 
 
 def test_handle_failures_map_to_429_and_503():

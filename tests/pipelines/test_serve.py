@@ -1,7 +1,7 @@
 """The live endpoint, driven by the official `openai` client (and httpx for malformed input).
 
-One app for the module on the session's local Ray: ``debug`` (autoscaling 1..2, short delays),
-``debug-moe``, and ``pre`` (a model dir whose tokenizer is the one the preprocess stage wrote,
+One app for the module on the session's local Ray, every member a vLLM engine (fp32, eager, a
+small CPU KV cache): ``debug`` (autoscaling 1..2, short delays), ``debug-moe``, and ``pre`` (a model dir whose tokenizer is the one the preprocess stage wrote,
 with tight queue limits for the 429 check). Deleted at the end.
 """
 
@@ -77,6 +77,7 @@ def live(s3, tmp_path_factory):
     auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
             "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2}
     small = {"num_cpus": 0.5}
+    engine = {"cpu_kv_cache_gb": 0.25}
     data = {
         "name": "serve-test",
         "storage": {"uri": prefix, "endpoint_url": "embedded"},
@@ -90,8 +91,8 @@ def live(s3, tmp_path_factory):
             "max_images_per_request": 2,
             "models": [
                 {"name": "debug", "flavour": "debug", "autoscaling_config": auto, "ray_actor_options": small,
-                 "max_batch_size": 16, "batch_wait_timeout_s": 0.05},
-                {"name": "debug-moe", "flavour": "debug-moe", "ray_actor_options": small},
+                 "max_num_seqs": 16, **engine},
+                {"name": "debug-moe", "flavour": "debug-moe", "ray_actor_options": small, **engine},
             ],
         },
     }
@@ -109,7 +110,7 @@ def live(s3, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("pre-model")
     save_model_dir(SphinxX.from_flavour(from_name("debug"), tokenizer), tokenizer, model_dir)
     data["serve"]["models"].append({"name": "pre", "checkpoint": str(model_dir), "ray_actor_options": small,
-                                    "max_ongoing_requests": 1, "max_queued_requests": 1})
+                                    "max_ongoing_requests": 1, "max_queued_requests": 1, **engine})
     spec = parse_spec(data)
 
     os.environ[KEY_ENV] = f"{KEY},another-key"
@@ -221,6 +222,40 @@ def test_server_inputs_equal_preprocess_output(live):
     assert row["image_tokens"] == sum(built["image_tokens"])
 
 
+def test_n_logprobs_and_seed(live):
+    """n choices, per-token logprobs with the top alternatives, and a seed that repeats a sample."""
+    client = live["client"]
+    out = _ask(client, content="Name a colour", n=3, temperature=1.0, seed=7, max_tokens=5, logprobs=True,
+               top_logprobs=2)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert out.usage.completion_tokens == sum(len(c.logprobs.content) for c in out.choices)
+    for c in out.choices:
+        for t in c.logprobs.content:
+            assert t.logprob <= 0 and len(t.top_logprobs) == 2
+            assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+    again = _ask(client, content="Name a colour", n=3, temperature=1.0, seed=7, max_tokens=5)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in out.choices]
+    stream = _ask(client, content="Name a colour", n=2, temperature=1.0, seed=7, max_tokens=5, stream=True,
+                  stream_options={"include_usage": True})
+    texts, finished = {0: "", 1: ""}, set()
+    for ch in stream:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1}
+    greedy = [_ask(client, content="Name a colour", max_tokens=5).choices[0].message.content for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_answers_stop_at_the_turn_separator(live):
+    """The template's ``###`` ends the answer: it never appears in (or ends) the text."""
+    outs = [_ask(live["client"], content=f"Say something {i}", temperature=1.0, seed=i, max_tokens=48)
+            for i in range(6)]
+    for o in outs:
+        assert "###" not in o.choices[0].message.content
+
+
 def _post(live, body, key=KEY, raw: bytes | None = None, **headers):
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers}
     content = raw if raw is not None else json.dumps(body).encode()
@@ -269,7 +304,8 @@ def test_errors_have_the_right_status_and_openai_shape(live):
     b'{"model": "debug", "messages": [{"role": "user", "content": "<image> no image"}]}',
     b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
     b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
-    b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "n": 3}',
+    b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "n": 0}',
+    b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
     b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}',
     b'{"model": "debug", "messages": [{"role": "user", "content": "x"}], "bogus_field": 1}',
     b'{"model": "debug", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}]}',
