@@ -8,7 +8,10 @@ One Serve application named ``spec.name`` (route prefix ``/``):
 
 Each member deployment is named exactly like its ``serve.models`` entry and carries that
 entry's ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests`` and
-``max_queued_requests`` (so a rendered Serve config can override them by name).
+``max_queued_requests`` (so a rendered Serve config can override them by name). Every replica
+runs one vLLM engine (actors.vllm_engine) configured by :func:`engine_options` from the entry:
+on GPU when ``ray_actor_options.num_gpus`` > 0 (bf16, ``tensor_parallel_size`` GPUs), else on
+CPU (fp32, eager, a ``cpu_kv_cache_gb`` KV cache).
 
     sphinx-x serve SPEC            # deploy, print the URL, block until Ctrl-C, then delete the app
     sphinx-x serve SPEC --detach   # deploy and return (needs a persistent cluster: `sphinx-x up`)
