@@ -444,3 +444,26 @@ def test_a_second_app_on_another_port_is_refused_naming_both(live):
     with pytest.raises(UserError, match=f"already listens on 127.0.0.1:{running}"):
         serve_stage.run_stage(parse_spec(data))
     assert {m.id for m in live["client"].models.list()} == {"debug", "debug-moe", "pre"}  # untouched
+
+
+def test_engine_options_follow_the_members_reservation():
+    """GPUs reserved: a CUDA engine in bf16 with CUDA graphs, TP needing that many GPUs; else CPU,
+    fp32, eager, the replica's CPUs as OpenMP threads split over the TP workers."""
+    from cluster.spec import parse_spec
+    from models.errors import UserError
+    from pipelines.serve import engine_options
+
+    spec = parse_spec({"storage": {"uri": "/tmp/x"}, "serve": {"models": [
+        {"name": "g", "flavour": "debug", "ray_actor_options": {"num_cpus": 4, "num_gpus": 2},
+         "tensor_parallel_size": 2, "max_model_len": 512, "gpu_memory_utilization": 0.5},
+        {"name": "c", "flavour": "debug", "ray_actor_options": {"num_cpus": 4}, "tensor_parallel_size": 2,
+         "cpu_kv_cache_gb": 2, "max_num_seqs": 8},
+        {"name": "bad", "flavour": "debug", "ray_actor_options": {"num_gpus": 1}, "tensor_parallel_size": 2}]}})
+    g, c, bad = spec.serve.models
+    eg, ec = engine_options(g), engine_options(c)
+    assert (eg.device, eg.dtype, eg.enforce_eager, eg.tensor_parallel_size, eg.max_model_len,
+            eg.gpu_memory_utilization) == ("cuda", "bfloat16", False, 2, 512, 0.5)
+    assert (ec.device, ec.dtype, ec.enforce_eager, ec.threads, ec.cpu_kv_cache_gb, ec.max_num_seqs) == (
+        "cpu", "float32", True, 2, 2.0, 8)
+    with pytest.raises(UserError, match="num_gpus >= 2"):
+        engine_options(bad)
