@@ -4,10 +4,14 @@
 
 1. build the spec's flavour with the shards' tokenizer (same seed on every rank), freeze the
    encoders unless ``train.train_encoders``; DeepSpeed wraps it (``actors.deepspeed_config``:
-   ZeRO-2/3, AutoEP for MoE, AdamW, warm-up + cosine);
+   ZeRO-2/3, AutoEP for MoE, AdamW, warm-up + cosine). ZeRO-3 builds it partitioned from the
+   start (``deepspeed.zero.Init``); on GPU it is built on the device; initial weights
+   (``model.weights``) are read first, their settings applied, then loaded
+   (``actors.initial_weights``). Every collective runs on ``engine.device`` (NCCL and gloo
+   alike); bf16 on GPU (``precision: auto``); activation checkpointing on for real flavours;
 2. restore the latest checkpoint Ray Train hands back (after a worker died, or a restarted
    ``sphinx-x train``): model, optimizer, scheduler, the step, the metrics so far;
-3. iterate this rank's planned, length-grouped micro-batches
+3. iterate this rank's planned micro-batches of packed rows (``train.packing``) or single samples
    (``get_dataset_shard(f"rank{r}").iter_torch_batches``), skipping what was consumed;
    one optimizer step per ``grad_accum`` micro-batches; uint8 views go to the device as is
    (the model normalises them);

@@ -166,6 +166,12 @@ class SphinxX(nn.Module):
                        use_cache=False, **kwargs)
         logits = out.logits
         aux = getattr(out, "aux_loss", None)
+        if mask is None and torch.is_tensor(aux) and getattr(out, "router_logits", None):
+            # packed: the LLM saw no mask, so count the load balancing over real tokens only, as unpacked
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            aux = load_balancing_loss_func(out.router_logits, self.llm.num_experts, self.llm.num_experts_per_tok,
+                                           attention_mask)
         if not torch.is_tensor(aux):  # dense, or router logits not recorded (e.g. replaced blocks)
             aux = logits.new_zeros((), dtype=torch.float32)
         if labels is None:

@@ -256,6 +256,7 @@ def test_packed_row_confines_attention_to_each_sample(name, tokenizer, request):
         start += n
     assert mine.num_tokens == plain.num_tokens
     torch.testing.assert_close(mine.lm_loss, plain.lm_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine.aux_loss, plain.aux_loss, atol=1e-5, rtol=1e-5)  # real tokens only
     # without the restarts the same row attends across samples: the check above can fail
     with torch.no_grad():
         leaky = model(**{**packed, "position_ids": None})
