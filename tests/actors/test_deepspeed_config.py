@@ -50,3 +50,18 @@ def test_warmup_is_at_least_one_step_and_ep_must_divide_world():
     assert warmup_steps(_train(warmup_ratio=0.01), 1000) == 10
     with pytest.raises(ValueError, match="must divide"):
         deepspeed_config(_train(workers=2, expert_parallel=2), from_name("debug-moe"), world_size=3, total_steps=5)
+
+
+def test_buckets_and_zero3_live_parameters_follow_the_llm_width():
+    """DeepSpeed's defaults (5e8 buckets, 1e9 live / reuse) would keep a sub-1B model wholly
+    gathered on every ZeRO-3 rank; the limits scale with d instead (tiny: d 2048)."""
+    tiny = from_name("tiny")
+    z3 = deepspeed_config(_train(workers=2, zero_stage=3, use_gpu=True), tiny, world_size=2, total_steps=10)
+    zo = z3["zero_optimization"]
+    d = 2048
+    assert zo["reduce_bucket_size"] == d * d and zo["stage3_prefetch_bucket_size"] == int(0.9 * d * d)
+    assert zo["stage3_max_live_parameters"] == zo["stage3_max_reuse_distance"] == 24 * d * d < 1e9
+    assert zo["stage3_param_persistence_threshold"] == 10 * d and "overlap_comm" not in zo
+    z2 = deepspeed_config(_train(workers=2, zero_stage=2), from_name("debug"), world_size=2, total_steps=10)
+    assert z2["zero_optimization"]["reduce_bucket_size"] == 500_000  # the toy floor
+    assert z2["zero_optimization"]["overlap_comm"] is False and "stage3_max_live_parameters" not in z2["zero_optimization"]
