@@ -16,6 +16,14 @@ Prints ONE JSON object. Same model (`debug`), same collated batches everywhere:
   phases (data_s, compute_s, sync_s, report_s) from ``metrics.jsonl``.
 
     .venv/bin/python benchmarks/train.py [--steps 30] [--demo-steps 60] [--rounds 3]
+
+``--scale`` (issue 15) runs instead, side by side in one run: (i) peak RSS per rank of a 0.38 B
+model, one process vs ZeRO-3 and ZeRO-2 on 2 ranks (``benchmarks/train_memory.py``); (ii)
+padding share and tokens/s over a demo-like epoch, packed vs length-grouped
+(``benchmarks/train_packing.py``); (iii) Ray Train + DeepSpeed (1 worker) vs the bare loop on
+packed micro-batches (``overhead_ratio``, goal ≤ 1.10).
+
+    .venv/bin/python benchmarks/train.py --scale [--steps 30] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -207,12 +215,60 @@ def demo_like(steps: int, report_every_s: float, s3_endpoint: str) -> dict:
             "loss_last": round(history[-1]["loss"], 4)}
 
 
+def _packed_batches(n: int):
+    """``n`` packed micro-batches of 2 rows ≤ 512 tokens (the --scale overhead comparison)."""
+    from actors.batching import collate, pack_rows
+    from actors.train_data import merge_pack
+    from pipelines.synthetic_shards import build_rows
+
+    tokenizer, rows = build_rows("debug", n_rows=16 * n, seed=3)
+    packs = pack_rows([r["num_tokens"] for r in rows], capacity=512, seed=0)
+    out = []
+    for k in range(n):
+        chunk = [merge_pack([rows[i] for i in p]) for p in packs[2 * k:2 * k + 2]]
+        cols = {c: np.array([r[c] for r in chunk] + [None], dtype=object)[:-1] for c in chunk[0]}
+        out.append(collate(cols, pad_token_id=tokenizer.pad_token_id))
+    return tokenizer, out
+
+
+def scale(args) -> dict:
+    """Issue 15's measurements, one after another in this one run (see the module docstring)."""
+    import ray
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from train_memory import memory_section
+    from train_packing import packing_section
+
+    out: dict = {"benchmark": "train --scale", "load_average_start": os.getloadavg()}
+    out["memory"] = memory_section()
+    out["packing"] = packing_section()
+    tokenizer, batches = _packed_batches(8)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        bares, ones = [], []
+        for _ in range(args.rounds):
+            bares.append(bare_loop(tokenizer, batches, args.steps))
+            ones.append(ray_loop(tokenizer, batches, args.steps, 1))
+    finally:
+        ray.shutdown()
+    bare, one = float(np.median(bares)), float(np.median(ones))
+    out["overhead"] = {"batches": "packed, 2 rows ≤ 512 tokens", "bare_steps_per_s": round(bare, 3),
+                       "ray_ds_1_steps_per_s": round(one, 3), "overhead_ratio": round(bare / one, 3),
+                       "rounds": [[round(b, 2), round(o, 2)] for b, o in zip(bares, ones)]}
+    out["load_average_end"] = os.getloadavg()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--scale", action="store_true", help="issue 15: memory per rank, packing, overhead")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--demo-steps", type=int, default=60, help="0 skips the demo-like runs")
     p.add_argument("--rounds", type=int, default=3, help="bare / Ray 1-worker pairs, interleaved; medians")
     args = p.parse_args()
+    if args.scale:
+        print(json.dumps(scale(args)))
+        return
     import ray
 
     from cluster.connect import worker_env

@@ -1,0 +1,143 @@
+"""Peak host memory per rank of a 300–500 M-parameter model: one process vs ZeRO-2 / ZeRO-3 on 2 ranks.
+
+Used by ``benchmarks/train.py --scale`` (or alone: ``python benchmarks/train_memory.py``). The
+model is ``SCALE_OVERRIDES`` on ``debug`` (a Llama of d 1024, 32 layers, GQA 16/8 heads, ffn
+2816: 0.38 B parameters, the toy encoders), fp32 on CPU, AdamW, micro-batch 1 of one packed
+synthetic row of ``SEQ`` tokens, two optimizer steps. Every configuration runs in fresh
+processes (``ru_maxrss`` is a process's lifetime peak), one after another:
+
+- ``single``: one process, the plain model and ``torch.optim.AdamW`` (no DeepSpeed): what a
+  rank holds without sharding — parameters, gradients, two Adam moments;
+- ``zero2`` / ``zero3``: two gloo ranks through the training code (``actors.train_worker``
+  ``construct_model`` + ``build_engine``; ZeRO-3 builds under ``deepspeed.zero.Init``).
+
+The figure is each configuration's largest rank peak RSS (``ru_maxrss``), and its ratio to
+``single`` (goal for ZeRO-3: ≤ 0.65). The processes start from the same imports (torch,
+transformers, DeepSpeed: their ~0.5 GB is in every figure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SCALE_OVERRIDES = {"llm": {"hidden_size": 1024, "num_hidden_layers": 32, "num_attention_heads": 16,
+                           "num_key_value_heads": 8, "intermediate_size": 2816}}
+SEQ = 128
+STEPS = 2
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _batch(tokenizer):
+    import numpy as np
+
+    from actors.batching import collate
+    from actors.train_data import merge_pack
+    from pipelines.synthetic_shards import build_rows
+
+    _, rows = build_rows("debug", n_rows=16, seed=0)
+    picked, total = [], 0
+    for r in rows:
+        if total + r["num_tokens"] <= SEQ:
+            picked.append(r)
+            total += r["num_tokens"]
+    row = merge_pack(picked)
+    cols = {c: np.array([row[c], None], dtype=object)[:-1] for c in row}
+    return collate(cols, pad_token_id=tokenizer.pad_token_id)
+
+
+def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from models.flavours import from_name
+    from pipelines.synthetic_shards import build_rows
+
+    tokenizer, _ = build_rows("debug", n_rows=4, seed=0)
+    flavour = from_name("debug", **SCALE_OVERRIDES)
+    batch = _batch(tokenizer)
+    t0 = time.perf_counter()
+    if mode == "single":
+        from actors.batching import model_inputs
+        from models.sphinx import SphinxX
+
+        torch.manual_seed(0)
+        model = SphinxX.from_flavour(flavour, tokenizer)
+        model.set_vision_trainable(False)
+        params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
+        for _ in range(STEPS):
+            model(**model_inputs(batch)).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        from actors.batching import model_inputs
+        from actors.deepspeed_config import deepspeed_config
+        from actors.train_worker import build_engine, construct_model
+        from cluster.spec import TrainSection
+
+        train = TrainSection(workers=world, zero_stage=int(mode[-1]), micro_batch=1, lr=1e-5, steps=STEPS,
+                             precision="fp32")
+        cfg = deepspeed_config(train, flavour, world_size=world, total_steps=STEPS)
+        model = construct_model(flavour, tokenizer, train, cfg)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        engine = build_engine(train, model, world, STEPS, cfg)
+        for _ in range(STEPS):
+            output = engine(**model_inputs(batch, engine.device))
+            engine.backward(output.loss)
+            engine.step()
+        dist.barrier()
+    out.put({"rank": rank, "peak_rss_gib": round(_peak_rss_gib(), 3), "params": int(params),
+             "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(mode: str) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    world = 1 if mode == "single" else 2
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(mode, r, world, port, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join(timeout=120)
+    peaks = sorted(results, key=lambda r: r["rank"])
+    return {"ranks": peaks, "peak_rss_gib": max(r["peak_rss_gib"] for r in peaks), "params": peaks[0]["params"],
+            "seconds": max(r["seconds"] for r in peaks)}
+
+
+def memory_section(modes=("single", "zero3", "zero2")) -> dict:
+    res = {m: measure(m) for m in modes}
+    base = res["single"]["peak_rss_gib"] if "single" in res else None
+    for m in modes:
+        if base and m != "single":
+            res[m]["ratio_to_single"] = round(res[m]["peak_rss_gib"] / base, 3)
+    return res
+
+
+if __name__ == "__main__":
+    modes = tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ("single", "zero3", "zero2")
+    print(json.dumps(memory_section(modes), indent=2))
