@@ -1,21 +1,23 @@
 """Serving throughput and latency; prints ONE JSON object.
 
 Same weights everywhere (the ``debug`` flavour's seeded random weights, optionally with a wider /
-deeper LLM, written ONCE as a model directory that every system loads), a fixed text prompt, a
-fixed output length (``ignore_eos``, greedy), concurrency 1 / 8 / 32:
+deeper LLM, written ONCE as a model directory that every system loads), a fixed image+text
+prompt (a 60x30 PNG and a question; ``--no-image``: text only), a fixed output length
+(``ignore_eos``, greedy), concurrency 1 / 8 / 32:
 
-    a  our endpoint (Ray Serve, dynamic batching)
-    b  our endpoint with batching off (max_batch_size 1)
-    c  `transformers serve` on the same LLM backbone saved as an HF Llama directory
-    d  the raw batched generate loop in one process (the ceiling: batch = concurrency)
+    a  our endpoint: Ray Serve + the vLLM engine (this tree)
+    b  the previous endpoint: Ray Serve + the hand-written decode loop, run from a checkout of the
+       commit before it was retired (``--baseline-tree``, e.g. ``git worktree add /tmp/base fbfc7a6``)
+    c  vLLM offline ``LLM.generate`` on the same model (all C requests of a round in one call: the limit for a)
+    d  `transformers serve` on the same LLM backbone saved as an HF Llama directory (text part only)
 
-    .venv/bin/python benchmarks/serve.py [--tokens 32] [--requests-per-client 2] [--skip-hf]
-        [--llm-width 512 --llm-layers 4] [--batch-wait-s 0.01] [--systems a,b,c,d]
+    .venv/bin/python benchmarks/serve.py [--tokens 32] [--requests-per-client 2] [--no-image]
+        [--llm-width 1024 --llm-layers 4] [--baseline-tree /tmp/base] [--systems a,b,c,d]
 
 For each system and concurrency C, C client threads each send ``--requests-per-client``
 requests back to back (a plain keep-alive ``http.client`` connection per thread, the same
-client for a, b and c, so the client's own CPU cost is small and equal); requests/s = all
-requests / wall time, latencies are per request.
+client for a, b and d, so the client's own CPU cost is small and equal); requests/s = all
+requests / wall time, latencies are per request. Every replica / engine gets 1 CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPT = "Describe the picture in detail: the shapes, their colours and where they are."
+IMAGE_SIZE = (60, 30)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", IMAGE_SIZE, (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _content(image: bool):
+    """The user message's content: the image then the question (OpenAI parts), or the text."""
+    import base64
+
+    if not image:
+        return PROMPT
+    url = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
 CONCURRENCY = (1, 8, 32)
 
 
@@ -69,7 +92,7 @@ def _drive(call, concurrency: int, per_client: int) -> dict:
     return _summary([r[0] for r in results], wall, [r[1] for r in results])
 
 
-def _openai_call(base_url: str, model: str, tokens: int, extra: dict):
+def _openai_call(base_url: str, model: str, tokens: int, extra: dict, image: bool = False):
     """``call() -> completion tokens``: one OpenAI chat completion over this thread's keep-alive
     connection (``http.client``: the openai SDK costs several ms of CPU per request, which on 2
     shared cores would be measured as server time)."""
@@ -78,7 +101,7 @@ def _openai_call(base_url: str, model: str, tokens: int, extra: dict):
     from urllib.parse import urlsplit
 
     where = urlsplit(base_url)
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": _content(image)}], "max_tokens": tokens,
                        "temperature": 0, **extra}).encode()
     local = threading.local()
 
@@ -131,32 +154,103 @@ def write_weights(width: int | None, layers: int | None) -> Path:
     return save_model_dir(model, tokenizer, tempfile.mkdtemp(prefix="sphinx-bench-model-"))
 
 
-def bench_endpoint(model_dir: Path, tokens: int, per_client: int, batching: bool, batch_wait_s: float) -> dict:
+def _endpoint_spec(model_dir: Path, port: int, member: dict) -> dict:
+    return {"name": "bench-serve", "storage": {"uri": tempfile.mkdtemp(prefix="sphinx-bench-")},
+            "serve": {"http": {"port": port}, "max_image_pixels": 1_000_000, "models": [
+                {"name": "debug", "checkpoint": str(model_dir), "max_ongoing_requests": 64, "max_queued_requests": -1,
+                 "ray_actor_options": {"num_cpus": 1}, **member}]}}
+
+
+def _drive_endpoint(url: str, tokens: int, per_client: int, image: bool) -> dict:
+    call = _openai_call(url + "/v1", "debug", tokens, {"ignore_eos": True}, image)
+    out = {str(c): _drive(call, c, per_client) for c in CONCURRENCY}
+    stats = json.loads(_get(url + "/v1/stats"))["models"]["debug"]
+    out["batch_size_histogram"] = stats["batch_size_histogram"]  # requests by largest batch, all C
+    return out
+
+
+def bench_endpoint(model_dir: Path, tokens: int, per_client: int, image: bool) -> dict:
+    """(a): this tree's app, one vLLM replica (max_num_seqs 32, fp32, eager)."""
     import ray
 
     from cluster.spec import parse_spec
     from pipelines import serve as serve_stage
 
-    port = _free_port()
-    spec = parse_spec({"name": "bench-serve", "storage": {"uri": tempfile.mkdtemp(prefix="sphinx-bench-")},
-                       "serve": {"http": {"port": port}, "models": [
-                           {"name": "debug", "checkpoint": str(model_dir), "max_ongoing_requests": 64,
-                            "max_queued_requests": -1, "max_batch_size": 32, "batch_wait_timeout_s": batch_wait_s,
-                            "ray_actor_options": {"num_cpus": 1}}]}})
-    summary = serve_stage.run_stage(spec, batching=batching)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    spec = parse_spec(_endpoint_spec(model_dir, _free_port(), {"max_num_seqs": 32}))
+    summary = serve_stage.run_stage(spec)
     try:
-        call = _openai_call(summary["url"] + "/v1", "debug", tokens, {"ignore_eos": True})
-        out = {str(c): _drive(call, c, per_client) for c in CONCURRENCY}
-        stats = json.loads(_get(summary["url"] + "/v1/stats"))["models"]["debug"]
-        out["batch_size_histogram"] = stats["batch_size_histogram"]  # requests by largest batch, all C
-        from ray import serve
-
-        replica = serve.get_deployment_handle("debug", app_name=spec.name).stats.remote().result()
-        out["decode_loop"] = {k: replica.get(k) for k in ("steps", "mean_rows_per_step", "busy_s", "busy_cpu_s")}
-        return out
+        return _drive_endpoint(summary["url"], tokens, per_client, image)
     finally:
         serve_stage.shutdown(spec)
-        ray.shutdown()  # a fresh Ray (and Serve) per system: nothing carries over between a and b
+        ray.shutdown()  # a fresh Ray (and Serve) per system: nothing carries over
+
+
+_BASELINE_SERVER = """
+import json, sys, time, ray
+from cluster.spec import parse_spec
+from pipelines import serve as serve_stage
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+summary = serve_stage.run_stage(parse_spec(json.loads(sys.argv[1])))
+print("URL", summary["url"], flush=True)
+sys.stdin.read()
+"""
+
+
+def bench_baseline(tree: Path, model_dir: Path, tokens: int, per_client: int, image: bool) -> dict:
+    """(b): the decode-loop app of ``tree`` (its code on PYTHONPATH, for the driver and Ray's
+    workers), continuous batching with max_batch_size 32, batch_wait_timeout_s 0.01."""
+    if not (tree / "actors" / "decode_loop.py").is_file():
+        raise RuntimeError(f"{tree} is not a checkout with actors/decode_loop.py (git worktree add DIR fbfc7a6)")
+    spec = _endpoint_spec(model_dir, _free_port(), {"max_batch_size": 32, "batch_wait_timeout_s": 0.01})
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", _BASELINE_SERVER, json.dumps(spec)], cwd=tree, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while not line.startswith("URL "):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"the baseline server exited {proc.returncode}")
+        return _drive_endpoint(line.split()[1], tokens, per_client, image)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_vllm_offline(model_dir: Path, tokens: int, per_client: int, image: bool) -> dict:
+    """(c): one ``LLM.generate`` of C requests per round, in this process's engine (same engine
+    settings as a's replica: fp32, eager, max_num_seqs 32, 1 OpenMP thread)."""
+    os.environ.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    from vllm import LLM, SamplingParams
+
+    from actors.vllm_plugin import engine_args, register
+    from models.conversation import build_prompt, load_tokenizer
+
+    register()
+    llm = LLM(**engine_args(model_dir, dtype="float32", max_model_len=1024, max_num_seqs=32, enforce_eager=True,
+                            kv_cache_memory_bytes=2**30, hf_overrides={"max_image_pixels": 1_000_000}))
+    tokenizer = load_tokenizer(model_dir / "llm")
+    parts = [{"type": "image", "index": 0}, {"type": "text", "text": PROMPT}] if image else PROMPT
+    prompt: dict = {"prompt_token_ids": build_prompt([{"role": "user", "content": parts}], tokenizer,
+                                                     [1] if image else [])}
+    if image:
+        prompt["multi_modal_data"] = {"image": [_png()]}
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    out = {}
+    for c in CONCURRENCY:
+        llm.generate([prompt] * c, params, use_tqdm=False)
+        lat, n, t0 = [], [], time.perf_counter()
+        for _ in range(per_client):
+            t1 = time.perf_counter()
+            outs = llm.generate([prompt] * c, params, use_tqdm=False)
+            lat += [time.perf_counter() - t1] * c
+            n += [len(o.outputs[0].token_ids) for o in outs]
+        out[str(c)] = _summary(lat, time.perf_counter() - t0, n)
+    return out
 
 
 def _get(url: str) -> str:
@@ -164,30 +258,6 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=30) as resp:
         return resp.read().decode()
-
-
-def bench_raw(model_dir: Path, tokens: int, per_client: int) -> dict:
-    """Batch = concurrency, every request of a round decoded together, in this process."""
-    import torch
-
-    from models.checkpoint import load_model_dir
-    from models.conversation import build_prompt
-
-    torch.set_num_threads(1)
-    model, tokenizer = load_model_dir(model_dir)
-    ids = build_prompt([{"role": "user", "content": PROMPT}], tokenizer)
-    out = {}
-    for c in CONCURRENCY:
-        gen = lambda: model.generate([ids] * c, max_new_tokens=[tokens] * c, temperature=0.0,  # noqa: E731
-                                     eos_token_id=-1)
-        gen()
-        lat, t0 = [], time.perf_counter()
-        for _ in range(per_client):
-            t1 = time.perf_counter()
-            outs = gen()
-            lat += [time.perf_counter() - t1] * c
-        out[str(c)] = _summary(lat, time.perf_counter() - t0, [len(o) for o in outs] * per_client)
-    return out
 
 
 def bench_transformers_serve(model_dir: Path, tokens: int, per_client: int) -> dict:
@@ -241,54 +311,50 @@ def main() -> None:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--llm-width", type=int, default=None, help="debug LLM hidden size (default 128)")
     p.add_argument("--llm-layers", type=int, default=None, help="debug LLM layers (default 2)")
-    p.add_argument("--batch-wait-s", type=float, default=0.01, help="(a)'s batch_wait_timeout_s")
+    p.add_argument("--no-image", action="store_true", help="text-only requests for a, b and c")
+    p.add_argument("--baseline-tree", type=Path, default=None, help="(b): a checkout of the decode-loop commit")
     p.add_argument("--systems", default="a,b,c,d", help="which of a,b,c,d to run")
-    p.add_argument("--skip-hf", action="store_true", help="same as leaving c out of --systems")
     a = p.parse_args()
     # stdout carries exactly one JSON object: Ray's raylet and core-worker lines (written to fd 1
     # from C++ too) go to stderr until the result is ready
     json_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    systems = set(a.systems.split(",")) - ({"c"} if a.skip_hf else set())
+    systems = set(a.systems.split(","))
+    if a.baseline_tree is None:
+        systems.discard("b")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
+    image = not a.no_image
     model_dir = write_weights(a.llm_width, a.llm_layers)
-    from models.checkpoint import load_model_dir
+    from models.checkpoint import read_config
 
-    llm = load_model_dir(model_dir)[0].flavour.llm
+    llm = read_config(model_dir)["flavour"].llm
     result: dict = {"benchmark": "serve", "flavour": "debug",
                     "llm": {k: llm[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                 "intermediate_size", "vocab_size")},
-                    "prompt_chars": len(PROMPT), "max_tokens": a.tokens, "requests_per_client": a.requests_per_client,
-                    "batch_wait_s": a.batch_wait_s, "loadavg_start": _load()}
-    runs = [("a", "a_endpoint", True), ("b", "b_endpoint_no_batching", False)]
-    for key, name, batching in runs:
+                    "prompt_chars": len(PROMPT), "image": list(IMAGE_SIZE) if image else None,
+                    "max_tokens": a.tokens, "requests_per_client": a.requests_per_client, "loadavg_start": _load()}
+    runs = [("a", "a_vllm_endpoint", lambda: bench_endpoint(model_dir, a.tokens, a.requests_per_client, image)),
+            ("b", "b_decode_loop_endpoint",
+             lambda: bench_baseline(a.baseline_tree, model_dir, a.tokens, a.requests_per_client, image)),
+            ("d", "d_transformers_serve", lambda: bench_transformers_serve(model_dir, a.tokens, a.requests_per_client)),
+            ("c", "c_vllm_offline", lambda: bench_vllm_offline(model_dir, a.tokens, a.requests_per_client, image))]
+    for key, name, run in runs:  # c last: its engine lives in this process until the end
         if key in systems:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
             load = _load()
-            result[name] = bench_endpoint(model_dir, a.tokens, a.requests_per_client, batching, a.batch_wait_s)
+            try:
+                result[name] = run()
+            except Exception as err:  # noqa: BLE001 - reported, not hidden
+                result[name] = {"error": f"{type(err).__name__}: {err}"}
             result[name]["loadavg"] = [load, _load()]
-    if "d" in systems:
-        load = _load()
-        result["d_raw_batched_loop"] = bench_raw(model_dir, a.tokens, a.requests_per_client)
-        result["d_raw_batched_loop"]["loadavg"] = [load, _load()]
-    if "c" in systems:
-        load = _load()
-        try:
-            result["c_transformers_serve"] = bench_transformers_serve(model_dir, a.tokens, a.requests_per_client)
-        except Exception as err:  # noqa: BLE001 - reported, not hidden
-            result["c_transformers_serve"] = {"error": f"{type(err).__name__}: {err}"}
-        result["c_transformers_serve"]["loadavg"] = [load, _load()]
     result["loadavg_end"] = _load()
     ratios = {}
     for c in map(str, CONCURRENCY):
-        a_rps = result.get("a_endpoint", {}).get(c, {}).get("rps")
+        a_rps = result.get("a_vllm_endpoint", {}).get(c, {}).get("rps")
         if not a_rps:
             break
         ratios[c] = {}
-        for key, name in (("a_over_b", "b_endpoint_no_batching"), ("a_over_c", "c_transformers_serve"),
-                          ("a_over_d", "d_raw_batched_loop")):
+        for key, name in (("a_over_b", "b_decode_loop_endpoint"), ("a_over_c", "c_vllm_offline"),
+                          ("a_over_d", "d_transformers_serve")):
             other = result.get(name, {}).get(c)
             if other:
                 ratios[c][key] = round(a_rps / other["rps"], 2)
