@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.errors import UserError
 
 GROUP_RESOURCE_PREFIX = "sphinx_group_"
+# The project's version (pyproject.toml's; a test keeps them equal): the default image's tag.
+PROJECT_VERSION = "0.1.0"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -58,8 +60,30 @@ def _env_name(value: Optional[str]) -> Optional[str]:
 # ---------------------------------------------------------------- cluster
 
 
+class Toleration(_Strict):
+    """A Kubernetes toleration of the group's pods (e.g. GPU nodes tainted ``nvidia.com/gpu``)."""
+
+    key: Optional[str] = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    toleration_seconds: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Toleration":
+        if self.operator == "Exists" and self.value is not None:
+            raise _at("value", "operator Exists takes no value")
+        if self.key is None and self.operator != "Exists":
+            raise _at("key", "a toleration without a key must use operator Exists")
+        return self
+
+
 class NodeGroup(_Strict):
-    """Resources of one node type; the head and every worker group use it."""
+    """Resources of one node type; the head and every worker group use it.
+
+    ``node_selector`` and ``tolerations`` go to the group's Kubernetes pods as written;
+    ``instance_type`` also selects ``node.kubernetes.io/instance-type`` there.
+    """
 
     cpus: int = Field(2, ge=0)
     gpus: int = Field(0, ge=0)
@@ -67,6 +91,8 @@ class NodeGroup(_Strict):
     instance_type: Optional[str] = None
     resources: dict[str, float] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
 
 
 class WorkerGroup(NodeGroup):
@@ -94,8 +120,22 @@ class WorkerGroup(NodeGroup):
 
 
 class ClusterSection(_Strict):
+    """Where stages run and what the nodes run.
+
+    ``image``: the container image of every rendered pod and launcher node — this project's
+    (``Dockerfile``: Ray 2.60 GPU base + the pins of ``cluster/requirements.txt`` + sphinx-x),
+    built and pushed by the user; the default is the name ``docker build -t`` gives it here.
+    ``dependencies``: where a Ray Job's Python packages come from — ``image`` (the nodes run
+    that image) or ``runtime_env`` (a stock Ray cluster: each job brings the pins, Ray installs
+    them once per node). ``image_pull_secret``: the Kubernetes Secret (by name) for a private
+    registry. ``job_ttl_s``: how long a finished RayJob's cluster and record stay.
+    """
+
     address: str = "local"
-    image: str = "rayproject/ray:2.60.0-py311-cpu"
+    image: str = f"sphinx-x:{PROJECT_VERSION}"
+    dependencies: Literal["image", "runtime_env"] = "image"
+    image_pull_secret: Optional[str] = None
+    job_ttl_s: int = Field(600, ge=0)
     namespace: str = "default"
     provider: dict[str, Any] = Field(
         default_factory=lambda: {"type": "aws", "region": "us-east-1"},
@@ -111,6 +151,20 @@ class ClusterSection(_Strict):
         if v == "local" or re.match(r"^(https?|ray)://[^/\s]+(:\d+)?/?$", v):
             return v
         raise ValueError(f"must be 'local' or a URL like http://HEAD:8265, got {v!r}")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9._\-/:@]*$", v) or v.endswith((":", "/")):
+            raise ValueError(f"must be a container image reference like registry.example.com/sphinx-x:1.0, got {v!r}")
+        return v
+
+    @field_validator("image_pull_secret")
+    @classmethod
+    def _secret_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.match(r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$", v):
+            raise ValueError(f"must be a Kubernetes Secret name (lowercase a-z, 0-9, '-', '.'), got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _unique_groups(self) -> "ClusterSection":
