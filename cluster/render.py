@@ -8,12 +8,22 @@ started, nothing is imported from higher layers):
   one deployment per ``serve.models[]`` entry, named exactly like the model, carries its
   ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests`` and
   ``max_queued_requests``.
-- ``kuberay``: ``ray.io/v1`` manifests — a RayCluster (head + one worker group per spec
-  group), one RayJob per stage (entrypoint ``sphinx-x run /etc/sphinx-x/spec.yaml --stages X
-  --address local``) and a RayService whose ``serveConfigV2`` is the Serve config; plus a
-  ConfigMap holding the spec file the entrypoints read.
+- ``kuberay``: ``ray.io/v1`` manifests, every pod running ``cluster.image`` (this project's image,
+  ``Dockerfile``) — a RayCluster (head + every worker group, for ``sphinx-x run --address``), a
+  RayJob per batch stage that brings up only the groups the stage uses (:func:`stage_groups`:
+  preprocess its data group or the CPU groups, train its training group) and shuts down after
+  the job (``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished: cluster.job_ttl_s``), and a
+  RayService (serving: the serving groups only) whose ``serveConfigV2`` is the Serve config;
+  plus a ConfigMap holding the spec file the RayJob entrypoints read.
 - ``launcher``: a Ray cluster-launcher YAML (``ray up``): provider, node types with resources,
-  min/max workers, setup commands that install sphinx-x.
+  min/max workers, ``cluster.image`` as the docker image, setup commands that install the
+  synced sphinx-x source over the image's copy.
+
+Pods: resources and GPU limits (``nvidia.com/gpu``), ``nodeSelector`` (the group's
+``node_selector`` + ``instance_type``), ``tolerations`` and labels come from the spec's groups;
+a private registry is reached through ``cluster.image_pull_secret`` (a Secret, by name).
+KubeRay needs the project in the image: a spec with ``cluster.dependencies: runtime_env`` (a
+stock Ray image) cannot be rendered for it.
 
 Placement: every worker group declares its custom resource ``group.placement_resource``
 (e.g. ``sphinx_group_gpu``) with ``cluster.placement.GROUP_CAPACITY`` units, plus its own
@@ -26,8 +36,8 @@ per environment-variable name (``storage.*_env``, ``serve.api_keys_env``); never
 
     >>> from cluster.spec import ClusterSpec
     >>> docs = render_kuberay(ClusterSpec())
-    >>> sorted(docs)[:3]
-    ['configmap-spec.yaml', 'raycluster.yaml', 'rayjob-preprocess.yaml']
+    >>> sorted(docs)
+    ['configmap-spec.yaml', 'raycluster.yaml', 'rayjob-preprocess.yaml', 'rayjob-train.yaml', 'rayservice.yaml']
 """
 
 from __future__ import annotations
@@ -39,16 +49,19 @@ from typing import Any, Optional
 
 import yaml
 
+from cluster import pins
 from cluster.connect import worker_env
-from cluster.layout import STAGES, stage_entrypoint
+from cluster.layout import stage_entrypoint
 from cluster.placement import GROUP_CAPACITY, node_resources, placement
-from cluster.spec import ClusterSpec, NodeGroup, dump_spec, load_spec
+from cluster.spec import ClusterSpec, NodeGroup, WorkerGroup, dump_spec, load_spec
+from models.errors import UserError
 
 SERVE_IMPORT_PATH = "pipelines.serve:build_app"
 SPEC_MOUNT_DIR = "/etc/sphinx-x"
 SPEC_IN_POD = f"{SPEC_MOUNT_DIR}/spec.yaml"
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
+BATCH_STAGES = ("preprocess", "train")  # one RayJob each; serving is the RayService
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -74,6 +87,38 @@ def plain_env(spec: ClusterSpec) -> dict[str, str]:
 def _quantity(value: float) -> str:
     """A Kubernetes quantity for a float count: 2 -> "2", 0.5 -> "500m"."""
     return str(int(value)) if float(value).is_integer() else f"{int(round(value * 1000))}m"
+
+
+def stage_groups(spec: ClusterSpec, stage: str) -> list[WorkerGroup]:
+    """The worker groups ``stage``'s work can land on, in spec order: what its cluster brings up.
+
+    Work placed on a group (``data.group``, ``train.group``, ``serve.models[].group``) needs that
+    group. Unplaced work needs the groups whose kind fits it: GPU work (``train.use_gpu``, a
+    replica with ``num_gpus``) the groups with GPUs, other work the CPU-only groups; a spec
+    without groups of that kind falls back to every group. The head is always there.
+
+        >>> [g.name for g in stage_groups(aws_spec, "preprocess")]   # data.group: cpu
+        ['cpu']
+    """
+    groups = spec.cluster.worker_groups
+    gpu = [g for g in groups if g.gpus]
+    cpu_only = [g for g in groups if not g.gpus]
+
+    def need(group: str | None, uses_gpu: bool) -> list[WorkerGroup]:
+        if group is not None:
+            return [spec.cluster.group(group)]
+        return (gpu if uses_gpu else cpu_only) or groups
+
+    if stage == "preprocess":
+        chosen = need(spec.data.group, False)
+    elif stage == "train":
+        chosen = need(spec.train.group, spec.train.use_gpu)
+    elif stage == "serve":
+        chosen = [g for m in spec.serve.models for g in need(m.group, m.ray_actor_options.num_gpus > 0)]
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    names = {g.name for g in chosen}
+    return [g for g in groups if g.name in names]
 
 
 # ---------------------------------------------------------------- serve config
@@ -149,13 +194,26 @@ def _container(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool) -> 
     return container
 
 
+def _toleration(t) -> dict[str, Any]:
+    out = {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect,
+           "tolerationSeconds": t.toleration_seconds}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _pod_template(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "containers": [_container(spec, node, name, head=head)],
         "volumes": [{"name": "sphinx-x-spec", "configMap": {"name": f"{spec.name}-spec"}}],
     }
+    selector = dict(node.node_selector)
     if node.instance_type:
-        pod["nodeSelector"] = {"node.kubernetes.io/instance-type": node.instance_type}
+        selector.setdefault("node.kubernetes.io/instance-type", node.instance_type)
+    if selector:
+        pod["nodeSelector"] = selector
+    if node.tolerations:
+        pod["tolerations"] = [_toleration(t) for t in node.tolerations]
+    if spec.cluster.image_pull_secret:
+        pod["imagePullSecrets"] = [{"name": spec.cluster.image_pull_secret}]
     return {"metadata": {"labels": {"app.kubernetes.io/name": "sphinx-x", "app.kubernetes.io/instance": spec.name}},
             "spec": pod}
 
@@ -164,11 +222,17 @@ def _str_map(values: dict[str, Any]) -> dict[str, str]:
     return {k: (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)) for k, v in values.items()}
 
 
-def raycluster_spec(spec: ClusterSpec) -> dict[str, Any]:
-    """The ``spec`` of a RayCluster (also embedded in every RayJob and the RayService)."""
+def raycluster_spec(spec: ClusterSpec, groups: Optional[list[WorkerGroup]] = None) -> dict[str, Any]:
+    """The ``spec`` of a RayCluster with ``groups`` (default: every group) beside the head.
+
+    Also embedded in each RayJob (its stage's groups) and the RayService (the serving groups).
+    """
     head = spec.cluster.head
+    start_params = {"dashboard-host": "0.0.0.0"}
+    if not head.cpus:
+        start_params["num-cpus"] = "0"  # a head that only coordinates: no work lands there
     head_group: dict[str, Any] = {
-        "rayStartParams": {"dashboard-host": "0.0.0.0"},
+        "rayStartParams": start_params,
         "template": _pod_template(spec, head, "ray-head", head=True),
     }
     if head.resources:
@@ -176,7 +240,7 @@ def raycluster_spec(spec: ClusterSpec) -> dict[str, Any]:
     if head.labels:
         head_group["labels"] = dict(head.labels)
     workers = []
-    for g in spec.cluster.worker_groups:
+    for g in spec.cluster.worker_groups if groups is None else groups:
         group: dict[str, Any] = {
             "groupName": g.name,
             "replicas": g.min_workers,
@@ -190,22 +254,11 @@ def raycluster_spec(spec: ClusterSpec) -> dict[str, Any]:
             group["labels"] = dict(g.labels)
         workers.append(group)
     return {
-        "rayVersion": _ray_version(spec.cluster.image),
+        "rayVersion": pins.ray_version(),  # the image is built on it (Dockerfile)
         "enableInTreeAutoscaling": True,
         "headGroupSpec": head_group,
         "workerGroupSpecs": workers,
     }
-
-
-def _ray_version(image: str) -> str:
-    """`rayproject/ray:2.60.0-py311-cpu` -> `2.60.0`; any other tag -> the installed Ray's."""
-    tag = image.rsplit(":", 1)[-1] if ":" in image else ""
-    head = tag.split("-", 1)[0]
-    if head.count(".") == 2 and head.replace(".", "").isdigit():
-        return head
-    import ray
-
-    return ray.__version__
 
 
 def _meta(spec: ClusterSpec, name: str) -> dict[str, Any]:
@@ -214,15 +267,19 @@ def _meta(spec: ClusterSpec, name: str) -> dict[str, Any]:
 
 
 def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
-    """File name -> manifest: ConfigMap, RayCluster, one RayJob per stage, RayService."""
-    cluster = raycluster_spec(spec)
+    """File name -> manifest: ConfigMap, RayCluster, a RayJob per batch stage, RayService."""
+    if spec.cluster.dependencies != "image":
+        raise UserError(f"render --to kuberay: the pods run cluster.image ({spec.cluster.image}) and need sphinx-x "
+                        "and its dependencies in it, but cluster.dependencies is "
+                        f"{spec.cluster.dependencies!r}: build this project's image (Dockerfile), push it, "
+                        "set cluster.image to it and cluster.dependencies: image")
     docs: dict[str, dict[str, Any]] = {
         "configmap-spec.yaml": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.name}-spec"),
                                 "data": {"spec.yaml": dump_spec(spec)}},
         "raycluster.yaml": {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(spec, spec.name),
-                            "spec": cluster},
+                            "spec": raycluster_spec(spec)},
     }
-    for stage in STAGES:
+    for stage in BATCH_STAGES:
         docs[f"rayjob-{stage}.yaml"] = {
             "apiVersion": "ray.io/v1",
             "kind": "RayJob",
@@ -230,9 +287,9 @@ def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
             "spec": {
                 "entrypoint": stage_entrypoint(stage, SPEC_IN_POD),
                 "runtimeEnvYAML": yaml.safe_dump({"env_vars": plain_env(spec)}, sort_keys=False),
-                "shutdownAfterJobFinishes": stage != "serve",
-                "ttlSecondsAfterFinished": 600,
-                "rayClusterSpec": cluster,
+                "shutdownAfterJobFinishes": True,
+                "ttlSecondsAfterFinished": spec.cluster.job_ttl_s,
+                "rayClusterSpec": raycluster_spec(spec, stage_groups(spec, stage)),
             },
         }
     docs["rayservice.yaml"] = {
@@ -241,7 +298,7 @@ def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
         "metadata": _meta(spec, f"{spec.name}-serve"),
         "spec": {
             "serveConfigV2": yaml.safe_dump(render_serve_config(spec, http=False), sort_keys=False),
-            "rayClusterConfig": cluster,
+            "rayClusterConfig": raycluster_spec(spec, stage_groups(spec, "serve")),
         },
     }
     return docs
@@ -267,7 +324,12 @@ def _node_type(spec: ClusterSpec, node: NodeGroup, extra: dict[str, float], lo: 
 
 
 def render_launcher(spec: ClusterSpec) -> dict[str, Any]:
-    """A ``ray up`` cluster config. Run ``ray up`` from the project root: it syncs ``.``."""
+    """A ``ray up`` cluster config. Run ``ray up`` from the project root: it syncs ``.``.
+
+    The nodes run ``cluster.image``; setup installs the synced source without dependencies
+    (editable, over the image's copy): with this project's image they are all there, on a
+    stock image (``cluster.dependencies: runtime_env``) each Ray Job brings them.
+    """
     types = {"head": _node_type(spec, spec.cluster.head, {}, 0, 0)}
     for g in spec.cluster.worker_groups:
         types[g.name] = _node_type(spec, g, {g.placement_resource: GROUP_CAPACITY},
@@ -285,7 +347,7 @@ def render_launcher(spec: ClusterSpec) -> dict[str, Any]:
         "file_mounts": {"~/sphinx-x": "."},
         "cluster_synced_files": [],
         "rsync_exclude": [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".sphinx-x"],
-        "setup_commands": ["pip install -e ~/sphinx-x", *exports],
+        "setup_commands": ["pip install --no-deps -e ~/sphinx-x", *exports],
     }
 
 
@@ -317,11 +379,23 @@ def write(docs: dict[str, Any], out_dir: Optional[str | Path]) -> list[Path]:
     return paths
 
 
+def image_warning(spec: ClusterSpec) -> Optional[str]:
+    """A warning when ``cluster.image`` names no registry: only nodes it was loaded onto have it."""
+    image = spec.cluster.image
+    if "/" in image:
+        return None
+    return (f"cluster.image is {image!r}, a name without a registry: nodes can start it only where it was "
+            "built or loaded; push it (docker tag/push, README) and set cluster.image to REGISTRY/NAME:TAG")
+
+
 def command(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if spec.storage.endpoint_url == "embedded" and args.to != "serve":
         print("warning: storage.endpoint_url is 'embedded' (a server on 127.0.0.1 of one machine); "
               "a real cluster needs an S3 endpoint every node can reach", file=sys.stderr)
+    warning = image_warning(spec) if args.to != "serve" else None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     paths = write(render(spec, args.to), args.output)
     for path in paths:
         print(path)

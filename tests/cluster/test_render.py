@@ -1,5 +1,7 @@
 """render: every spec renders KubeRay manifests valid against the v1.7.0 CRDs, a launcher YAML
-valid against Ray's own schema, a Serve config Ray accepts — and never a credential value."""
+valid against Ray's own schema, a Serve config Ray accepts — and never a credential value. Each
+RayJob brings up only its stage's worker groups, the RayService only the serving groups, and
+every pod runs cluster.image with the groups' resources, selectors and tolerations."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import pytest
 import yaml
 
 from cluster.placement import GROUP_CAPACITY, PLACEMENT_FRACTION
-from cluster.render import (SERVE_IMPORT_PATH, render_kuberay,
-                            render_launcher, render_serve_config)
-from cluster.spec import EXAMPLES_DIR, load_spec, parse_spec
+from cluster.render import (SERVE_IMPORT_PATH, image_warning, render_kuberay, render_launcher,
+                            render_serve_config, stage_groups)
+from cluster.spec import EXAMPLES_DIR, PROJECT_VERSION, load_spec, parse_spec
+from models.errors import UserError
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +82,7 @@ def test_kuberay_manifests_validate_against_crds(name, data, crds):
     spec = parse_spec(data, name)
     docs = render_kuberay(spec)
     kinds = sorted(d["kind"] for d in docs.values())
-    assert kinds == ["ConfigMap", "RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
+    assert kinds == ["ConfigMap", "RayCluster", "RayJob", "RayJob", "RayService"]
     for doc in docs.values():
         if doc["kind"] in crds:
             assert doc["apiVersion"] == "ray.io/v1"
@@ -119,15 +122,128 @@ def test_raycluster_groups_resources_and_placement():
         assert "value" not in env[name]
 
 
-def test_rayjobs_one_per_stage():
+def _groups(cluster_spec: dict) -> list[str]:
+    return [g["groupName"] for g in cluster_spec["workerGroupSpecs"]]
+
+
+def test_rayjobs_bring_up_only_their_stages_groups_and_shut_down():
     docs = render_kuberay(parse_spec(MULTI_GROUP))
-    for stage in ("preprocess", "train", "serve"):
+    assert "rayjob-serve.yaml" not in docs  # serving is the RayService
+    expected = {"preprocess": ["cpu"], "train": ["gpu-a100"]}
+    for stage, groups in expected.items():
         job = docs[f"rayjob-{stage}.yaml"]["spec"]
-        assert job["entrypoint"].startswith(f"python -m pipelines.cli run /etc/sphinx-x/spec.yaml --stages {stage} --address local")
-        assert job["shutdownAfterJobFinishes"] is (stage != "serve")
-        assert job["ttlSecondsAfterFinished"] > 0
-        assert job["rayClusterSpec"]["workerGroupSpecs"][1]["groupName"] == "gpu-a100"
+        assert job["entrypoint"] == f"python -m pipelines.cli run /etc/sphinx-x/spec.yaml --stages {stage} --address local"
+        assert job["shutdownAfterJobFinishes"] is True
+        assert job["ttlSecondsAfterFinished"] == 600  # cluster.job_ttl_s
+        assert _groups(job["rayClusterSpec"]) == groups
         assert yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]["AWS_REGION"] == "us-east-1"
+    # the train job's GPU pods carry their GPU limit; the preprocess job has no GPU anywhere
+    (gpu,) = docs["rayjob-train.yaml"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert "nvidia.com/gpu" not in yaml.safe_dump(docs["rayjob-preprocess.yaml"])
+    # serving: the GPU group of the placed model + the CPU group the unplaced CPU model needs
+    assert _groups(docs["rayservice.yaml"]["spec"]["rayClusterConfig"]) == ["cpu", "gpu-a100"]
+    # the long-lived RayCluster (for `sphinx-x run --address`) has every group
+    assert _groups(docs["raycluster.yaml"]["spec"]) == ["cpu", "gpu-a100"]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("aws.yaml", {"preprocess": ["cpu"], "train": ["gpu"], "serve": ["gpu"]}),
+    ("kuberay.yaml", {"preprocess": ["cpu"], "train": ["gpu-a100"], "serve": ["gpu-serve"]}),
+    ("local.yaml", {"preprocess": [], "train": [], "serve": []}),
+])
+def test_each_examples_manifests_carry_their_stages_groups(name, expected):
+    docs = render_kuberay(load_spec(EXAMPLES_DIR / name))
+    carried = {stage: _groups(docs[f"rayjob-{stage}.yaml"]["spec"]["rayClusterSpec"]) for stage in ("preprocess", "train")}
+    carried["serve"] = _groups(docs["rayservice.yaml"]["spec"]["rayClusterConfig"])
+    assert carried == expected
+
+
+def test_stage_groups_for_unplaced_work_follow_the_kind_of_work():
+    spec = parse_spec({"cluster": {"worker_groups": [{"name": "big-gpu", "gpus": 8}, {"name": "cpu-a"},
+                                                     {"name": "cpu-b", "cpus": 16}]},
+                       "train": {"use_gpu": True},
+                       "serve": {"models": [{"name": "m", "flavour": "debug"}]}})
+    names = {stage: [g.name for g in stage_groups(spec, stage)] for stage in ("preprocess", "train", "serve")}
+    assert names == {"preprocess": ["cpu-a", "cpu-b"], "train": ["big-gpu"], "serve": ["cpu-a", "cpu-b"]}
+    # GPU work on a spec without GPU groups (and CPU work on one with only GPU groups): every group
+    only_cpu = parse_spec({"cluster": {"worker_groups": [{"name": "cpu"}]}, "train": {"use_gpu": True}})
+    assert [g.name for g in stage_groups(only_cpu, "train")] == ["cpu"]
+    only_gpu = parse_spec({"cluster": {"worker_groups": [{"name": "gpu", "gpus": 1}]}})
+    assert [g.name for g in stage_groups(only_gpu, "preprocess")] == ["gpu"]
+
+
+def test_every_pod_runs_the_image_with_the_groups_selectors_tolerations_and_pull_secret(crds):
+    data = json.loads(json.dumps(MULTI_GROUP))
+    data["cluster"]["image_pull_secret"] = "registry-creds"
+    data["cluster"]["head"]["cpus"] = 0
+    data["cluster"]["job_ttl_s"] = 120
+    data["cluster"]["worker_groups"][1]["node_selector"] = {"pool": "a100"}
+    data["cluster"]["worker_groups"][1]["tolerations"] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "value": "true", "effect": "NoExecute", "toleration_seconds": 30}]
+    docs = render_kuberay(parse_spec(data))
+    for doc in docs.values():
+        if doc["kind"] in crds:
+            crds[doc["kind"]].validate(doc)
+    pods = []
+    for doc in docs.values():
+        if doc["kind"] != "ConfigMap":
+            cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+            assert cluster["rayVersion"] == "2.60.0"
+            pods += [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    assert len(pods) == 3 + 2 + 2 + 3  # raycluster, two jobs (head + 1 group), service (head + 2 groups)
+    for pod in pods:
+        assert [c["image"] for c in pod["spec"]["containers"]] == ["example.com/sphinx-x:2.60.0-py311-gpu"]
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "registry-creds"}]
+    train = docs["rayjob-train.yaml"]["spec"]
+    assert train["ttlSecondsAfterFinished"] == 120
+    assert train["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu_pod = train["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert gpu_pod["nodeSelector"] == {"pool": "a100", "node.kubernetes.io/instance-type": "p4d.24xlarge"}
+    assert gpu_pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 30}]
+    cpu_pod = docs["rayjob-preprocess.yaml"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "tolerations" not in cpu_pod and "nodeSelector" not in cpu_pod
+
+
+def test_default_image_is_this_projects_at_its_version():
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert PROJECT_VERSION == version
+    spec = parse_spec({})
+    assert spec.cluster.image == f"sphinx-x:{version}" and spec.cluster.dependencies == "image"
+    containers = [g["template"]["spec"]["containers"][0]["image"]
+                  for g in [render_kuberay(spec)["raycluster.yaml"]["spec"]["headGroupSpec"]]]
+    assert containers == [f"sphinx-x:{version}"]
+    assert render_launcher(spec)["docker"]["image"] == f"sphinx-x:{version}"
+    assert "without a registry" in image_warning(spec)
+    assert image_warning(parse_spec({"cluster": {"image": "ghcr.io/team/sphinx-x:0.1.0"}})) is None
+
+
+def test_kuberay_needs_the_project_in_the_image():
+    spec = parse_spec({"cluster": {"image": "rayproject/ray:2.60.0-py311-gpu", "dependencies": "runtime_env"}})
+    with pytest.raises(UserError, match="cluster.dependencies: image"):
+        render_kuberay(spec)
+    assert render_launcher(spec)["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"cluster": {"image": "Has Spaces:1"}}, "cluster.image"),
+    ({"cluster": {"image_pull_secret": "Bad_Secret"}}, "cluster.image_pull_secret"),
+    ({"cluster": {"dependencies": "conda"}}, "cluster.dependencies"),
+    ({"cluster": {"head": {"tolerations": [{"operator": "Equal", "value": "x"}]}}}, "cluster.head.tolerations.0.key"),
+    ({"cluster": {"head": {"tolerations": [{"key": "k", "operator": "Exists", "value": "x"}]}}},
+     "cluster.head.tolerations.0.value"),
+])
+def test_bad_cluster_fields_name_the_field(bad, field):
+    from cluster.spec import SpecError
+
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad)
+    assert err.value.field == field
 
 
 def test_serve_config_is_accepted_by_ray_and_carries_model_options():
@@ -179,7 +295,7 @@ def test_no_rendered_file_contains_a_credential_value(name, data, tmp_path, monk
         assert main(["render", str(spec_file), "--to", target, "-o", str(tmp_path / target)]) == 0
     assert main(["render", str(spec_file), "--to", "serve"]) == 0  # stdout too
     texts = [p.read_text() for p in tmp_path.rglob("*.yaml") if p != spec_file] + [capsys.readouterr().out]
-    assert len(texts) == 6 + 1 + 1 + 1
+    assert len(texts) == 5 + 1 + 1 + 1
     for text in texts:
         for value in SECRETS.values():
             assert value not in text
