@@ -51,7 +51,8 @@ def uses_autoep(train: TrainSection, flavour: Flavour) -> bool:
 def memory_bounds(train: TrainSection, flavour: Flavour) -> dict[str, Any]:
     """Bucket and live-parameter sizes from the LLM width ``d`` (transformers' "auto" rules:
     reduce bucket d², ZeRO-3 prefetch 0.9·d², persistence 10·d), plus a live / reuse limit of
-    about two decoder layers (24·d² parameters) for ZeRO-3. DeepSpeed's defaults (5e8-element
+    about two decoder layers (24·d² parameters) for ZeRO-3, which is also its optimizer
+    sub-group size. DeepSpeed's defaults (5e8-element
     buckets, 1e9 live parameters and reuse distance) keep a model under ~1 B parameters wholly
     gathered on every rank (measured: 8–9 GB per ZeRO-3 rank for 0.38 B in fp32), which is what
     ZeRO-3 is there to avoid. Never below 5e5 elements (the toy flavours)."""
@@ -65,6 +66,9 @@ def memory_bounds(train: TrainSection, flavour: Flavour) -> dict[str, Any]:
         out.update({"stage3_prefetch_bucket_size": max(int(0.9 * d * d), 500_000),
                     "stage3_param_persistence_threshold": 10 * d,
                     "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
+                    # the optimizer steps its fp32 partition in sub-groups of this size, so its
+                    # temporaries (fp32 gradients, Adam's denominators) stay per sub-group
+                    "sub_group_size": live,
                     # the export gathers itself, parameter by parameter (actors.consolidate)
                     "stage3_gather_16bit_weights_on_model_save": False})
     return out

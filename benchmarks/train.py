@@ -239,9 +239,14 @@ def scale(args) -> dict:
     from train_memory import memory_section
     from train_packing import packing_section
 
+    sections = set(args.sections.split(","))
     out: dict = {"benchmark": "train --scale", "load_average_start": os.getloadavg()}
-    out["memory"] = memory_section()
-    out["packing"] = packing_section()
+    if "memory" in sections:
+        out["memory"] = memory_section()
+    if "packing" in sections:
+        out["packing"] = packing_section()
+    if "overhead" not in sections:
+        return out
     tokenizer, batches = _packed_batches(8)
     ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     try:
@@ -262,6 +267,7 @@ def scale(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scale", action="store_true", help="issue 15: memory per rank, packing, overhead")
+    p.add_argument("--sections", default="memory,packing,overhead", help="--scale: which of them")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--demo-steps", type=int, default=60, help="0 skips the demo-like runs")
     p.add_argument("--rounds", type=int, default=3, help="bare / Ray 1-worker pairs, interleaved; medians")

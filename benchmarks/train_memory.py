@@ -37,6 +37,11 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _phase(phases: dict, name: str) -> None:
+    """Peak RSS so far at the end of a phase (GiB)."""
+    phases[name] = round(_peak_rss_gib(), 3)
+
+
 def _batch(tokenizer):
     import numpy as np
 
@@ -65,6 +70,8 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
     tokenizer, _ = build_rows("debug", n_rows=4, seed=0)
     flavour = from_name("debug", **SCALE_OVERRIDES)
     batch = _batch(tokenizer)
+    phases: dict = {}
+    _phase(phases, "imports")
     t0 = time.perf_counter()
     if mode == "single":
         from actors.batching import model_inputs
@@ -74,11 +81,14 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
         model = SphinxX.from_flavour(flavour, tokenizer)
         model.set_vision_trainable(False)
         params = sum(p.numel() for p in model.parameters())
+        _phase(phases, "built")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
-        for _ in range(STEPS):
+        for k in range(STEPS):
             model(**model_inputs(batch)).loss.backward()
+            _phase(phases, f"backward{k}")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            _phase(phases, f"step{k}")
     else:
         import torch.distributed as dist
 
@@ -95,14 +105,19 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
         cfg = deepspeed_config(train, flavour, world_size=world, total_steps=STEPS)
         model = construct_model(flavour, tokenizer, train, cfg)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        _phase(phases, "built")
         engine = build_engine(train, model, world, STEPS, cfg)
-        for _ in range(STEPS):
+        _phase(phases, "engine")
+        for k in range(STEPS):
             output = engine(**model_inputs(batch, engine.device))
             engine.backward(output.loss)
+            _phase(phases, f"backward{k}")
             engine.step()
+            _phase(phases, f"step{k}")
         dist.barrier()
     out.put({"rank": rank, "peak_rss_gib": round(_peak_rss_gib(), 3), "params": int(params),
-             "seconds": round(time.perf_counter() - t0, 1)})
+             "seconds": round(time.perf_counter() - t0, 1),
+             "peak_after": phases})
 
 
 def _free_port() -> int:
