@@ -7,8 +7,13 @@ A thin layer over ``ray.job_submission.JobSubmissionClient`` (the dashboard's HT
 What a submission carries (``runtime_env``), and what it does not:
 
 - ``working_dir``: a copy of the project (``.venv``, ``.git``, ``runs``, caches excluded)
-  with the spec written into it as ``job-spec.yaml``, so the job reads the same spec
-  wherever the user's file lives. Python dependencies come from the cluster's image.
+  with the spec written into it as ``job-spec.yaml``, so the job reads the same spec and runs
+  the same code wherever the user's file lives.
+- ``pip`` (only with ``cluster.dependencies: runtime_env``, a stock Ray cluster): the exact pins
+  of ``cluster/requirements.txt`` (:func:`cluster.pins.job_pip`). Ray installs them into a
+  virtualenv cloned from the node's Ray environment, once per node, and reuses it for every
+  later job with the same list (the runtime env is cached by content). With
+  ``dependencies: image`` (the default) the nodes run this project's image, which has them.
 - ``env_vars``: ``cluster.connect.worker_env`` — endpoint, region, checksum settings. Never a
   credential value: credentials come from the cluster's environment.
 
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
+from cluster import pins
 from cluster.layout import JOB_SPEC_NAME as JOB_SPEC
 from cluster.spec import ClusterSpec, dump_spec, load_spec
 from models.errors import UserError
@@ -45,6 +51,9 @@ EXCLUDES = [".venv", "venv", ".git", "runs", ".sphinx-x", "tmp", "build", "dist"
             "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info",
             "*.pyc", "*.safetensors", "*.parquet", "*.pt", "*.bin"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# How long Ray may take to build a job's runtime env (Ray's own default is 600 s): the first job on
+# a GPU node of a stock cluster downloads the CUDA torch build and the rest of the pins.
+SETUP_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -140,8 +149,37 @@ def worker_env(spec: ClusterSpec) -> dict[str, str]:
     return env_for(section)
 
 
-def runtime_env(working_dir: Path, env_vars: dict[str, str]) -> dict:
-    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(env_vars)}
+def runtime_env(working_dir: Path, env_vars: dict[str, str], *, pip: Optional[dict] = None) -> dict:
+    """The submission's runtime_env: the staged project, the worker env, and ``pip`` if given."""
+    env: dict = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(env_vars)}
+    if pip is not None:
+        env["pip"] = pip
+        env["config"] = {"setup_timeout_seconds": SETUP_TIMEOUT_S}
+    return env
+
+
+def job_pip(spec: ClusterSpec) -> Optional[dict]:
+    """What a job must install: the pins on a stock cluster, nothing when the image has them."""
+    return pins.job_pip() if spec.cluster.dependencies == "runtime_env" else None
+
+
+def check_ray_version(client, spec: ClusterSpec) -> Optional[str]:
+    """The cluster's Ray version; UserError when jobs would bring their pins to another Ray.
+
+    A runtime env cannot replace the Ray a node runs (Ray refuses a pip list that changes it),
+    so a stock cluster must run the pinned Ray. With the image, a mismatch is only logged: the
+    image decides.
+    """
+    theirs = getattr(client, "_server_ray_version", None)
+    ours = pins.ray_version()
+    if not theirs or theirs == ours:
+        return theirs
+    if spec.cluster.dependencies == "runtime_env":
+        raise UserError(f"the cluster runs Ray {theirs}, but sphinx-x's jobs bring their dependencies for Ray "
+                        f"{ours} (cluster/requirements.txt): start the cluster with ray[default]=={ours}, or "
+                        "run this project's image and set cluster.dependencies: image")
+    log.warning("the cluster runs Ray %s; sphinx-x pins Ray %s (its image is built on it)", theirs, ours)
+    return theirs
 
 
 def submit(client, *, entrypoint: str, spec: ClusterSpec, metadata: Optional[dict[str, str]] = None,
@@ -150,7 +188,8 @@ def submit(client, *, entrypoint: str, spec: ClusterSpec, metadata: Optional[dic
     env = worker_env(spec) if env_vars is None else env_vars
     with tempfile.TemporaryDirectory(prefix="sphinx-x-job-") as tmp:
         work = stage_working_dir(spec, Path(tmp) / "project")
-        job_id = _call("submit", client.submit_job, entrypoint=entrypoint, runtime_env=runtime_env(work, env),
+        job_id = _call("submit", client.submit_job, entrypoint=entrypoint,
+                       runtime_env=runtime_env(work, env, pip=job_pip(spec)),
                        metadata={"sphinx-x": spec.name, **(metadata or {})})
     log.info("submitted %s: %s", job_id, entrypoint)
     return job_id
@@ -187,6 +226,27 @@ def stream_logs(client, job_id: str, out: Optional[TextIO] = None) -> None:
             if done:
                 return
             time.sleep(1)
+
+
+def wait_started(client, job_id: str, *, timeout_s: Optional[float] = None, poll_s: float = 0.5,
+                 on_wait=None) -> tuple[JobResult, float]:
+    """Block while the job is PENDING (Ray builds its runtime env then); (status, seconds waited).
+
+    ``on_wait(seconds)`` is called once when the wait passes 5 s, so a caller can say why.
+    """
+    started = time.monotonic()
+    told = False
+    while True:
+        result = status(client, job_id)
+        waited = time.monotonic() - started
+        if result.status != "PENDING":
+            return result, waited
+        if on_wait is not None and not told and waited > 5:
+            on_wait(waited)
+            told = True
+        if timeout_s is not None and waited > timeout_s:
+            raise UserError(f"job {job_id} still PENDING after {timeout_s:.0f}s (its runtime env is not ready)")
+        time.sleep(poll_s)
 
 
 def wait(client, job_id: str, *, timeout_s: Optional[float] = None, poll_s: float = 0.5) -> JobResult:

@@ -10,8 +10,11 @@ storage: shards → checkpoints → exported model → endpoint.
 - ``address`` ``http://HEAD:8265`` (``--address`` or ``cluster.address``): each stage becomes a
   Ray Job (:mod:`cluster.jobs`): entrypoint ``python -m pipelines.cli run job-spec.yaml
   --stages X --address local``, the project + spec as working dir, storage env vars (no
-  secrets). Its logs are streamed here; the first failed job stops the run with the job's
-  error (exit 1). The serve job deploys and returns; the app stays up on the cluster.
+  secrets) and, on a stock Ray cluster (``cluster.dependencies: runtime_env``), the pinned
+  dependencies as the job's ``pip``: the first job on a node waits while Ray installs them
+  (said here, with the time it took). Its logs are streamed here; the first failed job stops
+  the run with the job's error (exit 1). The serve job deploys and returns; the app stays up
+  on the cluster.
 
     $ sphinx-x run cluster/examples/local.yaml --stages preprocess,train
     $ sphinx-x run spec.yaml --address http://127.0.0.1:8265 --stages preprocess
@@ -90,13 +93,24 @@ def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool 
     """Submit each stage as a Ray Job at ``address``, stream its logs, stop at the first failure."""
     out = out or sys.stdout
     client = jobs.connect(address)
+    jobs.check_ray_version(client, spec)
     env = jobs.worker_env(spec)
+    shipped = jobs.job_pip(spec) is not None
     results: dict[str, jobs.JobResult] = {}
     for stage in ordered(stages):
         job_id = jobs.submit(client, entrypoint=stage_entrypoint(stage, JOB_SPEC_NAME, force=force), spec=spec,
                              metadata={"stage": stage}, env_vars=env)
         print(f"[sphinx-x] {stage}: submitted job {job_id} to {address}", file=out, flush=True)
+
+        def waiting(_s: float, stage: str = stage) -> None:
+            why = ("Ray installs the pinned dependencies of cluster/requirements.txt, once per node (minutes)"
+                   if shipped else "the working dir upload, or resources")
+            print(f"[sphinx-x] {stage}: waiting for the job's runtime environment: {why}", file=out, flush=True)
+
         try:
+            started, waited = jobs.wait_started(client, job_id, on_wait=waiting)
+            if waited > 5:
+                print(f"[sphinx-x] {stage}: job {job_id} {started.status} after {waited:.0f}s", file=out, flush=True)
             result = jobs.follow(client, job_id, out=out, timeout_s=timeout_s)
         except KeyboardInterrupt:
             jobs.stop(client, job_id)

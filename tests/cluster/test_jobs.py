@@ -104,3 +104,54 @@ def test_a_head_that_needs_a_token_is_answered_with_how_to_give_it(monkeypatch):
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
     with pytest.raises(UserError, match="RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH"):
         jobs.connect("http://127.0.0.1:8265")
+
+
+# ---------------------------------------------------------------- what a job brings to a stock cluster
+
+
+def test_a_stock_cluster_gets_the_pins_as_the_jobs_pip_and_the_image_gets_none():
+    from cluster import pins
+
+    image = parse_spec({})
+    stock = parse_spec({"cluster": {"dependencies": "runtime_env"}})
+    assert jobs.job_pip(image) is None
+    assert jobs.job_pip(stock) == pins.job_pip()
+    env = jobs.runtime_env(jobs.PROJECT_ROOT, {}, pip=jobs.job_pip(stock))
+    assert env["pip"]["packages"][0] == "torch==2.13.0"
+    assert env["config"]["setup_timeout_seconds"] == jobs.SETUP_TIMEOUT_S > 600  # Ray's default is 600
+    assert "pip" not in jobs.runtime_env(jobs.PROJECT_ROOT, {}, pip=jobs.job_pip(image))
+
+
+class _Client:
+    def __init__(self, ray_version=None, states=()):
+        self._server_ray_version = ray_version
+        self.states = list(states)
+
+    def get_job_info(self, job_id):
+        import types
+
+        return types.SimpleNamespace(status=self.states.pop(0) if len(self.states) > 1 else self.states[0],
+                                     message="")
+
+
+def test_a_stock_cluster_on_another_ray_is_refused_before_anything_is_submitted(caplog):
+    stock = parse_spec({"cluster": {"dependencies": "runtime_env"}})
+    with pytest.raises(UserError, match=r"cluster runs Ray 2\.55\.0.*ray\[default\]==2\.60\.0"):
+        jobs.check_ray_version(_Client("2.55.0"), stock)
+    assert jobs.check_ray_version(_Client("2.60.0"), stock) == "2.60.0"
+    assert jobs.check_ray_version(_Client(None), stock) is None
+    # with the image, the image decides: a warning only
+    assert jobs.check_ray_version(_Client("2.55.0"), parse_spec({})) == "2.55.0"
+    assert "the cluster runs Ray 2.55.0" in caplog.text
+
+
+def test_wait_started_says_once_why_a_job_is_pending(monkeypatch):
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    clock = iter(range(0, 100, 2))
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: next(clock))
+    told = []
+    result, waited = jobs.wait_started(_Client(states=["PENDING"] * 5 + ["RUNNING"]), "raysubmit_x",
+                                       on_wait=told.append)
+    assert result.status == "RUNNING" and waited == 12 and told == [6]
+    with pytest.raises(UserError, match="still PENDING after 3s"):
+        jobs.wait_started(_Client(states=["PENDING"]), "raysubmit_y", timeout_s=3)

@@ -164,6 +164,64 @@ def test_failing_stage_exits_nonzero_with_the_jobs_error(ray_head, make_spec, tm
     assert "train: submitted" not in captured.out  # stopped at the first failure
 
 
+class _FakeJobs:
+    """A Ray Jobs client that records submissions; each job is PENDING for ``pending`` polls."""
+
+    def __init__(self, ray_version: str, pending: int = 0):
+        self._server_ray_version = ray_version
+        self.pending, self.submitted, self.polls = pending, [], {}
+
+    def submit_job(self, *, entrypoint, runtime_env, metadata):
+        self.submitted.append({"entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata})
+        return f"raysubmit_{len(self.submitted)}"
+
+    def get_job_info(self, job_id):
+        n = self.polls[job_id] = self.polls.get(job_id, 0) + 1
+        first = job_id == "raysubmit_1"
+        state = "PENDING" if first and n <= self.pending else "SUCCEEDED"
+        return types.SimpleNamespace(status=state, message="")
+
+    async def tail_job_logs(self, job_id):
+        yield f"log of {job_id}\n"
+
+
+def test_run_jobs_on_a_stock_cluster_ships_the_pins_and_says_why_the_first_job_waits(monkeypatch):
+    import io
+
+    from cluster import jobs, pins
+    from cluster.spec import parse_spec
+
+    spec = parse_spec({"cluster": {"dependencies": "runtime_env"},
+                       "storage": {"uri": "s3://some-bucket/x", "endpoint_url": None}})
+    fake = _FakeJobs(pins.ray_version(), pending=4)
+    monkeypatch.setattr(jobs, "connect", lambda address: fake)
+    clock = iter(range(0, 1000, 3))
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    out = io.StringIO()
+    results = run.run_jobs(spec, ["train", "preprocess"], "http://head:8265", out=out)
+    assert [r.status for r in results.values()] == ["SUCCEEDED", "SUCCEEDED"]
+    first, second = fake.submitted
+    assert "--stages preprocess" in first["entrypoint"] and "--stages train" in second["entrypoint"]
+    for sub in fake.submitted:  # every job brings the same pin list: Ray builds the env once
+        assert sub["runtime_env"]["pip"] == pins.job_pip()
+        assert sub["runtime_env"]["env_vars"]["AWS_REGION"] == "us-east-1"
+    text = out.getvalue()
+    assert text.count("waiting for the job's runtime environment: Ray installs the pinned dependencies") == 1
+    assert "preprocess: job raysubmit_1 SUCCEEDED after 15s" in text and "log of raysubmit_2" in text, text
+    # the image path: no pip; a stock cluster on another Ray: refused before any submission
+    image_fake = _FakeJobs(pins.ray_version())
+    monkeypatch.setattr(jobs, "connect", lambda address: image_fake)
+    run.run_jobs(spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"dependencies": "image"})}),
+                 ["preprocess"], "http://head:8265", out=io.StringIO())
+    assert "pip" not in image_fake.submitted[0]["runtime_env"]
+    other = _FakeJobs("2.41.0")
+    monkeypatch.setattr(jobs, "connect", lambda address: other)
+    with pytest.raises(UserError, match="cluster runs Ray 2.41.0"):
+        run.run_jobs(spec, ["preprocess"], "http://head:8265", out=io.StringIO())
+    assert other.submitted == []
+
+
 # ---------------------------------------------------------------- placement on node groups
 
 
