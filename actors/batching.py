@@ -60,11 +60,13 @@ def steps_per_epoch(num_rows: int, global_batch: int) -> int:
     return num_rows // global_batch
 
 
-def total_steps(num_rows: int, global_batch: int, *, steps: int | None, epochs: int | None) -> int:
-    """``steps`` when given, else ``epochs`` full passes; raises UserError when no step fits."""
+def total_steps(num_rows: int, global_batch: int, *, steps: int | None, epochs: int | None,
+                rows: str = "rows") -> int:
+    """``steps`` when given, else ``epochs`` full passes; raises UserError when no step fits
+    (``rows`` names what is counted, e.g. "packed rows")."""
     per_epoch = steps_per_epoch(num_rows, global_batch)
     if per_epoch == 0:
-        raise UserError(f"the shards hold {num_rows} rows, fewer than one global batch ({global_batch} = "
+        raise UserError(f"the shards hold {num_rows} {rows}, fewer than one global batch ({global_batch} = "
                         "micro_batch × grad_accum × workers); add data or lower the batch")
     return steps if steps is not None else per_epoch * int(epochs)
 

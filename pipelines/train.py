@@ -200,7 +200,9 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
     files, where, lengths = read_index(storage, lay, manifest["shards"])
     global_batch = train.global_batch
     packs, row_lengths = training_rows(spec, lengths)
-    steps = total_steps(len(row_lengths), global_batch, steps=train.steps, epochs=train.epochs)
+    steps = total_steps(len(row_lengths), global_batch, steps=train.steps, epochs=train.epochs,
+                        rows=f"packed rows (train.packing, data.max_seq_len {spec.data.max_seq_len})"
+                        if train.packing else "rows")
     plan = plan_batches(row_lengths, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
                         world_size=train.workers, steps=steps, seed=train.seed)
     done = list_checkpoints(spec, storage)
