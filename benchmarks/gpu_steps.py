@@ -23,6 +23,7 @@ per case (what can be checked without a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -176,7 +177,8 @@ def main() -> None:
     if args.cpu_smoke:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         args.steps, args.warmup, args.micro, args.seq = 2, 1, 1, 512
-    init_process_group("nccl" if gpu else "gloo")
+    with contextlib.redirect_stdout(sys.stderr):
+        init_process_group("nccl" if gpu else "gloo")
     dense = "tiny" if gpu else "debug"
     table = {"tiny_zero2": (dense, 2, False), "tiny_zero3": (dense, 3, False), "debug_moe_autoep": ("debug-moe", 2, True)}
     result: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu", "backend": "nccl" if gpu else "gloo",
@@ -194,8 +196,9 @@ def main() -> None:
     for case in [c for c in args.cases.split(",") if c]:
         flavour_name, zero, autoep = table[case]
         try:
-            result["cases"][case] = run_case(case, flavour_name, zero=zero, autoep=autoep, gpu=gpu, steps=args.steps,
-                                             warmup=args.warmup, micro=args.micro, seq=args.seq)
+            with contextlib.redirect_stdout(sys.stderr):  # library prints: stdout holds the JSON alone
+                    result["cases"][case] = run_case(case, flavour_name, zero=zero, autoep=autoep, gpu=gpu,
+                                                 steps=args.steps, warmup=args.warmup, micro=args.micro, seq=args.seq)
         except Exception as err:  # noqa: BLE001 - one failing case must not hide the others' figures
             result["cases"][case] = {"error": f"{type(err).__name__}: {err}"[:2000]}
     print(json.dumps(result, indent=2))
