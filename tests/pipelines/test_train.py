@@ -200,7 +200,7 @@ def test_absolute_and_s3_outputs_are_taken_as_given_through_preprocess_and_train
     elsewhere = f"s3://sphinx-x-test/elsewhere-{os.getpid()}-{tmp_path.name}"
     spec = make_spec(**{**spec.model_dump(mode="json"), "train": {
         "workers": 1, "steps": 2, "checkpoint_every": 2, "micro_batch": 2, "max_failures": 0,
-        "output": elsewhere}})
+        "output": elsewhere, "packing": False}})  # 12 rows would pack into one 2048-token row
     storage = _storage(spec)
     summary = preprocess.run_stage(spec)
     assert summary["rows_written"] > 0
