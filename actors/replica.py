@@ -171,6 +171,7 @@ class ModelReplica:
         self.context = config.engine.max_model_len or context_length(self.model_dir)
         self.engine = start_engine(self.model_dir, config.engine, max_image_pixels=config.max_image_pixels)
         self._active = 0
+        self.aborted = 0  # requests stopped before they finished (client gone)
         self._peaks: dict[str, int] = {}
         self.batch_sizes: Counter = Counter()
         from ray.serve.metrics import Histogram
@@ -252,6 +253,8 @@ class ModelReplica:
             self._active -= 1
             peak = self._peaks.pop(rid, 1)
             if not finished:  # the client left (or the engine failed): free its KV blocks
+                if started:
+                    self.aborted += 1
                 asyncio.get_running_loop().create_task(self.engine.abort(rid))
         self.batch_sizes[peak] += 1
         self._batch_metric.observe(peak)
@@ -291,8 +294,10 @@ class ModelReplica:
         return {"input_ids": p.input_ids, "views": p.views, "kept": p.kept, "image_tokens": p.image_tokens}
 
     def stats(self) -> dict:
-        """``batch_size_histogram``: requests by the most requests their engine held at once."""
-        return {"model": self.name, "batch_size_histogram": dict(self.batch_sizes)}
+        """``batch_size_histogram``: requests by the most requests their engine held at once;
+        ``running``: requests in the engine now; ``aborted``: requests stopped unfinished."""
+        return {"model": self.name, "batch_size_histogram": dict(self.batch_sizes), "running": self._active,
+                "aborted": self.aborted}
 
 
 class ContextError(UserError):

@@ -200,6 +200,26 @@ def test_streaming(live):
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
+def test_a_client_that_leaves_mid_stream_aborts_its_request(live):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("debug-moe", app_name=live["spec"].name)
+    before = handle.stats.remote().result()["aborted"]
+    body = {"model": "debug-moe", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 900,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", live["url"] + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")  # the role chunk: the request is in the engine
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = handle.stats.remote().result()
+        if stats["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0 and stats["aborted"] == before + 1, stats
+
+
 def test_server_inputs_equal_preprocess_output(live):
     """For one sample, the token ids and tiles the server builds equal what preprocess wrote."""
     from ray import serve
