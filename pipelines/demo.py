@@ -97,7 +97,10 @@ def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
     data["train"] = {**data.get("train", {}), "workers": 2, "use_gpu": False, "zero_stage": 2,
                      "precision": "fp32", "micro_batch": cfg.micro_batch, "grad_accum": 1, "lr": cfg.lr,
                      "train_encoders": cfg.train_encoders, "warmup_ratio": cfg.warmup_ratio, "steps": cfg.steps, "epochs": None,
-                     "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "seed": cfg.seed}
+                     "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "seed": cfg.seed,
+                     # the recipe BENCHMARKS.md measured (one sample per row): packing would put ~5
+                     # samples in each of its 8 rows, ~5x the work per step, with unmeasured figures
+                     "packing": False}
     data["serve"] = {**data.get("serve", {}), "http": {"host": "127.0.0.1", "port": port}, "models": [{
         "name": MODEL_NAME, "checkpoint": "@train", "flavour": "debug",
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
