@@ -240,7 +240,8 @@ def test_each_stage_runs_on_its_node_group(s3, make_spec, tmp_path):
         cluster={"worker_groups": [{"name": "cpu", "cpus": 2}, {"name": "gpu", "cpus": 3}]},
         data={"sources": _synthetic_sources(tmp_path / "data"), "max_seq_len": 512, "group": "cpu",
               "concurrency": 1},
-        train={"group": "gpu", "workers": 2, "steps": 2, "micro_batch": 2, "checkpoint_every": 2, "zero_stage": 2},
+        train={"group": "gpu", "workers": 2, "steps": 2, "micro_batch": 2, "checkpoint_every": 2, "zero_stage": 2,
+               "packing": False},  # a handful of rows: one sample per row
         serve={"models": [{"name": "placed", "checkpoint": "@train", "group": "gpu",
                            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]},
     )
@@ -288,7 +289,8 @@ def test_ctrl_c_stops_run_while_serving_after_training(tmp_path):
         "name": "ctrl-c", "storage": {"uri": str(tmp_path / "store")},
         "cluster": {"head": {"cpus": 3}},
         "model": {"flavour": "debug"},
-        "train": {"workers": 1, "steps": 2, "checkpoint_every": 2, "micro_batch": 2, "max_failures": 0},
+        "train": {"workers": 1, "steps": 2, "checkpoint_every": 2, "micro_batch": 2, "max_failures": 0,
+                  "packing": False},  # 8 synthetic rows: one sample per row
         "serve": {"http": {"port": port}, "models": [{
             "name": "m", "checkpoint": "@train", "ray_actor_options": {"num_cpus": 0.5},
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]},
