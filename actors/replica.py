@@ -67,7 +67,7 @@ def prepare_chat(messages: list[dict], images: list[bytes], tokenizer: Any, flav
     spec = TileSpec.from_flavour(flavour)
     tiled = [load_and_tile(data, spec, max_pixels=max_pixels) for data in images]
     image_tokens = [image_token_count(*t.original_size, spec, flavour.tokens_per_view) for t in tiled]
-    input_ids = build_prompt(messages, tokenizer, image_tokens)
+    input_ids = build_prompt(messages, tokenizer, image_tokens, image_position=flavour.image_position)
     if not tiled:
         return Prepared(input_ids, None, None, [])
     views = np.concatenate([t.views for t in tiled])
@@ -96,7 +96,7 @@ def prompt_ids(messages: list[dict], images: list[bytes], tokenizer: Any, flavou
     from models.tiling import TileSpec, image_token_count
 
     spec = TileSpec.from_flavour(flavour)
-    ids = build_prompt(messages, tokenizer, [1] * len(images))
+    ids = build_prompt(messages, tokenizer, [1] * len(images), image_position=flavour.image_position)
     sizes = [image_size(d) for d in images]
     expanded = len(ids) + sum(image_token_count(*s, spec, flavour.tokens_per_view) - 1 for s in sizes if s)
     return ids, expanded

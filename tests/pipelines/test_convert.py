@@ -74,3 +74,45 @@ def test_convert_json_and_failures(release, tmp_path, capsys):
     assert "embeddings.patch_embeddings.weight [32, 3, 4, 4] != [384, 3, 4, 4]" in err
     with pytest.raises(SystemExit):
         main(["convert", "--from", "megatron", str(release.directory), "-o", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_a_converted_release_serves_and_answers(release, tmp_path, make_spec, ray_local):
+    """convert -> the endpoint (vLLM replica) -> an image question through the official openai
+    client: an answer, with the release's geometry (no skip tokens: every image costs
+    (1 + G^2)(N + 2) tokens, placed right after <s>)."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    from models.checkpoint import read_config
+    from pipelines import serve as serve_stage
+
+    out = tmp_path / "m"
+    assert main(["convert", "--from", "accessory", str(release.directory), "-o", str(out),
+                 "--flavour", "debug-sphinx-tiny-1k"]) == 0
+    flavour = read_config(out)["flavour"]  # a Flavour
+    assert not flavour.skip_tokens and flavour.image_position == "after_bos"
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = make_spec(name="converted", serve={"http": {"host": "127.0.0.1", "port": port}, "models": [
+        {"name": "sphinx-tiny", "checkpoint": str(out), "ray_actor_options": {"num_cpus": 0.5}}]})
+    summary = serve_stage.run_stage(spec)
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (90, 30), (200, 30, 30)).save(buf, "PNG")  # 3:1, fully padded tiles included
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        client = openai.OpenAI(base_url=summary["url"] + "/v1", api_key="none", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model="sphinx-tiny", max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What colour is it?"}]}])
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+        image_tokens = (1 + flavour.grid ** 2) * (flavour.tokens_per_view + 2)
+        assert reply.usage.prompt_tokens > image_tokens
+    finally:
+        serve_stage.shutdown(spec)
