@@ -52,11 +52,11 @@ def test_good_rows_match_models_tiling(tokenizer, tmp_path):
     out = tiler(raw.to_table(rows))
     assert out.schema == OUT_SCHEMA and out.num_rows == 3
     got = {r["id"]: r for r in out.to_pylist()}
-    spec = TileSpec(cfg.grid, cfg.tile_size, cfg.mean_u8)
+    spec = cfg.tile
     for rid, data in [("file", (tmp_path / "wide.png").read_bytes()), ("bytes", la)]:
         r, t = got[rid], load_and_tile(data, spec)
         assert r["reason"] is None
-        views = np.frombuffer(r["views"], np.uint8).reshape(-1, cfg.tile_size, cfg.tile_size, 3)
+        views = np.frombuffer(r["views"], np.uint8).reshape(-1, spec.tile_size, spec.tile_size, 3)
         np.testing.assert_array_equal(views, t.views)
         assert r["kept"] == t.kept.tolist() and r["view_counts"] == [len(t.views)]
         n_skip = int((~t.kept).sum())
