@@ -14,7 +14,7 @@ from actors import rows as raw
 from actors.tiler import OUT_SCHEMA, SHARD_COLUMNS, Tiler, TilerConfig
 from models.conversation import train_bpe_tokenizer
 from models.flavours import from_name
-from models.tiling import TileSpec, load_and_tile
+from models.tiling import load_and_tile
 
 
 def _turns(q, a):
