@@ -527,18 +527,15 @@ def import_encoder_weights(model: SphinxX, which: str, path: PathLike) -> None:
     encoders = {"convnext": model.vision.convnext, "dino": model.vision.dino}
     if which not in encoders:
         raise CheckpointError(f"unknown encoder {which!r}; expected one of {sorted(encoders)}")
+    from models.weight_files import read_state_file
+
     src = Path(path)
     if not src.is_file():
         raise CheckpointError(f"{which} weights file not found: {src}")
     try:
-        if src.suffix == ".safetensors":
-            state = load_file(str(src))
-        else:
-            state = torch.load(str(src), map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign files: one clear line
-        raise CheckpointError(f"cannot read {which} weights {src}: {err}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+        state = read_state_file(src)  # safetensors or a pickle, read without running code
+    except UserError as err:
+        raise CheckpointError(f"{which}: {err}") from None
     prefixes = ("convnext.", "dinov2.", "model.", "vision_model.")
     state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
     _load_strict(encoders[which], state, f"{which} weights {src}")
