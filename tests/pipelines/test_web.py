@@ -1,4 +1,4 @@
-"""pipelines/static/index.html in headless Chromium (Debian's package; no browser download).
+"""actors/static/index.html (the serving side's web page) in headless Chromium (Debian's package; no browser download).
 
 The page is served by a small stand-in for the endpoint (stdlib HTTP server on 127.0.0.1)
 that speaks the two OpenAI routes the page uses — GET /v1/models and a streamed POST
@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-PAGE = Path(__file__).resolve().parents[2] / "pipelines" / "static" / "index.html"
+PAGE = Path(__file__).resolve().parents[2] / "actors" / "static" / "index.html"
 PIECES = ["The ", "shapes ", "are ", "red"]
 
 pytestmark = pytest.mark.skipif(
