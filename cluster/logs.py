@@ -177,20 +177,26 @@ class Progress:
             self._last = now
             self._draw()
 
-    def line(self) -> str:
+    def line(self, final: bool = False) -> str:
         now = time.monotonic()
         d0, t0 = self._first or (0, self.t0)
         # the rate since the first update (start-up excluded); with one update, since the start
-        rate = (self.done - d0) / (now - t0) if self.done > d0 and now > t0 else self.done / max(1e-6, now - self.t0)
+        if self.done > d0 and now > t0:
+            rate = (self.done - d0) / (now - t0)
+        elif final:  # one update in all: the rate since the start is all there is
+            rate = self.done / max(1e-6, now - self.t0)
+        else:  # too early to say (start-up is not a rate)
+            rate = None
         parts = [self.label, f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"]
         parts += [f"{k} {_fmt(v)}" for k, v in self.fields.items() if v is not None]
-        parts.append(f"{rate:.1f} {self.unit}/s")
-        if self.total and rate > 0 and self.done < self.total:
+        if rate is not None:
+            parts.append(f"{rate:.1f} {self.unit}/s")
+        if self.total and rate and self.done < self.total:
             parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
         return "  ".join(parts)
 
-    def _draw(self) -> None:
-        text = self.line()
+    def _draw(self, final: bool = False) -> None:
+        text = self.line(final)
         self._drawn_text = text
         if self.tty:
             self.stream.write("\r\033[K" + text)
@@ -201,7 +207,7 @@ class Progress:
     def close(self) -> None:
         if not self._started:
             return
-        self._draw()  # the final figures, always
+        self._draw(final=True)  # the final figures, always
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
