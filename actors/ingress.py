@@ -223,7 +223,7 @@ class Ingress:
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
-        """The web page (pipelines/static/index.html): pick a model, attach an image, ask."""
+        """The web page (actors/static/index.html): pick a model, attach an image, ask."""
         if not _PAGE.is_file():
             raise ApiError(404, "no web page is installed", code="not_found")
         return HTMLResponse(_PAGE.read_text())

@@ -353,20 +353,14 @@ def read_safetensors_dir(directory: PathLike) -> dict[str, torch.Tensor]:
 
 def safetensors_files(directory: PathLike) -> list[Path]:
     """The safetensors file(s) of a directory: ``model.safetensors`` or the shards its index names."""
-    src = Path(directory)
-    if (src / INDEX_FILE).is_file():
-        try:
-            weight_map = json.loads((src / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{src / INDEX_FILE} is not a weights index: {err}") from None
-        files = [src / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{src / INDEX_FILE} names {f.name}, which is missing")
-        return files
-    if (src / SINGLE_FILE).is_file():
-        return [src / SINGLE_FILE]
-    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {src}")
+    from models.weight_files import weight_files
+
+    try:
+        return weight_files(directory, layouts=((INDEX_FILE, SINGLE_FILE),))
+    except CheckpointError:
+        raise
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def part_files(directory: PathLike) -> dict[str, list[Path]]:

@@ -56,12 +56,13 @@ def read_state_file(path: PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def weight_files(directory: PathLike) -> list[Path]:
-    """The weight files a Hugging Face style directory holds (see the module docstring)."""
+def weight_files(directory: PathLike, layouts: tuple[tuple[str, str], ...] = _DIR_LAYOUTS) -> list[Path]:
+    """The weight files a Hugging Face style directory holds (see the module docstring):
+    for each (index, single file) of ``layouts`` in turn, the shards the index names, or the file."""
     src = Path(directory)
     if not src.is_dir():
         raise UserError(f"weights directory not found: {src}")
-    for index_name, single in _DIR_LAYOUTS:
+    for index_name, single in layouts:
         index = src / index_name
         if index.is_file():
             try:
@@ -75,7 +76,7 @@ def weight_files(directory: PathLike) -> list[Path]:
             return files
         if (src / single).is_file():
             return [src / single]
-    names = ", ".join(n for pair in _DIR_LAYOUTS for n in pair)
+    names = ", ".join(n for pair in layouts for n in pair)
     raise UserError(f"no weights in {src} (looked for {names})")
 
 
