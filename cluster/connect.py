@@ -138,20 +138,18 @@ def _init_ray(spec: ClusterSpec, env: dict[str, str]) -> str:
 def _start_or_join(spec: ClusterSpec, env: dict[str, str]) -> str:
     import ray
 
-    from cluster.logs import ray_init_kwargs
-
     if ray.is_initialized():
         return "this process's Ray"
     address = spec.cluster.address
     runtime_env = {"env_vars": env}
     if in_ray_job():
-        ray.init(**ray_init_kwargs())  # the job's runtime_env applies; passing one would replace it
+        ray.init()  # the job's runtime_env applies; passing one would replace it
         return os.environ["RAY_ADDRESS"]
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **ray_init_kwargs())
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
         return os.environ["RAY_ADDRESS"]
     if address.startswith("ray://"):
-        ray.init(address=address, runtime_env=runtime_env, **ray_init_kwargs())
+        ray.init(address=address, runtime_env=runtime_env)
         return address
     if address != "local":
         raise UserError(f"cluster.address is {address}: stages run there as Ray Jobs; use "
@@ -166,7 +164,7 @@ def _start_or_join(spec: ClusterSpec, env: dict[str, str]) -> str:
     ray.init(address="local", num_cpus=head.cpus, num_gpus=head.gpus,
              resources={**group_resources(spec), **head.resources} or None,
              include_dashboard=True, dashboard_host="127.0.0.1",  # the state API (stall reports)
-             runtime_env=runtime_env, **ray_init_kwargs())
+             runtime_env=runtime_env)
     return "a private local Ray"
 
 

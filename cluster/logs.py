@@ -105,10 +105,6 @@ def quiet_libraries() -> None:
         lg.propagate = True
 
 
-def ray_init_kwargs() -> dict[str, Any]:
-    return {}
-
-
 def after_ray_init() -> None:
     """With a log file: workers' output to it (loud lines also to stderr), no Ray Data bars."""
     if _log_file is None:
