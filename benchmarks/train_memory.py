@@ -9,7 +9,11 @@ processes (``ru_maxrss`` is a process's lifetime peak), one after another:
 - ``single``: one process, the plain model and ``torch.optim.AdamW`` (no DeepSpeed): what a
   rank holds without sharding — parameters, gradients, two Adam moments;
 - ``zero2`` / ``zero3``: two gloo ranks through the training code (``actors.train_worker``
-  ``construct_model`` + ``build_engine``; ZeRO-3 builds under ``deepspeed.zero.Init``).
+  ``construct_model`` + ``build_engine``; ZeRO-3 builds under ``deepspeed.zero.Init``; the
+  optimizer's fp32 master partition is the fp32 parameter partition itself, ``share_fp32_master``).
+
+Every process, ``single`` included, runs with the training code's host allocator setting
+(``bound_host_allocator``: glibc mmaps every block of 1 MiB or more, so freed tensors return).
 
 The figure is each configuration's largest rank peak RSS (``ru_maxrss``), and its ratio to
 ``single`` (goal for ZeRO-3: ≤ 0.65). The processes start from the same imports (torch,
@@ -75,8 +79,10 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
     t0 = time.perf_counter()
     if mode == "single":
         from actors.batching import model_inputs
+        from actors.train_worker import bound_host_allocator
         from models.sphinx import SphinxX
 
+        bound_host_allocator()  # the same host allocator settings as the training code's ranks
         torch.manual_seed(0)
         model = SphinxX.from_flavour(flavour, tokenizer)
         model.set_vision_trainable(False)

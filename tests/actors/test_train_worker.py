@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -181,3 +182,109 @@ def test_zero3_builds_partitioned_takes_rank0_weights_and_gathers_them_back():
         assert partitioned and 0.45 < share < 0.56
     assert results[0][2:] == (False, True)  # rank 0: the state, equal to its source
     assert results[1][2:] == (True, None)  # rank 1: nothing kept
+
+
+def _master_rank(rank: int, port: int, stage: int, out) -> None:
+    """Two steps of the same fp32 model and batch, once through build_engine (master shared) and
+    once through a bare deepspeed.initialize (DeepSpeed's own clone); the updated partitions."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from actors.batching import collate
+        from actors.deepspeed_config import deepspeed_config
+        from actors.train_worker import build_engine, construct_model
+        from cluster.spec import TrainSection
+        from pipelines.synthetic_shards import build_rows
+
+        tok, rows = build_rows("debug", n_rows=2, seed=0)
+        cols = {c: __import__("numpy").array([rows[rank][c], None], dtype=object)[:-1] for c in rows[rank]}
+        batch = collate(cols, pad_token_id=tok.pad_token_id)
+        flavour = from_name("debug")
+        train = TrainSection(workers=2, zero_stage=stage, micro_batch=1, steps=2, lr=1e-3, precision="fp32")
+        cfg = deepspeed_config(train, flavour, world_size=2, total_steps=2)
+        results = []
+        for shared in (True, False):
+            model = construct_model(flavour, tok, train, cfg)
+            if shared:
+                engine = build_engine(train, model, 2, 2, cfg)
+            else:
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
+            opt = engine.optimizer
+            if stage == 3:
+                pairs = list(zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat))
+            else:
+                pairs = [(opt.parallel_partitioned_bit16_groups[i][rank], m)
+                         for i, m in enumerate(opt.single_partition_of_fp32_groups)]
+            same_memory = all(lp.data_ptr() == hp.data_ptr() and lp.dtype == torch.float32 for lp, hp in pairs)
+            losses = []
+            for _ in range(2):
+                from actors.batching import model_inputs
+
+                loss = engine(**model_inputs(batch, engine.device)).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            results.append((same_memory, losses, torch.cat([lp.detach().clone() for lp, _ in pairs])))
+            engine.destroy()
+        out.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fp32_master_shares_the_partition_and_trains_the_same(stage):
+    """fp32 ZeRO-2/3 (the CPU case): the parameter partitions are fp32 (ZeRO-3's zero.Init too),
+    build_engine makes the optimizer's fp32 master partition the parameter partition's own
+    memory (DeepSpeed alone keeps a clone), and two AdamW steps give the same losses and updated
+    partitions as DeepSpeed with its clone."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_master_rank, args=(r, port, stage, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        (shared, losses, params), (cloned, want_losses, want) = results[rank]
+        assert shared and not cloned
+        assert losses == pytest.approx(want_losses, rel=1e-5)
+        assert not torch.equal(params, torch.zeros_like(params))
+        torch.testing.assert_close(params, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bound_host_allocator_serves_a_megabyte_from_mmap():
+    """After bound_host_allocator, a 2 MiB block is its own mmap (glibc counts it in
+    ``mallinfo2().hblks``) and goes back when freed, even after a 16 MiB block was freed (which
+    raises glibc's default threshold above 2 MiB)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import ctypes, sys
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena","ordblks","smblks","hblks","hblkhd","usmblks","fsmblks","uordblks","fordblks","keepcost")]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = MI; libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def blocks_for(size):
+    before = libc.mallinfo2().hblks; p = libc.malloc(size); during = libc.mallinfo2().hblks; libc.free(p)
+    return during - before, libc.mallinfo2().hblks - before
+libc.free(libc.malloc(16 << 20))  # raises the default threshold to 16 MiB
+default = blocks_for(2 << 20)
+sys.path.insert(0, ".")
+from actors.train_worker import bound_host_allocator
+ok = bound_host_allocator()
+print(default, blocks_for(2 << 20), ok)
+"""
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2]).stdout.split("\n")
+    assert got[-2] == "(0, 0) (1, 0) True"  # default: from the heap; bounded: its own mmap, returned
