@@ -80,3 +80,23 @@ class ShardWriter:
             self._stream.close()
         self._writer, self._stream = None, None
         self._shard_rows = 0
+
+
+def copy_without(fs: pafs.FileSystem, path: str, directory: str, prefix: str, drop: list[int]) -> Optional[str]:
+    """Rewrite the shard file ``path`` without rows ``drop`` (positions) into
+    ``directory/<prefix>00000.parquet``, row groups as the writer cuts them.
+
+    Returns that path, or None when no row is left. Reads one row group at a time."""
+    gone = set(drop)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        writer = ShardWriter(fs, directory, 2**62, pf.schema_arrow, pf.schema_arrow.names, prefix=prefix)
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            group = pf.read_row_group(g)
+            keep = [i for i in range(group.num_rows) if start + i not in gone]
+            start += group.num_rows
+            if keep:
+                writer.write(group.take(pa.array(keep, pa.int64())))
+        writer.close()
+    return f"{writer.dir}/{writer.names[0]}" if writer.names else None

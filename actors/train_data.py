@@ -12,6 +12,10 @@ Before → after (``ReadPlannedRows``)::
     {_pos: 12, file: 1, row: 7}
     → {_pos: 12, id: "vqa:7", input_ids: [...], labels: [...], views: b"...", ...}
 
+The shards store each image compressed with its plan (``images``, ``plans``: see
+``models.stored_image``); the reader cuts the views from them here, on the Ray Data CPU
+workers, with the tiling code serving uses (``views``: uint8 [Σ(1 + kept), S, S, 3] as bytes).
+
 ``_pos = ((step · grad_accum) + micro) · micro_batch + slot`` is the row's place in rank r's
 stream; the worker checks it, so an out-of-order stream fails loudly instead of training on
 the wrong samples. A row written several times (source ``ratio`` > 1) is several rows here.
@@ -31,6 +35,8 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+
+from models.tiling import TileSpec
 
 PLAN_COLUMNS = ["id", "num_tokens"]
 
@@ -123,9 +129,12 @@ class ReadPlannedRows:
     ``cache_bytes``, so each group is read about once per pass when the dataset fits the cache.
     """
 
-    def __init__(self, storage_section, files: list[str], cache_bytes: int = 512 << 20):
+    def __init__(self, storage_section, files: list[str], cache_bytes: int = 512 << 20,
+                 tile: Optional[TileSpec] = None):
+        """``tile``: the shards' geometry (the manifest's ``tiling``); needed when rows hold images."""
         self.storage_section = storage_section  # cluster.spec.StorageSection
         self.files = files
+        self.tile = tile
         self.cache_bytes = cache_bytes
         self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cached = 0
@@ -162,18 +171,40 @@ class ReadPlannedRows:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         first = batch["file"][0] if len(batch["file"]) else 0
         if np.ndim(first) == 0:  # one sample per entry
-            return self._read(batch)
+            return self._cut_views(self._read(batch))
         counts = [len(np.atleast_1d(f)) for f in batch["file"]]
         flat = {"file": np.concatenate([np.atleast_1d(f) for f in batch["file"]]),
                 "row": np.concatenate([np.atleast_1d(r) for r in batch["row"]]),
                 "_pos": np.repeat(np.asarray(batch["_pos"], dtype=np.int64), counts)}
-        table = self._read(flat)
+        table = self._cut_views(self._read(flat))
         samples = table.to_pylist()
         packed, k = [], 0
         for n in counts:
             packed.append(merge_pack(samples[k:k + n]))
             k += n
         return pa.Table.from_pylist(packed, schema=table.schema.append(pa.field("seq_lens", pa.list_(pa.int32()))))
+
+    def _cut_views(self, table: pa.Table) -> pa.Table:
+        """Stored images (``images``, ``plans``, ``kept``) → ``views`` bytes, row by row."""
+        from models.errors import UserError
+        from models.stored_image import row_views
+        from models.tiling import ImageError
+
+        if "images" not in table.column_names:
+            return table
+        if self.tile is None:
+            raise UserError("the shards hold images but the reader was given no tiling (the manifest's)")
+        cols = table.select(["id", "images", "plans", "kept", "grid", "tile_size"]).to_pydict()
+        views = []
+        for i, images in enumerate(cols["images"]):
+            if images and (cols["grid"][i], cols["tile_size"][i]) != (self.tile.grid, self.tile.tile_size):
+                raise UserError(f"row {cols['id'][i]!r}: grid {cols['grid'][i]} tile {cols['tile_size'][i]}, but "
+                                f"the manifest says grid {self.tile.grid} tile {self.tile.tile_size}")
+            try:
+                views.append(row_views(images or [], cols["plans"][i] or [], cols["kept"][i] or [], self.tile))
+            except ImageError as err:
+                raise UserError(f"row {cols['id'][i]!r} of the shards: {err}") from None
+        return table.drop_columns(["images", "plans"]).append_column("views", pa.array(views, pa.binary()))
 
     def _read(self, batch: dict[str, np.ndarray]) -> pa.Table:
         files, rows = np.asarray(batch["file"], dtype=np.int64), np.asarray(batch["row"], dtype=np.int64)
@@ -193,7 +224,8 @@ class ReadPlannedRows:
 
 
 def rank_datasets(files: list[str], storage_section, entries: list[dict[str, np.ndarray]], *,
-                  num_cpus: Optional[float] = None, rows_per_task: int = 64) -> dict[str, Any]:
+                  tile: Optional[TileSpec] = None, num_cpus: Optional[float] = None,
+                  rows_per_task: int = 64) -> dict[str, Any]:
     """``{"rank0": Dataset, ...}``: each rank's planned rows, in plan order (no shuffle).
 
     Each rank's reader reserves ``cluster.connect.TRAIN_READER_CPUS`` (what the capacity check counts).
@@ -209,7 +241,8 @@ def rank_datasets(files: list[str], storage_section, entries: list[dict[str, np.
         ds = ray.data.from_items([{"_pos": int(p), "file": np.asarray(f).tolist(), "row": np.asarray(r).tolist()}
                                  for p, f, r in zip(cols["_pos"], cols["file"], cols["row"])],
                                  override_num_blocks=max(1, len(cols["_pos"]) // rows_per_task))
-        ds = ds.map_batches(ReadPlannedRows, fn_constructor_kwargs=dict(storage_section=storage_section, files=files),
+        ds = ds.map_batches(ReadPlannedRows,
+                            fn_constructor_kwargs=dict(storage_section=storage_section, files=files, tile=tile),
                             batch_size=rows_per_task, batch_format="numpy", num_cpus=num_cpus,
                             compute=ray.data.ActorPoolStrategy(size=1))
         ds.context.execution_options.preserve_order = True

@@ -233,13 +233,20 @@ class StorageSection(_Strict):
 
 
 class SourceSpec(_Strict):
-    """One dataset source. ``ratio`` < 1 subsamples deterministically, > 1 repeats."""
+    """One dataset source. ``ratio`` < 1 subsamples deterministically, > 1 repeats.
+
+    ``dedup`` (pipelines.preprocess): ``samples`` drops a record whose images (by content) and
+    conversation were already seen, in this or an earlier source; ``images`` also drops a record
+    whose images were already seen with any conversation (caption data: one caption per image);
+    ``off`` keeps every record. Dropped records are counted per source in the manifest.
+    """
 
     name: str
     path: str
     image_root: Optional[str] = None
     ratio: float = Field(1.0, gt=0)
     format: Literal["auto", "json", "jsonl", "webdataset", "parquet"] = "auto"
+    dedup: Literal["samples", "images", "off"] = "samples"
 
 
 class DataSection(_Strict):
@@ -252,6 +259,8 @@ class DataSection(_Strict):
     rows_per_shard: int = Field(1024, ge=1)
     num_cpus_per_worker: float = Field(1, gt=0)
     concurrency: int = Field(2, ge=1, description="actor-pool size of the tiling stage")
+    image_codec: Literal["webp", "png"] = Field(
+        "webp", description="lossless codec of the scaled images in the shards (models.stored_image)")
     group: Optional[str] = None
 
     @model_validator(mode="after")

@@ -100,6 +100,13 @@ class TileSpec:
         return cls(grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8),
                    pad=flavour.pad, skip_tokens=flavour.skip_tokens)
 
+    @classmethod
+    def from_dict(cls, facts: dict[str, Any]) -> "TileSpec":
+        """The inverse of :meth:`to_dict` (a manifest's ``tiling``; extra keys are ignored)."""
+        return cls(grid=int(facts["grid"]), tile_size=int(facts["tile_size"]),
+                   mean_u8=tuple(int(v) for v in facts.get("mean_u8", DEFAULT_MEAN_U8)),
+                   pad=facts.get("pad", "top_left"), skip_tokens=bool(facts.get("skip_tokens", True)))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what a shard manifest or a model directory records of the geometry."""
         return {"grid": self.grid, "tile_size": self.tile_size, "canvas": self.canvas,
@@ -333,29 +340,50 @@ def _to_u8(a: np.ndarray, mode: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- tiling
 
 
+def scale_image(image: Image.Image, spec: TileSpec) -> tuple[Image.Image, TilePlan, tuple[int, int]]:
+    """An RGB image (from :func:`load_image`) -> (the image resized to w'×h', its plan, (W, H)).
+
+    The scaled image is all a canvas holds besides padding: :func:`cut_views` rebuilds the
+    views from it, so storing it (losslessly, ``models.stored_image``) stores the views.
+    """
+    if image.mode != "RGB":
+        raise ImageError("unsupported_mode", f"tiling needs an RGB image (use load_image), got {image.mode!r}")
+    original = tuple(image.info.get(_ORIGINAL_SIZE, image.size))
+    layout = plan(original[0], original[1], spec)
+    w, h = layout.scaled_size
+    if image.size != (w, h):
+        image = image.resize((w, h), _RESAMPLE, reducing_gap=_REDUCING_GAP if image.width > w else None)
+    return image, layout, original
+
+
+def cut_views(scaled: Image.Image, layout: TilePlan, spec: TileSpec) -> np.ndarray:
+    """The scaled image pasted on the canvas at ``layout.offset`` -> views uint8 [1 + kept, S, S, 3].
+
+    View 0 is the whole canvas box-reduced C -> S; then the kept tiles, row-major.
+    """
+    if scaled.size != layout.scaled_size:
+        raise ImageError("corrupt_image", f"scaled image is {scaled.size[0]}x{scaled.size[1]}, "
+                                          f"the plan says {layout.scaled_size[0]}x{layout.scaled_size[1]}")
+    g, s, c = spec.grid, spec.tile_size, spec.canvas
+    canvas = Image.new("RGB", (c, c), tuple(int(v) for v in spec.mean_u8))
+    canvas.paste(scaled, layout.offset)
+    views = np.empty((1 + int(layout.kept.sum()), s, s, 3), np.uint8)
+    views[0] = np.asarray(canvas.reduce(g) if g > 1 else canvas)  # global view: box-reduce C -> S
+    arr = np.asarray(canvas)
+    for i, idx in enumerate(np.flatnonzero(layout.kept), start=1):
+        r, col = divmod(int(idx), g)
+        views[i] = arr[r * s:(r + 1) * s, col * s:(col + 1) * s]
+    return views
+
+
 def tile_image(image: Image.Image, spec: TileSpec) -> TiledImage:
     """An RGB image (from :func:`load_image`) -> its global view and kept tiles.
 
     Before: a W×H RGB image. After: ``views`` uint8 [1 + kept, S, S, 3], ``kept`` bool [G*G].
     """
-    if image.mode != "RGB":
-        raise ImageError("unsupported_mode", f"tile_image needs an RGB image (use load_image), got {image.mode!r}")
-    original = tuple(image.info.get(_ORIGINAL_SIZE, image.size))
-    g, s, c = spec.grid, spec.tile_size, spec.canvas
-    layout = plan(original[0], original[1], spec)
-    (w, h), kept = layout.scaled_size, layout.kept
-    if image.size != (w, h):
-        image = image.resize((w, h), _RESAMPLE, reducing_gap=_REDUCING_GAP if image.width > w else None)
-    canvas = Image.new("RGB", (c, c), tuple(int(v) for v in spec.mean_u8))
-    canvas.paste(image, layout.offset)
-    views = np.empty((1 + int(kept.sum()), s, s, 3), np.uint8)
-    views[0] = np.asarray(canvas.reduce(g) if g > 1 else canvas)  # global view: box-reduce C -> S
-    arr = np.asarray(canvas)
-    for i, idx in enumerate(np.flatnonzero(kept), start=1):
-        r, col = divmod(int(idx), g)
-        views[i] = arr[r * s:(r + 1) * s, col * s:(col + 1) * s]
-    return TiledImage(views=views, kept=kept, scaled_size=(w, h), original_size=original, offset=layout.offset,
-                      pad=spec.pad, skip_tokens=spec.skip_tokens)
+    scaled, layout, original = scale_image(image, spec)
+    return TiledImage(views=cut_views(scaled, layout, spec), kept=layout.kept, scaled_size=layout.scaled_size,
+                      original_size=original, offset=layout.offset, pad=spec.pad, skip_tokens=spec.skip_tokens)
 
 
 def load_and_tile(data: ImageInput, spec: TileSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> TiledImage:

@@ -37,11 +37,28 @@ the worker timing and renames their files to ``part-00000.parquet``, ... in that
 writes identical files. Old shards under the output prefix are deleted first, so a re-run
 replaces, never duplicates.
 
+Resuming: a block's files are named by a hash of its rows, under ``_tmp/<fingerprint>/`` (the
+fingerprint: tiling, tokenizer, shard format, code version), and an actor skips a block whose
+files an earlier run finished (``actors.tiler``). So a run that died (driver or workers) and is
+started again without ``--force`` redoes only the unfinished blocks and writes the same shards
+and manifest as an uninterrupted run (``rows_reused`` says how many rows came back). A killed
+actor is restarted by Ray Data and its block retried under the same name. ``--force`` drops the
+finished blocks too.
+
+Deduplication (``data.sources[].dedup``, default ``samples``): the actors hash each record's
+image bytes (``image_key``) and images + conversation (``sample_key``); the driver walks the
+records in source order and drops a good record seen before (in any source), or with
+``images`` one whose images were seen before. Shards that lost rows are rewritten without them
+(a Ray task per file). Dropped records are counted per source (``duplicate_samples``,
+``duplicate_images``) and, like ``subsampled_out``, are not rows in.
+
 Accounting: ``rows_in`` counts every written copy of a record (``ratio`` > 1 repeats a record,
 each copy counts; rows that ``ratio`` < 1 leaves out are reported as ``subsampled_out`` and are
 not rows in). ``rows_in == rows_written + rows_quarantined`` always; every quarantined copy is
-one row of ``errors/``. The stage fails (UserError, exit 1) only when the quarantined share is
-over ``data.max_quarantine_fraction``, after shards and manifest are written.
+one row of ``errors/``. ``rows_read == subsampled_out + duplicate_samples + duplicate_images +``
+the records of ``rows_in``. ``image_bytes`` compares the stored images with their sources. The
+stage fails (UserError, exit 1) only when the quarantined share is over
+``data.max_quarantine_fraction``, after shards and manifest are written.
 """
 
 from __future__ import annotations
@@ -57,13 +74,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from actors import rows as raw
 from actors.shards import ShardWriter
-from actors.tiler import BOOK_SCHEMA, ERROR_COLUMNS, Tiler, TilerConfig
+from actors.tiler import BOOK_SCHEMA, ERROR_COLUMNS, SHARD_FORMAT, Tiler, TilerConfig
 from cluster import layout as run_layout
 from cluster.connect import check_capacity, connect, storage_for
 from cluster.layout import Layout
@@ -129,13 +147,16 @@ def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
     flavour = from_name(spec.model.flavour, **spec.model.overrides)
     sources = [_resolve_source(storage, lay, i, s) for i, s in enumerate(spec.data.sources)]
     t0 = time.time()
-    _clear_output(storage, lay)
+    _clear_output(storage, lay, keep_finished_blocks=not force)
     tokenizer = _tokenizer(spec, flavour, storage, lay, sources)
+    config = TilerConfig.from_flavour(flavour, max_seq_len=spec.data.max_seq_len, overflow=spec.data.overflow,
+                                      max_pixels=spec.data.max_image_pixels, codec=spec.data.image_codec)
+    tmp_uri = _blocks_dir(storage, lay, config, tokenizer)
     options = DataContext.get_current().execution_options
     old_order, options.preserve_order = options.preserve_order, True  # determinism (see module doc)
     try:
         with stall_watch("preprocess"):
-            summary = _run_graph(spec, flavour, storage, lay, sources, tokenizer)
+            summary = _run_graph(spec, flavour, storage, lay, sources, tokenizer, config, tmp_uri)
     finally:
         options.preserve_order = old_order
     summary["seconds"] = round(time.time() - t0, 2)
@@ -352,16 +373,14 @@ def _source_texts(sources: list[_Source]) -> list[str]:
 
 
 def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layout, sources: list[_Source],
-               tokenizer) -> dict:
-    config = TilerConfig.from_flavour(flavour, max_seq_len=spec.data.max_seq_len, overflow=spec.data.overflow,
-                                      max_pixels=spec.data.max_image_pixels)
+               tokenizer, config: TilerConfig, tmp_uri: str) -> dict:
     remote: dict[str, Any] = {}
     if spec.data.group is not None:
         remote["resources"] = placement(spec, spec.data.group)
     import ray.data
 
     fs, out_dir = storage.resolve(lay.shards)
-    _, tmp_dir = storage.resolve(lay.shards_tmp)
+    _, tmp_dir = storage.resolve(tmp_uri)
     ds = _all_raw(sources, spec.data.rows_per_shard).map_batches(
         Tiler, batch_format="pyarrow", batch_size=None,  # one block = one shard
         compute=ray.data.ActorPoolStrategy(size=spec.data.concurrency),
@@ -370,81 +389,150 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layou
                                    shard_dir=tmp_dir, filesystem=fs),
         **remote,
     )
-    # Ray Data's union interleaves the sources' blocks (each source's stay in order): so files
-    # and error rows are kept per source and put in source order at the end.
+    # Ray Data's union interleaves the sources' blocks (each source's stay in order): so the
+    # bookkeeping rows are kept per source and everything is decided in source order at the end.
     order = {s.spec.name: k for k, s in enumerate(sources)}
-    written: list[list[str]] = [[] for _ in sources]  # the actors' files, in block order
-    bad_rows: list[list[pa.Table]] = [[] for _ in sources]
-    tally = _Tally()
+    blocks: list[list[pa.Table]] = [[] for _ in sources]
+    rows_read = quarantined = 0
     progress = Progress("preprocess", unit="rows")
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        _, bad = tally.add(batch)
-        progress.update(tally.rows_read(), quarantined=tally.quarantined())
-        for k, rows in _by_source(bad, order):
-            bad_rows[k].append(rows)
-        for src, path in zip(batch.column("source").to_pylist(), batch.column("shard").to_pylist()):
-            if path is not None and path not in written[order[src]][-1:]:  # a file's rows are consecutive
-                written[order[src]].append(path)
+        for k, rows in _by_source(batch, order):
+            blocks[k].append(rows)
+        rows_read += batch.num_rows
+        quarantined += sum(1 for r in batch.column("reason").to_pylist() if r)
+        progress.update(rows_read, quarantined=quarantined)
     progress.close()
+    books = [pa.concat_tables(b) if b else BOOK_SCHEMA.empty_table() for b in blocks]
+    kinds = duplicates(books, [s.spec.dedup for s in sources])
+    tally = _Tally()
     _, errors_dir = storage.resolve(lay.errors)
     errors = ShardWriter(fs, errors_dir, spec.data.rows_per_shard, BOOK_SCHEMA, ERROR_COLUMNS)
-    for tables in bad_rows:
-        for t in tables:
-            errors.write(t)
+    for book, kind in zip(books, kinds):
+        errors.write(tally.add(book, kind))
     errors.close()
-    files = [path for per_source in written for path in per_source]
-    names = [run_layout.shard_name(k) for k in range(len(files))]
-    for path, name in zip(files, names):
-        fs.move(path, f"{out_dir}/{name}")
+    names = _finish_shards(fs, out_dir, tmp_dir, books, kinds)
     storage.delete(lay.shards_tmp)
-    return tally.manifest(spec, flavour, tokenizer, names, errors.names)
+    return tally.manifest(spec, flavour, tokenizer, names, errors.names, config)
+
+
+KEEP, DUPLICATE_SAMPLE, DUPLICATE_IMAGE = 0, 1, 2
+
+
+def duplicates(books: list[pa.Table], modes: list[str]) -> list[np.ndarray]:
+    """Per source (in source order), int8 [rows]: KEEP, DUPLICATE_SAMPLE or DUPLICATE_IMAGE.
+
+    A good record is a duplicate when an earlier good record (this source or an earlier one)
+    had the same ``sample_key`` (image contents + conversation), or, for a source with
+    ``dedup: images``, the same ``image_key``. Every source's records are remembered, whatever
+    its own mode; ``off`` only keeps its own records. The first one seen is the one kept.
+    """
+    samples: set[str] = set()
+    images: set[str] = set()
+    out = []
+    for book, mode in zip(books, modes):
+        cols = book.select(["copies", "reason", "sample_key", "image_key"]).to_pydict()
+        kind = np.zeros(book.num_rows, np.int8)
+        for i, (copies, reason, s_key, i_key) in enumerate(zip(*cols.values())):
+            if copies == 0 or reason or s_key is None:
+                continue
+            if mode != "off" and s_key in samples:
+                kind[i] = DUPLICATE_SAMPLE
+            elif mode == "images" and i_key is not None and i_key in images:
+                kind[i] = DUPLICATE_IMAGE
+            samples.add(s_key)
+            if i_key is not None:
+                images.add(i_key)
+        out.append(kind)
+    return out
+
+
+def _finish_shards(fs: pafs.FileSystem, out_dir: str, tmp_dir: str, books: list[pa.Table],
+                   kinds: list[np.ndarray]) -> list[str]:
+    """The actors' files → ``part-00000.parquet``, ... in source and block order (a file that
+    lost rows to deduplication is rewritten without them first, by a Ray task: no pixels
+    through the driver). Returns the shard names."""
+    import ray
+
+    from actors.shards import copy_without
+
+    files: list[tuple[str, list[int]]] = []  # (actor's file, its rows to drop), in order
+    for book, kind in zip(books, kinds):
+        cols = book.select(["shard", "copies", "reason"]).to_pydict()
+        at = 0
+        for i, (path, copies, reason) in enumerate(zip(cols["shard"], cols["copies"], cols["reason"])):
+            if path is None or reason or copies == 0:
+                continue
+            if not files or files[-1][0] != path:
+                files.append((path, []))
+                at = 0
+            if kind[i] != KEEP:
+                files[-1][1].extend(range(at, at + copies))
+            at += copies
+    rewrite = ray.remote(copy_without).options(num_cpus=0)
+    jobs = {k: rewrite.remote(fs, path, tmp_dir, f"{k:05d}-dedup-", drop)
+            for k, (path, drop) in enumerate(files) if drop}
+    rewritten = dict(zip(jobs, ray.get(list(jobs.values()))))
+    names: list[str] = []
+    moved: dict[str, str] = {}  # an actor's file -> where it went (identical blocks share a file)
+    for k, (path, drop) in enumerate(files):
+        source = rewritten[k] if drop else path
+        if source is None:  # every row was a duplicate
+            continue
+        target = f"{out_dir}/{run_layout.shard_name(len(names))}"
+        if not drop and path in moved:
+            fs.copy_file(moved[path], target)
+        else:
+            fs.move(source, target)
+            moved.setdefault(path, target)
+        names.append(run_layout.shard_name(len(names)))
+    return names
 
 
 class _Tally:
-    """Counts rows, reasons and tokens per source; expands ``copies`` into written rows."""
+    """Counts rows, reasons, duplicates, tokens and image bytes per source; ``add`` returns the
+    quarantined rows (one per copy) for ``errors/``."""
 
     def __init__(self) -> None:
         self.per_source: dict[str, Counter] = defaultdict(Counter)
         self.reasons: dict[str, Counter] = defaultdict(Counter)
 
-    def rows_read(self) -> int:
-        return sum(c["rows_read"] for c in self.per_source.values())
-
-    def quarantined(self) -> int:
-        return sum(c["rows_quarantined"] for c in self.per_source.values())
-
-    def add(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
-        cols = batch.select(["source", "copies", "reason", "truncated", "text_tokens", "image_tokens",
-                             "saved_tokens"]).to_pylist()
-        idx_good, idx_bad = [], []
+    def add(self, book: pa.Table, kind: np.ndarray) -> pa.Table:
+        cols = book.select(["source", "copies", "reason", "truncated", "text_tokens", "image_tokens",
+                            "saved_tokens", "source_bytes", "stored_bytes", "reused"]).to_pylist()
+        idx_bad = []
         for i, r in enumerate(cols):
             c = self.per_source[r["source"]]
             c["rows_read"] += 1
+            c["blocks_reused_rows"] += bool(r["reused"])
             n = r["copies"]
             if n == 0:
                 c["subsampled_out"] += 1
-                continue
-            c["rows_in"] += n
-            if r["reason"]:
+            elif kind[i] == DUPLICATE_SAMPLE:
+                c["duplicate_samples"] += 1
+            elif kind[i] == DUPLICATE_IMAGE:
+                c["duplicate_images"] += 1
+            elif r["reason"]:
+                c["rows_in"] += n
                 c["rows_quarantined"] += n
                 self.reasons[r["source"]][r["reason"]] += n
                 idx_bad += [i] * n
             else:
+                c["rows_in"] += n
                 c["rows_written"] += n
                 c["rows_truncated"] += n * bool(r["truncated"])
-                for k in ("text_tokens", "image_tokens", "saved_tokens"):
+                for k in ("text_tokens", "image_tokens", "saved_tokens", "source_bytes", "stored_bytes"):
                     c[k] += n * (r[k] or 0)
-                idx_good += [i] * n
-        return _take(batch, idx_good), _take(batch, idx_bad)
+        return _take(book, idx_bad)
 
-    def manifest(self, spec: ClusterSpec, flavour: Flavour, tokenizer, shards: list[str], errors: list[str]) -> dict:
+    def manifest(self, spec: ClusterSpec, flavour: Flavour, tokenizer, shards: list[str], errors: list[str],
+                 config: TilerConfig) -> dict:
         total = sum(self.per_source.values(), Counter())
         by_reason = sum(self.reasons.values(), Counter())
         sources = {}
         for s in spec.data.sources:
             c = self.per_source.get(s.name, Counter())
             sources[s.name] = {k: int(c[k]) for k in _COUNT_KEYS} | {
-                "ratio": s.ratio, "quarantined_by_reason": dict(sorted(self.reasons[s.name].items()))}
+                "ratio": s.ratio, "dedup": s.dedup, "quarantined_by_reason": dict(sorted(self.reasons[s.name].items()))}
         return {
             "rows_in": int(total["rows_in"]),
             "rows_written": int(total["rows_written"]),
@@ -452,12 +540,18 @@ class _Tally:
             "quarantined_by_reason": dict(sorted(by_reason.items())),
             "rows_read": int(total["rows_read"]),
             "subsampled_out": int(total["subsampled_out"]),
+            "duplicate_samples": int(total["duplicate_samples"]),
+            "duplicate_images": int(total["duplicate_images"]),
+            "rows_reused": int(total["blocks_reused_rows"]),
             "rows_truncated": int(total["rows_truncated"]),
             "tokens": {"text": int(total["text_tokens"]), "image": int(total["image_tokens"]),
                        "saved": int(total["saved_tokens"]),
                        "total": int(total["text_tokens"] + total["image_tokens"])},
+            "image_bytes": {"source": int(total["source_bytes"]), "stored": int(total["stored_bytes"]),
+                            "codec": config.codec},
             "sources": sources,
             "shards": shards,
+            "shard_format": SHARD_FORMAT,
             "error_shards": [f"errors/{n}" for n in errors],
             "flavour": flavour.name,
             "tiling": tiling_facts(flavour),
@@ -503,20 +597,40 @@ def _take(batch: pa.Table, idx: list[int]) -> pa.Table:
     return batch.take(pa.array(idx, pa.int64()))
 
 
-_COUNT_KEYS = ("rows_read", "subsampled_out", "rows_in", "rows_written", "rows_quarantined", "rows_truncated",
-               "text_tokens", "image_tokens", "saved_tokens")
+_COUNT_KEYS = ("rows_read", "subsampled_out", "duplicate_samples", "duplicate_images", "rows_in", "rows_written",
+               "rows_quarantined", "rows_truncated", "text_tokens", "image_tokens", "saved_tokens", "source_bytes",
+               "stored_bytes")
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _clear_output(storage: Storage, lay: Layout) -> None:
-    """Delete the manifest first (the output is incomplete from now on), then old shards."""
-    for uri in (lay.manifest, lay.errors, lay.tokenizer, lay.shards_tmp):
+def _clear_output(storage: Storage, lay: Layout, *, keep_finished_blocks: bool) -> None:
+    """Delete the manifest first (the output is incomplete from now on), then old shards; the
+    blocks an interrupted run finished (under ``_tmp/``) stay unless ``keep_finished_blocks`` is off."""
+    for uri in (lay.manifest, lay.errors, lay.tokenizer):
         storage.delete(uri)
+    if not keep_finished_blocks:
+        storage.delete(lay.shards_tmp)
     for uri in storage.list(lay.shards):
         if run_layout.is_shard(uri) and "/" not in uri[len(lay.shards):].strip("/"):
             storage.delete(uri)
+
+
+def _blocks_dir(storage: Storage, lay: Layout, config: TilerConfig, tokenizer) -> str:
+    """``_tmp/<fingerprint>``: where the actors put finished blocks. The fingerprint covers all a
+    block's output depends on besides its rows (tiling, tokenizer, shard format, code version), so
+    a resumed run reuses only blocks that it would write the same; other runs' blocks are deleted."""
+    import dataclasses
+    import hashlib
+
+    facts = {"tiler": dataclasses.asdict(config), "format": SHARD_FORMAT, "code": _code_version(),
+             "vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    key = hashlib.blake2b(json.dumps(facts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    base = lay.shards_tmp.rstrip("/")
+    for run in {uri[len(base):].strip("/").split("/")[0] for uri in storage.list(base)} - {key}:
+        storage.delete(run_layout.join(base, run))
+    return run_layout.join(base, key)
 
 
 def _code_version() -> str:
@@ -550,9 +664,21 @@ def format_summary(s: dict) -> str:
     for reason, n in s["quarantined_by_reason"].items():
         lines.append(f"    {reason:<18} {n}")
     lines.append(f"  tokens {tok['total']} (text {tok['text']}, image {tok['image']}); saved by skip tokens {tok['saved']}")
-    lines.append(f"  {'source':<20} {'in':>8} {'written':>8} {'quarantined':>11} {'ratio':>6}")
+    dup = s.get("duplicate_samples", 0) + s.get("duplicate_images", 0)
+    img = s.get("image_bytes") or {}
+    if img.get("source"):
+        lines.append(f"  images stored in {img['stored'] / 1e6:.1f} MB ({img['codec']}, lossless): "
+                     f"{img['stored'] / img['source']:.2f}x their {img['source'] / 1e6:.1f} MB of sources")
+    if dup:
+        lines.append(f"  duplicates dropped: {s.get('duplicate_samples', 0)} samples, "
+                     f"{s.get('duplicate_images', 0)} by image")
+    if s.get("rows_reused"):
+        lines.append(f"  resumed: {s['rows_reused']} of {s['rows_read']} rows came from blocks an earlier run finished")
+    lines.append(f"  {'source':<20} {'in':>8} {'written':>8} {'quarantined':>11} {'duplicates':>10} {'ratio':>6}")
     for name, c in s["sources"].items():
-        lines.append(f"  {name:<20} {c['rows_in']:>8} {c['rows_written']:>8} {c['rows_quarantined']:>11} {c['ratio']:>6g}")
+        d = c.get("duplicate_samples", 0) + c.get("duplicate_images", 0)
+        lines.append(f"  {name:<20} {c['rows_in']:>8} {c['rows_written']:>8} {c['rows_quarantined']:>11} {d:>10} "
+                     f"{c['ratio']:>6g}")
     lines.append(f"  {len(s['shards'])} shard(s), {len(s['error_shards'])} error shard(s)"
                  + (f" -> {s['errors_uri']}" if s.get("errors_uri") and s["error_shards"] else ""))
     return "\n".join(lines)

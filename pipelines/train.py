@@ -43,6 +43,7 @@ from cluster.stall import stall_watch
 from cluster.storage import Storage
 from models.errors import UserError
 from models.flavours import Flavour, from_name
+from models.tiling import TileSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,13 @@ def read_manifest(storage: Storage, lay: Layout) -> dict:
 
 def check_manifest(manifest: dict, flavour: Flavour, where: str, *, weights: bool = False) -> None:
     """Refuse shards tiled or tokenized for another model, naming both sides (on the driver)."""
+    from actors.tiler import SHARD_FORMAT
     from pipelines.preprocess import tiling_facts
 
+    if manifest.get("shard_format", 1) != SHARD_FORMAT:
+        raise UserError(f"the shards at {where} are in format {manifest.get('shard_format', 1)} (an older "
+                        f"preprocess); this training reads format {SHARD_FORMAT}. Run `sphinx-x preprocess SPEC "
+                        "--force`.")
     mine = tiling_facts(flavour)
     theirs = manifest.get("tiling") or {}
     diffs = [f"{k}: shards {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
@@ -209,7 +215,8 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
     start = min(done[-1][0], steps) if done else 0
     if start:
         log.info("train: resuming from step %d (%s)", start, done[-1][1])
-    datasets = rank_datasets(files, spec.storage, plan_entries(plan, where, start_step=start, packs=packs))
+    datasets = rank_datasets(files, spec.storage, plan_entries(plan, where, start_step=start, packs=packs),
+                             tile=TileSpec.from_dict(manifest["tiling"]))
     progress_queue = _progress_queue()
     config = TrainWorkerConfig(
         train=train, storage=spec.storage, flavour=flavour, layout=lay, total_steps=steps,

@@ -14,6 +14,7 @@ from actors import rows as raw
 from actors.tiler import OUT_SCHEMA, SHARD_COLUMNS, Tiler, TilerConfig
 from models.conversation import train_bpe_tokenizer
 from models.flavours import from_name
+from models.stored_image import row_views
 from models.tiling import load_and_tile
 
 
@@ -56,15 +57,18 @@ def test_good_rows_match_models_tiling(tokenizer, tmp_path):
     for rid, data in [("file", (tmp_path / "wide.png").read_bytes()), ("bytes", la)]:
         r, t = got[rid], load_and_tile(data, spec)
         assert r["reason"] is None
-        views = np.frombuffer(r["views"], np.uint8).reshape(-1, spec.tile_size, spec.tile_size, 3)
-        np.testing.assert_array_equal(views, t.views)
+        views = np.frombuffer(row_views(r["images"], r["plans"], r["kept"], spec), np.uint8)
+        np.testing.assert_array_equal(views.reshape(-1, spec.tile_size, spec.tile_size, 3), t.views)
+        assert r["images"][0][:4] == b"RIFF" and r["plans"] == [*t.scaled_size, *t.offset]
+        assert r["source_bytes"] == len(data) and r["stored_bytes"] == len(r["images"][0])
         assert r["kept"] == t.kept.tolist() and r["view_counts"] == [len(t.views)]
         n_skip = int((~t.kept).sum())
         assert r["image_tokens"] == (1 + t.n_kept) * (cfg.tokens_per_view + 2) + n_skip
         assert r["saved_tokens"] == n_skip * (cfg.tokens_per_view + 1)
         assert r["text_tokens"] + r["image_tokens"] == r["num_tokens"] == len(r["input_ids"]) == len(r["labels"])
     assert got["bytes"]["copies"] == 3
-    assert got["text"]["views"] == b"" and got["text"]["kept"] == [] and got["text"]["image_tokens"] == 0
+    assert got["text"]["images"] == [] and got["text"]["kept"] == [] and got["text"]["image_tokens"] == 0
+    assert got["text"]["image_key"] is None and len({got[k]["sample_key"] for k in got}) == 3
     assert set(SHARD_COLUMNS) <= set(out.column_names)
 
 
@@ -120,7 +124,8 @@ def test_shard_mode_writes_good_rows_and_returns_bookkeeping(tokenizer, tmp_path
     cfg = TilerConfig.from_flavour(f, max_seq_len=400)
     tiler = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))
     book = tiler(raw.to_table(rows))
-    assert book.column_names == BOOK_COLUMNS + ["shard"] and book.num_rows == 3
+    assert book.column_names == BOOK_COLUMNS + ["shard", "reused"] and book.num_rows == 3
+    assert book.column("reused").to_pylist() == [False] * 3
     assert book.column("reason").to_pylist() == [None, "missing_image", None]
     (path,) = set(book.column("shard").to_pylist())
     shard = pq.read_table(path)
@@ -129,3 +134,31 @@ def test_shard_mode_writes_good_rows_and_returns_bookkeeping(tokenizer, tmp_path
     assert shard.to_pylist()[0] == Tiler(cfg, tokenizer)(raw.to_table(rows[:1])).select(SHARD_COLUMNS).to_pylist()[0]
     # a batch with no good row writes no file
     assert tiler(raw.to_table(rows[1:2])).column("shard").to_pylist() == [None]
+
+
+def test_shard_mode_resumes_a_finished_block_without_redoing_it(tokenizer, tmp_path):
+    """The same block (by content) gets the same files; once its book file is there, a later
+    call returns it without fetching an image; a torn book file or a missing shard redoes it."""
+    import pyarrow.parquet as pq
+
+    img = tmp_path / "a.png"
+    img.write_bytes(_png(50, 40))
+    rows = raw.to_table([raw.raw_row("s", str(i), 1.0, conversations=_turns("<image>\nWhat?", f"A cat {i}."),
+                                     image_paths=[str(img)]) for i in range(3)])
+    cfg = TilerConfig.from_flavour(from_name("debug"), max_seq_len=400)
+    first = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))(rows)
+    (path,) = set(first.column("shard").to_pylist())
+    data = (tmp_path / "out" / path.rsplit("/", 1)[-1]).read_bytes()
+    img.unlink()  # a redo would now quarantine every row as missing_image
+    again = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))(rows)
+    assert again.column("reused").to_pylist() == [True] * 3
+    assert again.drop_columns(["reused"]) == first.drop_columns(["reused"])
+    assert pq.read_table(path).num_rows == 3 and open(path, "rb").read() == data
+    # another block's content is another name
+    other = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))(rows.slice(0, 2))
+    assert other.column("reason").to_pylist() == ["missing_image"] * 2 and other.column("reused")[0].as_py() is False
+    # the shard gone (e.g. moved away by an interrupted finish): the block is redone
+    import os
+    os.remove(path)
+    redo = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))(rows)
+    assert redo.column("reused").to_pylist() == [False] * 3 and redo.column("reason").to_pylist() == ["missing_image"] * 3

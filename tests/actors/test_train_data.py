@@ -95,3 +95,42 @@ def test_plan_entries_of_packs_list_each_rows_samples():
     entries = plan_entries(plan, where, packs=packs, start_step=1)[0]
     assert entries["_pos"].tolist() == [2, 3]
     assert [r.tolist() for r in entries["row"]] == [[1, 2], [4]]
+
+
+def test_stored_images_come_back_as_the_views_serving_cuts(tmp_path):
+    """Rows as preprocess stores them (images + plans) → raw views, bit for bit load_and_tile's;
+    packed rows concatenate them in order; a row of another geometry is refused."""
+    import io
+
+    from PIL import Image
+
+    from models.errors import UserError
+    from models.stored_image import store
+    from models.tiling import TileSpec, load_and_tile
+
+    spec = TileSpec(grid=2, tile_size=16, mean_u8=(10, 20, 30))
+    rng = np.random.default_rng(0)
+    sources = []
+    for w, h in [(50, 20), (20, 50), (33, 33)]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        sources.append(buf.getvalue())
+    stored = [store(b, spec) for b in sources]
+    rows = [{"id": f"i{i}", "input_ids": [1, 2], "images": [s.data], "plans": s.plan, "kept": s.kept.tolist(),
+             "view_counts": [s.n_views], "tile_size": 16, "grid": 2} for i, s in enumerate(stored)]
+    rows.append({"id": "text", "input_ids": [3], "images": [], "plans": [], "kept": [], "view_counts": [],
+                 "tile_size": 16, "grid": 2})
+    path = str(tmp_path / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    read = ReadPlannedRows(StorageSection(uri=str(tmp_path)), [path], tile=spec)
+    out = read({"file": np.array([0, 0, 0, 0]), "row": np.array([2, 0, 3, 1]), "_pos": np.arange(4)}).to_pylist()
+    assert "images" not in out[0] and "plans" not in out[0]
+    for r, k in zip(out, [2, 0, None, 1]):
+        want = load_and_tile(sources[k], spec).views.tobytes() if k is not None else b""
+        assert r["views"] == want
+    packed = read({"file": np.array([np.array([0, 0])], dtype=object), "row": np.array([np.array([1, 0])], dtype=object),
+                   "_pos": np.array([0])}).to_pylist()[0]
+    assert packed["views"] == load_and_tile(sources[1], spec).views.tobytes() + load_and_tile(sources[0], spec).views.tobytes()
+    with pytest.raises(UserError, match="the manifest says grid 3"):
+        ReadPlannedRows(StorageSection(uri=str(tmp_path)), [path], tile=TileSpec(grid=3, tile_size=16))(
+            {"file": np.array([0]), "row": np.array([0]), "_pos": np.arange(1)})

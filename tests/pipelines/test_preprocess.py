@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from models.conversation import tokenize_conversation
+from models.stored_image import row_views
 from models.tiling import TileSpec, load_and_tile
 
 MAX_PIXELS = 1_000_000
@@ -212,14 +213,14 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     for name in GOOD_IMAGES:
         r = rows[f"img-{name}"]
         t = load_and_tile(images[name], tspec, max_pixels=MAX_PIXELS)
-        views = np.frombuffer(r["views"], np.uint8).reshape(-1, tspec.tile_size, tspec.tile_size, 3)
+        views = np.frombuffer(row_views(r["images"], r["plans"], r["kept"], tspec), np.uint8).reshape(t.views.shape)
         np.testing.assert_array_equal(views, t.views)
         assert r["kept"] == t.kept.tolist() and r["view_counts"] == [len(t.views)]
         assert r["image_tokens"] == r["input_ids"].count(4)  # <image> id
         assert r["num_tokens"] == len(r["input_ids"]) == len(r["labels"]) <= 512
     assert rows["img-pano.jpg"]["kept"] == [True, True, False, False]
     assert rows["img-exif.jpg"]["kept"] == [True, False, True, False]  # rotated: tall
-    assert rows["text-1"]["views"] == b"" and rows["text-1"]["image_tokens"] == 0
+    assert rows["text-1"]["images"] == [] and rows["text-1"]["image_tokens"] == 0
     assert [r["source"] for r in shards.to_pylist()] == sorted(
         [r["source"] for r in shards.to_pylist()], key=["mix", "arr", "wds", "pq"].index)
 
@@ -288,3 +289,132 @@ def test_published_weights_bring_their_tokenizer_and_the_vocab_follows_it(ray_lo
     shards = _read(storage, "shards")
     first = shards.to_pylist()[0]
     assert first["input_ids"] == tokenize_conversation(rows[0]["conversations"], expected, max_seq_len=512).input_ids
+
+
+def _rows_of(storage, m: dict, prefix: str) -> list[dict]:
+    return [r for name in m["shards"] for r in pq.read_table(io.BytesIO(storage.read_bytes(f"{prefix}/{name}"))).to_pylist()]
+
+
+def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(ray_local, make_spec, tmp_path):
+    """The driver is SIGKILLed (its Ray job and actors die with it) once a few blocks are done; a
+    second run reuses those blocks, does the rest, and writes the same shards and manifest counts
+    as an uninterrupted run, row for row (no row twice, none lost)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from cluster.storage import open_storage
+    from pipelines import preprocess
+
+    spec0 = make_spec()
+    storage = open_storage(spec0.storage)
+    records = []
+    for i in range(40):  # one row per block: 40 blocks, each a large-ish image to decode
+        storage.write_bytes(f"src/images/{i}.png", _png(_noise(1200, 900 - 10 * i, seed=i)))
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": _turns("<image>\nWhat?", f"Thing {i}.")})
+    records.append({"id": "bad", "image": "nope.png", "conversations": _turns("<image>\nWhat?", "x")})
+    storage.write_bytes("src/rows.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def spec_for(output):
+        return make_spec(storage=spec0.storage.model_dump(), data={
+            "sources": [{"name": "s", "path": "src/rows.jsonl", "image_root": "src/images"}],
+            "output": output, "rows_per_shard": 1, "concurrency": 1, "max_quarantine_fraction": 0.5})
+
+    whole = preprocess.run_stage(spec_for("whole"))
+    assert whole["rows_reused"] == 0
+
+    spec = spec_for(str(tmp_path / "resumed"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    child = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "preprocess", str(path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    books = lambda: list((tmp_path / "resumed" / "_tmp").rglob("*.book.parquet"))  # noqa: E731
+    deadline = time.monotonic() + 180
+    try:
+        while len(books()) < 4 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    done = len(books())
+    assert 4 <= done < 41 and not (tmp_path / "resumed" / "_manifest.json").exists(), done
+
+    again = preprocess.run_stage(spec)
+    assert done <= again["rows_reused"] < again["rows_read"] == 41
+    for key in ("rows_in", "rows_written", "rows_quarantined", "quarantined_by_reason", "tokens", "image_bytes",
+                "shards", "error_shards"):
+        assert again[key] == whole[key], key
+    assert _rows_of(storage, again, str(tmp_path / "resumed")) == _rows_of(storage, whole, "whole")
+    ids = [r["id"] for r in _rows_of(storage, again, str(tmp_path / "resumed"))]
+    assert ids == [f"r{i}" for i in range(40)]
+    assert not (tmp_path / "resumed" / "_tmp").exists()
+    # --force redoes everything
+    assert preprocess.run_stage(spec, force=True)["rows_reused"] == 0
+
+    # a tiler actor killed mid-run: Ray Data restarts it, retries its block under the same name
+    import threading
+
+    from ray.util.state import list_actors
+
+    spec = spec_for(str(tmp_path / "worker"))
+    out: dict = {}
+    run = threading.Thread(target=lambda: out.update(m=preprocess.run_stage(spec)))
+    run.start()
+    books = lambda: list((tmp_path / "worker" / "_tmp").rglob("*.book.parquet"))  # noqa: E731
+    while len(books()) < 3 and run.is_alive():
+        time.sleep(0.02)
+    tilers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Tiler" in (a.class_name or "")
+              or "MapWorker" in (a.class_name or "")]
+    assert tilers, [a.class_name for a in list_actors()]
+    os.kill(tilers[0].pid, signal.SIGKILL)
+    run.join(300)
+    assert not run.is_alive() and out["m"]["rows_reused"] == 0
+    assert out["m"]["shards"] == whole["shards"] and out["m"]["rows_written"] == whole["rows_written"]
+    assert _rows_of(storage, out["m"], str(tmp_path / "worker")) == _rows_of(storage, whole, "whole")
+
+
+def test_duplicates_are_kept_once_within_and_across_sources_and_counted(ray_local, make_spec):
+    from cluster.storage import open_storage
+    from pipelines import preprocess
+
+    spec0 = make_spec()
+    storage = open_storage(spec0.storage)
+    x, y = _png(_noise(60, 40, seed=1)), _jpeg(_noise(40, 70, seed=2))
+    for name, data in [("x.png", x), ("x-copy.png", x), ("y.jpg", y)]:
+        storage.write_bytes(f"src/images/{name}", data)
+
+    def jsonl(name, rows):
+        storage.write_bytes(f"src/{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    ask = lambda q, a, img=None: {**({"image": img} if img else {}), "conversations": _turns(  # noqa: E731
+        ("<image>\n" if img else "") + q, a)}
+    jsonl("a", [{"id": "a1", **ask("What?", "A.", "x.png")}, {"id": "a2", **ask("What?", "A.", "x-copy.png")},
+                {"id": "a3", **ask("Colour?", "Red.", "x.png")}, {"id": "a4", **ask("Hi", "Hello.")},
+                {"id": "a5", **ask("Hi", "Hello.")}])
+    jsonl("b", [{"id": "b1", **ask("Caption?", "Noise.", "x.png")}, {"id": "b2", **ask("What?", "A.", "y.jpg")},
+                {"id": "b3", **ask("Caption?", "More noise.", "y.jpg")}])
+    jsonl("c", [{"id": "c1", **ask("What?", "A.", "x.png")}, {"id": "c2", **ask("What?", "A.", "x.png")}])
+    jsonl("d", [{"id": "d1", **ask("What?", "A.", "x.png")}, {"id": "d2", **ask("Hi", "Hello.")},
+                {"id": "d3", **ask("New?", "Yes.", "y.jpg")}])
+    src = lambda name, **kw: {"name": name, "path": f"src/{name}.jsonl", "image_root": "src/images", **kw}  # noqa: E731
+    spec = make_spec(storage=spec0.storage.model_dump(), data={
+        "sources": [src("a"), src("b", dedup="images"), src("c", dedup="off"), src("d", ratio=2)],
+        "rows_per_shard": 2, "concurrency": 2})
+    m = preprocess.run_stage(spec)
+    s = m["sources"]
+    assert (s["a"]["duplicate_samples"], s["a"]["rows_written"]) == (2, 3)  # a2 (same bytes), a5
+    assert (s["b"]["duplicate_images"], s["b"]["duplicate_samples"], s["b"]["rows_written"]) == (2, 0, 1)  # b1, b3
+    assert (s["c"]["duplicate_samples"], s["c"]["rows_written"]) == (0, 2)  # off: kept, still remembered
+    assert (s["d"]["duplicate_samples"], s["d"]["rows_in"], s["d"]["rows_written"]) == (2, 2, 2)  # d1, d2; d3 twice
+    assert (m["duplicate_samples"], m["duplicate_images"]) == (4, 2)
+    records_in = 3 + 1 + 2 + 1  # d3 is one record written twice (ratio 2)
+    assert m["rows_read"] == m["subsampled_out"] + m["duplicate_samples"] + m["duplicate_images"] + records_in == 13
+    assert m["rows_in"] == m["rows_written"] == 3 + 1 + 2 + 2
+    rows = _rows_of(storage, m, "shards")
+    assert [r["id"] for r in rows] == ["a1", "a3", "a4", "b2", "c1", "c2", "d3", "d3"]
+    assert "duplicates dropped: 4 samples, 2 by image" in preprocess.format_summary(m)

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import openai
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -118,10 +117,14 @@ def live(s3, tmp_path_factory):
         summary = serve_stage.run_stage(spec)
     finally:
         os.environ.pop(KEY_ENV, None)
-    shard = storage.list("shards")
-    rows = pq.read_table(storage.resolve(storage.uri_for([k for k in shard if k.endswith(".parquet")
-                                                           and "errors" not in k][0]))[1],
-                         filesystem=storage.filesystem).to_pylist()
+    # the sample as training reads it: the shard's stored image cut into views by the training reader
+    from actors.train_data import ReadPlannedRows
+    from models.tiling import TileSpec
+
+    manifest = json.loads(storage.read_bytes("shards/_manifest.json"))
+    reader = ReadPlannedRows(spec.storage, [storage.uri_for("shards", manifest["shards"][0])],
+                             tile=TileSpec.from_dict(manifest["tiling"]))
+    rows = reader({"file": np.array([0]), "row": np.array([0]), "_pos": np.array([0])}).to_pylist()
     client = openai.OpenAI(base_url=summary["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
     try:
         yield {"spec": spec, "url": summary["url"], "client": client, "image": image, "question": question,
@@ -221,7 +224,9 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request(live):
 
 
 def test_server_inputs_equal_preprocess_output(live):
-    """For one sample, the token ids and tiles the server builds equal what preprocess wrote."""
+    """For one sample, the token ids and tiles the server builds equal what training reads from the
+    shards preprocess wrote (the stored image cut by actors.train_data): the same bytes give the
+    same pixels on both sides."""
     from ray import serve
 
     row = live["row"]
