@@ -15,6 +15,7 @@ Before → after (``ReadPlannedRows``)::
 The shards store each image compressed with its plan (``images``, ``plans``: see
 ``models.stored_image``); the reader cuts the views from them here, on the Ray Data CPU
 workers, with the tiling code serving uses (``views``: uint8 [Σ(1 + kept), S, S, 3] as bytes).
+Shards of format 1 (before compressed images) hold ``views`` already and are read as they are.
 
 ``_pos = ((step · grad_accum) + micro) · micro_batch + slot`` is the row's place in rank r's
 stream; the worker checks it, so an out-of-order stream fails loudly instead of training on

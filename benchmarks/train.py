@@ -183,8 +183,9 @@ def skip_vs_noskip(tokenizer, reps: int) -> dict:
             "skip_tokens": int(skip["input_ids"].shape[1]), "noskip_tokens": width}
 
 
-def demo_like(steps: int, report_every_s: float, s3_endpoint: str) -> dict:
-    """The demo's train stage on the train-test shards; steady-state steps/s and phase means."""
+def demo_like(steps: int, report_every_s: float, s3_endpoint: str, shard_format: int = 2) -> dict:
+    """The demo's train stage on the train-test shards (``shard_format``: 2 stored images, 1 raw
+    views); steady-state steps/s and phase means."""
     import uuid
 
     from cluster.connect import storage_for
@@ -201,7 +202,7 @@ def demo_like(steps: int, report_every_s: float, s3_endpoint: str) -> dict:
     }, "bench-spec")
     storage = storage_for(spec)
     lay = Layout.from_spec(spec, storage.uri)
-    write_shards(storage, lay, n_rows=400, rows_per_shard=100)
+    write_shards(storage, lay, n_rows=400, rows_per_shard=100, shard_format=shard_format)
     t0 = time.perf_counter()
     run_stage(spec, force=True, export=False, report_every_s=report_every_s)
     wall = time.perf_counter() - t0

@@ -83,8 +83,9 @@ def build_rows(flavour_name: str = "debug", n_rows: int = 48, seed: int = 0, wid
 
 
 def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48, seed: int = 0,
-                 rows_per_shard: int = 16) -> list[dict]:
-    """Write ``part-XXXXX.parquet``, ``tokenizer/`` and ``_manifest.json`` at ``layout.shards``."""
+                 rows_per_shard: int = 16, shard_format: int = 2) -> list[dict]:
+    """Write ``part-XXXXX.parquet``, ``tokenizer/`` and ``_manifest.json`` at ``layout.shards``
+    (``shard_format`` 2: stored images, as preprocess writes; 1: raw views, as it wrote before)."""
     import json
     import tempfile
 
@@ -92,13 +93,13 @@ def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48,
     from models.conversation import image_token_id
     from pipelines.preprocess import tiling_facts
 
-    from actors.tiler import SHARD_FORMAT
-
-    tokenizer, rows = build_rows(flavour_name, n_rows, seed, stored=True)
+    tokenizer, rows = build_rows(flavour_name, n_rows, seed, stored=shard_format == 2)
     flavour = from_name(flavour_name)
+    schema = SCHEMA if shard_format == 2 else pa.schema(
+        [f for f in SCHEMA if f.name not in ("images", "plans")] + [("views", pa.binary())])
     names = []
     for k in range(0, len(rows), rows_per_shard):
-        table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=SCHEMA)
+        table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=schema)
         fs, path = storage.resolve(layout.shard(k // rows_per_shard))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, path, filesystem=fs)
@@ -107,7 +108,7 @@ def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48,
         tokenizer.save_pretrained(tmp)
         storage.upload_dir(tmp, layout.tokenizer)
     manifest = {"rows_in": len(rows), "rows_written": len(rows), "rows_quarantined": 0, "shards": names,
-                "shard_format": SHARD_FORMAT,
+                "shard_format": shard_format,
                 "flavour": flavour.name, "tiling": tiling_facts(flavour), "max_seq_len": flavour.max_seq_len,
                 "tokenizer": "tokenizer", "vocab_size": len(tokenizer), "image_token_id": image_token_id(tokenizer)}
     storage.write_bytes(layout.manifest, json.dumps(manifest).encode())

@@ -88,10 +88,9 @@ def check_manifest(manifest: dict, flavour: Flavour, where: str, *, weights: boo
     from actors.tiler import SHARD_FORMAT
     from pipelines.preprocess import tiling_facts
 
-    if manifest.get("shard_format", 1) != SHARD_FORMAT:
-        raise UserError(f"the shards at {where} are in format {manifest.get('shard_format', 1)} (an older "
-                        f"preprocess); this training reads format {SHARD_FORMAT}. Run `sphinx-x preprocess SPEC "
-                        "--force`.")
+    if manifest.get("shard_format", 1) > SHARD_FORMAT:  # 1 (raw views) and 2 (stored images) both read
+        raise UserError(f"the shards at {where} are in format {manifest['shard_format']}, newer than this "
+                        f"sphinx-x reads ({SHARD_FORMAT}); upgrade it or rerun `sphinx-x preprocess SPEC --force`")
     mine = tiling_facts(flavour)
     theirs = manifest.get("tiling") or {}
     diffs = [f"{k}: shards {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
