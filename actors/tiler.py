@@ -333,6 +333,10 @@ def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     file is written beside and renamed)."""
     import pyarrow.parquet as pq
 
+    if isinstance(fs, pafs.S3FileSystem):  # one PUT: no copy-and-delete "rename" needed
+        with fs.open_output_stream(path) as f:
+            pq.write_table(table, f)
+        return
     tmp = f"{path}.partial"
     with fs.open_output_stream(tmp) as f:
         pq.write_table(table, f)

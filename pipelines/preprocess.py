@@ -503,7 +503,7 @@ class _Tally:
         for i, r in enumerate(cols):
             c = self.per_source[r["source"]]
             c["rows_read"] += 1
-            c["blocks_reused_rows"] += bool(r["reused"])
+            c["rows_reused"] += bool(r["reused"])
             n = r["copies"]
             if n == 0:
                 c["subsampled_out"] += 1
@@ -542,7 +542,7 @@ class _Tally:
             "subsampled_out": int(total["subsampled_out"]),
             "duplicate_samples": int(total["duplicate_samples"]),
             "duplicate_images": int(total["duplicate_images"]),
-            "rows_reused": int(total["blocks_reused_rows"]),
+            "rows_reused": int(total["rows_reused"]),
             "rows_truncated": int(total["rows_truncated"]),
             "tokens": {"text": int(total["text_tokens"]), "image": int(total["image_tokens"]),
                        "saved": int(total["saved_tokens"]),

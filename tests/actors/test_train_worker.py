@@ -20,6 +20,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_ranks(target, *args, timeout: float = 300) -> list:
+    """``target(rank, port, *args, out)`` in 2 spawned processes (one gloo group on ``port``);
+    returns what each rank put on ``out``."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
 def _rank(rank: int, port: int, counts: list, out) -> None:
     import torch.distributed as dist
 
@@ -34,15 +49,7 @@ def _rank(rank: int, port: int, counts: list, out) -> None:
 
 def test_token_share_weighs_every_supervised_token_alike():
     counts = [1, 3]  # supervised target tokens on rank 0 and rank 1
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, counts, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    shares = dict(out.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    shares = dict(_two_ranks(_rank, counts, timeout=60))
     assert shares == {0: 0.25, 1: 0.75}
 
 
@@ -168,15 +175,7 @@ def test_zero3_builds_partitioned_takes_rank0_weights_and_gathers_them_back():
     """ZeRO-3: built under zero.Init, every parameter is a partition from the start (about half
     of the elements per rank, no full tensor); rank 0's weights go in parameter by parameter and
     come back gathered on rank 0 only, in the export dtype."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_zero3_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r[0], r[1:]) for r in (out.get(timeout=300) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    results = {r[0]: r[1:] for r in _two_ranks(_zero3_rank)}
     for rank in (0, 1):
         partitioned, share, _, _ = results[rank]
         assert partitioned and 0.45 < share < 0.56
@@ -244,15 +243,7 @@ def test_fp32_master_shares_the_partition_and_trains_the_same(stage):
     build_engine makes the optimizer's fp32 master partition the parameter partition's own
     memory (DeepSpeed alone keeps a clone), and two AdamW steps give the same losses and updated
     partitions as DeepSpeed with its clone."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_master_rank, args=(r, port, stage, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = dict(_two_ranks(_master_rank, stage))
     for rank in (0, 1):
         (shared, losses, params), (cloned, want_losses, want) = results[rank]
         assert shared and not cloned
