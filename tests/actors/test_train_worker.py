@@ -230,7 +230,9 @@ def _master_rank(rank: int, port: int, stage: int, out) -> None:
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
-            results.append((same_memory, losses, torch.cat([lp.detach().clone() for lp, _ in pairs])))
+            # numpy, not a tensor: a tensor crosses the queue as a shared-memory fd that is gone
+            # once this process exits, which can be before the parent unpickles it
+            results.append((same_memory, losses, torch.cat([lp.detach().clone() for lp, _ in pairs]).numpy()))
             engine.destroy()
         out.put((rank, results))
     finally:
@@ -246,6 +248,7 @@ def test_fp32_master_shares_the_partition_and_trains_the_same(stage):
     results = dict(_two_ranks(_master_rank, stage))
     for rank in (0, 1):
         (shared, losses, params), (cloned, want_losses, want) = results[rank]
+        params, want = torch.from_numpy(params), torch.from_numpy(want)
         assert shared and not cloned
         assert losses == pytest.approx(want_losses, rel=1e-5)
         assert not torch.equal(params, torch.zeros_like(params))
