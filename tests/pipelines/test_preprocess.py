@@ -314,7 +314,7 @@ def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(ray_lo
     storage = open_storage(spec0.storage)
     records = []
     for i in range(40):  # one row per block: 40 blocks, each a large-ish image to decode
-        storage.write_bytes(f"src/images/{i}.png", _png(_noise(1200, 900 - 10 * i, seed=i)))
+        storage.write_bytes(f"src/images/{i}.png", _png(_noise(640, 480 - 5 * i, seed=i)))
         records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": _turns("<image>\nWhat?", f"Thing {i}.")})
     records.append({"id": "bad", "image": "nope.png", "conversations": _turns("<image>\nWhat?", "x")})
     storage.write_bytes("src/rows.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
