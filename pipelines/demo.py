@@ -11,7 +11,9 @@
 4. asks the endpoint every held-out question with the official ``openai`` client (a few
    threads at once) and scores exact-match answers per question type next to the
    majority-class baseline;
-5. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png`` and
+5. reruns every question greedily on the PyTorch model (``models.sphinx``, fp32, CPU) from the
+   served export and counts the answers identical token for token (pipelines.parity);
+6. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png`` and
    ``tiling.png`` into the run directory. Without ``--keep-serving`` it then shuts down
    Serve, Ray and the S3 server it started.
 
@@ -125,6 +127,11 @@ def _question_messages(row: dict, image: Optional[bytes]) -> list[dict]:
                                          {"type": "text", "text": text.replace("<image>", "", 1)}]}]
 
 
+def _row_image(row: dict, images: dict[str, bytes]) -> Optional[bytes]:
+    """The image bytes of a held-out row (None for a text-only row)."""
+    return images.get(row.get("image", "")) if "image" in row else None
+
+
 def percentile(values: list[float], q: float) -> Optional[float]:
     """Nearest-rank percentile (q in [0, 100]); None for no values."""
     if not values:
@@ -138,7 +145,10 @@ def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model
     """Ask the endpoint every held-out row (``threads`` at once); exact-match accuracy per type.
 
     Returns ``{"types": {type: {"correct", "total", "accuracy"}}, "latency_s": {p50, p99, mean},
-    "requests", "errors", "wall_s", "samples": [a few (question, answer, expected)]}``.
+    "requests", "errors", "wall_s", "samples": [a few (question, answer, expected)], "answers"}``;
+    ``answers`` holds every answered row by id: ``{"text", "finish_reason", "prompt_tokens",
+    "tokens"}``, ``tokens`` the per-token strings of OpenAI ``logprobs.content`` (asked with
+    ``logprobs=True``), for pipelines.parity.
     """
     from openai import OpenAI
 
@@ -146,12 +156,17 @@ def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model
         logging.getLogger(name).setLevel(logging.WARNING)
     client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=2, timeout=120)
 
-    def ask(row: dict) -> tuple[dict, Optional[str], float, Optional[str]]:
-        msgs = _question_messages(row, images.get(row.get("image", "")) if "image" in row else None)
+    def ask(row: dict) -> tuple[dict, Optional[dict], float, Optional[str]]:
+        msgs = _question_messages(row, _row_image(row, images))
         t0 = time.perf_counter()
         try:
-            out = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0)
-            return row, out.choices[0].message.content or "", time.perf_counter() - t0, None
+            out = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0,
+                                                 logprobs=True)
+            choice = out.choices[0]
+            answer = {"text": choice.message.content or "", "finish_reason": choice.finish_reason,
+                      "tokens": [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []],
+                      "prompt_tokens": out.usage.prompt_tokens if out.usage else None}
+            return row, answer, time.perf_counter() - t0, None
         except Exception as err:  # noqa: BLE001 - counted and reported, never silently dropped
             return row, None, time.perf_counter() - t0, f"{type(err).__name__}: {err}"[:300]
 
@@ -160,7 +175,7 @@ def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model
         results = list(pool.map(ask, rows))
     wall = time.perf_counter() - t0
     types: dict[str, dict] = {}
-    latencies, errors, samples = [], [], []
+    latencies, errors, samples, answers = [], [], [], {}
     for row, answer, latency, error in results:
         t = types.setdefault(row["type"], {"correct": 0, "total": 0})
         t["total"] += 1
@@ -168,16 +183,18 @@ def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model
             errors.append({"id": row["id"], "error": error})
             continue
         latencies.append(latency)
-        t["correct"] += synthetic.normalise_answer(answer) == row["answer"]
+        answers[row["id"]] = answer
+        t["correct"] += synthetic.normalise_answer(answer["text"]) == row["answer"]
         if len(samples) < 8:
             samples.append({"id": row["id"], "question": row["conversations"][0]["value"].replace("<image>\n", ""),
-                            "answer": answer, "expected": row["answer"]})
+                            "answer": answer["text"], "expected": row["answer"]})
     for t in types.values():
         t["accuracy"] = t["correct"] / t["total"]
     return {"types": types, "requests": len(rows), "errors": errors, "wall_s": round(wall, 2),
             "latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                           "mean": sum(latencies) / len(latencies) if latencies else None},
-            "requests_per_s": round(len(rows) / wall, 2) if wall else None, "samples": samples}
+            "requests_per_s": round(len(rows) / wall, 2) if wall else None, "samples": samples,
+            "answers": answers}
 
 
 def _check_page(url: str) -> str:
@@ -314,7 +331,7 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
     """The whole demo; returns the report (also ``run_dir/report.json``)."""
     from cluster.connect import storage_for
     from models.flavours import from_name
-    from pipelines import preprocess, serve, train
+    from pipelines import parity, preprocess, serve, train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -337,12 +354,19 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
         evaluation = _stage(f"ask {len(rows)} held-out questions",
                             lambda: evaluate(served["url"], rows, images, threads=cfg.eval_threads,
                                              max_tokens=cfg.max_tokens), timings)
+        questions = {}
+        for r in rows:
+            image = _row_image(r, images)
+            questions[r["id"]] = (_question_messages(r, image), [image] if image is not None else [])
+        parity_report = _stage("parity: the served answers vs the PyTorch model",
+                               lambda: parity.compare(spec, MODEL_NAME, questions, evaluation["answers"],
+                                                      max_tokens=cfg.max_tokens), timings)
         history = _metrics(storage, spec)
         loss_png(storage, spec, history, run_dir / "loss.png")
         flavour = from_name(spec.model.flavour, **spec.model.overrides)
         tiling = tiling_png(ds, flavour, run_dir / "tiling.png")
-        report = _report(cfg, spec, ds, where, shards, trained, served, evaluation, history, tiling,
-                         run_dir, timings, time.time() - t_start)
+        report = _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_report, history,
+                         tiling, run_dir, timings, time.time() - t_start)
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)
         if keep_serving:
@@ -357,8 +381,8 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
         env.stop(spec)
 
 
-def _report(cfg, spec, ds, where, shards, trained, served, evaluation, history, tiling, run_dir, timings,
-            total_s) -> dict:
+def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_report, history, tiling, run_dir,
+            timings, total_s) -> dict:
     stats = ds.stats()["types"]
     questions = {}
     for qtype, t in sorted(evaluation["types"].items()):
@@ -376,6 +400,7 @@ def _report(cfg, spec, ds, where, shards, trained, served, evaluation, history, 
         "serving": {"url": served["url"], "web_page": served["web_page"], "model": MODEL_NAME, "requests": evaluation["requests"],
                     "errors": len(evaluation["errors"]), "latency_s": evaluation["latency_s"],
                     "requests_per_s": evaluation["requests_per_s"], "concurrency": cfg.eval_threads},
+        "parity": parity_report,
         "samples": evaluation["samples"],
         "errors": evaluation["errors"][:10],
         "data": {"train_samples": len(ds.train), "heldout_questions": evaluation["requests"],
@@ -397,7 +422,7 @@ def format_report(r: dict) -> str:
     for qtype, q in r["questions"].items():
         lines.append(f"  {qtype:<9} {q['accuracy']:>9.2f} {q['baseline']:>9.2f}   ({q['majority_answer']!r}, "
                      f"{q['correct']}/{q['total']})")
-    t, s, v = r["training"], r["skip_tokens"], r["serving"]
+    t, s, v, p = r["training"], r["skip_tokens"], r["serving"], r["parity"]
     lat = v["latency_s"]
     fmt = lambda x: "n/a" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
     lines += [
@@ -409,6 +434,7 @@ def format_report(r: dict) -> str:
         f"({s['saved_fraction']:.0%}) over {s['rows']} rows",
         f"  serving     {v['requests']} requests, {v['concurrency']} at a time: p50 {fmt(lat['p50'])}, "
         f"p99 {fmt(lat['p99'])}, {v['errors']} errors",
+        f"  parity      vLLM vs PyTorch greedy (fp32, CPU): {p['identical']}/{p['total']} identical",
         f"  web page    {v['web_page']}",
         f"  loss curve  {r['files']['loss_png']}",
         f"  tiling      {r['files']['tiling_png']}  ({r['tiling_example']['image']}: kept "

@@ -2,8 +2,10 @@
 export -> Serve -> held-out questions through the HTTP endpoint with the openai client.
 
 The pieces must connect (shards and manifest, export with _SUCCESS, the endpoint answering
-every question and serving the web page, report.json with its fields and PNGs) and the model
-trained inside the test must beat the majority-class baseline on at least one question type.
+every question and serving the web page, report.json with its fields and PNGs), the model
+trained inside the test must beat the majority-class baseline on at least one question type,
+and >= 99 % of the served greedy answers must be the PyTorch model's token for token
+(pipelines.parity, issue #14).
 The small pure functions of the demo are tested on their own at the bottom.
 """
 
@@ -69,6 +71,10 @@ def test_short_demo_end_to_end(ray_local, tmp_path, monkeypatch):
     for t in q.values():
         assert 0 <= t["accuracy"] <= 1 and 0 <= t["baseline"] <= 1 and t["total"] > 0
     assert any(t["accuracy"] > t["baseline"] for t in q.values()), demo.format_report(report)
+    # parity (issue #14): the served greedy answers are the PyTorch model's, token for token
+    parity = report["parity"]
+    assert parity["total"] == serving["requests"]
+    assert parity["share"] >= 0.99, json.dumps(parity["differences"], indent=1)
     # everything the demo started for its app is gone again
     from ray import serve
 
