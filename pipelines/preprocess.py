@@ -92,6 +92,7 @@ from cluster.stall import stall_watch
 from cluster.storage import Storage
 from models.errors import UserError
 from models.flavours import Flavour, from_name
+from models.light_tokenizer import for_workers
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layou
         Tiler, batch_format="pyarrow", batch_size=None,  # one block = one shard
         compute=ray.data.ActorPoolStrategy(size=spec.data.concurrency),
         num_cpus=spec.data.num_cpus_per_worker,
-        fn_constructor_kwargs=dict(config=config, tokenizer=tokenizer, storage=storage,
+        fn_constructor_kwargs=dict(config=config, tokenizer=for_workers(tokenizer), storage=storage,
                                    shard_dir=tmp_dir, filesystem=fs),
         **remote,
     )
