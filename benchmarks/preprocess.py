@@ -224,10 +224,12 @@ def _tree_cpu() -> dict[int, float]:
     return out
 
 
-def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int) -> dict:
+def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int, hf_tokenizer_run: bool = False) -> dict:
     """(a): run_stage on a local Ray with every CPU, twice: ``cold`` on the cluster just started,
     then ``warm`` (the same stage again on that cluster: Ray Data's cluster-wide helper actors are
-    up, the driver has imported Ray Data; every tiler actor is a new process either way)."""
+    up, the driver has imported Ray Data; every tiler actor is a new process either way), and with
+    ``hf_tokenizer_run`` a third, warm, run shipping transformers' tokenizer object to the actors
+    as before ``models.light_tokenizer``."""
     import ray
 
     from cluster.spec import parse_spec
@@ -291,11 +293,19 @@ def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int) -> dict:
         cold = one_run()
         time.sleep(2)  # the cold run's actors exit
         warm = one_run()
+        runs = {"ray_init_s": ray_init_s, "cold": cold, "warm": warm}
+        if hf_tokenizer_run:  # before models.light_tokenizer: the actors unpickle transformers' class
+            light, preprocess.for_workers = preprocess.for_workers, lambda tok: tok
+            try:
+                time.sleep(2)
+                runs["warm_hf_tokenizer"] = one_run()
+            finally:
+                preprocess.for_workers = light
     finally:
         preprocess._tokenizer, preprocess._run_graph, preprocess.Progress = orig
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
-    return {"ray_init_s": ray_init_s, "cold": cold, "warm": warm}
+    return runs
 
 
 def main() -> None:
@@ -305,6 +315,8 @@ def main() -> None:
     p.add_argument("--cache", default="/tmp/sphinx-x-bench-preprocess")
     p.add_argument("--rows-per-shard", type=int, default=64, help="rows per shard = per tiler call, (a) and (b)")
     p.add_argument("--skip-ray", action="store_true")
+    p.add_argument("--hf-tokenizer-run", action="store_true",
+                   help="(a) once more, warm, with transformers' tokenizer in the actors (the state before)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -318,7 +330,7 @@ def main() -> None:
     b = plain_process(cache, args.rows_per_shard)
     cpus = os.cpu_count() or 1
     b2 = plain_parallel(cache, args.rows_per_shard, cpus)
-    a = None if args.skip_ray else ray_pipeline(cache, cpus, args.rows_per_shard)
+    a = None if args.skip_ray else ray_pipeline(cache, cpus, args.rows_per_shard, args.hf_tokenizer_run)
     result = {
         "benchmark": "preprocess",
         "images": args.images, "megapixels": {"min": round(min(mps), 2), "max": round(max(mps), 2),
