@@ -50,25 +50,29 @@ def uses_autoep(train: TrainSection, flavour: Flavour) -> bool:
 
 def memory_bounds(train: TrainSection, flavour: Flavour) -> dict[str, Any]:
     """Bucket and live-parameter sizes from the LLM width ``d`` (transformers' "auto" rules:
-    reduce bucket d², ZeRO-3 prefetch 0.9·d², persistence 10·d), plus a live / reuse limit of
-    about two decoder layers (24·d² parameters) for ZeRO-3, which is also its optimizer
-    sub-group size. DeepSpeed's defaults (5e8-element
-    buckets, 1e9 live parameters and reuse distance) keep a model under ~1 B parameters wholly
-    gathered on every rank (measured: 8–9 GB per ZeRO-3 rank for 0.38 B in fp32), which is what
-    ZeRO-3 is there to avoid. Never below 5e5 elements (the toy flavours)."""
+    reduce bucket d², ZeRO-3 prefetch 0.9·d², persistence 10·d), plus for ZeRO-3 a live / reuse
+    limit of about one decoder layer (8·d² parameters; a Llama layer with ffn 2.75·d is ~11·d²)
+    and an optimizer sub-group of 4·d² (the step's temporaries — flattened fp32 gradients, Adam's
+    denominators — exist per sub-group). DeepSpeed's defaults (5e8-element buckets, 1e9 live
+    parameters, reuse distance and sub-group) keep a model under ~1 B parameters wholly gathered
+    on every rank (measured: 8–9 GB per ZeRO-3 rank for 0.38 B in fp32), which is what ZeRO-3 is
+    there to avoid. Measured on that model (``benchmarks/train_memory.py``, peak RSS per rank):
+    24·d² live and sub-group 4.20 GiB, 24·d² live with a 4·d² sub-group 4.21, 8·d² live with it
+    4.08, 4·d² live 4.08. Never below 2e6 (live, sub-group) / 5e5 (buckets) elements (the toy
+    flavours)."""
     d = int(flavour.llm["hidden_size"])
     bucket = max(d * d, 500_000)
     out: dict[str, Any] = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if not train.use_gpu:
         out["overlap_comm"] = False  # no streams to overlap on CPU; its extra buffers only cost memory
     if train.zero_stage == 3:
-        live = max(24 * d * d, 2_000_000)
+        live = max(8 * d * d, 2_000_000)
         out.update({"stage3_prefetch_bucket_size": max(int(0.9 * d * d), 500_000),
                     "stage3_param_persistence_threshold": 10 * d,
                     "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
                     # the optimizer steps its fp32 partition in sub-groups of this size, so its
                     # temporaries (fp32 gradients, Adam's denominators) stay per sub-group
-                    "sub_group_size": live,
+                    "sub_group_size": max(4 * d * d, 2_000_000),
                     # the export gathers itself, parameter by parameter (actors.consolidate)
                     "stage3_gather_16bit_weights_on_model_save": False})
     return out

@@ -65,6 +65,7 @@ def _batch(tokenizer):
 
 
 def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
+    os.dup2(2, 1)  # a rank's own prints (DeepSpeed's op builds) go to stderr: stdout is the one JSON object
     import torch
 
     torch.set_num_threads(1)

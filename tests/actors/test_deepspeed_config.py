@@ -60,8 +60,8 @@ def test_buckets_and_zero3_live_parameters_follow_the_llm_width():
     zo = z3["zero_optimization"]
     d = 2048
     assert zo["reduce_bucket_size"] == d * d and zo["stage3_prefetch_bucket_size"] == int(0.9 * d * d)
-    assert zo["stage3_max_live_parameters"] == zo["stage3_max_reuse_distance"] == 24 * d * d < 1e9
-    assert zo["sub_group_size"] == 24 * d * d
+    assert zo["stage3_max_live_parameters"] == zo["stage3_max_reuse_distance"] == 8 * d * d < 1e9
+    assert zo["sub_group_size"] == 4 * d * d
     assert zo["stage3_param_persistence_threshold"] == 10 * d and "overlap_comm" not in zo
     z2 = deepspeed_config(_train(workers=2, zero_stage=2), from_name("debug"), world_size=2, total_steps=10)
     assert z2["zero_optimization"]["reduce_bucket_size"] == 500_000  # the toy floor
