@@ -46,14 +46,10 @@ def test_short_demo_end_to_end(ray_local, tmp_path, monkeypatch):
     spec = seen["spec"]
     storage = open_storage(spec.storage)
     manifest = json.loads(storage.read_bytes(f"{spec.data.output}/_manifest.json"))
-    # every generated sample is written once: the generator repeats a few text-only chats word
-    # for word, and preprocess keeps each exact repeat once (data.sources[].dedup: samples)
-    data = synthetic.generate(CI.n_train, CI.n_heldout, CI.seed)
-    pixels = {s.image_path: s.image for s in data.train if s.image is not None}
-    train = data.train_rows()
-    repeats = len(train) - len({(pixels.get(r.get("image")), json.dumps(r["conversations"])) for r in train})
-    assert manifest["duplicate_samples"] == repeats
-    assert manifest["rows_written"] + repeats == CI.n_train and manifest["shards"]
+    # every generated sample is written: the demo's source turns dedup off (its text-only chats
+    # repeat word for word on purpose), so the repeats are written and counted as none
+    assert manifest["duplicate_samples"] == 0
+    assert manifest["rows_written"] == CI.n_train and manifest["shards"]
     assert storage.exists(f"{spec.train.output}/export/_SUCCESS")
     assert report["training"]["steps"] == CI.steps and report["training"]["tokens_per_s"] > 0
     assert report["training"]["final_loss"] < report["training"]["first_loss"]
