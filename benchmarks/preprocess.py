@@ -147,31 +147,11 @@ def _config_and_tokenizer(texts: list[str]):
     return cfg, train_bpe_tokenizer(texts, int(f.llm["vocab_size"]))
 
 
-def plain_process(cache: Path, rows_per_shard: int) -> dict:
-    """(b): the Tiler in shard mode on the raw rows, ``rows_per_shard`` rows per call, one process."""
-    from actors import rows as raw
-    from actors.tiler import Tiler
-
-    rows = raw.parse_json_file((cache / "data.jsonl").read_bytes(), "data.jsonl", source="bench", ratio=1.0,
-                               image_root=str(cache / "images"))
-    texts = [t["value"] for r in rows for t in json.loads(r["conversations"])]
-    cfg, tok = _config_and_tokenizer(texts)
-    out_dir = tempfile.mkdtemp(prefix="sphinx-x-bench-plain-")
-    tiler = Tiler(cfg, tok, shard_dir=out_dir)
-    tiler(raw.to_table(rows[:2]))  # warm-up
-    t, cpu = time.perf_counter(), time.process_time()
-    n_ok = 0
-    for i in range(0, len(rows), rows_per_shard):
-        n_ok += tiler(raw.to_table(rows[i:i + rows_per_shard])).column("reason").null_count
-    secs, cpu = time.perf_counter() - t, time.process_time() - cpu
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return {"images": len(rows), "ok": n_ok, "seconds": round(secs, 2), "cpu_s": round(cpu, 2),
-            "images_per_s": round(len(rows) / secs, 2)}
-
-
-def _plain_worker(args: tuple) -> tuple[float, float, float]:
-    """One of (b2)'s processes: the (b) loop on every ``procs``-th block, after a barrier."""
-    cache, rows_per_shard, index, procs, barrier = args
+def _plain_loop(cache: Path, rows_per_shard: int, index: int = 0, procs: int = 1,
+                barrier=None) -> tuple[float, float, float, int, int]:
+    """The Tiler in shard mode on every ``procs``-th block of ``rows_per_shard`` raw rows from
+    block ``index`` on, after a warm-up call (and ``barrier``, when given): (start, end, CPU s,
+    rows, good rows)."""
     from actors import rows as raw
     from actors.tiler import Tiler
 
@@ -181,13 +161,28 @@ def _plain_worker(args: tuple) -> tuple[float, float, float]:
     out_dir = tempfile.mkdtemp(prefix="sphinx-x-bench-plain-")
     tiler = Tiler(cfg, tok, shard_dir=out_dir)
     tiler(raw.to_table(rows[:2]))  # warm-up
-    barrier.wait()
+    if barrier is not None:
+        barrier.wait()
     t, cpu = time.perf_counter(), time.process_time()
+    n_ok = 0
     for i in range(index * rows_per_shard, len(rows), procs * rows_per_shard):
-        tiler(raw.to_table(rows[i:i + rows_per_shard]))
+        n_ok += tiler(raw.to_table(rows[i:i + rows_per_shard])).column("reason").null_count
     end, cpu = time.perf_counter(), time.process_time() - cpu
     shutil.rmtree(out_dir, ignore_errors=True)
-    return t, end, cpu
+    return t, end, cpu, len(rows), n_ok
+
+
+def plain_process(cache: Path, rows_per_shard: int) -> dict:
+    """(b): the Tiler in shard mode on the raw rows, ``rows_per_shard`` rows per call, one process."""
+    t, end, cpu, n, n_ok = _plain_loop(cache, rows_per_shard)
+    secs = end - t
+    return {"images": n, "ok": n_ok, "seconds": round(secs, 2), "cpu_s": round(cpu, 2),
+            "images_per_s": round(n / secs, 2)}
+
+
+def _plain_worker(args: tuple) -> tuple[float, float, float, int, int]:
+    """One of (b2)'s processes (a picklable entry point for the pool)."""
+    return _plain_loop(*args)
 
 
 def plain_parallel(cache: Path, rows_per_shard: int, procs: int) -> dict:
@@ -198,14 +193,14 @@ def plain_parallel(cache: Path, rows_per_shard: int, procs: int) -> dict:
     """
     import multiprocessing as mp
 
-    n = len((cache / "data.jsonl").read_text().splitlines())
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(procs)
         with ctx.Pool(procs) as pool:
             spans = pool.map(_plain_worker, [(cache, rows_per_shard, i, procs, barrier) for i in range(procs)])
-    secs = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
-    return {"images": n, "procs": procs, "seconds": round(secs, 2), "cpu_s": round(sum(c for *_, c in spans), 2),
+    secs = max(span[1] for span in spans) - min(span[0] for span in spans)
+    n = spans[0][3]
+    return {"images": n, "procs": procs, "seconds": round(secs, 2), "cpu_s": round(sum(span[2] for span in spans), 2),
             "images_per_s": round(n / secs, 2), "images_per_s_per_core": round(n / secs / procs, 2)}
 
 

@@ -28,14 +28,13 @@ class LightTokenizer:
     """Encode-only stand-in for a fast HF tokenizer (see the module doc)."""
 
     def __init__(self, backend: Any, *, bos_token_id: Optional[int], eos_token_id: Optional[int],
-                 unk_token_id: Optional[int], pad_token_id: Optional[int]):
+                 unk_token_id: Optional[int]):
         self.backend = backend
         self.backend.no_truncation()
         self.backend.no_padding()
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.unk_token_id = unk_token_id
-        self.pad_token_id = pad_token_id
 
     def __call__(self, text: str, *, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict:
         self.backend.encode_special_tokens = split_special_tokens
@@ -56,8 +55,7 @@ def for_workers(tokenizer: Any) -> Any:
     if backend is None or not _encodes_in_rust(type(tokenizer)):
         return tokenizer
     return LightTokenizer(copy.deepcopy(backend), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, unk_token_id=tokenizer.unk_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+                          eos_token_id=tokenizer.eos_token_id, unk_token_id=tokenizer.unk_token_id)
 
 
 def _encodes_in_rust(cls: type) -> bool:
