@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -99,8 +100,14 @@ def connect(address: str):
 
 
 def _needs_token(err: BaseException) -> bool:
+    """Whether the SDK's error is the head refusing us for want of a token.
+
+    "401" must stand alone (a status code), not inside a port: a closed dashboard on port 40197 said
+    "Failed to connect to Ray at address: http://127.0.0.1:40197" and was taken for an auth refusal.
+    """
     text = str(err).lower()
-    return any(k in text for k in ("401", "unauthorized", "unauthenticated", "auth token", "authentication"))
+    return bool(re.search(r"(?<![\d.:])401(?!\d)", text)) or any(
+        k in text for k in ("unauthorized", "unauthenticated", "auth token", "authentication"))
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

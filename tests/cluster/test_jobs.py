@@ -82,6 +82,17 @@ def test_unreachable_dashboard_is_one_clear_line(capsys, monkeypatch):
     assert err.startswith(f"error: cannot reach the Ray Jobs API at {url}") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("text, token", [
+    ("Failed to connect to Ray at address: http://127.0.0.1:40197.", False),  # a port, not a status
+    ("Failed to connect to Ray at address: http://10.0.4.1:8265.", False),
+    ("Request failed with status code 401: Unauthorized", True),
+    ("HTTP 401", True),
+    ("missing auth token", True),
+])
+def test_only_a_refusal_reads_as_needing_a_token(text, token):
+    assert jobs._needs_token(RuntimeError(text)) is token
+
+
 def test_jobs_needs_a_job_id_and_an_address(capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["jobs", "status"]) == 1
