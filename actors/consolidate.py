@@ -7,8 +7,9 @@ tensors only; gloo the CPU ones: the same code path), and only rank 0 copies it 
 in the export dtype. So no rank but 0 ever holds the model in host memory, and rank 0 holds it
 once (bf16 when training in bf16), never an fp32 copy per rank.
 
-``scatter_from_rank0`` is the way in: a model built partitioned (``deepspeed.zero.Init``)
-receives rank 0's plain weights parameter by parameter.
+``scatter_recipes`` is the way in: a model built partitioned (``deepspeed.zero.Init``) receives
+rank 0's weights (models.weight_stream recipes: read from the files one tensor at a time)
+parameter by parameter, so no rank ever holds more than one parameter in full.
 
 - ZeRO-3 partitions each parameter over its process group: ``GatheredParameters`` rebuilds it.
   ZeRO-1/2 keep full parameters on every rank.
@@ -25,10 +26,13 @@ receives rank 0's plain weights parameter by parameter.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
+
+from models.errors import UserError
+from models.weight_stream import Recipe, shape_errors, shown, stream
 
 
 def _autoep_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -70,20 +74,48 @@ def gather_experts(local: torch.Tensor, ep_group, device) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def scatter_from_rank0(model: nn.Module, source: Optional[nn.Module]) -> None:
-    """Copy rank 0's ``source`` (a plain model with the same names; None elsewhere) into
-    ``model``'s ZeRO-3 partitioned parameters, one parameter at a time; call on every rank."""
+def scatter_recipes(model: nn.Module, recipes: Optional[Mapping[str, Recipe]], *, what: str,
+                    strict_prefixes: tuple[str, ...] = ("",), device=None) -> int:
+    """Rank 0's ``recipes`` (SphinxX names; None on the other ranks) into ``model``'s ZeRO-3
+    partitioned parameters, one parameter at a time; call on every rank. Returns how many
+    parameters were loaded.
+
+    Rank 0 checks first, from the file headers: every parameter under ``strict_prefixes`` has a
+    recipe of its full shape (``ds_shape``) and no recipe names what the model lacks; a mismatch
+    is the same UserError on every rank (no rank is left waiting in a collective). Each parameter
+    is then gathered (``GatheredParameters(modifier_rank=0)``), rank 0 builds its tensor from the
+    files and copies it in, and DeepSpeed re-partitions it on exit."""
     import deepspeed
     import torch.distributed as dist
 
     rank0 = dist.get_rank() == 0
-    params = dict(source.named_parameters()) if rank0 else {}
-    for name, param in model.named_parameters():
+    params = dict(model.named_parameters())
+    plan: list = [[], None]  # [names to load, error]
+    if rank0:
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
+        ours = {k: r for k, r in recipes.items() if k.startswith(strict_prefixes)}
+        errors = shape_errors({n: s for n, s in shapes.items() if n.startswith(strict_prefixes)}, ours)
+        extra = sorted(set(recipes) - set(shapes))
+        if extra:
+            errors.setdefault("unexpected keys", []).extend(k for k in extra if k not in ours)
+        if errors:
+            plan[1] = f"{what} does not fit the model: " + "; ".join(
+                f"{label} ({len(keys)}): {shown(keys)}" for label, keys in errors.items())
+        plan[0] = [n for n in params if n in recipes]
+    dist.broadcast_object_list(plan, src=0, device=device)
+    names, error = plan
+    if error:
+        raise UserError(error)
+    tensors = stream(recipes, names) if rank0 else None
+    for name in names:
+        param = params[name]
         with torch.no_grad(), deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank0:
-                if name not in params or params[name].shape != param.shape:
-                    raise RuntimeError(f"initial weights have no {name} of shape {tuple(param.shape)}")
-                param.data.copy_(params[name].data)
+                got, tensor = next(tensors)
+                assert got == name
+                param.data.copy_(tensor)
+                del tensor
+    return len(names)
 
 
 def consolidated_state_dict(engine, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:

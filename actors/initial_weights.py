@@ -15,6 +15,11 @@ theta, norm eps ...), so the order is: read → ``flavour`` with their overrides
     >>> init = read_initial_weights(Path("weights/"), flavour)
     >>> model = SphinxX.from_flavour(init.flavour, init.tokenizer or shards_tokenizer)
     >>> init.load_into(model)        # strict per part; projector and start/end/skip stay as built
+
+Nothing is read before ``load_into``: every part is {name: models.weight_stream.Recipe}, shapes
+checked from the file headers, and loading reads one tensor at a time. ``recipes()`` is the same
+under SphinxX names, which is what a ZeRO-3 model takes parameter by parameter
+(actors.consolidate.scatter_recipes): no rank ever holds the weights as a whole.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from typing import Any, Optional
 
 from models.errors import UserError
 from models.flavours import Flavour
+from models.weight_stream import LazyTensors, Recipe, load_recipes
+
+# where each part's names go in SphinxX (models.checkpoint.PARTS)
+PREFIXES = {"llm": "llm.", "convnext": "vision.convnext.", "dino": "vision.dino.", "projector": "vision."}
 
 ENCODER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -33,19 +42,29 @@ ENCODER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 class InitialWeights:
     flavour: Flavour  # the spec's flavour with the sources' settings applied
     tokenizer: Any  # the weights' own tokenizer (None: components without llm/)
-    parts: dict[str, Any] = field(default_factory=dict)  # "llm" | "convnext" | "dino" -> loader objects
-    model_dir: Optional[Path] = None  # a whole sphinx-x model directory instead of parts
+    # "llm" | "convnext" | "dino" -> {name in that tower: Recipe} (+ "projector" for a model directory)
+    parts: dict[str, dict[str, Recipe]] = field(default_factory=dict)
+    model_dir: Optional[Path] = None  # when the parts are a whole sphinx-x model directory
     source: str = ""
 
-    def load_into(self, model) -> list[str]:
-        """Load every part into ``model`` (built from ``self.flavour``); returns the parts loaded."""
-        if self.model_dir is not None:
-            from models.checkpoint import import_weights_dir
+    def recipes(self) -> dict[str, Recipe]:
+        """Every weight under its SphinxX name."""
+        return {PREFIXES[part] + name: r for part, state in self.parts.items() for name, r in state.items()}
 
-            return import_weights_dir(model, self.model_dir)
-        towers = {"llm": model.llm, "convnext": model.vision.convnext, "dino": model.vision.dino}
-        for name, weights in self.parts.items():
-            weights.load_into(towers[name])
+    def strict_prefixes(self) -> tuple[str, ...]:
+        """The parts of the model whose every weight must come from here: the whole model for a
+        model directory, else the towers given (the projector and start/end/skip stay as built)."""
+        return ("",) if self.model_dir is not None else tuple(PREFIXES[p] for p in self.parts)
+
+    def load_into(self, model) -> list[str]:
+        """Load every part into ``model`` (built from ``self.flavour``), one tensor at a time;
+        returns the parts loaded."""
+        if self.model_dir is not None:
+            load_recipes(model, self.recipes(), what=f"model directory {self.model_dir}")
+        else:
+            towers = {"llm": model.llm, "convnext": model.vision.convnext, "dino": model.vision.dino}
+            for part, state in self.parts.items():
+                load_recipes(towers[part], state, what=f"{part} weights {self.source}")
         return sorted(self.parts)
 
 
@@ -65,32 +84,43 @@ def read_initial_weights(src: Path, flavour: Flavour) -> InitialWeights:
     if not src.is_dir():
         raise UserError(f"model.weights: {src} is not a directory")
     if (src / "config.json").is_file() and (src / "mm_projector.safetensors").is_file():
-        from models.pretrained_llm import load_llm_tokenizer
-
-        saved = read_config(src)["flavour"]  # a Flavour
-        own = {k: getattr(saved, k) for k in ("llm", "convnext", "dino")}
-        return InitialWeights(flavour=replace(flavour, **own), tokenizer=load_llm_tokenizer(src / "llm"),
-                              model_dir=src, source=str(src))
-    parts: dict[str, Any] = {}
+        return _model_dir(src, flavour)
+    parts: dict[str, dict[str, Recipe]] = {}
     tokenizer = None
     if (src / "llm").is_dir():
         llm = load_pretrained_llm(src / "llm", flavour)
         flavour = llm.apply_to(flavour)
-        parts["llm"], tokenizer = llm, llm.tokenizer
+        parts["llm"], tokenizer = llm.state, llm.tokenizer
     encoders = []
     conv = _encoder_source(src, "convnext")
     if conv is not None:
-        parts["convnext"] = load_convnext_weights(conv, flavour)
-        encoders.append(parts["convnext"])
+        encoders.append(load_convnext_weights(conv, flavour))
+        parts["convnext"] = encoders[-1].state
     dino = _encoder_source(src, "dinov2")
     if dino is not None:
-        parts["dino"] = load_dino_weights(dino, flavour)
-        encoders.append(parts["dino"])
+        encoders.append(load_dino_weights(dino, flavour))
+        parts["dino"] = encoders[-1].state
     if not parts:
         raise UserError(f"model.weights: {src} holds none of llm/, convnext[/|.safetensors|.bin|.pt|.pth], "
                         "dinov2[/|...] nor a sphinx-x model directory (config.json + mm_projector.safetensors)")
     return InitialWeights(flavour=with_encoder_overrides(flavour, *encoders), tokenizer=tokenizer, parts=parts,
                           source=str(src))
+
+
+def _model_dir(src: Path, flavour: Flavour) -> InitialWeights:
+    """A sphinx-x model directory: its own LLM / encoder settings and tokenizer; each part read by
+    the published-layout readers (save_pretrained writes those layouts), the projector as saved."""
+    from models.checkpoint import CONVNEXT_DIR, DINO_DIR, LLM_DIR, PROJECTOR_FILE, read_config
+    from models.pretrained_llm import load_pretrained_llm
+    from models.pretrained_vision import load_convnext_weights, load_dino_weights
+
+    saved = read_config(src)["flavour"]  # a Flavour
+    flavour = replace(flavour, **{k: getattr(saved, k) for k in ("llm", "convnext", "dino")})
+    llm = load_pretrained_llm(src / LLM_DIR, flavour)
+    parts = {"llm": llm.state, "convnext": load_convnext_weights(src / CONVNEXT_DIR, flavour).state,
+             "dino": load_dino_weights(src / DINO_DIR, flavour).state,
+             "projector": LazyTensors.open([src / PROJECTOR_FILE]).recipes()}
+    return InitialWeights(flavour=flavour, tokenizer=llm.tokenizer, parts=parts, model_dir=src, source=str(src))
 
 
 def check_tokenizer(weights_tokenizer, shards_tokenizer, source: str) -> None:

@@ -52,6 +52,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from actors.batching import collate, model_inputs
 from cluster.layout import Layout
 from cluster.spec import StorageSection, TrainSection
+from models.errors import UserError
 from models.flavours import Flavour
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,11 @@ def build_model(config: TrainWorkerConfig, storage, ds_config: Optional[dict] = 
     sphinx-x model dir; the model is built AFTER their flavour overrides, with their
     tokenizer), the model (``construct_model``), then the weights.
 
-    ZeRO-3: rank 0 alone reads the weights into a plain copy, hands the flavour to the other
-    ranks (``broadcast_object_list``) and the weights parameter by parameter
-    (``actors.consolidate.scatter_from_rank0``); the other ranks never hold the model.
-    Otherwise every rank loads them into its own (ZeRO-1/2 keep full parameters anyway)."""
+    The weights are read one tensor at a time (models.weight_stream). ZeRO-3: rank 0 alone opens
+    them, hands the flavour to the other ranks (``broadcast_object_list``) and the weights
+    parameter by parameter (``actors.consolidate.scatter_recipes``): no rank holds more than one
+    parameter in full. Otherwise every rank loads them into its own model (ZeRO-1/2 keep full
+    parameters anyway)."""
     import torch.distributed as dist
 
     from actors.initial_weights import check_tokenizer, read_initial_weights
@@ -127,25 +129,28 @@ def build_model(config: TrainWorkerConfig, storage, ds_config: Optional[dict] = 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     init, flavour = None, config.flavour
     with tempfile.TemporaryDirectory(prefix="sx-weights-") as tmp:
+        error = None
         if rank0 or not zero3:
-            init = read_initial_weights(Path(storage.download_dir(config.weights_uri, tmp)), config.flavour)
-            check_tokenizer(init.tokenizer, tokenizer, config.weights_uri)
-            flavour, tokenizer = init.flavour, init.tokenizer or tokenizer
+            try:
+                init = read_initial_weights(Path(storage.download_dir(config.weights_uri, tmp)), config.flavour)
+                check_tokenizer(init.tokenizer, tokenizer, config.weights_uri)
+                flavour, tokenizer = init.flavour, init.tokenizer or tokenizer
+            except UserError as err:
+                if not (zero3 and dist.is_initialized()):
+                    raise
+                error = str(err)  # every rank raises it: none is left waiting below
         if zero3 and dist.is_initialized():
-            shared = [flavour]
+            shared = [flavour, error]
             dist.broadcast_object_list(shared, src=0, device=device)
-            flavour = shared[0]
+            flavour, error = shared
+            if error:
+                raise UserError(error)
         model = construct_model(flavour, tokenizer, config.train, ds_config, device)
         if zero3:
-            from actors.consolidate import scatter_from_rank0
-            from models.sphinx import SphinxX
+            from actors.consolidate import scatter_recipes
 
-            source = None
-            if rank0:
-                source = SphinxX.from_flavour(flavour, tokenizer)
-                init.load_into(source)
-            scatter_from_rank0(model, source)
-            del source
+            scatter_recipes(model, init.recipes() if rank0 else None, what=f"model.weights {config.weights_uri}",
+                            strict_prefixes=init.strict_prefixes() if rank0 else ("",), device=device)
         else:
             init.load_into(model)
             model.set_vision_trainable(config.train.train_encoders)

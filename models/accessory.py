@@ -334,8 +334,8 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
     vision_state["skip"] = torch.zeros(d, dtype=stored)  # the release has none; skip_tokens is false
     with torch.no_grad():
         model.llm.load_state_dict(llm_state, strict=True, assign=True)
-        conv_state = {f"convnext.{k}": v for k, v in conv.state.items()}
-        dino_state = {f"dino.{k}": v for k, v in dino.state.items()}
+        conv_state = {f"convnext.{k}": v for k, v in conv.tensors().items()}
+        dino_state = {f"dino.{k}": v for k, v in dino.tensors().items()}
         model.vision.load_state_dict({**vision_state, **conv_state, **dino_state}, strict=True, assign=True)
     source["encoders"] = {"convnext": {"ignored": list(conv.ignored), "notes": list(conv.notes)},
                           "dino": {"ignored": list(dino.ignored), "notes": list(dino.notes)}}

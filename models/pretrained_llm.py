@@ -8,9 +8,12 @@
     >>> pre.load_into(model.llm)                      # strict; names key and both shapes on a mismatch
 
 Layouts (``model_type`` in config.json):
-  - ``llama``, ``mixtral``: read by transformers itself (``LlamaForCausalLM`` /
-    ``MixtralForCausalLM.from_pretrained``), which owns their on-disk layouts (Mixtral's per-expert
-    ``block_sparse_moe.experts.E.w1/w2/w3`` → its fused experts; safetensors or .bin; sharded or not).
+  - ``llama``, ``mixtral``: Hugging Face checkpoints (safetensors or .bin; sharded or not). Llama's
+    keys are the model's; Mixtral's per-expert ``block_sparse_moe.experts.E.w1/w2/w3`` become
+    transformers 5's fused ``mlp.experts.gate_up_proj [E, 2F, d]`` (w1 then w3) and
+    ``down_proj [E, d, F]``, ``block_sparse_moe.gate`` → ``mlp.gate`` (what transformers'
+    conversion mapping does inside ``from_pretrained``); the keys must be exactly those of the
+    config's model, checked on the meta device.
   - ``internlm2``: InternLM2 as published (remote code, never executed): its own config keys
     (``bias``, ``rope_scaling {"type", "factor"}``, ...) and weights ``model.tok_embeddings``,
     ``layers.N.attention.wqkv`` (packed per KV group: for each of the K key/value heads, its
@@ -24,6 +27,10 @@ Tokenizer: the directory's own, from ``tokenizer.json`` or a sentencepiece ``tok
 exactly as sentencepiece does). ``<image>`` (models.conversation.IMAGE) is added as a special
 token, and a pad token when it has none (its unk, else eos: no new row).
 
+Nothing is read until ``load_into``: ``state`` is {name: models.weight_stream.Recipe} (shapes from
+the file headers), and loading reads one tensor at a time, so a 46.7 B Mixtral never exists as a
+state dict (actors.train_worker streams the same recipes into a ZeRO-3 partitioned model).
+
 Vocabulary: ``V = max(len(tokenizer), source rows)``; ``embed_tokens`` and ``lm_head`` get V rows,
 the new ones initialised to the mean of the source rows. The flavour's shapes must be the
 source's (hidden, layers, heads, KV heads, ffn, experts); a mismatch names the config keys and
@@ -33,6 +40,7 @@ the weights with both shapes. Every bad input raises models.errors.UserError nam
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -46,7 +54,8 @@ from models.conversation import IMAGE
 from models.errors import UserError
 from models.flavours import Flavour
 from models.sphinx import build_llm
-from models.weight_files import read_state_dir, weight_files
+from models.weight_files import weight_files
+from models.weight_stream import LazyTensors, Recipe, as_recipes, load_recipes, shape_errors
 
 PathLike = Union[str, Path]
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -65,7 +74,7 @@ class PretrainedLLM:
     arch: Literal["llama", "mixtral"]
     layout: str  # "llama" | "mixtral" | "internlm2"
     source: str
-    state: dict[str, torch.Tensor]  # LlamaForCausalLM / MixtralForCausalLM keys; vocab_size rows
+    state: dict[str, Recipe]  # LlamaForCausalLM / MixtralForCausalLM keys; vocab_size rows; unread
     tokenizer: Any
     llm_overrides: dict[str, Any]  # merge into flavour.llm (apply_to)
     source_vocab: int  # embedding rows in the source
@@ -91,11 +100,9 @@ class PretrainedLLM:
         return ids
 
     def load_into(self, llm: nn.Module) -> None:
-        """Strict load into ``model.llm`` (a mismatch names the key and both shapes)."""
-        own = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
-        _check_shapes(own, {k: tuple(v.shape) for k, v in self.state.items()}, f"LLM weights {self.source}",
-                      "the model")
-        llm.load_state_dict(self.state, strict=True)
+        """Strict load into ``model.llm``, one tensor read at a time (a mismatch names the key
+        and both shapes)."""
+        load_recipes(llm, self.state, what=f"LLM weights {self.source}")
 
 
 # ---------------------------------------------------------------- the entry point
@@ -114,22 +121,20 @@ def load_pretrained_llm(src_dir: PathLike, flavour: Flavour, *, dtype: Optional[
     arch = "mixtral" if layout == "mixtral" else "llama"
     if arch != flavour.llm_arch:
         raise UserError(f"{src} holds a {layout} model but flavour {flavour.name!r} is a {flavour.llm_arch}")
-    weight_files(src)  # a clear error before anything heavy when there are no weights
+    files = LazyTensors.open(weight_files(src))  # headers only; a clear error when there are no weights
     tokenizer, added = _with_specials(_base_tokenizer(src))
 
     if layout == "internlm2":
-        state, kwargs = internlm2_to_llama(read_state_dir(src), config, source=str(src))
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+        state, kwargs = internlm2_to_llama(files.recipes(), config, source=str(src))
     else:
         kwargs = _hf_config_kwargs(src, arch)
+        state = hf_llm_recipes(files.recipes(), arch, kwargs, source=str(src))
+    if dtype is not None:
+        state = {k: v.then(lambda t: t.to(dtype)) for k, v in state.items()}
     source_vocab = int(kwargs["vocab_size"])
     vocab = max(len(tokenizer), source_vocab)
     overrides = _overrides(kwargs, vocab)
     _check_fits(arch, kwargs, flavour, overrides, vocab, str(src))
-    if layout != "internlm2":
-        state = _read_with_transformers(src, arch, dtype)
-    state = _untie(state)
     if tuple(state[EMBED].shape) != (source_vocab, int(kwargs["hidden_size"])):
         raise UserError(f"{src}: {EMBED} {list(state[EMBED].shape)} does not match vocab_size {source_vocab} "
                         f"and hidden_size {kwargs['hidden_size']} of its config.json")
@@ -169,36 +174,53 @@ def _hf_config_kwargs(src: Path, arch: str) -> dict[str, Any]:
     return config.to_dict()
 
 
-def _read_with_transformers(src: Path, arch: str, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+_ROTARY = re.compile(r"\.rotary_emb\.inv_freq$")  # a buffer older checkpoints saved; recomputed
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def hf_llm_recipes(state: dict[str, Recipe], arch: str, kwargs: dict[str, Any], *, source: str) -> dict[str, Recipe]:
+    """An HF Llama / Mixtral checkpoint's keys → LlamaForCausalLM / MixtralForCausalLM's (the
+    module docstring), checked against the config's model on the meta device; ``lm_head`` is the
+    embedding when the config ties them (sphinx-x keeps the two apart: they are resized and saved
+    apart)."""
+    out: dict[str, Recipe] = {}
+    experts: dict[str, dict[str, dict[int, Recipe]]] = {}
+    for key, recipe in state.items():
+        if _ROTARY.search(key):
+            continue
+        if arch == "mixtral" and (m := _EXPERT.match(key)):
+            experts.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = recipe
+            continue
+        out[key.replace(".block_sparse_moe.", ".mlp.") if arch == "mixtral" else key] = recipe
+    for layer, weights in experts.items():
+        n = int(kwargs.get("num_local_experts", 0))
+        for w in ("w1", "w2", "w3"):
+            if sorted(weights.get(w, {})) != list(range(n)):
+                raise UserError(f"{source}: {layer}block_sparse_moe.experts.E.{w} exists for experts "
+                                f"{sorted(weights.get(w, {}))}, its config.json has num_local_experts {n}")
+        gate, up, down = ([weights[w][e] for e in range(n)] for w in ("w1", "w3", "w2"))
+        out[f"{layer}mlp.experts.gate_up_proj"] = Recipe.combine(
+            gate + up, lambda *t, n=n: torch.cat([torch.stack(t[:n]), torch.stack(t[n:])], dim=1))
+        out[f"{layer}mlp.experts.down_proj"] = Recipe.combine(down, lambda *t: torch.stack(t))
+    if HEAD not in out and EMBED in out and kwargs.get("tie_word_embeddings"):
+        out[HEAD] = out[EMBED]
     cls = _model_class(arch)
-    try:
-        model, info = cls.from_pretrained(str(src), local_files_only=True, output_loading_info=True,
-                                          dtype=dtype if dtype is not None else "auto")
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UserError(f"cannot load {cls.__name__} weights from {src}: {err}") from None
-    problems = [f"{label} ({len(keys)}): {_shown(sorted(map(str, keys)))}" for label, keys in
-                (("missing keys", info.get("missing_keys", ())), ("unexpected keys", info.get("unexpected_keys", ())),
-                 ("shape mismatches", info.get("mismatched_keys", ()))) if keys]
-    if problems:
-        raise UserError(f"{src} does not match its own config.json ({cls.__name__}): " + "; ".join(problems))
-    return dict(model.state_dict())
-
-
-def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """sphinx-x keeps input and output embeddings separate (they are resized and saved apart)."""
-    if HEAD not in state:
-        state[HEAD] = state[EMBED].clone()
-    elif state[HEAD].data_ptr() == state[EMBED].data_ptr():
-        state[HEAD] = state[HEAD].clone()
-    return state
+    with torch.device("meta"):
+        config = _config_class(arch).from_dict(dict(kwargs, tie_word_embeddings=False))
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    errors = shape_errors(expected, out)
+    if errors:
+        raise UserError(f"{source} does not match its own config.json ({cls.__name__}): "
+                        + "; ".join(f"{label} ({len(keys)}): {_shown(keys)}" for label, keys in errors.items()))
+    return out
 
 
 # ---------------------------------------------------------------- InternLM2
 
 
-def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict[str, Any], *,
-                       source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """InternLM2 (published layout) → (LlamaForCausalLM state dict, LlamaConfig keyword arguments).
+def internlm2_to_llama(state: dict[str, Union[torch.Tensor, Recipe]], config: dict[str, Any], *,
+                       source: str) -> tuple[dict[str, Recipe], dict[str, Any]]:
+    """InternLM2 (published layout) → (LlamaForCausalLM recipes, LlamaConfig keyword arguments).
 
     ``wqkv`` [(H + 2K)·D, d] is, per KV head h: its G = H/K query heads, its key, its value
     (``rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=G + 2)``), so query head h·G + g uses KV
@@ -225,9 +247,9 @@ def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict[str, Any], *
             raise UserError(f"{source}/config.json: rope_scaling type {kind!r} (InternLM2 has linear, dynamic)")
         kwargs["rope_scaling"] = {"rope_type": kind, "factor": float(scaling["factor"])}
 
-    remaining = dict(state)
+    remaining = as_recipes(state, source)
 
-    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def take(key: str, shape: tuple[int, ...]) -> Recipe:
         if key not in remaining:
             raise UserError(f"{source}: missing InternLM2 weight {key}")
         value = remaining.pop(key)
@@ -240,7 +262,7 @@ def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict[str, Any], *
     if "output.weight" in remaining:
         out[HEAD] = take("output.weight", (kwargs["vocab_size"], d))
     elif config.get("tie_word_embeddings"):
-        out[HEAD] = out[EMBED].clone()
+        out[HEAD] = out[EMBED]
     else:
         raise UserError(f"{source}: missing InternLM2 weight output.weight (and tie_word_embeddings is false)")
     ffn = kwargs["intermediate_size"]
@@ -250,10 +272,10 @@ def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict[str, Any], *
         for name in names:
             rows = (h + 2 * k) * hd
             packed = take(f"{p}attention.wqkv.{name}", (rows, d) if name == "weight" else (rows,))
-            grouped = packed.reshape(k, g + 2, hd, *packed.shape[1:])  # [K, G + 2, D, (d)]
-            out[f"{q}self_attn.q_proj.{name}"] = grouped[:, :g].reshape(h * hd, *packed.shape[1:]).contiguous()
-            out[f"{q}self_attn.k_proj.{name}"] = grouped[:, g].reshape(k * hd, *packed.shape[1:]).contiguous()
-            out[f"{q}self_attn.v_proj.{name}"] = grouped[:, g + 1].reshape(k * hd, *packed.shape[1:]).contiguous()
+            for proj, rows_of, n_heads in (("q", slice(0, g), h), ("k", g, k), ("v", g + 1, k)):
+                out[f"{q}self_attn.{proj}_proj.{name}"] = packed.then(
+                    lambda t, r=rows_of, n=n_heads: t.reshape(k, g + 2, hd, *t.shape[1:])[:, r]  # [K, G + 2, D, (d)]
+                    .reshape(n * hd, *t.shape[1:]).contiguous())
             out[f"{q}self_attn.o_proj.{name}"] = take(f"{p}attention.wo.{name}", (d, h * hd) if name == "weight" else (d,))
         out[f"{q}mlp.gate_proj.weight"] = take(f"{p}feed_forward.w1.weight", (ffn, d))
         out[f"{q}mlp.up_proj.weight"] = take(f"{p}feed_forward.w3.weight", (ffn, d))
@@ -268,15 +290,19 @@ def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict[str, Any], *
 # ---------------------------------------------------------------- vocabulary and flavour checks
 
 
-def resize_vocab(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """embed_tokens / lm_head to ``vocab_size`` rows; new rows = the mean of the existing ones."""
+def resize_vocab(state: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """embed_tokens / lm_head (tensors or recipes) to ``vocab_size`` rows; new rows = the mean of
+    the existing ones."""
+    def grown(rows: torch.Tensor) -> torch.Tensor:
+        mean = rows.float().mean(0, keepdim=True).to(rows.dtype)
+        return torch.cat([rows, mean.expand(vocab_size - rows.shape[0], -1)], dim=0)
+
     for key in (EMBED, HEAD):
         rows = state[key]
         if rows.shape[0] > vocab_size:
             raise UserError(f"{key} has {rows.shape[0]} rows, more than the vocabulary ({vocab_size})")
         if rows.shape[0] < vocab_size:
-            mean = rows.float().mean(0, keepdim=True).to(rows.dtype)
-            state[key] = torch.cat([rows, mean.expand(vocab_size - rows.shape[0], -1)], dim=0)
+            state[key] = rows.then(grown) if isinstance(rows, Recipe) else grown(rows)
     return state
 
 

@@ -43,8 +43,11 @@ DINOv2 (→ ``Dinov2Model``)
   tower run at ``dino_input`` equals the published model run at ``dino_input``; no
   interpolation is left for run time.
 
-Every bad input (missing file, foreign layout, shape that does not fit the flavour) raises
-models.errors.UserError naming the file and the key.
+Nothing is read until the weights are loaded: the state is {name: models.weight_stream.Recipe}
+(renames, splits and the position resampling, checked against the flavour's shapes from the file
+headers), and ``load_into`` reads one tensor at a time. Every bad input (missing file, foreign
+layout, shape that does not fit the flavour) raises models.errors.UserError naming the file and
+the key.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ from torch import nn
 from models.errors import UserError
 from models.flavours import Flavour
 from models.vision import build_convnext, build_dino
-from models.weight_files import read_state_dir, read_state_file
+from models.weight_files import weight_files
+from models.weight_stream import LazyTensors, Recipe, as_recipes, load_recipes, materialise
 
 PathLike = Union[str, Path]
 HUB_INTERPOLATE_OFFSET = 0.1  # facebookresearch/dinov2's default (DinoVisionTransformer.interpolate_offset)
@@ -75,17 +79,20 @@ class EncoderWeights:
 
     which: Literal["convnext", "dino"]
     layout: str  # "open_clip" | "timm" | "hf" | "hub"
-    state: dict[str, torch.Tensor]  # keys of build_convnext(flavour) / build_dino(flavour)
+    state: dict[str, Recipe]  # keys of build_convnext(flavour) / build_dino(flavour), unread
     overrides: dict[str, Any]  # flavour.convnext / flavour.dino keys the source was trained with
     source: str
     ignored: tuple[str, ...] = ()  # source keys read and deliberately unused (text tower, heads)
     notes: tuple[str, ...] = ()  # anything filled in that the source lacks
 
     def load_into(self, module: nn.Module) -> None:
-        """Strict load into the tower (a mismatch names the key and both shapes)."""
-        _check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, self.state,
-                      f"{self.which} weights {self.source}", "the model")
-        module.load_state_dict(self.state, strict=True)
+        """Strict load into the tower, one tensor read at a time (a mismatch names the key and
+        both shapes)."""
+        load_recipes(module, self.state, what=f"{self.which} weights {self.source}")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The whole state dict, read (small towers and tests)."""
+        return materialise(self.state)
 
 
 def with_encoder_overrides(flavour: Flavour, *weights: EncoderWeights) -> Flavour:
@@ -104,10 +111,10 @@ def with_encoder_overrides(flavour: Flavour, *weights: EncoderWeights) -> Flavou
 _Rule = tuple[str, Union[str, tuple[str, ...]]]
 
 
-def _rename(state: dict[str, torch.Tensor], rules: Sequence[_Rule], source: str, *,
-            keep_unmatched: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _rename(state: dict[str, Recipe], rules: Sequence[_Rule], source: str, *,
+            keep_unmatched: bool) -> tuple[dict[str, Recipe], list[str]]:
     """Apply the first matching rule to each key → (renamed state, unmatched keys)."""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Recipe] = {}
     unmatched = []
     compiled = [(re.compile(p), t) for p, t in rules]
     for key, value in state.items():
@@ -120,8 +127,8 @@ def _rename(state: dict[str, torch.Tensor], rules: Sequence[_Rule], source: str,
                 if value.shape[0] % len(target):
                     raise UserError(f"{source}: {key} {list(value.shape)} does not split into "
                                     f"{len(target)} equal parts along dim 0")
-                for t, part in zip(target, value.chunk(len(target), dim=0)):
-                    out[pattern.sub(t, key)] = part.contiguous()
+                for i, t in enumerate(target):
+                    out[pattern.sub(t, key)] = value.then(lambda v, i=i, n=len(target): v.chunk(n, dim=0)[i].contiguous())
             break
         else:
             if keep_unmatched:
@@ -142,7 +149,7 @@ def _shown(keys: Sequence[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _check_shapes(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], what: str,
+def _check_shapes(expected: dict[str, tuple[int, ...]], state: dict[str, Recipe], what: str,
                   against: str, unexpected_extra: Sequence[str] = ()) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected)) + list(unexpected_extra)
@@ -163,12 +170,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {err}") from None
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def _strip_prefix(state: dict[str, Recipe], prefix: str) -> dict[str, Recipe]:
     """Drop a base-model prefix (``convnext.`` beside ``classifier.*``, ``module.`` of DDP)."""
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
-def _split_off(state: dict[str, torch.Tensor], pattern: str) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+def _split_off(state: dict[str, Recipe], pattern: str) -> tuple[dict[str, Recipe], tuple[str, ...]]:
     drop = re.compile(pattern)
     return ({k: v for k, v in state.items() if not drop.search(k)},
             tuple(sorted(k for k in state if drop.search(k))))
@@ -189,12 +196,18 @@ _TIMM_CONVNEXT: list[_Rule] = [
 ]
 
 
-def convnext_from_timm(trunk: dict[str, torch.Tensor], flavour: Flavour, *, source: str,
+def _read(path: Path) -> dict[str, Recipe]:
+    """A weights file (or an HF directory's files), unread."""
+    return LazyTensors.open(weight_files(path) if path.is_dir() else [path]).recipes()
+
+
+def convnext_from_timm(trunk: dict[str, Union[torch.Tensor, Recipe]], flavour: Flavour, *, source: str,
                        norm_eps: Optional[float] = None, ignored: Sequence[str] = (),
                        layout: str = "timm") -> EncoderWeights:
     """A timm ConvNeXt trunk state dict (open_clip's ``visual.trunk.*`` without the prefix) →
     ConvNextModel weights. ``norm_eps``: the trunk's LayerNorm eps (not in the weights; default
     the flavour's ``convnext["norm_eps"]``, else timm's 1e-6)."""
+    trunk = as_recipes(trunk, source)
     trunk, classifier = _split_off(trunk, r"^head\.fc\.")  # an ImageNet classifier (absent in open_clip)
     state, unmatched = _rename(trunk, _TIMM_CONVNEXT, source, keep_unmatched=False)
     _check_shapes(_meta_shapes(build_convnext, flavour), state, f"ConvNeXt weights {source} (timm layout)",
@@ -204,7 +217,7 @@ def convnext_from_timm(trunk: dict[str, torch.Tensor], flavour: Flavour, *, sour
                           source, tuple(ignored) + classifier)
 
 
-def _openclip_trunk(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], tuple[str, ...], str]:
+def _openclip_trunk(state: dict[str, Recipe], source: str) -> tuple[dict[str, Recipe], tuple[str, ...], str]:
     state = _strip_prefix(state, "module.")
     if any(k.startswith("visual.trunk.") for k in state):
         trunk = {k[len("visual.trunk."):]: v for k, v in state.items() if k.startswith("visual.trunk.")}
@@ -226,7 +239,7 @@ def load_convnext_weights(path: PathLike, flavour: Flavour, *, norm_eps: Optiona
     src = Path(path)
     if src.is_dir():
         return _convnext_from_hf_dir(src, flavour)
-    state = read_state_file(src)
+    state = _read(src)
     hf_keys = _strip_prefix(state, "convnext.")
     if "embeddings.patch_embeddings.weight" in hf_keys:
         return _convnext_hf_state(hf_keys, flavour, str(src), {})
@@ -240,13 +253,13 @@ def _convnext_from_hf_dir(src: Path, flavour: Flavour) -> EncoderWeights:
     config = _read_config(src)
     if config.get("model_type") != "convnext":
         raise UserError(f"{src / 'config.json'}: model_type {config.get('model_type')!r}, expected 'convnext'")
-    state = _strip_prefix(read_state_dir(src), "convnext.")
+    state = _strip_prefix(_read(src), "convnext.")
     overrides = {"norm_eps": TRANSFORMERS_CONVNEXT_EPS, "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
                  "hidden_act": config.get("hidden_act", "gelu")}
     return _convnext_hf_state(state, flavour, str(src), overrides)
 
 
-def _convnext_hf_state(state: dict[str, torch.Tensor], flavour: Flavour, source: str,
+def _convnext_hf_state(state: dict[str, Recipe], flavour: Flavour, source: str,
                        overrides: dict[str, Any]) -> EncoderWeights:
     state, ignored = _split_off(state, r"^classifier\.")
     _check_shapes(_meta_shapes(build_convnext, flavour), state, f"ConvNeXt weights {source}",
@@ -310,10 +323,11 @@ def _dino_grid(flavour: Flavour) -> int:
     return flavour.dino_input // int(flavour.dino["patch_size"])
 
 
-def dino_from_hub(state: dict[str, torch.Tensor], flavour: Flavour, *, source: str,
+def dino_from_hub(state: dict[str, Union[torch.Tensor, Recipe]], flavour: Flavour, *, source: str,
                   interpolate_offset: float = HUB_INTERPOLATE_OFFSET) -> EncoderWeights:
     """A torch.hub ``facebookresearch/dinov2`` state dict (no prefix) → Dinov2Model weights at the
     flavour's input size (positions resampled as the hub model would at that size)."""
+    state = as_recipes(state, source)
     if "register_tokens" in state:
         raise UserError(f"{source}: register_tokens found: DINOv2 with registers is not supported "
                         "(use a model without registers, e.g. dinov2_vitg14)")
@@ -322,7 +336,7 @@ def dino_from_hub(state: dict[str, torch.Tensor], flavour: Flavour, *, source: s
     notes = []
     if "embeddings.mask_token" not in renamed and "embeddings.cls_token" in renamed:
         # only used with bool_masked_pos (masked pre-training), never here
-        renamed["embeddings.mask_token"] = torch.zeros(1, renamed["embeddings.cls_token"].shape[-1])
+        renamed["embeddings.mask_token"] = Recipe.constant(torch.zeros(1, renamed["embeddings.cls_token"].shape[-1]))
         notes.append("mask_token absent: zeros (unused without masking)")
     return _dino_finish(renamed, flavour, source, "hub", {"layer_norm_eps": 1e-6, "hidden_act": "gelu"},
                         interpolate_offset, unmatched=unmatched, notes=tuple(notes))
@@ -334,7 +348,7 @@ def load_dino_weights(path: PathLike, flavour: Flavour) -> EncoderWeights:
     src = Path(path)
     if src.is_dir():
         return _dino_from_hf_dir(src, flavour)
-    state = read_state_file(src)
+    state = _read(src)
     hf_keys = _strip_prefix(state, "dinov2.")
     if "embeddings.cls_token" in hf_keys:
         return _dino_hf_state(hf_keys, flavour, str(src), {})
@@ -355,25 +369,26 @@ def _dino_from_hf_dir(src: Path, flavour: Flavour) -> EncoderWeights:
     for key in ("num_attention_heads",):  # shapes cannot show it; the rest is checked on the weights
         if key in config and key in flavour.dino and int(config[key]) != int(flavour.dino[key]):
             raise UserError(f"{where}: {key} {config[key]} != {flavour.dino[key]} of flavour {flavour.name!r}")
-    state = _strip_prefix(read_state_dir(src), "dinov2.")
+    state = _strip_prefix(_read(src), "dinov2.")
     overrides = {"layer_norm_eps": float(config.get("layer_norm_eps", 1e-6)), "hidden_act": config.get("hidden_act", "gelu")}
     return _dino_hf_state(state, flavour, str(src), overrides)
 
 
-def _dino_hf_state(state: dict[str, torch.Tensor], flavour: Flavour, source: str,
+def _dino_hf_state(state: dict[str, Recipe], flavour: Flavour, source: str,
                    overrides: dict[str, Any]) -> EncoderWeights:
     state, ignored = _split_off(state, r"^classifier\.")
     renamed, _ = _rename(state, _HF_DINO_LEGACY, source, keep_unmatched=True)
     return _dino_finish(renamed, flavour, source, "hf", overrides, None, ignored=ignored)
 
 
-def _dino_finish(state: dict[str, torch.Tensor], flavour: Flavour, source: str, layout: str,
+def _dino_finish(state: dict[str, Recipe], flavour: Flavour, source: str, layout: str,
                  overrides: dict[str, Any], hub_offset: Optional[float], *, unmatched: Sequence[str] = (),
                  ignored: Sequence[str] = (), notes: tuple[str, ...] = ()) -> EncoderWeights:
     key = "embeddings.position_embeddings"
     if key in state:
-        state[key] = resample_positions(state[key], _dino_grid(flavour), source=f"{source} ({key})",
-                                        hub_offset=hub_offset)
+        grid, where = _dino_grid(flavour), f"{source} ({key})"
+        state[key] = state[key].then(lambda pos: resample_positions(pos, grid, source=where, hub_offset=hub_offset))
+        state[key].shape  # its checks (square grid, the result's size) run now, on the header's shape
     _check_shapes(_meta_shapes(build_dino, flavour), state, f"DINOv2 weights {source} ({layout} layout)",
                   f"flavour {flavour.name!r} (dino_input {flavour.dino_input})", unexpected_extra=unmatched)
     return EncoderWeights("dino", layout, state, overrides, source, tuple(ignored), notes)

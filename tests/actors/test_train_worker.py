@@ -141,7 +141,7 @@ def _zero3_rank(rank: int, port: int, out) -> None:
                       WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from actors.consolidate import consolidated_state_dict, scatter_from_rank0
+        from actors.consolidate import consolidated_state_dict, scatter_recipes
         from actors.deepspeed_config import deepspeed_config
         from actors.train_worker import construct_model
         from cluster.spec import TrainSection
@@ -158,7 +158,10 @@ def _zero3_rank(rank: int, port: int, out) -> None:
         if rank == 0:
             torch.manual_seed(7)
             source = SphinxX.from_flavour(flavour, tok)
-        scatter_from_rank0(model, source)
+        from models.weight_stream import LazyTensors
+
+        recipes = LazyTensors.from_state(source.state_dict()).recipes() if rank == 0 else None
+        assert scatter_recipes(model, recipes, what="rank 0's model") == len(list(model.parameters()))
         engine = SimpleNamespace(module=model, device=torch.device("cpu"), zero_optimization_stage=lambda: 3)
         state = consolidated_state_dict(engine, dtype=torch.bfloat16)
         same = None
@@ -181,6 +184,95 @@ def test_zero3_builds_partitioned_takes_rank0_weights_and_gathers_them_back():
         assert partitioned and 0.45 < share < 0.56
     assert results[0][2:] == (False, True)  # rank 0: the state, equal to its source
     assert results[1][2:] == (True, None)  # rank 1: nothing kept
+
+
+def _published_llm(src) -> dict:
+    """src/llm: an HF Llama of the debug shapes with its tokenizer (src/tok: the shards'); its state dict."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.conversation import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a b c d e f", " Human: hi\n### Assistant: red"] * 5, 300)
+    tok.save_pretrained(str(src / "llm"))
+    torch.manual_seed(3)
+    llm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in from_name("debug").llm.items() if k != "vocab_size"},
+                                       vocab_size=len(tok), rope_theta=5e5, tie_word_embeddings=False))
+    llm.save_pretrained(str(src / "llm"))
+    tok.save_pretrained(str(src / "tok"))
+    return {k: v.clone() for k, v in llm.state_dict().items()}
+
+
+def _zero3_weights_rank(rank: int, port: int, src, out) -> None:
+    """build_model under ZeRO-3 with published weights: the largest number of source tensors
+    alive at once on this rank, the loaded LLM gathered on rank 0, and the error a bad flavour gets."""
+    import os
+    import weakref
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from actors.consolidate import consolidated_state_dict
+        from actors.deepspeed_config import deepspeed_config
+        from actors.train_worker import TrainWorkerConfig, build_model
+        from cluster.spec import TrainSection
+        from models.errors import UserError
+        from models.weight_stream import LazyTensors
+
+        alive, peak, reads = [0], [0], [0]
+        original = LazyTensors.read
+
+        def counted(self, key):
+            tensor = original(self, key)
+            alive[0] += 1
+            reads[0] += 1
+            peak[0] = max(peak[0], alive[0])
+            weakref.finalize(tensor, lambda: alive.__setitem__(0, alive[0] - 1))
+            return tensor
+
+        LazyTensors.read = counted
+        train = TrainSection(workers=2, zero_stage=3, micro_batch=1, steps=2)
+        flavour = from_name("debug")
+        config = TrainWorkerConfig(train=train, storage=None, flavour=flavour, layout=None, total_steps=2,
+                                   tokenizer_uri=str(src / "tok"), weights_uri=str(src))
+        storage = SimpleNamespace(download_dir=lambda uri, tmp: uri)
+        model, _ = build_model(config, storage, deepspeed_config(train, flavour, world_size=2, total_steps=2))
+        engine = SimpleNamespace(module=model, device=torch.device("cpu"), zero_optimization_stage=lambda: 3)
+        state = consolidated_state_dict(engine)
+        same = None
+        if state is not None:  # rank 0: the gathered LLM against the file (new vocabulary rows at the end)
+            from safetensors.torch import load_file
+
+            want = load_file(str(src / "llm" / "model.safetensors"))
+            same = sorted(want) == sorted(k[4:] for k in state if k.startswith("llm.")) and all(
+                torch.equal(state[f"llm.{k}"][: v.shape[0]], v) for k, v in want.items())
+        wide = replace(config, flavour=from_name("debug", llm={"intermediate_size": 96}))
+        try:
+            build_model(wide, storage, deepspeed_config(train, wide.flavour, world_size=2, total_steps=2))
+            error = None
+        except UserError as err:
+            error = str(err)
+        out.put((rank, peak[0], reads[0], same, error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_streams_published_weights_one_tensor_at_a_time(tmp_path):
+    """ZeRO-3 with model.weights: rank 0 reads the files one tensor at a time straight into the
+    partitioned model (never a plain copy), rank 1 reads nothing; the gathered LLM is the file's
+    (vocabulary rows added at the end); a flavour the weights do not fit fails on both ranks."""
+    n_tensors = len(_published_llm(tmp_path))
+    results = {r[0]: r[1:] for r in _two_ranks(_zero3_weights_rank, tmp_path)}
+    peak0, reads0, same, error0 = results[0]
+    peak1, reads1, _, error1 = results[1]
+    assert reads0 == n_tensors and peak0 == 1  # one tensor at a time, each read once
+    assert reads1 == 0 and peak1 == 0
+    assert same
+    assert error0 == error1 and "intermediate_size" in error0
 
 
 def _master_rank(rank: int, port: int, stage: int, out) -> None:

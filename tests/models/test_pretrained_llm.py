@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from models.conversation import IMAGE, load_tokenizer, tokenize_conversation
 from models.errors import UserError
 from models.flavours import from_name
+from models.weight_stream import materialise
 from models.pretrained_llm import internlm2_to_llama, load_llm_tokenizer, load_pretrained_llm, sentencepiece_tokenizer
 from models.sphinx import SphinxX
 
@@ -351,7 +352,8 @@ def test_internlm2_published_layout_converts_to_the_same_logits(tmp_path, bias):
 def test_internlm2_conversion_checks_the_packed_shapes():
     state = _internlm2_state(50)
     config = _internlm2_config(50)
-    llama, kwargs = internlm2_to_llama(dict(state), config, source="ok")
+    recipes, kwargs = internlm2_to_llama(dict(state), config, source="ok")
+    llama = materialise(recipes)
     assert kwargs["num_key_value_heads"] == K and llama["model.layers.0.self_attn.k_proj.weight"].shape == (K * D, H * D)
     # the query rows of KV group 1 come from rows [(G + 2)·D, (2G + 2)·D) of wqkv
     g = H // K

@@ -326,7 +326,7 @@ def test_convnext_open_clip_checkpoint_matches_the_timm_forward(tmp_path, fmt):
     _report(f"convnext {fmt} vs timm-layout forward", (ours - ref).abs().max().item())
     # transformers' own eps (1e-6) inside the tower would not match the trunk's 1e-5 as closely
     loose = build_convnext(from_name("debug", convnext=dict(hidden_sizes=DIMS, depths=DEPTHS)))
-    loose.load_state_dict(weights.state)
+    loose.load_state_dict(weights.tensors())
     with torch.no_grad():
         assert (convnext_feature_map(loose.eval(), x) - ref).abs().max() > (ours - ref).abs().max()
 
