@@ -55,6 +55,11 @@ class Flavour:
     std: tuple[float, float, float] = CLIP_STD
     dino_mean: tuple[float, float, float] = IMAGENET_MEAN  # DINOv2's input
     dino_std: tuple[float, float, float] = IMAGENET_STD
+    # the ConvNeXt's final LayerNorm at every position of its map (open_clip's trunk, as the
+    # release runs it), or the raw last stage (the toys: with random frozen encoders the norm
+    # evens out every position's magnitude, which is what tells padding and objects apart —
+    # shape 0.92 -> 0.71 held out in benchmarks/learnability.py, BENCHMARKS.md)
+    convnext_final_norm: bool = True
     # None: train a BPE tokenizer offline (debug); otherwise an HF tokenizer directory
     tokenizer: str | None = None
     max_seq_len: int = 4096
@@ -176,10 +181,11 @@ FLAVOURS: dict[str, Flavour] = {
             router_aux_loss_coef=0.01,
         ), notes="Mixtral-8x7B, expert parallel"),
         Flavour(name="debug", llm_arch="llama", llm=_DEBUG_LLM, tile_size=48, max_seq_len=1024,
-                notes="tests and demo", **_DEBUG_VISION),
+                convnext_final_norm=False, notes="tests and demo", **_DEBUG_VISION),
         Flavour(name="debug-moe", llm_arch="mixtral", llm=dict(
             _DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01,
-        ), tile_size=48, max_seq_len=1024, notes="tests and demo, MoE", **_DEBUG_VISION),
+        ), tile_size=48, max_seq_len=1024, convnext_final_norm=False, notes="tests and demo, MoE",
+            **_DEBUG_VISION),
         _real("sphinx-tiny", "llama", _TINYLLAMA, grid=1, tile_size=512, **_RELEASE,
               notes="the official SPHINX-Tiny (llama_ens_light): one 512 px view"),
         _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE,

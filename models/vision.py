@@ -57,10 +57,13 @@ def build_convnext(flavour: Flavour) -> ConvNextModel:
     return model
 
 
-def convnext_feature_map(convnext: ConvNextModel, pixel_values: torch.Tensor) -> torch.Tensor:
+def convnext_feature_map(convnext: ConvNextModel, pixel_values: torch.Tensor, *, final_norm: bool = True) -> torch.Tensor:
     """pixel_values [V, 3, H, W] → the tower's map [V, Cc, H/32, W/32]: the last stage with the final
-    LayerNorm applied at every position (open_clip's trunk with ``head.global_pool = Identity``)."""
+    LayerNorm applied at every position (open_clip's trunk with ``head.global_pool = Identity``),
+    or without it (``final_norm=False``: the flavour's ``convnext_final_norm``)."""
     fmap = convnext(pixel_values=pixel_values).last_hidden_state  # [V, Cc, h, w]
+    if not final_norm:
+        return fmap
     return convnext.layernorm(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -137,7 +140,7 @@ class MixtureOfVisualExperts(nn.Module):
         dtype = self.projector[0].weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoders_trainable):
             conv_in = _resize(x, self.flavour.convnext_input).to(self.convnext.embeddings.patch_embeddings.weight.dtype)
-            fmap = convnext_feature_map(self.convnext, conv_in)  # [V, Cc, h, w]
+            fmap = convnext_feature_map(self.convnext, conv_in, final_norm=self.flavour.convnext_final_norm)
             g = self.patch_grid
             if fmap.shape[-1] != g or fmap.shape[-2] != g:
                 if fmap.shape[-1] % g == 0 and fmap.shape[-2] % g == 0:

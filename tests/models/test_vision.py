@@ -139,3 +139,19 @@ def test_each_encoder_gets_its_own_normalisation(mov):
     assert torch.allclose(mov.normalise_dino(views), renormalised, atol=1e-5)
     assert torch.allclose(seen["dino"], renormalised, atol=1e-5)  # dino_input == tile_size in debug: no resize
     assert seen["dino"][0].abs().min() > 0.005  # the padding is not 0 for DINOv2 (as in the official release)
+
+
+def test_the_final_convnext_norm_is_the_flavours_choice():
+    """The release runs open_clip's trunk (final LayerNorm at every position); the toys take the
+    raw last stage (their random frozen encoders keep each position's magnitude that way)."""
+    from models.vision import build_convnext, convnext_feature_map
+
+    assert not from_name("debug").convnext_final_norm and not from_name("debug-moe").convnext_final_norm
+    assert from_name("sphinx-tiny").convnext_final_norm and from_name("debug-sphinx-tiny").convnext_final_norm
+    tower = build_convnext(from_name("debug")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = tower(pixel_values=x).last_hidden_state
+        normed = convnext_feature_map(tower, x)
+        assert torch.equal(convnext_feature_map(tower, x, final_norm=False), raw)
+    torch.testing.assert_close(normed, tower.layernorm(raw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
