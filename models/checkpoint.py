@@ -28,14 +28,8 @@ second copy), loads the LLM with transformers' own loader (its on-disk layouts, 
 per-expert tensors) and the rest strictly; every missing, unexpected or mis-shaped key is a
 CheckpointError naming the file and the key.
 
-Pretrained components (never from a hub; local directories or files only):
-
-- :func:`import_weights_dir` — a model directory as above (all parts), or a directory of
-  components: ``llm/``, ``convnext.safetensors|bin``, ``dinov2.safetensors|bin`` (any subset).
-- :func:`import_llm_weights` — a local HF Llama / Mixtral directory into ``model.llm``; extra
-  tokenizer rows (``<image>``) stay as initialised.
-- :func:`import_encoder_weights` — a ConvNeXt or DINOv2 state dict (keys as in transformers'
-  ConvNextModel / Dinov2Model, optionally prefixed ``convnext.`` / ``dinov2.``).
+Training from published weights (LLM and encoder directories, or a model directory like this
+one) is actors.initial_weights: it reads them one tensor at a time (models.weight_stream).
 """
 
 from __future__ import annotations
@@ -343,14 +337,6 @@ def _load_tokenizer(src: Path):
     return load_tokenizer(src)
 
 
-def read_safetensors_dir(directory: PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards named by its index json."""
-    state: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(directory):
-        state.update(load_file(str(f)))
-    return state
-
-
 def safetensors_files(directory: PathLike) -> list[Path]:
     """The safetensors file(s) of a directory: ``model.safetensors`` or the shards its index names."""
     from models.weight_files import weight_files
@@ -479,99 +465,3 @@ def _headers(files: list[Path]) -> dict[str, Any]:
     params = sum(int(torch.Size(s).numel()) for s in shapes.values())
     return {"files": [str(f) for f in files], "dtypes": sorted(dtypes), "params": params,
             "tensors": len(shapes), "shapes": shapes}
-
-
-# ---------------------------------------------------------------- importing pretrained weights
-
-
-def import_llm_weights(model: SphinxX, hf_dir: PathLike) -> None:
-    """Load a local HF Llama / Mixtral directory into ``model.llm`` (strict, with a clear error)."""
-    src = Path(hf_dir)
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"not a Hugging Face model directory (no config.json): {src}")
-    if not ((src / SINGLE_FILE).is_file() or (src / INDEX_FILE).is_file()):
-        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {src} (only safetensors are read)")
-    cls = type(model.llm)
-    try:
-        hf, info = cls.from_pretrained(str(src), local_files_only=True, output_loading_info=True,
-                                       dtype=model.llm.get_input_embeddings().weight.dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f"cannot load {cls.__name__} weights from {src}: {err}") from None
-    _raise_loading_info(info, src)
-    theirs, own = hf.state_dict(), model.llm.state_dict()
-    missing = sorted(set(own) - set(theirs))
-    unexpected = sorted(set(theirs) - set(own))
-    shapes = []
-    for key in sorted(set(own) & set(theirs)):
-        a, b = theirs[key], own[key]
-        vocab_rows = key.endswith(("embed_tokens.weight", "lm_head.weight")) and a.shape[1:] == b.shape[1:] \
-            and a.shape[0] <= b.shape[0]
-        if a.shape != b.shape and not vocab_rows:
-            shapes.append(f"{key} {list(a.shape)} != {list(b.shape)}")
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{src} does not fit flavour {model.flavour.name!r}: "
-                              + _key_report(missing, unexpected, shapes))
-    with torch.no_grad():
-        for key, value in theirs.items():  # extra vocab rows (<image>, pad) keep their init
-            own[key][: value.shape[0]].copy_(value)
-
-
-def import_encoder_weights(model: SphinxX, which: str, path: PathLike) -> None:
-    """Load ConvNeXt (``which='convnext'``) or DINOv2 (``'dino'``) weights from .safetensors/.bin."""
-    encoders = {"convnext": model.vision.convnext, "dino": model.vision.dino}
-    if which not in encoders:
-        raise CheckpointError(f"unknown encoder {which!r}; expected one of {sorted(encoders)}")
-    from models.weight_files import read_state_file
-
-    src = Path(path)
-    if not src.is_file():
-        raise CheckpointError(f"{which} weights file not found: {src}")
-    try:
-        state = read_state_file(src)  # safetensors or a pickle, read without running code
-    except UserError as err:
-        raise CheckpointError(f"{which}: {err}") from None
-    prefixes = ("convnext.", "dinov2.", "model.", "vision_model.")
-    state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
-    _load_strict(encoders[which], state, f"{which} weights {src}")
-
-
-def import_weights_dir(model: SphinxX, directory: PathLike) -> list[str]:
-    """Import a model directory (every part, strictly) or whatever a components directory holds
-    (``llm/``, ``convnext.*``, ``dinov2.*``); returns the parts imported."""
-    src = Path(directory)
-    if not src.is_dir():
-        raise CheckpointError(f"weights directory not found: {src}")
-    if (src / "config.json").is_file() and (src / PROJECTOR_FILE).is_file():
-        return _import_model_dir(model, src)
-    done = []
-    if (src / "llm").is_dir():
-        import_llm_weights(model, src / "llm")
-        done.append("llm")
-    for which, stem in (("convnext", "convnext"), ("dino", "dinov2")):
-        for suffix in (".safetensors", ".bin"):
-            if (src / f"{stem}{suffix}").is_file():
-                import_encoder_weights(model, which, src / f"{stem}{suffix}")
-                done.append(which)
-                break
-    if not done:
-        raise CheckpointError(f"{src} holds none of llm/, convnext.safetensors|bin, dinov2.safetensors|bin")
-    return done
-
-
-def _import_model_dir(model: SphinxX, src: Path) -> list[str]:
-    """A whole model directory into an existing model (training init): the flavour may differ in
-    non-shape settings (e.g. freeze_vision), every tensor must fit."""
-    config = read_config(src)
-    if config["token_ids"]["image_token_id"] != model.image_token_id:
-        raise CheckpointError(f"{src / 'config.json'}: image_token_id {config['token_ids']['image_token_id']} "
-                              f"!= the model's {model.image_token_id} (use the directory's tokenizer, llm/)")
-    import_llm_weights(model, src / LLM_DIR)
-    with torch.no_grad():
-        for part, module in _hf_parts(model)[1:]:
-            part_dir = src / PARTS[part][0]
-            _load_strict(module, _hf_state(part_dir, module, module.embeddings.patch_embeddings.weight.dtype
-                                           if part == "convnext" else None), str(part_dir))
-        state = load_file(str(src / PROJECTOR_FILE))
-        _check_keys(_own_vision_state(model.vision), state, str(src / PROJECTOR_FILE))
-        model.vision.load_state_dict(state, strict=False)
-    return ["llm", "convnext", "dino", "projector"]

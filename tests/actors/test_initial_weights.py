@@ -59,14 +59,16 @@ def test_components_set_the_flavour_before_the_model_is_built_and_load(component
         torch.testing.assert_close(mine, theirs, msg=name)
 
 
-def test_a_sphinx_model_dir_brings_its_own_flavour_settings_and_tokenizer(tmp_path, components):
+@pytest.mark.parametrize("name", ["debug", "debug-moe"])
+def test_a_sphinx_model_dir_brings_its_own_flavour_settings_and_tokenizer(tmp_path, name):
+    """Every tensor back exactly (Mixtral's experts through their published per-expert layout)."""
     from models.checkpoint import save_model_dir
     from models.conversation import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(TEXTS, vocab_size=300)
-    saved = SphinxX.from_flavour(from_name("debug", llm={"rope_theta": 123.0}), tok)
+    saved = SphinxX.from_flavour(from_name(name, llm={"rope_theta": 123.0}), tok)
     save_model_dir(saved, tok, tmp_path / "model")
-    init = read_initial_weights(tmp_path / "model", from_name("debug"))
+    init = read_initial_weights(tmp_path / "model", from_name(name))
     assert init.model_dir is not None and init.flavour.llm["rope_theta"] == 123.0
     assert len(init.tokenizer) == len(tok)
     model = SphinxX.from_flavour(init.flavour, init.tokenizer)
