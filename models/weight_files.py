@@ -47,6 +47,11 @@ def read_state_file(path: PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(str(src), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign files: one clear line
         raise UserError(f"cannot read weights file {src}: {type(err).__name__}: {err}") from None
+    return unwrap_state(state, src)
+
+
+def unwrap_state(state, src: PathLike) -> dict[str, torch.Tensor]:
+    """A loaded pickle → its state dict: a ``{"state_dict"|"model": ...}`` wrapper is unwrapped."""
     for wrapper in ("state_dict", "model"):  # a training checkpoint: tensors under one key
         if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()) \
                 and isinstance(state.get(wrapper), dict):

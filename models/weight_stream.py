@@ -116,14 +116,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     import zipfile
 
     mmap = zipfile.is_zipfile(path)
-    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    for wrapper in ("state_dict", "model"):  # a training checkpoint: tensors under one key
-        if isinstance(state, dict) and not all(torch.is_tensor(v) for v in state.values()) \
-                and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{path} does not hold a state dict of tensors")
-    return state
+    from models.weight_files import unwrap_state
+
+    return unwrap_state(torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap), path)
 
 
 @dataclass(frozen=True)
