@@ -1,11 +1,12 @@
-"""Gather a DeepSpeed-trained SphinxX into one plain state dict (the inverse of ZeRO and AutoEP).
+"""Gather a DeepSpeed-trained SphinxX back into the plain model's tensors (the inverse of ZeRO and AutoEP).
 
-Runs on every rank of the training group (the gathers are collectives); rank 0 gets the full
-state dict with the names of the plain single-device model, every other rank ``None``.
+Runs on every rank of the training group (the gathers are collectives). ``consolidated_tensors``
+yields the plain single-device model's state one tensor at a time, on rank 0 only;
+``write_model_dir`` streams it into a model directory (``models.model_dir_writer``).
 Memory: one parameter at a time is gathered, on the engine's device (NCCL takes device
 tensors only; gloo the CPU ones: the same code path), and only rank 0 copies it to host memory,
-in the export dtype. So no rank but 0 ever holds the model in host memory, and rank 0 holds it
-once (bf16 when training in bf16), never an fp32 copy per rank.
+in the export dtype, keeping it only until its shard is written. So no rank but 0 holds any of
+the model in host memory, and rank 0 at most one shard (5 GB) and one layer, never the model.
 
 ``scatter_recipes`` is the way in: a model built partitioned (``deepspeed.zero.Init``) receives
 rank 0's weights (models.weight_stream recipes: read from the files one tensor at a time)
@@ -26,7 +27,8 @@ parameter by parameter, so no rank ever holds more than one parameter in full.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -118,9 +120,14 @@ def scatter_recipes(model: nn.Module, recipes: Optional[Mapping[str, Recipe]], *
     return len(names)
 
 
-def consolidated_state_dict(engine, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
-    """The plain model's state dict on rank 0 (``None`` elsewhere), parameters in ``dtype``
-    (None: as trained); call on every rank."""
+def consolidated_tensors(engine, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """The plain model's state, one ``(name, tensor)`` at a time: the tensor on rank 0 (on the
+    host, parameters in ``dtype``; None: as trained), None on every other rank. Every rank must
+    run the iterator to its end (each parameter's gather is a collective).
+
+    Rank 0 holds one parameter at a time, one AutoEP layer's experts at most (its ``w1`` and
+    ``w3`` are fused into ``gate_up_proj``); what the consumer keeps is up to it
+    (``models.model_dir_writer`` writes it to a shard)."""
     import torch.distributed as dist
 
     module = engine.module
@@ -133,31 +140,80 @@ def consolidated_state_dict(engine, dtype: Optional[torch.dtype] = None) -> Opti
         ep_size = next(iter(layers.values())).ep_size
         ep_group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
     rank0 = dist.get_rank() == 0
-
-    state: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # AutoEP layer → its gathered tensors so far
     for name, param in module.named_parameters():
         owner = next((p for p in layers if name.startswith(p + ".")), None)
         experts = owner is not None and name.startswith(owner + ".experts.")
         full = _full(param, zero3, keep=rank0, dtype=dtype, expert_group=ep_group if experts else None,
                      device=engine.device)
-        if rank0:
-            state[name] = full
-    if not rank0:
-        return None
+        if owner is None:
+            yield name, full
+            continue
+        mine = pending.setdefault(owner, {})
+        mine[name[len(owner) + 1:]] = full
+        if {"router.gate.weight", "experts.w1", "experts.w2", "experts.w3"} <= set(mine):
+            yield from _plain_moe(owner, pending.pop(owner), rank0)
+    if pending:
+        raise RuntimeError(f"AutoEP layers the export could not complete: {sorted(pending)}")
     persistent = set(module.state_dict(keep_vars=True))
     for name, buf in module.named_buffers():
         owner = next((p for p in layers if name.startswith(p + ".")), None)
         if owner is None and name in persistent:
-            state[name] = buf.detach().to("cpu", copy=True)
-    for prefix in layers:
-        state[f"{prefix}.gate.weight"] = state.pop(f"{prefix}.router.gate.weight")
-        w1, w2, w3 = (state.pop(f"{prefix}.experts.{w}") for w in ("w1", "w2", "w3"))
-        state[f"{prefix}.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
-        state[f"{prefix}.experts.down_proj"] = w2
-        leftover = sorted(k for k in state if k.startswith(f"{prefix}.router.") or k.startswith(f"{prefix}.experts.w"))
-        if leftover:
-            raise RuntimeError(f"AutoEP layer {prefix} has parameters the export does not map: {leftover}")
-    return state
+            yield name, buf.detach().to("cpu", copy=True) if rank0 else None
+
+
+def _plain_moe(prefix: str, got: dict[str, Optional[torch.Tensor]], rank0: bool):
+    """One AutoEP layer's gathered tensors under the HF Mixtral names (module docstring)."""
+    leftover = sorted(k for k in got if k not in ("router.gate.weight", "experts.w1", "experts.w2", "experts.w3"))
+    if leftover:
+        raise RuntimeError(f"AutoEP layer {prefix} has parameters the export does not map: {leftover}")
+    gate, w1, w2, w3 = (got.pop(k) for k in ("router.gate.weight", "experts.w1", "experts.w2", "experts.w3"))
+    yield f"{prefix}.gate.weight", gate
+    yield f"{prefix}.experts.gate_up_proj", torch.cat([w1, w3], dim=1) if rank0 else None
+    yield f"{prefix}.experts.down_proj", w2
+
+
+def consolidated_state_dict(engine, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
+    """``consolidated_tensors`` collected: the whole plain state dict on rank 0 (``None``
+    elsewhere). For small models and tests; the export streams instead."""
+    import torch.distributed as dist
+
+    state = dict(consolidated_tensors(engine, dtype))
+    return state if dist.get_rank() == 0 else None
+
+
+def write_model_dir(engine, tokenizer, directory, *, dtype: Optional[torch.dtype] = None,
+                    max_shard_bytes: Optional[int] = None) -> Optional[Path]:
+    """Stream the trained model into a model directory written by rank 0 (``directory`` is
+    rank 0's; the other ranks only take part in the gathers and get None). Call on every rank.
+
+    Parameters are gathered one at a time (``consolidated_tensors``) and handed to
+    ``models.model_dir_writer``, which writes each shard as it fills: rank 0 holds at most one
+    shard plus one layer, never the model. An error on rank 0 is raised after the last gather,
+    so no rank is left waiting in a collective."""
+    import torch.distributed as dist
+
+    from models.checkpoint import DEFAULT_MAX_SHARD_BYTES, skeleton
+    from models.model_dir_writer import ModelDirWriter
+
+    module = engine.module
+    writer, error = None, None
+    if dist.get_rank() == 0:
+        writer = ModelDirWriter(directory, skeleton(module.flavour, module.token_ids()), tokenizer,
+                                dtype=dtype or next(module.parameters()).dtype,
+                                max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    for name, tensor in consolidated_tensors(engine, dtype):
+        if writer is not None and error is None:
+            try:
+                writer.add(name, tensor)
+            except Exception as err:  # keep gathering: the other ranks are in the collectives
+                error = err
+        del tensor
+    if writer is None:
+        return None
+    if error is not None:
+        raise error
+    return writer.close()
 
 
 def load_consolidated(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -18,8 +18,9 @@
 4. every ``checkpoint_every`` steps and at the end: every rank ``engine.save_checkpoint`` into
    its own directory, then ``ray.train.report(metrics, checkpoint=...)`` (Ray merges the ranks'
    files into one checkpoint on the run's storage);
-5. at the end, gather the full model (``actors.consolidate``) and write the export (paths: ``cluster.layout``)
-   (``models.checkpoint`` format, ``_SUCCESS`` last) plus a fixed batch with the trained
+5. at the end, stream the model into the export (``actors.consolidate.write_model_dir``: gathered
+   parameter by parameter, written by rank 0 shard by shard; paths: ``cluster.layout``;
+   ``models.checkpoint`` format, ``_SUCCESS`` last) plus a fixed batch with the trained
    engine's logits (``export_check.pt``) so anyone can verify the export.
 
 Metrics per step (rank 0 writes them, ``metrics.jsonl``): step, loss, lm_loss, aux_loss, lr,
@@ -391,14 +392,23 @@ def export_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
-def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Optional[dict], rank: int) -> dict:
-    """Gather the full model parameter by parameter (``actors.consolidate``: on rank 0 only, in
-    the training dtype), write ``<out>/export`` (``_SUCCESS`` last); rank 0 returns a summary.
+# the in-worker logits check of the export loads the written directory on rank 0: up to this size
+EXPORT_CHECK_MAX_BYTES = 8 * 2**30
 
-    Rank 0 loads the gathered tensors into a meta-device skeleton (no second copy) and writes
-    the model directory in the training dtype (bf16 when training in bf16)."""
-    from actors.consolidate import consolidated_state_dict, load_consolidated
-    from models.checkpoint import save_model_dir, skeleton
+
+def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Optional[dict], rank: int, *,
+                 max_shard_bytes: Optional[int] = None) -> dict:
+    """Write ``<out>/export`` (``_SUCCESS`` last) streamed from the engine, parameter by parameter
+    (``actors.consolidate.write_model_dir``: rank 0 writes, in the training dtype, never holding
+    the whole model); rank 0 returns a summary.
+
+    The written directory is checked on rank 0: its safetensors headers against the model
+    (``inspect_model_dir``: every key, shape and dtype), and, for models up to
+    ``EXPORT_CHECK_MAX_BYTES``, the logits of the directory reloaded against the engine's on
+    ``check_batch`` (``export_max_abs_diff``). ``export_check.pt`` keeps the batch and the
+    engine's logits, so anyone can verify a larger export where it fits."""
+    from actors.consolidate import write_model_dir
+    from models.checkpoint import inspect_model_dir, load_model_dir
 
     logits = None
     if check_batch is not None:  # every rank runs the forward (EP layers exchange tokens)
@@ -407,27 +417,30 @@ def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Option
             logits = engine(**model_inputs(check_batch, engine.device)).logits.float().cpu()
         engine.module.train()
     dtype = export_dtype(engine)
-    state = consolidated_state_dict(engine, dtype=dtype)
-    if rank != 0:
-        return {}
-    module = engine.module
-    plain = skeleton(module.flavour, module.token_ids())
-    load_consolidated(plain, state)
-    del state
-    plain.set_vision_trainable(False)
-    plain.eval()
-    summary: dict[str, Any] = {"export": layout.export}
-    if check_batch is not None:
-        with torch.no_grad():
-            mine = plain(**model_inputs(check_batch)).logits.float()  # on CPU, in the export dtype
-        summary["export_max_abs_diff"] = float((mine - logits).abs().max())
-        buf = io.BytesIO()
-        torch.save({"batch": {k: v for k, v in check_batch.items()}, "logits": logits}, buf)
-        storage.write_bytes(layout.export_check, buf.getvalue())
-    storage.delete(layout.export)
     with tempfile.TemporaryDirectory(prefix="sx-export-") as tmp:
-        save_model_dir(plain, tokenizer, tmp, dtype=dtype)
-        storage.upload_dir(tmp, layout.export)
+        written = write_model_dir(engine, tokenizer, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        if rank != 0:
+            return {}
+        info = inspect_model_dir(written)
+        size = sum(Path(f).stat().st_size for part in info["parts"].values() for f in part["files"])
+        summary: dict[str, Any] = {"export": layout.export, "export_params": info["params"]["total"],
+                                   "export_bytes": size}
+        if check_batch is not None:
+            buf = io.BytesIO()
+            torch.save({"batch": {k: v for k, v in check_batch.items()}, "logits": logits}, buf)
+            storage.write_bytes(layout.export_check, buf.getvalue())
+            if size <= EXPORT_CHECK_MAX_BYTES:
+                plain, _ = load_model_dir(written)
+                with torch.no_grad():
+                    mine = plain(**model_inputs(check_batch)).logits.float()  # on CPU, in the export dtype
+                del plain
+                summary["export_max_abs_diff"] = float((mine - logits).abs().max())
+            else:
+                summary["export_check"] = (f"headers only: {size / 2**30:.1f} GiB is over the in-worker logits "
+                                           f"check's {EXPORT_CHECK_MAX_BYTES / 2**30:.0f} GiB; "
+                                           f"{layout.export_check} holds the batch and the engine's logits")
+        storage.delete(layout.export)
+        storage.upload_dir(written, layout.export)
     storage.write_bytes(layout.export_success, b"")
     storage.write_bytes(layout.export_summary, json.dumps(summary).encode())
     return summary

@@ -35,14 +35,13 @@ one) is actors.initial_weights: it reads them one tensor at a time (models.weigh
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
@@ -85,42 +84,15 @@ def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
                    source: Optional[dict[str, Any]] = None) -> Path:
     """Write the model directory (module docstring) in ``dtype`` (default: the LLM's own dtype).
 
-    ``tokenizer`` goes to ``llm/``; ``source`` (e.g. what convert read) is recorded in config.json."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / LLM_DIR, out / CONVNEXT_DIR, out / DINO_DIR]:
-        if stale.is_dir():
-            shutil.rmtree(stale)
-    for stale in [out / PROJECTOR_FILE, out / "config.json", out / SINGLE_FILE, out / INDEX_FILE,
-                  *out.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    dtype = dtype or model.llm.get_input_embeddings().weight.dtype
-    vision = model.vision
-    parts: dict[str, Any] = {}
-    for name, module in (("llm", model.llm), ("convnext", vision.convnext), ("dinov2", vision.dino)):
-        sub = out / PARTS[name][0]
-        state = _cast(module.state_dict(), dtype)
-        module.save_pretrained(str(sub), state_dict=state, max_shard_size=max_shard_bytes)
-        # save_pretrained records the module's own dtype; the tensors are in ``dtype`` (what
-        # from_pretrained(dtype="auto") loads)
-        hf_config = json.loads((sub / "config.json").read_text())
-        hf_config["dtype"] = _dtype_name(dtype)
-        (sub / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        parts[name] = {"path": PARTS[name][0], "class": type(module).__name__,
-                       "model_type": module.config.model_type, "params": _numel(state)}
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, out / LLM_DIR)
-    own = _cast(_own_vision_state(vision), dtype)
-    save_file(own, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
-    parts["mm_projector"] = {"path": PROJECTOR_FILE, "params": _numel(own), "keys": sorted(own)}
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "flavour": model.flavour.to_dict(),
-              "geometry": geometry(model.flavour), "token_ids": model.token_ids(),
-              "dtype": _dtype_name(dtype), "parts": parts,
-              "tokenizer": {"path": LLM_DIR, "size": len(tokenizer)} if tokenizer is not None else None}
-    if source:
-        config["source"] = source
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    ``tokenizer`` goes to ``llm/``; ``source`` (e.g. what convert read) is recorded in config.json.
+    The tensors pass through ``models.model_dir_writer`` one by one (as the training export's do)."""
+    from models.model_dir_writer import ModelDirWriter
+
+    writer = ModelDirWriter(directory, model, tokenizer, dtype=dtype or model.llm.get_input_embeddings().weight.dtype,
+                            max_shard_bytes=max_shard_bytes, source=source)
+    for name, tensor in model.state_dict().items():
+        writer.add(name, tensor)
+    return writer.close()
 
 
 # strings whose ids a saved tokenizer must reproduce after AutoTokenizer.from_pretrained
@@ -168,10 +140,6 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
 def _own_vision_state(vision: nn.Module) -> dict[str, torch.Tensor]:
     """models.vision's parameters outside the two towers: projector, start, end, skip."""
     return {k: v for k, v in vision.state_dict().items() if not k.startswith(("convnext.", "dino."))}
-
-
-def _numel(state: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for v in state.values())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +274,96 @@ def test_zero3_streams_published_weights_one_tensor_at_a_time(tmp_path):
     assert reads1 == 0 and peak1 == 0
     assert same
     assert error0 == error1 and "intermediate_size" in error0
+
+
+def _zero3_export_rank(rank: int, port: int, directory, out) -> None:
+    """A partitioned ZeRO-3 model streamed into a model directory with small shards: the most
+    bytes of gathered tensors alive at once on this rank, what was written, and a writer error
+    raised on rank 0 only after every gather (rank 1 must not be left waiting)."""
+    import os
+    import weakref
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        import actors.consolidate as consolidate
+        from actors.deepspeed_config import deepspeed_config
+        from actors.train_worker import construct_model
+        from cluster.spec import TrainSection
+        from models.checkpoint import load_model_dir
+        from models.conversation import train_bpe_tokenizer
+        from models.model_dir_writer import ModelDirWriter
+        from models.weight_stream import LazyTensors
+
+        tok = train_bpe_tokenizer(["a b c d e f"], 300)
+        flavour = from_name("debug", llm={"num_hidden_layers": 6})  # a layer: ~1/8 of the model
+        train = TrainSection(workers=2, zero_stage=3, micro_batch=1, steps=2)
+        model = construct_model(flavour, tok, train, deepspeed_config(train, flavour, world_size=2, total_steps=2))
+        source = None
+        if rank == 0:
+            torch.manual_seed(7)
+            source = SphinxX.from_flavour(flavour, tok)
+        consolidate.scatter_recipes(model, LazyTensors.from_state(source.state_dict()).recipes() if rank == 0
+                                    else None, what="rank 0's model")
+        engine = SimpleNamespace(module=model, device=torch.device("cpu"), zero_optimization_stage=lambda: 3)
+        gathered, peak = [], [0]
+        original = consolidate.consolidated_tensors
+
+        def watched(*args, **kwargs):
+            for name, tensor in original(*args, **kwargs):
+                if tensor is not None:
+                    gathered.append(weakref.ref(tensor))
+                yield name, tensor
+                peak[0] = max(peak[0], sum(r().numel() * r().element_size() for r in gathered if r() is not None))
+
+        consolidate.consolidated_tensors = watched
+        written = consolidate.write_model_dir(engine, tok, directory, dtype=torch.bfloat16, max_shard_bytes=50_000)
+        same, shards = None, None
+        if rank == 0:
+            loaded, _ = load_model_dir(written)
+            want = source.state_dict()
+            same = all(torch.equal(p.data, want[k].to(torch.bfloat16)) for k, p in loaded.named_parameters())
+            shards = len(list(Path(written, "llm").glob("model-*-of-*.safetensors")))
+        real_add = ModelDirWriter.add
+
+        def failing(self, name, tensor):
+            if name.startswith("llm.model.layers.1."):
+                raise ValueError(f"disk full at {name}")
+            real_add(self, name, tensor)
+
+        ModelDirWriter.add = failing
+        try:
+            consolidate.write_model_dir(engine, tok, Path(directory) / "again", dtype=torch.bfloat16)
+            error = None
+        except ValueError as err:
+            error = str(err)
+        out.put((rank, peak[0], written is None, same, shards, error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_export_streams_into_small_shards_on_rank0_only(tmp_path):
+    """The export gathers parameter by parameter and rank 0 writes shard by shard: at most one
+    shard (50 kB here) and one layer of gathered tensors alive on rank 0, none on rank 1; the
+    directory loads back equal to the weights; a write error on rank 0 leaves rank 1 free."""
+    results = {r[0]: r[1:] for r in _two_ranks(_zero3_export_rank, tmp_path)}
+    peak0, none0, same, shards, error0 = results[0]
+    peak1, none1, _, _, error1 = results[1]
+    from models.conversation import train_bpe_tokenizer
+
+    torch.manual_seed(7)
+    state = SphinxX.from_flavour(from_name("debug", llm={"num_hidden_layers": 6}),
+                                 train_bpe_tokenizer(["a b c d e f"], 300)).state_dict()
+    layer = sum(v.numel() * 2 for k, v in state.items() if k.startswith("llm.model.layers.0."))
+    model_bytes = sum(v.numel() * 2 for v in state.values())
+    assert 0 < peak0 <= 50_000 + layer < model_bytes / 4, (peak0, layer, model_bytes)
+    assert peak1 == 0 and none1 and not none0
+    assert same and shards > 5
+    assert error0 and "disk full at llm.model.layers.1." in error0 and error1 is None
 
 
 def _master_rank(rank: int, port: int, stage: int, out) -> None:
