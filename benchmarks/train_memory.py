@@ -15,6 +15,12 @@ processes (``ru_maxrss`` is a process's lifetime peak), one after another:
 Every process, ``single`` included, runs with the training code's host allocator setting
 (``bound_host_allocator``: glibc mmaps every block of 1 MiB or more, so freed tensors return).
 
+``zero3`` also measures the export after its steps, side by side on the same engine: the rise
+of rank 0's resident memory (sampled every 5 ms) while (a) ``actors.consolidate.write_model_dir``
+streams the model into a directory with ``EXPORT_SHARD_BYTES`` shards, and (b) the old way,
+``consolidated_state_dict`` gathering the whole state on rank 0. ``export`` gives both rises and
+the model's fp32 bytes.
+
 The figure is each configuration's largest rank peak RSS (``ru_maxrss``), and its ratio to
 ``single`` (goal for ZeRO-3: ≤ 0.65). The processes start from the same imports (torch,
 transformers, DeepSpeed: their ~0.5 GB is in every figure).
@@ -28,6 +34,7 @@ import resource
 import socket
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -35,6 +42,7 @@ SCALE_OVERRIDES = {"llm": {"hidden_size": 1024, "num_hidden_layers": 32, "num_at
                            "num_key_value_heads": 8, "intermediate_size": 2816}}
 SEQ = 128
 STEPS = 2
+EXPORT_SHARD_BYTES = 128 * 2**20
 
 
 def _peak_rss_gib() -> float:
@@ -44,6 +52,60 @@ def _peak_rss_gib() -> float:
 def _phase(phases: dict, name: str) -> None:
     """Peak RSS so far at the end of a phase (GiB)."""
     phases[name] = round(_peak_rss_gib(), 3)
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _rise_while(fn) -> tuple[float, object]:
+    """(GiB: the most resident memory rose over its start while ``fn`` ran, fn's result)."""
+    import gc
+    import threading
+
+    gc.collect()
+    start, peak, done = _rss_gib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_gib())
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        watcher.join()
+    return round(max(peak[0], _rss_gib()) - start, 3), result
+
+
+def _export_figures(engine, tokenizer, rank: int) -> dict:
+    """Rank 0's memory rise: streamed export vs the whole state gathered (module docstring)."""
+    import tempfile
+
+    import torch
+
+    from actors.consolidate import consolidated_state_dict, write_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="sx-bench-export-") as tmp:
+        t0 = time.perf_counter()
+        streamed, _ = _rise_while(lambda: write_model_dir(engine, tokenizer, tmp, dtype=torch.float32,
+                                                          max_shard_bytes=EXPORT_SHARD_BYTES))
+        stream_s = time.perf_counter() - t0
+        files = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
+    t0 = time.perf_counter()
+    gathered, state = _rise_while(lambda: consolidated_state_dict(engine, dtype=torch.float32))
+    gather_s = time.perf_counter() - t0
+    model_bytes = sum(v.numel() * v.element_size() for v in state.values()) if state is not None else None
+    del state
+    return {"rank": rank, "stream_rise_gib": streamed, "gather_rise_gib": gathered,
+            "stream_s": round(stream_s, 1), "gather_s": round(gather_s, 1),
+            "model_fp32_gib": round(model_bytes / 2**30, 3) if model_bytes else None,
+            "written_gib": round(files / 2**30, 3) if rank == 0 else None,
+            "shard_gib": round(EXPORT_SHARD_BYTES / 2**30, 3)}
 
 
 def _batch(tokenizer):
@@ -78,6 +140,7 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
     phases: dict = {}
     _phase(phases, "imports")
     t0 = time.perf_counter()
+    export = None
     if mode == "single":
         from actors.batching import model_inputs
         from actors.train_worker import bound_host_allocator
@@ -96,6 +159,7 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             _phase(phases, f"step{k}")
+        seconds = time.perf_counter() - t0
     else:
         import torch.distributed as dist
 
@@ -122,9 +186,10 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
             engine.step()
             _phase(phases, f"step{k}")
         dist.barrier()
-    out.put({"rank": rank, "peak_rss_gib": round(_peak_rss_gib(), 3), "params": int(params),
-             "seconds": round(time.perf_counter() - t0, 1),
-             "peak_after": phases})
+        seconds = time.perf_counter() - t0
+        export = _export_figures(engine, tokenizer, rank) if mode == "zero3" else None
+    out.put({"rank": rank, "peak_rss_gib": phases[f"step{STEPS - 1}"], "params": int(params),
+             "seconds": round(seconds, 1), "peak_after": phases, **({"export": export} if export else {})})
 
 
 def _free_port() -> int:
@@ -147,8 +212,11 @@ def measure(mode: str) -> dict:
     for p in procs:
         p.join(timeout=120)
     peaks = sorted(results, key=lambda r: r["rank"])
-    return {"ranks": peaks, "peak_rss_gib": max(r["peak_rss_gib"] for r in peaks), "params": peaks[0]["params"],
-            "seconds": max(r["seconds"] for r in peaks)}
+    res = {"ranks": peaks, "peak_rss_gib": max(r["peak_rss_gib"] for r in peaks), "params": peaks[0]["params"],
+           "seconds": max(r["seconds"] for r in peaks)}
+    if "export" in peaks[0]:
+        res["export"] = [r.pop("export") for r in peaks]
+    return res
 
 
 def memory_section(modes=("single", "zero3", "zero2")) -> dict:
