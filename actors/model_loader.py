@@ -69,9 +69,9 @@ class MemberWeights:
 def member_model_dir(weights: MemberWeights, storage_section, cache_dir: str | None = None) -> tuple[Path, bool]:
     """(a local model directory for the member, whether it is a temporary copy to delete).
 
-    Random weights are saved (models.checkpoint.save_model_dir) to a temp directory; an s3://
+    Random weights are saved (models.model_dir_writer.save_model_dir) to a temp directory; an s3://
     directory is downloaded to one; a local directory is used in place."""
-    from models.checkpoint import save_model_dir
+    from models.model_dir_writer import save_model_dir
 
     if weights.checkpoint_uri is None:
         model, tokenizer = random_member(weights.flavour)

@@ -63,7 +63,7 @@ def main() -> None:
 
     from actors.model_loader import RANDOM_SEED, debug_tokenizer
     from actors.vllm_plugin import engine_args, register
-    from models.checkpoint import save_model_dir
+    from models.model_dir_writer import save_model_dir
     from models.conversation import build_prompt
     from models.flavours import from_name
     from models.sphinx import SphinxX

@@ -282,7 +282,8 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
     ``flavour``: the base flavour (default by llama_type: ``sphinx-tiny`` / ``sphinx-tiny-1k``;
     its encoders and geometry; the LLM's keys come from config.json). ``dtype``: default the
     checkpoint's own (its LLM weights')."""
-    from models.checkpoint import DEFAULT_MAX_SHARD_BYTES, inspect_model_dir, save_model_dir, skeleton
+    from models.checkpoint import DEFAULT_MAX_SHARD_BYTES, inspect_model_dir, skeleton
+    from models.model_dir_writer import save_model_dir
     from models.pretrained_llm import load_llm_tokenizer, resize_vocab
     from models.pretrained_vision import convnext_from_timm, dino_from_hub, with_encoder_overrides
 

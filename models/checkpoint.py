@@ -17,7 +17,7 @@ A model directory (format_version 2)::
     mm_projector.safetensors    projector.0.{weight,bias} (Linear), projector.1.{weight,bias} (LayerNorm),
                                 start, end, skip [d_llm] — models.vision's own parameters
 
-    >>> save_model_dir(model, tokenizer, "out/export", dtype=torch.bfloat16)   # bf16, 5 GB shards
+    >>> save_model_dir(model, tokenizer, "out/export", dtype=torch.bfloat16)   # models.model_dir_writer
     >>> model, tokenizer = load_model_dir("out/export")                         # in the stored dtype
     >>> inspect_model_dir("out/export")["parts"]["llm"]["params"]               # headers only
 
@@ -77,22 +77,6 @@ def geometry(flavour: Flavour) -> dict[str, Any]:
     spec = TileSpec.from_flavour(flavour)
     n = flavour.tokens_per_view
     return {**spec.to_dict(), "tokens_per_view": n, "max_image_tokens": image_token_count(1, 1, spec, n)}
-
-
-def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Optional[torch.dtype] = None,
-                   source: Optional[dict[str, Any]] = None) -> Path:
-    """Write the model directory (module docstring) in ``dtype`` (default: the LLM's own dtype).
-
-    ``tokenizer`` goes to ``llm/``; ``source`` (e.g. what convert read) is recorded in config.json.
-    The tensors pass through ``models.model_dir_writer`` one by one (as the training export's do)."""
-    from models.model_dir_writer import ModelDirWriter
-
-    writer = ModelDirWriter(directory, model, tokenizer, dtype=dtype or model.llm.get_input_embeddings().weight.dtype,
-                            max_shard_bytes=max_shard_bytes, source=source)
-    for name, tensor in model.state_dict().items():
-        writer.add(name, tensor)
-    return writer.close()
 
 
 # strings whose ids a saved tokenizer must reproduce after AutoTokenizer.from_pretrained

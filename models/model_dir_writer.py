@@ -4,6 +4,7 @@
     >>> for name, tensor in tensors:      # SphinxX state-dict names (llm.*, vision.*), model order
     ...     writer.add(name, tensor)      # kept only until its shard is written
     >>> writer.close()                    # last shards, indexes, HF configs, tokenizer, config.json
+    >>> save_model_dir(model, tokenizer, "out/m", dtype=torch.bfloat16)  # a model in memory, the same way
 
 ``model`` gives the names, shapes and Hugging Face configs; its parameters may be on the meta
 device (``models.checkpoint.skeleton``), so the writer never needs the model in memory. The
@@ -170,3 +171,17 @@ class ModelDirWriter:
             config["source"] = self.source
         (self.out / "config.json").write_text(json.dumps(config, indent=2))
         return self.out
+
+
+def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Optional[torch.dtype] = None,
+                   source: Optional[dict[str, Any]] = None) -> Path:
+    """A model in memory as a model directory (``models.checkpoint``'s layout) in ``dtype``
+    (default: the LLM's own), through ``ModelDirWriter`` as the training export's tensors go.
+
+    ``tokenizer`` goes to ``llm/``; ``source`` (e.g. what convert read) is recorded in config.json."""
+    writer = ModelDirWriter(directory, model, tokenizer, dtype=dtype or model.llm.get_input_embeddings().weight.dtype,
+                            max_shard_bytes=max_shard_bytes, source=source)
+    for name, tensor in model.state_dict().items():
+        writer.add(name, tensor)
+    return writer.close()

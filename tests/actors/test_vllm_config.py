@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from actors.vllm_config import (ARCHITECTURE, MODEL_TYPE, SphinxXConfig, prepare_vllm_dir, read_model_config,
                                 text_architecture)
-from models.checkpoint import CheckpointError, save_model_dir
+from models.checkpoint import CheckpointError
+from models.model_dir_writer import save_model_dir
 from models.conversation import train_bpe_tokenizer
 from models.flavours import from_name
 from models.sphinx import SphinxX

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from actors.vllm_loader import iter_model_weights, mixtral_to_vllm
-from models.checkpoint import CheckpointError, save_model_dir
+from models.checkpoint import CheckpointError
+from models.model_dir_writer import save_model_dir
 from models.conversation import train_bpe_tokenizer
 from models.flavours import from_name
 from models.sphinx import SphinxX

@@ -32,7 +32,7 @@ from PIL import Image
 
 vllm = pytest.importorskip("vllm")
 
-from models.checkpoint import save_model_dir  # noqa: E402
+from models.model_dir_writer import save_model_dir  # noqa: E402
 from models.conversation import build_prompt, train_bpe_tokenizer  # noqa: E402
 from models.flavours import from_name  # noqa: E402
 from models.sphinx import SphinxX  # noqa: E402
