@@ -151,7 +151,7 @@ def consolidated_tensors(engine, dtype: Optional[torch.dtype] = None) -> Iterato
             continue
         mine = pending.setdefault(owner, {})
         mine[name[len(owner) + 1:]] = full
-        if {"router.gate.weight", "experts.w1", "experts.w2", "experts.w3"} <= set(mine):
+        if set(_AUTOEP_KEYS) <= set(mine):
             yield from _plain_moe(owner, pending.pop(owner), rank0)
     if pending:
         raise RuntimeError(f"AutoEP layers the export could not complete: {sorted(pending)}")
@@ -162,12 +162,15 @@ def consolidated_tensors(engine, dtype: Optional[torch.dtype] = None) -> Iterato
             yield name, buf.detach().to("cpu", copy=True) if rank0 else None
 
 
+_AUTOEP_KEYS = ("router.gate.weight", "experts.w1", "experts.w2", "experts.w3")  # an AutoEP layer's parameters
+
+
 def _plain_moe(prefix: str, got: dict[str, Optional[torch.Tensor]], rank0: bool):
     """One AutoEP layer's gathered tensors under the HF Mixtral names (module docstring)."""
-    leftover = sorted(k for k in got if k not in ("router.gate.weight", "experts.w1", "experts.w2", "experts.w3"))
+    leftover = sorted(k for k in got if k not in _AUTOEP_KEYS)
     if leftover:
         raise RuntimeError(f"AutoEP layer {prefix} has parameters the export does not map: {leftover}")
-    gate, w1, w2, w3 = (got.pop(k) for k in ("router.gate.weight", "experts.w1", "experts.w2", "experts.w3"))
+    gate, w1, w2, w3 = (got[k] for k in _AUTOEP_KEYS)
     yield f"{prefix}.gate.weight", gate
     yield f"{prefix}.experts.gate_up_proj", torch.cat([w1, w3], dim=1) if rank0 else None
     yield f"{prefix}.experts.down_proj", w2
@@ -208,28 +211,9 @@ def write_model_dir(engine, tokenizer, directory, *, dtype: Optional[torch.dtype
                 writer.add(name, tensor)
             except Exception as err:  # keep gathering: the other ranks are in the collectives
                 error = err
-        del tensor
+        del tensor  # not alive during the next parameter's gather
     if writer is None:
         return None
     if error is not None:
         raise error
     return writer.close()
-
-
-def load_consolidated(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Load a consolidated state into a fresh plain model (parameters on the meta device, e.g.
-    ``models.checkpoint.skeleton``, take the state's tensors as they are: no second copy);
-    any key mismatch is an error."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        raise RuntimeError(f"consolidated state does not fit the model: missing {missing[:8]}, "
-                           f"unexpected {unexpected[:8]}, shape mismatch {shapes[:8]}")
-    meta = any(p.is_meta for p in model.parameters())
-    if meta:
-        model.load_state_dict(state, strict=True, assign=True)
-    else:
-        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-    return model

@@ -16,8 +16,9 @@ Each Hugging Face part (``llm/``, ``convnext/``, ``dinov2/``) receives exactly w
 ``up_proj`` → ``weights_in``) applied to one *block* at a time — the keys sharing a numbered
 layer prefix (``model.layers.3.``, ``encoder.stages.1.layers.2.``), reverted once all of them
 have arrived; a key without a layer number is a block of its own (the tests check on every
-flavour that no conversion spans blocks). Tensors fill shards of at most ``max_shard_bytes``, each written as soon as it is
-full, named and indexed as Hugging Face does. Memory: one block plus one shard.
+flavour that no conversion spans blocks). Tensors fill shards of at most ``max_shard_bytes``,
+each written as soon as it is full, named and indexed as Hugging Face does. Memory: one block
+plus one shard.
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from models.checkpoint import (CONVNEXT_DIR, DEFAULT_MAX_SHARD_BYTES, DINO_DIR, FORMAT, FORMAT_VERSION, INDEX_FILE,
                                LLM_DIR, PARTS, PROJECTOR_FILE, SINGLE_FILE, CheckpointError, _dtype_name,
-                               _save_tokenizer, geometry)
+                               _own_vision_state, _save_tokenizer, geometry)
 from models.sphinx import SphinxX
 
 PathLike = Union[str, Path]
 _NUMBERED = re.compile(r"^(.*\.\d+\.)")  # greedy: the prefix through the last numbered component
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """On the host, floating point in the directory's dtype, contiguous (as safetensors wants)."""
+    return tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
 
 
 def block_of(key: str) -> str:
@@ -80,8 +86,7 @@ class _PartWriter:
                 self._put(name, value)
 
     def _put(self, name: str, tensor: torch.Tensor) -> None:
-        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        tensor = tensor.detach().to("cpu", dtype=dtype).contiguous()
+        tensor = _stored(tensor, self.dtype)
         size = tensor.numel() * tensor.element_size()
         if self.shard and self.shard_bytes + size > self.max_bytes:
             self._flush()
@@ -139,7 +144,7 @@ class ModelDirWriter:
         vision = model.vision
         self.parts = {name: _PartWriter(self.out / PARTS[name][0], module, dtype, max_shard_bytes)
                       for name, module in (("llm", model.llm), ("convnext", vision.convnext), ("dinov2", vision.dino))}
-        self.own_keys = {f"vision.{k}" for k in vision.state_dict() if not k.startswith(("convnext.", "dino."))}
+        self.own_keys = {f"vision.{k}" for k in _own_vision_state(vision)}
         self.own: dict[str, torch.Tensor] = {}  # projector, start, end, skip: small, written at close
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -148,8 +153,7 @@ class ModelDirWriter:
                 return self.parts[part].add(name[len(prefix):], tensor)
         if name not in self.own_keys or name in self.own:
             raise CheckpointError(f"{name}: " + ("given twice" if name in self.own else "the model has no such key"))
-        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        self.own[name] = tensor.detach().to("cpu", dtype=dtype).contiguous()
+        self.own[name] = _stored(tensor, self.dtype)
 
     def close(self) -> Path:
         parts = {name: {"path": PARTS[name][0], **writer.close()} for name, writer in self.parts.items()}

@@ -240,8 +240,7 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
         "flavour": spec.model.flavour, "loss": metrics.get("loss"), "aux_loss": metrics.get("aux_loss"),
         "resumed_from": start or None,
         "export": metrics.get("export"), "export_max_abs_diff": metrics.get("export_max_abs_diff"),
-        **({"export_check": metrics["export_check"]} if metrics.get("export_check") else {}),
-        "export_bytes": metrics.get("export_bytes"),
+        "export_check": metrics.get("export_check"), "export_bytes": metrics.get("export_bytes"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": lay.metrics, "wall_s": round(time.time() - t0, 1), "ray": conn.ray_address,
     }
