@@ -5,8 +5,8 @@ this one process (world size 1, NCCL, bf16 — ``precision: auto`` on GPU):
 
 - ``tiny_zero2`` / ``tiny_zero3``: ``tiny`` (TinyLlama-1.1B shapes, the ConvNeXt-XXL and DINOv2-g
   encoders frozen), random init, packed rows of synthetic image + text samples
-  (``pipelines.synthetic_shards.build_rows`` → ``actors.batching.pack_rows`` /
-  ``actors.train_data.merge_pack`` / ``collate``), activation checkpointing on (real flavour);
+  (``pipelines.demo.synthetic_shards.build_rows`` → ``actors.train.batching.pack_rows`` /
+  ``actors.train.data.merge_pack`` / ``collate``), activation checkpointing on (real flavour);
 - ``debug_moe_autoep``: ``debug-moe`` with DeepSpeed AutoEP (expert-parallel size 1 on one GPU).
 
 Per case: tokens/s over the timed steps (after warm-up), model FLOPs per token
@@ -62,9 +62,9 @@ def init_process_group(backend: str) -> None:
 
 def packed_batches(flavour_name: str, *, micro: int, seq: int, n: int):
     """(tokenizer, [collated packed micro-batches]) of synthetic samples of the flavour."""
-    from actors.batching import collate, pack_rows
-    from actors.train_data import merge_pack
-    from pipelines.synthetic_shards import build_rows
+    from actors.train.batching import collate, pack_rows
+    from actors.train.data import merge_pack
+    from pipelines.demo.synthetic_shards import build_rows
 
     tokenizer, rows = build_rows(flavour_name, n_rows=max(16, 4 * micro * n), seed=0)
     lengths = [r["num_tokens"] for r in rows]
@@ -84,7 +84,7 @@ def model_flops_per_token(engine, batch) -> float:
     so activation recomputation is not counted (model FLOPs, not hardware FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from actors.batching import model_inputs
+    from actors.train.batching import model_inputs
 
     inputs = model_inputs(batch, engine.device)
     with torch.no_grad():
@@ -101,9 +101,9 @@ def model_flops_per_token(engine, batch) -> float:
 
 def run_case(name: str, flavour_name: str, *, zero: int, autoep: bool, gpu: bool, steps: int, warmup: int,
              micro: int, seq: int) -> dict:
-    from actors.batching import model_inputs
-    from actors.deepspeed_config import deepspeed_config
-    from actors.train_worker import build_engine, construct_model, export_dtype
+    from actors.train.batching import model_inputs
+    from actors.train.deepspeed_config import deepspeed_config
+    from actors.train.worker import build_engine, construct_model, export_dtype
     from cluster.spec import TrainSection
     from models.flavours import from_name
 

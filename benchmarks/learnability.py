@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/learnability.py [--steps 800] [--batch 16] [--lr 3e-3]
         [--train-encoders | --frozen-encoders] [--n-train 1500] [--overrides JSON] [--threads 2]
 
-The demo (pipelines/demo.py) trains through Ray Train + DeepSpeed on 2 workers; this is the
+The demo (pipelines/demo/demo.py) trains through Ray Train + DeepSpeed on 2 workers; this is the
 same model, data and recipe in one plain PyTorch loop, so settings can be tried in minutes:
 
-- data: ``pipelines.synthetic.generate(n_train, n_heldout, seed)``, tiled with
+- data: ``pipelines.demo.synthetic.generate(n_train, n_heldout, seed)``, tiled with
   ``models.tiling`` and tokenized with ``models.conversation`` (the debug BPE tokenizer is
   trained on the training text, as preprocess does);
-- model: the demo's flavour (``debug`` + ``pipelines.demo.MODEL_OVERRIDES`` unless
+- model: the demo's flavour (``debug`` + ``pipelines.demo.demo.MODEL_OVERRIDES`` unless
   ``--overrides`` replaces them), random init, encoders trainable as the demo sets them;
 - recipe: AdamW β (0.9, 0.95), no weight decay, linear warm-up 5 % then cosine to 0,
   gradient clipping 1.0 (the demo's DeepSpeed config);
@@ -39,7 +39,7 @@ from models import conversation as conv  # noqa: E402
 from models import tiling  # noqa: E402
 from models.flavours import from_name  # noqa: E402
 from models.sphinx import SphinxX  # noqa: E402
-from pipelines import demo, synthetic  # noqa: E402
+from pipelines.demo import demo, synthetic  # noqa: E402
 
 
 def _prepare(rows: list[dict], images: dict[str, bytes], tok, spec: tiling.TileSpec, n_per_view: int) -> list:

@@ -5,7 +5,7 @@
 Every image goes to the same output tile size (flavour ``debug`` with ``tile_size`` 224, grid 2:
 a 448 px canvas, as the real flavours). Measured:
 
-- (a) the Ray Data pipeline (``pipelines.preprocess.run_stage``) on a local Ray with all CPUs,
+- (a) the Ray Data pipeline (``pipelines.stages.preprocess.run_stage``) on a local Ray with all CPUs,
   local storage, JSONL + image_root, run twice on the same cluster: ``cold`` (just started) and
   ``warm`` (the stage again: Ray Data's cluster-wide helper actors are up; the tiler actors are
   new processes each time): images/s overall and per core, end to end (``run_stage`` incl.
@@ -13,7 +13,7 @@ a 448 px canvas, as the real flavours). Measured:
   driver after the stage started, steady state (rows tallied after the first shard came back ÷
   time from then to the last), phase times, and the CPU seconds of the driver and of all Ray
   processes (a load-independent view of the overhead);
-- (b) the same work in one plain process: the same ``actors.tiler.Tiler`` in shard mode called
+- (b) the same work in one plain process: the same ``actors.data.tiler.Tiler`` in shard mode called
   on the same raw rows, ``--rows-per-shard`` rows per call as the pipeline's blocks (read,
   decode, tile, tokenize, write the shard file): images/s and CPU seconds;
 - (b2) as many plain processes as CPUs at once, each the (b) loop on every n-th block (no Ray):
@@ -138,7 +138,7 @@ def _per_image(paths: list[Path]) -> dict:
 
 
 def _config_and_tokenizer(texts: list[str]):
-    from actors.tiler import TilerConfig
+    from actors.data.tiler import TilerConfig
     from models.conversation import train_bpe_tokenizer
     from models.flavours import from_name
 
@@ -152,8 +152,8 @@ def _plain_loop(cache: Path, rows_per_shard: int, index: int = 0, procs: int = 1
     """The Tiler in shard mode on every ``procs``-th block of ``rows_per_shard`` raw rows from
     block ``index`` on, after a warm-up call (and ``barrier``, when given): (start, end, CPU s,
     rows, good rows)."""
-    from actors import rows as raw
-    from actors.tiler import Tiler
+    from actors.data import rows as raw
+    from actors.data.tiler import Tiler
 
     rows = raw.parse_json_file((cache / "data.jsonl").read_bytes(), "data.jsonl", source="bench", ratio=1.0,
                                image_root=str(cache / "images"))
@@ -228,7 +228,7 @@ def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int, hf_tokenizer_run: 
     import ray
 
     from cluster.spec import parse_spec
-    from pipelines import preprocess
+    from pipelines.stages import preprocess
 
     out = Path(tempfile.mkdtemp(prefix="sphinx-x-bench-out-"))
     spec = parse_spec({

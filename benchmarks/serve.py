@@ -135,8 +135,8 @@ def write_weights(width: int | None, layers: int | None) -> Path:
     once as a sphinx-x model directory: every system below loads exactly these weights."""
     import torch
 
-    from actors.model_loader import RANDOM_SEED, debug_tokenizer
-    from models.model_dir_writer import save_model_dir
+    from actors.serve.model_loader import RANDOM_SEED, debug_tokenizer
+    from models.weights.model_dir_writer import save_model_dir
     from models.flavours import from_name
     from models.sphinx import SphinxX
 
@@ -174,7 +174,7 @@ def bench_endpoint(model_dir: Path, tokens: int, per_client: int, image: bool) -
     import ray
 
     from cluster.spec import parse_spec
-    from pipelines import serve as serve_stage
+    from pipelines.stages import serve as serve_stage
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     spec = parse_spec(_endpoint_spec(model_dir, _free_port(), {"max_num_seqs": 32}))
@@ -189,7 +189,7 @@ def bench_endpoint(model_dir: Path, tokens: int, per_client: int, image: bool) -
 _BASELINE_SERVER = """
 import json, sys, time, ray
 from cluster.spec import parse_spec
-from pipelines import serve as serve_stage
+from pipelines.stages import serve as serve_stage
 ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 summary = serve_stage.run_stage(parse_spec(json.loads(sys.argv[1])))
 print("URL", summary["url"], flush=True)
@@ -227,7 +227,7 @@ def bench_vllm_offline(model_dir: Path, tokens: int, per_client: int, image: boo
     os.environ.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     from vllm import LLM, SamplingParams
 
-    from actors.vllm_plugin import engine_args, register
+    from actors.serve.vllm.plugin import engine_args, register
     from models.conversation import build_prompt, load_tokenizer
 
     register()
@@ -264,7 +264,7 @@ def bench_transformers_serve(model_dir: Path, tokens: int, per_client: int) -> d
     """`transformers serve DIR` on the same LLM backbone saved with save_pretrained."""
     import urllib.request
 
-    from models.checkpoint import load_model_dir
+    from models.weights.model_dir import load_model_dir
 
     model, tokenizer = load_model_dir(model_dir)
     hf_dir = Path(tempfile.mkdtemp(prefix="sphinx-bench-hf-"))
@@ -325,7 +325,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     image = not a.no_image
     model_dir = write_weights(a.llm_width, a.llm_layers)
-    from models.checkpoint import read_config
+    from models.weights.model_dir import read_config
 
     llm = read_config(model_dir)["flavour"].llm
     result: dict = {"benchmark": "serve", "flavour": "debug",

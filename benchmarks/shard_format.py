@@ -7,7 +7,7 @@ Prints ONE JSON object. Side by side in one run (issue 17, "compressed shards"):
   the raw uint8 views in a Parquet file with LZ4 (what preprocess wrote before); format 2, the
   scaled image in lossless WebP and in PNG (``models.stored_image``). Goal: format 2 ≤ 1.5× the
   source bytes.
-- **reader** (``actors.train_data.ReadPlannedRows``, the Ray Data stage that feeds each rank):
+- **reader** (``actors.train.data.ReadPlannedRows``, the Ray Data stage that feeds each rank):
   ms of one CPU per row to read the planned rows in a seeded random order, format 1 (views
   stored) vs format 2 (views cut from the stored image), and the views it returns are checked equal.
 - **training** (``--train-steps``, 0 skips): ``benchmarks/train.py``'s ``demo_like`` (the real
@@ -68,7 +68,7 @@ def _shard_files(paths: list[Path], out: Path) -> dict:
 def _reader(files: dict, n: int, repeats: int) -> dict:
     """ms of CPU per row for ReadPlannedRows over each file (random order, a fresh reader each
     pass so the row-group cache starts cold), and the views equal across formats."""
-    from actors.train_data import ReadPlannedRows
+    from actors.train.data import ReadPlannedRows
     from cluster.spec import StorageSection
     from models.tiling import TileSpec
 

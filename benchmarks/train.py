@@ -9,7 +9,7 @@ Prints ONE JSON object. Same model (`debug`), same collated batches everywhere:
 - ``ray_ds_2_steps_per_s`` and ``scaling_efficiency`` = samples/s with 2 workers / (2 × with 1);
 - ``skip_step_s`` vs ``noskip_step_s``: forward+backward of a batch of 2:1 wide images with skip
   tokens (2 of 4 tiles skipped) and with every tile encoded;
-- ``demo_like_*``: the real ``sphinx-x train`` stage (``pipelines.train.run_stage``: planned
+- ``demo_like_*``: the real ``sphinx-x train`` stage (``pipelines.stages.train.run_stage``: planned
   per-rank datasets via ``get_dataset_shard``/``iter_torch_batches``, 2 workers, micro-batch 8,
   ZeRO-2, fp32, embedded S3) run twice: reporting to Ray Train every step (as before) and with
   the default report interval. Steady steps/s from the steps' ``wall_t``, and the mean per-step
@@ -46,8 +46,8 @@ MICRO = 4
 
 
 def _batches(n: int, wide_only: bool = False):
-    from actors.batching import collate
-    from pipelines.synthetic_shards import build_rows
+    from actors.train.batching import collate
+    from pipelines.demo.synthetic_shards import build_rows
 
     tokenizer, rows = build_rows("debug", n_rows=n * MICRO, seed=3, wide_only=wide_only)
     cols = list(rows[0])
@@ -68,7 +68,7 @@ def _model(tokenizer):
 
 
 def bare_loop(tokenizer, batches, steps: int) -> float:
-    from actors.batching import model_inputs
+    from actors.train.batching import model_inputs
 
     torch.set_num_threads(1)
     model = _model(tokenizer)
@@ -89,8 +89,8 @@ def _ray_worker(config):
     import deepspeed
     import ray.train
 
-    from actors.batching import model_inputs
-    from actors.deepspeed_config import deepspeed_config
+    from actors.train.batching import model_inputs
+    from actors.train.deepspeed_config import deepspeed_config
     from cluster.spec import TrainSection
 
     torch.set_num_threads(1)
@@ -132,7 +132,7 @@ def ray_loop(tokenizer, batches, steps: int, workers: int) -> float:
 
 def skip_vs_noskip(tokenizer, reps: int) -> dict:
     """Step time of a batch of wide images with skip tokens vs every tile encoded."""
-    from actors.batching import model_inputs
+    from actors.train.batching import model_inputs
     from models.flavours import from_name
     from models.tiling import TileSpec
 
@@ -191,8 +191,8 @@ def demo_like(steps: int, report_every_s: float, s3_endpoint: str, shard_format:
     from cluster.connect import storage_for
     from cluster.layout import Layout
     from cluster.spec import parse_spec
-    from pipelines.synthetic_shards import write_shards
-    from pipelines.train import run_stage
+    from pipelines.demo.synthetic_shards import write_shards
+    from pipelines.stages.train import run_stage
 
     spec = parse_spec({
         "name": "bench", "storage": {"uri": f"s3://sphinx-x-bench/{uuid.uuid4().hex[:8]}", "endpoint_url": "embedded"},
@@ -218,9 +218,9 @@ def demo_like(steps: int, report_every_s: float, s3_endpoint: str, shard_format:
 
 def _packed_batches(n: int):
     """``n`` packed micro-batches of 2 rows ≤ 512 tokens (the --scale overhead comparison)."""
-    from actors.batching import collate, pack_rows
-    from actors.train_data import merge_pack
-    from pipelines.synthetic_shards import build_rows
+    from actors.train.batching import collate, pack_rows
+    from actors.train.data import merge_pack
+    from pipelines.demo.synthetic_shards import build_rows
 
     tokenizer, rows = build_rows("debug", n_rows=16 * n, seed=3)
     packs = pack_rows([r["num_tokens"] for r in rows], capacity=512, seed=0)
@@ -298,7 +298,7 @@ def main() -> None:
         bare, one = float(np.median(bares)), float(np.median(ones))
         two = ray_loop(tokenizer, batches, args.steps, 2)
         if args.demo_steps:
-            from actors.train_worker import REPORT_EVERY_S
+            from actors.train.worker import REPORT_EVERY_S
 
             demo["demo_like_report_every_step"] = demo_like(args.demo_steps, 0.0, server.endpoint_url)
             demo["demo_like_report_every_%gs" % REPORT_EVERY_S] = demo_like(args.demo_steps, REPORT_EVERY_S,

@@ -8,7 +8,7 @@ processes (``ru_maxrss`` is a process's lifetime peak), one after another:
 
 - ``single``: one process, the plain model and ``torch.optim.AdamW`` (no DeepSpeed): what a
   rank holds without sharding — parameters, gradients, two Adam moments;
-- ``zero2`` / ``zero3``: two gloo ranks through the training code (``actors.train_worker``
+- ``zero2`` / ``zero3``: two gloo ranks through the training code (``actors.train.worker``
   ``construct_model`` + ``build_engine``; ZeRO-3 builds under ``deepspeed.zero.Init``; the
   optimizer's fp32 master partition is the fp32 parameter partition itself, ``share_fp32_master``).
 
@@ -16,7 +16,7 @@ Every process, ``single`` included, runs with the training code's host allocator
 (``bound_host_allocator``: glibc mmaps every block of 1 MiB or more, so freed tensors return).
 
 ``zero3`` also measures the export after its steps, side by side on the same engine: the rise
-of rank 0's resident memory (sampled every 5 ms) while (a) ``actors.consolidate.write_model_dir``
+of rank 0's resident memory (sampled every 5 ms) while (a) ``actors.train.consolidate.write_model_dir``
 streams the model into a directory with ``EXPORT_SHARD_BYTES`` shards, and (b) the old way,
 ``consolidated_state_dict`` gathering the whole state on rank 0. ``export`` gives both rises and
 the model's fp32 bytes.
@@ -88,7 +88,7 @@ def _export_figures(engine, tokenizer, rank: int) -> dict:
 
     import torch
 
-    from actors.consolidate import consolidated_state_dict, write_model_dir
+    from actors.train.consolidate import consolidated_state_dict, write_model_dir
 
     with tempfile.TemporaryDirectory(prefix="sx-bench-export-") as tmp:
         t0 = time.perf_counter()
@@ -111,9 +111,9 @@ def _export_figures(engine, tokenizer, rank: int) -> dict:
 def _batch(tokenizer):
     import numpy as np
 
-    from actors.batching import collate
-    from actors.train_data import merge_pack
-    from pipelines.synthetic_shards import build_rows
+    from actors.train.batching import collate
+    from actors.train.data import merge_pack
+    from pipelines.demo.synthetic_shards import build_rows
 
     _, rows = build_rows("debug", n_rows=16, seed=0)
     picked, total = [], 0
@@ -132,7 +132,7 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
 
     torch.set_num_threads(1)
     from models.flavours import from_name
-    from pipelines.synthetic_shards import build_rows
+    from pipelines.demo.synthetic_shards import build_rows
 
     tokenizer, _ = build_rows("debug", n_rows=4, seed=0)
     flavour = from_name("debug", **SCALE_OVERRIDES)
@@ -142,8 +142,8 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
     t0 = time.perf_counter()
     export = None
     if mode == "single":
-        from actors.batching import model_inputs
-        from actors.train_worker import bound_host_allocator
+        from actors.train.batching import model_inputs
+        from actors.train.worker import bound_host_allocator
         from models.sphinx import SphinxX
 
         bound_host_allocator()  # the same host allocator settings as the training code's ranks
@@ -166,9 +166,9 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        from actors.batching import model_inputs
-        from actors.deepspeed_config import deepspeed_config
-        from actors.train_worker import build_engine, construct_model
+        from actors.train.batching import model_inputs
+        from actors.train.deepspeed_config import deepspeed_config
+        from actors.train.worker import build_engine, construct_model
         from cluster.spec import TrainSection
 
         train = TrainSection(workers=world, zero_stage=int(mode[-1]), micro_batch=1, lr=1e-5, steps=STEPS,

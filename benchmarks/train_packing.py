@@ -1,6 +1,6 @@
 """Packed vs length-grouped training rows over one epoch of a demo-like mix (``benchmarks/train.py --scale``).
 
-The mix: ``pipelines.synthetic_shards.build_rows("debug")`` (the demo's tasks in miniature:
+The mix: ``pipelines.demo.synthetic_shards.build_rows("debug")`` (the demo's tasks in miniature:
 colour / word / chat rows with and without images), the demo's ``max_seq_len`` 512 and
 micro-batch 8. Both arms run the same model (``debug``, fp32, one thread, AdamW) over the same
 samples, one epoch, micro-batches from the training code's own plan and collate:
@@ -9,7 +9,7 @@ samples, one epoch, micro-batches from the training code's own plan and collate:
   micro-batch's longest row;
 - ``packed``: ``pack_rows`` into rows of ≤ 512 tokens, ``plan_batches`` on the packed rows with
   the same micro-batch of 8 rows (what a spec gets with ``packing`` on and nothing else
-  changed), each row's samples merged by ``actors.train_data.merge_pack``.
+  changed), each row's samples merged by ``actors.train.data.merge_pack``.
 
 Reported per arm: the padding share of the tokens the micro-batches hold, real (non-padding)
 tokens per second over the epoch (after one warm-up micro-batch), and micro-batches.
@@ -27,8 +27,8 @@ MICRO = 8
 
 
 def _collated(rows, tokenizer, packs, plan):
-    from actors.batching import collate
-    from actors.train_data import merge_pack
+    from actors.train.batching import collate
+    from actors.train.data import merge_pack
 
     out = []
     for micro in plan.reshape(-1, plan.shape[-1]):
@@ -40,7 +40,7 @@ def _collated(rows, tokenizer, packs, plan):
 
 def _epoch(tokenizer, batches) -> float:
     """Real tokens per second of forward + backward + AdamW over ``batches`` (first one warms up)."""
-    from actors.batching import model_inputs
+    from actors.train.batching import model_inputs
     from models.flavours import from_name
     from models.sphinx import SphinxX
 
@@ -60,8 +60,8 @@ def _epoch(tokenizer, batches) -> float:
 
 
 def packing_section(n_rows: int = 512, seed: int = 0) -> dict:
-    from actors.batching import pack_rows, padding_share, plan_batches
-    from pipelines.synthetic_shards import build_rows
+    from actors.train.batching import pack_rows, padding_share, plan_batches
+    from pipelines.demo.synthetic_shards import build_rows
 
     torch.set_num_threads(1)
     tokenizer, rows = build_rows("debug", n_rows=n_rows, seed=seed)

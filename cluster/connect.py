@@ -40,9 +40,9 @@ from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# CPUs each rank's Ray Data reader (actors.train_data.rank_datasets) reserves beside the workers.
+# CPUs each rank's Ray Data reader (actors.train.data.rank_datasets) reserves beside the workers.
 TRAIN_READER_CPUS = 0.25
-# CPUs of the HTTP ingress deployment (actors.ingress), one replica
+# CPUs of the HTTP ingress deployment (actors.serve.ingress), one replica
 INGRESS_CPUS = 0.25
 
 _process_server: Optional[EmbeddedS3] = None

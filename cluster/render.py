@@ -4,7 +4,7 @@ Three targets, all pure functions of the :class:`~cluster.spec.ClusterSpec` (not
 started, nothing is imported from higher layers):
 
 - ``serve``: a Ray Serve config (``serve deploy`` format). The app is named ``spec.name`` and
-  built by the import path ``pipelines.serve:build_app`` with ``args: {"spec": <spec dict>}``;
+  built by the import path ``pipelines.stages.serve:build_app`` with ``args: {"spec": <spec dict>}``;
   one deployment per ``serve.models[]`` entry, named exactly like the model, carries its
   ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests`` and
   ``max_queued_requests``.
@@ -56,7 +56,7 @@ from cluster.placement import GROUP_CAPACITY, node_resources, placement
 from cluster.spec import ClusterSpec, NodeGroup, WorkerGroup, dump_spec, load_spec
 from models.errors import UserError
 
-SERVE_IMPORT_PATH = "pipelines.serve:build_app"
+SERVE_IMPORT_PATH = "pipelines.stages.serve:build_app"
 SPEC_MOUNT_DIR = "/etc/sphinx-x"
 SPEC_IN_POD = f"{SPEC_MOUNT_DIR}/spec.yaml"
 DASHBOARD_PORT = 8265

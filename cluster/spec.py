@@ -235,7 +235,7 @@ class StorageSection(_Strict):
 class SourceSpec(_Strict):
     """One dataset source. ``ratio`` < 1 subsamples deterministically, > 1 repeats.
 
-    ``dedup`` (pipelines.preprocess): ``samples`` drops a record whose images (by content) and
+    ``dedup`` (pipelines.stages.preprocess): ``samples`` drops a record whose images (by content) and
     conversation were already seen, in this or an earlier source; ``images`` also drops a record
     whose images were already seen with any conversation (caption data: one caption per image);
     ``off`` keeps every record. Dropped records are counted per source in the manifest.
@@ -319,7 +319,7 @@ class TrainSection(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     aux_loss_weight: float = Field(0.01, ge=0)
     activation_checkpointing: Optional[bool] = None  # None: on for the real flavours, off for toys
-    packing: bool = True  # several samples per row up to data.max_seq_len (actors.batching.pack_rows)
+    packing: bool = True  # several samples per row up to data.max_seq_len (actors.train.batching.pack_rows)
     train_encoders: bool = False
     steps: Optional[int] = Field(100, ge=1)
     epochs: Optional[int] = Field(None, ge=1)
@@ -391,7 +391,7 @@ class ServeModel(_Strict):
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
-    # the member's vLLM engine (actors.vllm_engine): requests decoded at once, context, parallelism
+    # the member's vLLM engine (actors.serve.vllm.engine): requests decoded at once, context, parallelism
     max_num_seqs: int = Field(32, ge=1)
     max_model_len: Optional[int] = Field(None, ge=16)  # None: the model's context
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs (or CPU worker processes) per replica

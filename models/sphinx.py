@@ -14,7 +14,7 @@ Inputs (docs/interfaces.md, "Batches"):
                              attention is then confined to each sample: the LLM gets no 2-D
                              mask, and transformers builds the block-diagonal causal mask from
                              the restarts (SDPA / eager) or runs flash-attention varlen on them.
-                             A sample's first label must be -100 (actors.batching.collate does it)
+                             A sample's first label must be -100 (actors.train.batching.collate does it)
                              so no sample predicts the next sample's first token.
     labels     long [B, T]   -100 everywhere except assistant answers
     views     uint8 [V, S, S, 3]  all images' views, in the order the images appear (sample by

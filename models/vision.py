@@ -20,7 +20,7 @@ Each image then becomes one sequence of LLM embeddings, laid out as
 
 so its length is ``(1 + kept)·(N + 2) + skipped`` (models.tiling.image_token_count).
 Start, end and skip are single learnable vectors shared by all views. The encoders are
-built from transformers configs (random init; weights come from models.checkpoint) and are
+built from transformers configs (random init; weights come from models.weights.model_dir) and are
 frozen by default (``flavour.freeze_vision``): no grads, always in eval mode.
 
 Every call runs every submodule and uses every parameter, also for a text-only batch (no

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(target=target)
         return sp
 
-    d = verb("demo", "pipelines.demo", "the main job on the embedded default, end to end")
+    d = verb("demo", "pipelines.demo.demo", "the main job on the embedded default, end to end")
     d.add_argument("--run-dir", default=None, help="where the report, PNGs and logs go (default: runs/demo-TIMESTAMP)")
     d.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the report")
     d.add_argument("--quick", action="store_true", help="smaller data and fewer steps (CI)")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, help in [("preprocess", "tile and tokenize data.sources into Parquet shards"),
                         ("train", "one-stage DeepSpeed training on Ray Train"),
                         ("serve", "host serve.models behind an OpenAI-compatible endpoint")]:
-        sp = verb(stage, f"pipelines.{stage}", help)
+        sp = verb(stage, f"pipelines.stages.{stage}", help)
         sp.add_argument("spec")
         if stage != "serve":  # a deploy always replaces the app
             sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")

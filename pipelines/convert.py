@@ -1,7 +1,7 @@
 """`sphinx-x convert --from accessory SRC -o OUT` and `sphinx-x info --weights DIR`: weights in and out.
 
-``convert`` reads the official LLaMA2-Accessory SPHINX-Tiny / Tiny-1k release (models.accessory)
-and writes one sphinx-x model directory (models.checkpoint), then reads that directory back the
+``convert`` reads the official LLaMA2-Accessory SPHINX-Tiny / Tiny-1k release (models.weights.accessory)
+and writes one sphinx-x model directory (models.weights.model_dir), then reads that directory back the
 way serving and training will and prints both: what the source held and what was written.
 
     $ sphinx-x convert --from accessory SPHINX-Tiny-1k/ -o models/sphinx-tiny-1k
@@ -35,7 +35,7 @@ def _human(n: int) -> str:  # as pipelines.info's (which imports this module: no
 
 
 def render_model_dir(report: dict[str, Any]) -> str:
-    """models.checkpoint.inspect_model_dir's report as text."""
+    """models.weights.model_dir.inspect_model_dir's report as text."""
     g, ids, tok = report["geometry"], report["token_ids"], report["tokenizer"]
     lines = [f"model directory {report['path']} (flavour {report['flavour']}, {report['dtype']})"]
     for name, part in report["parts"].items():
@@ -75,7 +75,7 @@ def render_source(source: dict[str, Any]) -> str:
 def convert_command(args: argparse.Namespace) -> int:
     import torch
 
-    from models.accessory import convert_accessory
+    from models.weights.accessory import convert_accessory
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     report = convert_accessory(args.src, args.output, flavour=args.flavour, dtype=dtype)
@@ -89,7 +89,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
 def weights_command(args: argparse.Namespace) -> int:
     """`sphinx-x info --weights DIR [--json]`."""
-    from models.checkpoint import inspect_model_dir
+    from models.weights.model_dir import inspect_model_dir
 
     report = inspect_model_dir(args.weights)
     print(json.dumps(report) if args.json else render_model_dir(report))

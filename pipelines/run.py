@@ -48,7 +48,7 @@ class StageFailed(UserError):
 
 
 def _stage_module(stage: str):
-    return importlib.import_module(f"pipelines.{stage}")
+    return importlib.import_module(f"pipelines.stages.{stage}")
 
 
 # ---------------------------------------------------------------- in-process
@@ -137,7 +137,7 @@ def command(args: argparse.Namespace) -> int:
     for stage, summary in summaries.items():
         print(f"{stage}: {_short(summary)}", flush=True)
     if "serve" in stages and not args.detach:
-        from pipelines.serve import serve_until_interrupted, url
+        from pipelines.stages.serve import serve_until_interrupted, url
 
         serve_until_interrupted(spec, summaries["serve"] if "url" in summaries["serve"] else
                                 {"app": spec.name, "url": url(spec), "models": [m.name for m in spec.serve.models]})

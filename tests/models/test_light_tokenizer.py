@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from test_pretrained_llm import PROBES, TEXTS, _spm_model, _write_spm
+from weights.test_hf_llm import PROBES, TEXTS, _spm_model, _write_spm
 
 from models.conversation import IMAGE, tokenize_conversation, train_bpe_tokenizer
 from models.light_tokenizer import LightTokenizer, for_workers
-from models.pretrained_llm import load_llm_tokenizer
+from models.weights.hf_llm import load_llm_tokenizer
 
 TRICKY = PROBES + [f"a{IMAGE}b", "<s> and </s> as text", "<unk><pad>", " Assistant: yes\n###", "tab\there"]
 CONVERSATIONS = [

@@ -16,7 +16,7 @@ def _reference():
     """The toy release of tests/models (a helper module there, not a test)."""
     if "accessory_reference" not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            "accessory_reference", Path(__file__).resolve().parents[1] / "models" / "accessory_reference.py")
+            "accessory_reference", Path(__file__).resolve().parents[1] / "models" / "weights" / "accessory_reference.py")
         sys.modules["accessory_reference"] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules["accessory_reference"]
@@ -87,8 +87,8 @@ def test_a_converted_release_serves_and_answers(release, tmp_path, make_spec, ra
     import openai
     from PIL import Image
 
-    from models.checkpoint import read_config
-    from pipelines import serve as serve_stage
+    from models.weights.model_dir import read_config
+    from pipelines.stages import serve as serve_stage
 
     out = tmp_path / "m"
     assert main(["convert", "--from", "accessory", str(release.directory), "-o", str(out),

@@ -110,7 +110,7 @@ def ray_head(s3):
 
 
 def _synthetic_sources(root: Path) -> list[dict]:
-    from pipelines import synthetic
+    from pipelines.demo import synthetic
 
     where = synthetic.write(synthetic.generate(6, 0, seed=3), root)
     return [{"name": "syn", "path": where["train"], "image_root": where["image_root"]}]
@@ -125,7 +125,7 @@ def _spec_file(tmp_path: Path, spec) -> str:
 def test_run_submits_preprocess_as_a_ray_job(ray_head, make_spec, tmp_path, monkeypatch, capsys):
     from cluster.jobs import connect
     from cluster.storage import open_storage
-    from pipelines import preprocess
+    from pipelines.stages import preprocess
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     spec = make_spec(data={"sources": _synthetic_sources(tmp_path / "data"), "output": "shards",
@@ -282,7 +282,7 @@ def test_ctrl_c_stops_run_while_serving_after_training(tmp_path):
     from cluster.connect import storage_for
     from cluster.layout import Layout
     from cluster.spec import parse_spec
-    from pipelines.synthetic_shards import write_shards
+    from pipelines.demo.synthetic_shards import write_shards
 
     port = _free_port()
     spec = parse_spec({

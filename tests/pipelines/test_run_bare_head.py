@@ -118,7 +118,8 @@ def bare_head(bare_venv, s3):
 
 def test_stock_head_runs_preprocess_and_train_with_shipped_dependencies(bare_venv, bare_head, make_spec,
                                                                         tmp_path, capsys):
-    from pipelines import preprocess, synthetic, train
+    from pipelines.demo import synthetic
+    from pipelines.stages import preprocess, train
 
     url, temp_dir = bare_head
     where = synthetic.write(synthetic.generate(6, 0, seed=5), tmp_path / "data")

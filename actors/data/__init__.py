@@ -1,0 +1,1 @@
+"""Preprocess-side worker code: source rows, the tiler actors, deterministic shards."""

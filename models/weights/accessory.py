@@ -1,0 +1,345 @@
+"""Reading LLaMA2-Accessory checkpoints: the official SPHINX-Tiny / Tiny-1k release → a model directory.
+
+    >>> ckpt = read_accessory("SPHINX-Tiny-1k/")        # merges the model-parallel shards
+    >>> ckpt.llama_type, ckpt.mp_size, ckpt.flavour.name
+    ('llama_ens5_light', 2, 'sphinx-tiny-1k')
+    >>> report = convert_accessory("SPHINX-Tiny-1k/", "out/sphinx-tiny-1k")   # models.weights.model_dir layout
+
+A release directory (as ``MetaModel.from_pretrained`` reads it)::
+
+    consolidated.00-of-02.model.pth   {"model": state dict}, keys prefixed "llma."; one file per
+    consolidated.01-of-02.model.pth   model-parallel rank (fairscale), merged here
+    tokenizer.model                   sentencepiece (TinyLlama's; n_words = the embedding rows)
+    config.json                       the LLM's ModelArgs: dim, n_layers, n_heads, n_kv_heads,
+                                      multiple_of, ffn_dim_multiplier, norm_eps, rope_theta, ...
+    meta.json                         {"llama_type": "llama_ens_light" | "llama_ens5_light"}
+
+Model-parallel merge (accessory/util/tensor_parallel.py: ColumnParallelLinear weight/bias on
+dim 0, RowParallelLinear weight on dim 1 (bias replicated), ParallelEmbedding on dim 1): in
+``llama_ens*_light`` the column-parallel layers are ``attention.wq/wk/wv``,
+``feed_forward.w1/w3`` and ``output``; the row-parallel ones ``attention.wo`` and
+``feed_forward.w2``; ``tok_embeddings`` is the parallel embedding. Everything else (norms, both
+encoders, ``visual_proj``, ``start_img``/``end_img``) is replicated: shard 0's copy is taken and
+the largest difference between replicas is reported.
+
+Weights:
+  - LLM (Meta layout) → ``LlamaForCausalLM``: ``tok_embeddings`` → ``model.embed_tokens``,
+    ``layers.N.attention.wq/wk`` → ``q_proj/k_proj`` permuted from Meta's interleaved rotary pairs
+    to transformers' rotate-half halves (per head: rows (0, 1, 2, 3, ...) → (0, 2, ..., 1, 3, ...)),
+    ``wv/wo`` → ``v_proj/o_proj``, ``feed_forward.w1/w3/w2`` → ``gate/up/down_proj``,
+    ``attention_norm/ffn_norm`` → ``input/post_attention_layernorm``, ``norm``, ``output`` → ``lm_head``.
+    ``<image>`` joins the tokenizer: one more row in ``embed_tokens`` / ``lm_head`` (the mean row;
+    the image token's embedding is always replaced, so only its logit is new).
+  - ``openclip_convnext_xxl.*``: open_clip's timm trunk (``head.norm`` included; SPHINX sets
+    ``head.global_pool`` / ``head.flatten`` to Identity) → models.weights.encoders.convnext_from_timm.
+  - ``dinov2_vitg14.*``: the torch.hub layout → models.weights.encoders.dino_from_hub (positions
+    resampled once to the flavour's grid, as the hub model does at its input size).
+  - ``visual_proj.0/1`` (Linear, LayerNorm) → ``projector.0/1``; ``start_img`` / ``end_img``
+    [1, 1, d] → ``start`` / ``end`` [d]. The release has no skip token: ``skip`` is zeros, and the
+    flavour has ``skip_tokens`` false, so it is never used.
+
+The flavour is the release's (models.flavours ``sphinx-tiny`` / ``sphinx-tiny-1k``: centred
+padding, no skip tokens, image after <s>) with the LLM's keys from config.json. Any key left
+unread, missing, or of a shape the flavour does not take is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from models.errors import UserError
+from models.flavours import Flavour, from_name
+
+PathLike = Union[str, Path]
+PREFIX = "llma."
+LLAMA_TYPES = {"llama_ens_light": "sphinx-tiny", "llama_ens5_light": "sphinx-tiny-1k"}
+_SHARD = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
+# fairscale model-parallel layers of llama_ens*_light and the dim their weight is split on
+_COLUMN = re.compile(r"^(layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])|output)\.(weight|bias)$")
+_ROW = re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$")
+_EMBEDDING = re.compile(r"^tok_embeddings\.weight$")
+_MODEL_ARGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "rope_theta", "max_batch_size", "max_seq_len", "rope_scaling",
+               "load_pretrained_visual_encoder", "trainable_mode"}
+_ENCODERS = {"convnext": "openclip_convnext_xxl.", "dino": "dinov2_vitg14."}
+
+
+class AccessoryError(UserError):
+    """A LLaMA2-Accessory checkpoint that cannot be read as asked."""
+
+
+def split_dim(key: str) -> Optional[int]:
+    """The dim a model-parallel weight (``llma.`` stripped) is split on; None when replicated."""
+    if _COLUMN.match(key):
+        return 0
+    if _ROW.match(key) or _EMBEDDING.match(key):
+        return 1
+    return None
+
+
+@dataclass
+class AccessoryCheckpoint:
+    """A release directory read and merged (see the module docstring)."""
+
+    directory: Path
+    llama_type: str
+    args: dict[str, Any]  # config.json
+    files: list[Path]  # the shards, rank order
+    state: dict[str, torch.Tensor]  # merged, "llma." stripped
+    where: dict[str, str]  # key → the shard file it was read from (for messages)
+    replica_max_diff: dict[str, float] = field(default_factory=dict)  # replicated keys that differ
+
+    @property
+    def mp_size(self) -> int:
+        return len(self.files)
+
+    def take(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Remove and return the keys under ``prefix`` (prefix stripped)."""
+        keys = [k for k in self.state if k.startswith(prefix)]
+        return {k[len(prefix):]: self.state.pop(k) for k in keys}
+
+
+def read_accessory(directory: PathLike) -> AccessoryCheckpoint:
+    """A release directory → its merged state dict, model args and llama_type."""
+    from models.weights.files import read_state_file
+
+    src = Path(directory)
+    if not src.is_dir():
+        raise AccessoryError(f"LLaMA2-Accessory checkpoint directory not found: {src}")
+    meta = _read_json(src / "meta.json")
+    llama_type = meta.get("llama_type")
+    if llama_type not in LLAMA_TYPES:
+        raise AccessoryError(f"{src / 'meta.json'}: llama_type {llama_type!r} is not supported; supported: "
+                             f"{', '.join(sorted(LLAMA_TYPES))} (SPHINX-Tiny, SPHINX-Tiny-1k)")
+    args = _read_json(src / "config.json")
+    unknown = sorted(set(args) - _MODEL_ARGS)
+    if unknown:
+        raise AccessoryError(f"{src / 'config.json'}: unknown model argument(s) {', '.join(unknown)} "
+                             f"(ModelArgs of {llama_type})")
+    files = _shard_files(src)
+    shards = []
+    for f in files:
+        state = read_state_file(f)
+        foreign = sorted(k for k in state if not k.startswith(PREFIX))
+        if foreign:
+            raise AccessoryError(f"{f}: keys without the {PREFIX!r} prefix: {_shown(foreign)}")
+        shards.append({k[len(PREFIX):]: v for k, v in state.items()})
+    state, where, diffs = _merge(shards, files)
+    return AccessoryCheckpoint(src, llama_type, args, files, state, where, diffs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AccessoryError(f"{path} is missing (a LLaMA2-Accessory checkpoint has meta.json, config.json, "
+                             "tokenizer.model and consolidated.NN-of-MM.model.pth)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AccessoryError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise AccessoryError(f"{path} must hold a JSON object")
+    return data
+
+
+def _shard_files(src: Path) -> list[Path]:
+    found = {}
+    for f in sorted(src.iterdir()):
+        m = _SHARD.match(f.name)
+        if m:
+            found[f] = (int(m[1]), int(m[2]))
+        elif f.name.startswith("consolidated."):
+            raise AccessoryError(f"{f}: not a consolidated.NN-of-MM.model.pth shard (diff and Meta-original "
+                                 "checkpoints are not supported)")
+    if not found:
+        raise AccessoryError(f"no consolidated.NN-of-MM.model.pth files in {src}")
+    sizes = {mm for _, mm in found.values()}
+    if len(sizes) != 1:
+        raise AccessoryError(f"{src}: shards of different model-parallel sizes {sorted(sizes)}")
+    size = sizes.pop()
+    by_rank = {nn: f for f, (nn, _) in found.items()}
+    missing = [f"consolidated.{r:02d}-of-{size:02d}.model.pth" for r in range(size) if r not in by_rank]
+    if missing:
+        raise AccessoryError(f"{src}: missing shard(s) {', '.join(missing)}")
+    return [by_rank[r] for r in range(size)]
+
+
+def _merge(shards: list[dict[str, torch.Tensor]], files: list[Path]
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, float]]:
+    """Model-parallel shards → one state dict (split weights concatenated, replicas checked)."""
+    keys = set(shards[0])
+    for shard, f in zip(shards[1:], files[1:]):
+        if set(shard) != keys:
+            only = sorted(set(shard) ^ keys)
+            raise AccessoryError(f"{f} and {files[0]} hold different keys: {_shown([PREFIX + k for k in only])}")
+    merged, where, diffs = {}, {}, {}
+    for key in sorted(keys):
+        parts = [s.pop(key) for s in shards]
+        dim = split_dim(key)
+        where[key] = str(files[0])
+        if dim is not None:
+            merged[key] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+            continue
+        for part, f in zip(parts[1:], files[1:]):
+            if part.shape != parts[0].shape:
+                raise AccessoryError(f"{f}: {PREFIX}{key} {list(part.shape)} != {list(parts[0].shape)} in "
+                                     f"{files[0]} (a replicated weight)")
+        diff = max((float((p.float() - parts[0].float()).abs().max()) for p in parts[1:] if p.numel()), default=0.0)
+        if diff > 0:
+            diffs[key] = diff
+        merged[key] = parts[0]
+    return merged, where, diffs
+
+
+def _shown(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------------- the LLM
+
+
+def ffn_size(args: dict[str, Any]) -> int:
+    """FeedForward's hidden size in llama_ens*_light: 2/3 · 4·dim, times ffn_dim_multiplier, rounded up
+    to multiple_of."""
+    hidden = int(2 * 4 * int(args["dim"]) / 3)
+    if args.get("ffn_dim_multiplier") is not None:
+        hidden = int(float(args["ffn_dim_multiplier"]) * hidden)
+    m = int(args.get("multiple_of", 256))
+    return m * ((hidden + m - 1) // m)
+
+
+def llm_config(args: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """ModelArgs → LlamaConfig keyword arguments (flavour.llm)."""
+    heads = int(args.get("n_heads", 40))
+    kv = int(args.get("n_kv_heads") or heads)
+    out = dict(hidden_size=int(args.get("dim", 5120)), num_hidden_layers=int(args.get("n_layers", 40)),
+               num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn_size({"dim": 5120, **args}),
+               vocab_size=vocab_size, rms_norm_eps=float(args.get("norm_eps", 1e-5)),
+               rope_theta=float(args.get("rope_theta", 10000.0)),
+               # MetaModel.from_pretrained's max_seq_len (its rotary table covers twice that)
+               max_position_embeddings=int(args.get("max_seq_len") or 4096), tie_word_embeddings=False)
+    if args.get("rope_scaling") is not None:  # positions · s in Accessory = positions / factor in transformers
+        out["rope_scaling"] = {"rope_type": "linear", "factor": 1.0 / float(args["rope_scaling"])}
+    return out
+
+
+def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[n_heads·head_dim, d] in Meta's interleaved rotary layout → transformers' rotate-half layout."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def llama_to_hf(ckpt: AccessoryCheckpoint, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The Meta-layout LLM weights (taken out of ``ckpt.state``) → LlamaForCausalLM keys."""
+    d, n, ffn = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = d // heads
+    cfg_file = ckpt.directory / "config.json"
+
+    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in ckpt.state:
+            raise AccessoryError(f"{ckpt.files[0]}: {PREFIX}{key} is missing")
+        value = ckpt.state.pop(key)
+        if tuple(value.shape) != shape:
+            raise AccessoryError(f"{ckpt.where[key]}: {PREFIX}{key} is {list(value.shape)}, {cfg_file} gives "
+                                 f"{list(shape)} (dim {d}, n_heads {heads}, n_kv_heads {kv}, ffn {ffn})")
+        return value
+
+    vocab = ckpt.state.get("tok_embeddings.weight", torch.empty(0, d)).shape[0]
+    out = {"model.embed_tokens.weight": take("tok_embeddings.weight", (vocab, d)),
+           "model.norm.weight": take("norm.weight", (d,)), "lm_head.weight": take("output.weight", (vocab, d))}
+    for i in range(n):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out[f"{q}self_attn.q_proj.weight"] = permute_rotary(take(f"{p}attention.wq.weight", (heads * hd, d)), heads)
+        out[f"{q}self_attn.k_proj.weight"] = permute_rotary(take(f"{p}attention.wk.weight", (kv * hd, d)), kv)
+        out[f"{q}self_attn.v_proj.weight"] = take(f"{p}attention.wv.weight", (kv * hd, d))
+        out[f"{q}self_attn.o_proj.weight"] = take(f"{p}attention.wo.weight", (d, heads * hd))
+        out[f"{q}mlp.gate_proj.weight"] = take(f"{p}feed_forward.w1.weight", (ffn, d))
+        out[f"{q}mlp.up_proj.weight"] = take(f"{p}feed_forward.w3.weight", (ffn, d))
+        out[f"{q}mlp.down_proj.weight"] = take(f"{p}feed_forward.w2.weight", (d, ffn))
+        out[f"{q}input_layernorm.weight"] = take(f"{p}attention_norm.weight", (d,))
+        out[f"{q}post_attention_layernorm.weight"] = take(f"{p}ffn_norm.weight", (d,))
+    extra = sorted(k for k in ckpt.state if k.startswith("layers."))
+    if extra:
+        raise AccessoryError(f"{ckpt.where[extra[0]]}: LLM weights beyond n_layers {n} of {cfg_file} or not in "
+                             f"{ckpt.llama_type}: {_shown([PREFIX + k for k in extra])}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- the whole model
+
+
+def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str, Flavour, None] = None,
+                      dtype: Optional[torch.dtype] = None, max_shard_bytes: Optional[int] = None) -> dict[str, Any]:
+    """Read a release directory and write it as a model directory (models.weights.model_dir); returns
+    ``{"source": what was read, "model_dir": models.weights.model_dir.inspect_model_dir(out)}``.
+
+    ``flavour``: the base flavour (default by llama_type: ``sphinx-tiny`` / ``sphinx-tiny-1k``;
+    its encoders and geometry; the LLM's keys come from config.json). ``dtype``: default the
+    checkpoint's own (its LLM weights')."""
+    from models.weights.model_dir import DEFAULT_MAX_SHARD_BYTES, inspect_model_dir, skeleton
+    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.hf_llm import load_llm_tokenizer, resize_vocab
+    from models.weights.encoders import convnext_from_timm, dino_from_hub, with_encoder_overrides
+
+    ckpt = read_accessory(directory)
+    src = ckpt.directory
+    base = flavour if isinstance(flavour, Flavour) else from_name(flavour or LLAMA_TYPES[ckpt.llama_type])
+    stored = ckpt.state["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in ckpt.state else torch.float32
+    dtype = dtype or stored
+    tokenizer = load_llm_tokenizer(src)
+    n_words = ckpt.state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in ckpt.state else 0
+    vocab = max(len(tokenizer), n_words)
+    source = {"from": "accessory", "path": str(src), "llama_type": ckpt.llama_type, "mp_size": ckpt.mp_size,
+              "files": [str(f) for f in ckpt.files], "dtype": str(stored).replace("torch.", ""),
+              "tensors": len(ckpt.state), "tokenizer_words": n_words, "tokenizer_size": len(tokenizer),
+              "replica_max_diff": ckpt.replica_max_diff}
+    config = llm_config(ckpt.args, vocab)
+    llm_state = resize_vocab(llama_to_hf(ckpt, config), vocab)
+    # the encoders, through the published-layout readers (they check every key and shape)
+    where = {name: next((ckpt.where[k] for k in ckpt.where if k.startswith(p)), str(ckpt.files[0]))
+             for name, p in _ENCODERS.items()}
+    conv = convnext_from_timm(ckpt.take(_ENCODERS["convnext"]), base,
+                              source=f"{where['convnext']} ({PREFIX}{_ENCODERS['convnext']}*)")
+    dino = dino_from_hub(ckpt.take(_ENCODERS["dino"]), base,
+                         source=f"{where['dino']} ({PREFIX}{_ENCODERS['dino']}*)")
+    flav = replace(with_encoder_overrides(base, conv, dino), llm={**base.llm, **config})
+    d = config["hidden_size"]
+    own = {"projector.0.weight": ("visual_proj.0.weight", None), "projector.0.bias": ("visual_proj.0.bias", None),
+           "projector.1.weight": ("visual_proj.1.weight", None), "projector.1.bias": ("visual_proj.1.bias", None),
+           "start": ("start_img", (1, 1, d)), "end": ("end_img", (1, 1, d))}
+    if ckpt.state:
+        left = sorted(k for k in ckpt.state if k not in {v[0] for v in own.values()})
+        if left:
+            raise AccessoryError(f"{ckpt.where[left[0]]}: weights {ckpt.llama_type} does not have: "
+                                 f"{_shown([PREFIX + k for k in left])}")
+    tok_ids = {"vocab_size": vocab, "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+               "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    model = skeleton(flav, tok_ids)
+    vision_state = {}
+    for target, (key, shape) in own.items():
+        expected = model.vision.state_dict()[target].shape
+        if key not in ckpt.state:
+            raise AccessoryError(f"{ckpt.files[0]}: {PREFIX}{key} is missing")
+        value = ckpt.state.pop(key)
+        if tuple(value.shape) != tuple(shape or expected):
+            raise AccessoryError(f"{ckpt.where[key]}: {PREFIX}{key} is {list(value.shape)}, flavour "
+                                 f"{flav.name!r} needs {list(shape or expected)}")
+        vision_state[target] = value.reshape(expected)
+    vision_state["skip"] = torch.zeros(d, dtype=stored)  # the release has none; skip_tokens is false
+    with torch.no_grad():
+        model.llm.load_state_dict(llm_state, strict=True, assign=True)
+        conv_state = {f"convnext.{k}": v for k, v in conv.tensors().items()}
+        dino_state = {f"dino.{k}": v for k, v in dino.tensors().items()}
+        model.vision.load_state_dict({**vision_state, **conv_state, **dino_state}, strict=True, assign=True)
+    source["encoders"] = {"convnext": {"ignored": list(conv.ignored), "notes": list(conv.notes)},
+                          "dino": {"ignored": list(dino.ignored), "notes": list(dino.notes)}}
+    save_model_dir(model, tokenizer, out, dtype=dtype, source=source,
+                   max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    return {"source": source, "model_dir": inspect_model_dir(out)}

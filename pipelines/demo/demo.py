@@ -1,0 +1,461 @@
+"""`sphinx-x demo`: the main job, end to end on the embedded default, and it visibly learns.
+
+    sphinx-x demo [--run-dir DIR] [--keep-serving] [--quick] [--steps N]
+
+1. starts the embedded default: an S3 server on 127.0.0.1 (moto) and a local Ray;
+2. draws the synthetic dataset (pipelines.demo.synthetic) into S3: rendered scenes and words in
+   a spread of aspect ratios (panoramas, tall images), text-only chat, a held-out split;
+3. runs the stages through their ``run_stage``: preprocess (Ray Data: tiles + tokens ->
+   Parquet shards) -> train (Ray Train, 2 workers, DeepSpeed ZeRO-2, gloo on CPU) -> export
+   -> serve (Ray Serve, OpenAI-compatible, autoscaled);
+4. asks the endpoint every held-out question with the official ``openai`` client (a few
+   threads at once) and scores exact-match answers per question type next to the
+   majority-class baseline;
+5. reruns every question greedily on the PyTorch model (``models.sphinx``, fp32, CPU) from the
+   served export and counts the answers identical token for token (pipelines.demo.parity);
+6. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png`` and
+   ``tiling.png`` into the run directory. Without ``--keep-serving`` it then shuts down
+   Serve, Ray and the S3 server it started.
+
+The debug model starts from random weights (no weights can be downloaded here), so the demo
+trains with lr 3e-3, not the paper's 2e-5 (which fine-tunes pretrained LLMs). Everything
+runs on 2 CPU cores in about 13 minutes (BENCHMARKS.md, "sphinx-x demo"); ``--quick`` is the CI-sized version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cluster.layout import Layout
+from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
+from models.errors import UserError
+from pipelines.demo import synthetic
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "sphinx-x-demo"
+DATA_DIR = "demo-data"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The knobs of one demo run (the full demo, or ``--quick`` for CI)."""
+
+    n_train: int = 5000
+    n_heldout: int = 150
+    steps: int = 2000  # ~10 min under Ray Train on 2 cores (3.6 steps/s); shape and count need them
+    micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
+    lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
+    warmup_ratio: float = 0.05
+    # random-init encoders stay frozen: their random features already separate shape and count
+    # (a linear probe on pooled global-view features: 0.80 / 0.85), and training them at the
+    # demo's lr made colour worse (benchmarks/learnability.py, BENCHMARKS.md "sphinx-x demo")
+    train_encoders: bool = False
+    seed: int = 0
+    eval_threads: int = 4
+    max_tokens: int = 4
+
+
+FULL = DemoConfig()
+QUICK = DemoConfig(n_train=300, n_heldout=40, steps=200)
+
+# The debug flavour as the demo trains it (kept in the spec, not in models/flavours.py).
+MODEL_OVERRIDES: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
+    """cluster/examples/local.yaml with the demo's data, training budget and one served model."""
+    data = yaml.safe_load(example_path("local").read_text())
+    uri = f"s3://sphinx-x/demo/{run_id}"
+    data["name"] = "sphinx-x-demo"
+    data["storage"] = {**data.get("storage", {}), "uri": uri, "endpoint_url": "embedded"}
+    # dedup off: the generator draws its text-only chats from a closed list, so most of them
+    # repeat word for word on purpose (their share of the mix); deduplicated, each would be
+    # trained on once and chat falls to chance (measured: 1.00 -> 0.07 on the held-out chats)
+    data["data"] = {**data.get("data", {}), "max_seq_len": 512, "output": "shards", "sources": [
+        {"name": "synthetic", "path": f"{uri}/{DATA_DIR}/train.jsonl", "image_root": f"{uri}/{DATA_DIR}",
+         "dedup": "off"}]}
+    data["model"] = {"flavour": "debug", "overrides": dict(MODEL_OVERRIDES)}
+    data["train"] = {**data.get("train", {}), "workers": 2, "use_gpu": False, "zero_stage": 2,
+                     "precision": "fp32", "micro_batch": cfg.micro_batch, "grad_accum": 1, "lr": cfg.lr,
+                     "train_encoders": cfg.train_encoders, "warmup_ratio": cfg.warmup_ratio, "steps": cfg.steps, "epochs": None,
+                     "checkpoint_every": cfg.steps, "keep_checkpoints": 1, "seed": cfg.seed,
+                     # the recipe BENCHMARKS.md measured (one sample per row): packing would put ~5
+                     # samples in each of its 8 rows, ~5x the work per step, with unmeasured figures
+                     "packing": False}
+    data["serve"] = {**data.get("serve", {}), "http": {"host": "127.0.0.1", "port": port}, "models": [{
+        "name": MODEL_NAME, "checkpoint": "@train", "flavour": "debug",
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
+        "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8}]}
+    return parse_spec(data, "demo-spec")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _question_messages(row: dict, image: Optional[bytes]) -> list[dict]:
+    """A held-out row as OpenAI messages: the image part first, then the text.
+
+    The text keeps what follows ``<image>`` in the row ("\\nWhat colour ...") so the prompt the
+    server builds is token for token the training template.
+    """
+    text = row["conversations"][0]["value"]
+    if image is None:
+        return [{"role": "user", "content": text}]
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text.replace("<image>", "", 1)}]}]
+
+
+def _row_image(row: dict, images: dict[str, bytes]) -> Optional[bytes]:
+    """The image bytes of a held-out row (None for a text-only row)."""
+    return images.get(row.get("image", "")) if "image" in row else None
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model: str = MODEL_NAME,
+             threads: int = 4, max_tokens: int = 4, api_key: str = "none") -> dict:
+    """Ask the endpoint every held-out row (``threads`` at once); exact-match accuracy per type.
+
+    Returns ``{"types": {type: {"correct", "total", "accuracy"}}, "latency_s": {p50, p99, mean},
+    "requests", "errors", "wall_s", "samples": [a few (question, answer, expected)], "answers"}``;
+    ``answers`` holds every answered row by id: ``{"text", "finish_reason", "prompt_tokens",
+    "tokens"}``, ``tokens`` the per-token strings of OpenAI ``logprobs.content`` (asked with
+    ``logprobs=True``), for pipelines.demo.parity.
+    """
+    from openai import OpenAI
+
+    for name in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=2, timeout=120)
+
+    def ask(row: dict) -> tuple[dict, Optional[dict], float, Optional[str]]:
+        msgs = _question_messages(row, _row_image(row, images))
+        t0 = time.perf_counter()
+        try:
+            out = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0,
+                                                 logprobs=True)
+            choice = out.choices[0]
+            answer = {"text": choice.message.content or "", "finish_reason": choice.finish_reason,
+                      "tokens": [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []],
+                      "prompt_tokens": out.usage.prompt_tokens if out.usage else None}
+            return row, answer, time.perf_counter() - t0, None
+        except Exception as err:  # noqa: BLE001 - counted and reported, never silently dropped
+            return row, None, time.perf_counter() - t0, f"{type(err).__name__}: {err}"[:300]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(ask, rows))
+    wall = time.perf_counter() - t0
+    types: dict[str, dict] = {}
+    latencies, errors, samples, answers = [], [], [], {}
+    for row, answer, latency, error in results:
+        t = types.setdefault(row["type"], {"correct": 0, "total": 0})
+        t["total"] += 1
+        if error is not None:
+            errors.append({"id": row["id"], "error": error})
+            continue
+        latencies.append(latency)
+        answers[row["id"]] = answer
+        t["correct"] += synthetic.normalise_answer(answer["text"]) == row["answer"]
+        if len(samples) < 8:
+            samples.append({"id": row["id"], "question": row["conversations"][0]["value"].replace("<image>\n", ""),
+                            "answer": answer["text"], "expected": row["answer"]})
+    for t in types.values():
+        t["accuracy"] = t["correct"] / t["total"]
+    return {"types": types, "requests": len(rows), "errors": errors, "wall_s": round(wall, 2),
+            "latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+                          "mean": sum(latencies) / len(latencies) if latencies else None},
+            "requests_per_s": round(len(rows) / wall, 2) if wall else None, "samples": samples,
+            "answers": answers}
+
+
+def _check_page(url: str) -> str:
+    """GET the web page at ``/``; returns its URL, or raises naming what came back instead."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/", timeout=60) as resp:
+        body = resp.read()
+    if resp.status != 200 or b"/v1/chat/completions" not in body:
+        raise UserError(f"the endpoint's web page at {url}/ is missing (HTTP {resp.status})")
+    return f"{url}/"
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def tiling_png(ds: synthetic.Dataset, flavour, path: Path) -> dict:
+    """Draw how a held-out panorama is tiled (pipelines.tiles' drawing); returns its description."""
+    from models.tiling import TileSpec, load_and_tile
+    from pipelines import tiles
+
+    sample = max((s for s in ds.heldout + ds.train if s.size), key=lambda s: s.size[0] / s.size[1])
+    spec = TileSpec.from_flavour(flavour)
+    tiled = load_and_tile(sample.image, spec)
+    info = tiles.describe(tiled, spec, flavour.tokens_per_view)
+    info.update(image=sample.image_path, flavour=flavour.name)
+    tiles.render_png(tiled, spec, info).save(path)
+    return info
+
+
+def loss_png(storage, spec: ClusterSpec, history: list[dict], path: Path) -> None:
+    """The train stage's loss.png; drawn here from metrics.jsonl if the stage left none."""
+    key = Layout.from_spec(spec, storage.uri).loss_png
+    if storage.exists(key):
+        path.write_bytes(storage.read_bytes(key))
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in history], [m["loss"] for m in history])
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title("sphinx-x demo: training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _metrics(storage, spec: ClusterSpec) -> list[dict]:
+    key = Layout.from_spec(spec, storage.uri).metrics
+    if not storage.exists(key):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(key).decode().splitlines() if line.strip()]
+
+
+def training_figures(history: list[dict]) -> dict:
+    """Throughput from the per-step metrics (the first step, with DeepSpeed warm-up, excluded)."""
+    steady = history[1:] or history
+    secs = sum(m.get("step_time_s", 0) for m in steady)
+    tokens = sum(m.get("tokens", 0) for m in steady)
+    return {
+        "steps": len(history),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": (sum(m["loss"] for m in history[-10:]) / len(history[-10:])) if history else None,
+        "tokens_per_s": round(tokens / secs, 1) if secs else None,
+        "steps_per_s": round(len(steady) / secs, 3) if secs else None,
+        "train_tokens": sum(m.get("tokens", 0) for m in history),
+        "train_saved_tokens": sum(m.get("saved_tokens", 0) for m in history),
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Embedded:
+    """The S3 server and Ray this demo started itself (so it stops exactly those)."""
+
+    def __init__(self) -> None:
+        self.s3 = None
+        self.ray_started = False
+
+    def start(self, spec: ClusterSpec) -> None:
+        from cluster import runtime
+        from cluster.storage import ENDPOINT_ENV, EmbeddedS3Process
+
+        up = runtime.up_state(alive_only=True)
+        if not os.environ.get(ENDPOINT_ENV) and not (up and up.get("s3")):
+            self.s3 = EmbeddedS3Process().start()  # its own process: uploads are not GIL-bound
+            os.environ[ENDPOINT_ENV] = self.s3.endpoint_url
+            log.info("demo: embedded S3 at %s", self.s3.endpoint_url)
+        import ray
+
+        from cluster.connect import connect
+
+        if not ray.is_initialized():
+            self.ray_started = not (up and up.get("ray")) and not os.environ.get("RAY_ADDRESS")
+        connect(spec)  # the spec's head resources (cluster/examples/local.yaml: 4 logical CPUs)
+
+    def stop(self, spec: ClusterSpec) -> None:
+        """Delete the demo's Serve app; stop Serve and Ray if this demo started Ray, then S3."""
+        import ray
+
+        if ray.is_initialized():
+            try:
+                from pipelines.stages import serve
+
+                serve.shutdown(spec)
+            except Exception as err:  # noqa: BLE001 - best effort; Ray goes next anyway
+                log.warning("demo: stopping Serve: %s", err)
+            if self.ray_started:
+                from ray import serve as ray_serve
+
+                ray_serve.shutdown()
+                ray.shutdown()
+        if self.s3 is not None:
+            from cluster.storage import ENDPOINT_ENV
+
+            self.s3.stop()
+            os.environ.pop(ENDPOINT_ENV, None)
+            self.s3 = None
+
+
+def _stage(name: str, fn, timings: dict) -> dict:
+    print(f"[demo] {name} ...", flush=True)
+    t0 = time.time()
+    out = fn()
+    timings[name] = round(time.time() - t0, 1)
+    print(f"[demo] {name} done in {timings[name]:.0f} s", flush=True)
+    return out
+
+
+def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
+    """The whole demo; returns the report (also ``run_dir/report.json``)."""
+    from cluster.connect import storage_for
+    from models.flavours import from_name
+    from pipelines.demo import parity
+    from pipelines.stages import preprocess, serve, train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    spec = build_spec(cfg, run_id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], port=_free_port())
+    (run_dir / "spec.yaml").write_text(dump_spec(spec))
+    env = _Embedded()
+    timings: dict[str, float] = {}
+    try:
+        _stage("start embedded S3 + local Ray", lambda: env.start(spec), timings)
+        storage = storage_for(spec)
+        ds = _stage("generate synthetic data", lambda: synthetic.generate(cfg.n_train, cfg.n_heldout, cfg.seed),
+                    timings)
+        where = _stage("upload to S3", lambda: synthetic.write(ds, DATA_DIR, storage), timings)
+        shards = _stage("preprocess", lambda: preprocess.run_stage(spec, force=True), timings)
+        trained = _stage("train + export", lambda: train.run_stage(spec, force=True), timings)
+        served = _stage("serve", lambda: serve.run_stage(spec), timings)
+        served["web_page"] = _check_page(served["url"])
+        rows = ds.heldout_rows()
+        images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
+        evaluation = _stage(f"ask {len(rows)} held-out questions",
+                            lambda: evaluate(served["url"], rows, images, threads=cfg.eval_threads,
+                                             max_tokens=cfg.max_tokens), timings)
+        questions = {}
+        for r in rows:
+            image = _row_image(r, images)
+            questions[r["id"]] = (_question_messages(r, image), [image] if image is not None else [])
+        parity_report = _stage("parity: the served answers vs the PyTorch model",
+                               lambda: parity.compare(spec, MODEL_NAME, questions, evaluation["answers"],
+                                                      max_tokens=cfg.max_tokens), timings)
+        history = _metrics(storage, spec)
+        loss_png(storage, spec, history, run_dir / "loss.png")
+        flavour = from_name(spec.model.flavour, **spec.model.overrides)
+        tiling = tiling_png(ds, flavour, run_dir / "tiling.png")
+        report = _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_report, history,
+                         tiling, run_dir, timings, time.time() - t_start)
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(format_report(report), flush=True)
+        if keep_serving:
+            print(f"\nserving at {served['url']}/  (web page)  and {served['url']}/v1  (OpenAI API); "
+                  "Ctrl-C stops", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                print("stopping", flush=True)
+        return report
+    finally:
+        env.stop(spec)
+
+
+def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_report, history, tiling, run_dir,
+            timings, total_s) -> dict:
+    stats = ds.stats()["types"]
+    questions = {}
+    for qtype, t in sorted(evaluation["types"].items()):
+        questions[qtype] = {**t, "baseline": stats[qtype]["baseline"], "majority_answer": stats[qtype]["majority"]}
+    tokens = shards.get("tokens", {})
+    image_tokens, saved = tokens.get("image", 0), tokens.get("saved", 0)
+    return {
+        "questions": questions,
+        "training": {**training_figures(history), "workers": spec.train.workers,
+                     "zero_stage": spec.train.zero_stage, "global_batch": spec.train.global_batch,
+                     "lr": spec.train.lr, "wall_s": trained.get("wall_s"), "export": trained.get("export")},
+        "skip_tokens": {"image_tokens": image_tokens, "saved_tokens": saved,
+                        "saved_fraction": saved / (image_tokens + saved) if image_tokens + saved else 0.0,
+                        "rows": shards.get("rows_written")},
+        "serving": {"url": served["url"], "web_page": served["web_page"], "model": MODEL_NAME, "requests": evaluation["requests"],
+                    "errors": len(evaluation["errors"]), "latency_s": evaluation["latency_s"],
+                    "requests_per_s": evaluation["requests_per_s"], "concurrency": cfg.eval_threads},
+        "parity": parity_report,
+        "samples": evaluation["samples"],
+        "errors": evaluation["errors"][:10],
+        "data": {"train_samples": len(ds.train), "heldout_questions": evaluation["requests"],
+                 "train_jsonl": where["train"], "heldout_jsonl": where["heldout"], "shards": spec.data.output},
+        "files": {"report": str(run_dir / "report.json"), "loss_png": str(run_dir / "loss.png"),
+                  "tiling_png": str(run_dir / "tiling.png"), "spec": str(run_dir / "spec.yaml")},
+        "tiling_example": {k: tiling[k] for k in ("image", "original_size", "kept", "skipped", "image_tokens",
+                                                 "tokens_saved")},
+        "config": asdict(cfg),
+        "timings_s": timings,
+        "total_s": round(total_s, 1),
+    }
+
+
+def format_report(r: dict) -> str:
+    """The report as the terminal shows it."""
+    lines = ["", "sphinx-x demo — held-out questions, answered by the served endpoint", "",
+             f"  {'question':<9} {'accuracy':>9} {'baseline':>9}   (majority answer)"]
+    for qtype, q in r["questions"].items():
+        lines.append(f"  {qtype:<9} {q['accuracy']:>9.2f} {q['baseline']:>9.2f}   ({q['majority_answer']!r}, "
+                     f"{q['correct']}/{q['total']})")
+    t, s, v, p = r["training"], r["skip_tokens"], r["serving"], r["parity"]
+    lat = v["latency_s"]
+    fmt = lambda x: "n/a" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
+    lines += [
+        "",
+        f"  training    {t['steps']} steps, {t['workers']} workers, ZeRO-{t['zero_stage']}, global batch "
+        f"{t['global_batch']}: {t['tokens_per_s'] or 0:.0f} tokens/s, loss {t['first_loss'] or 0:.2f} -> "
+        f"{t['final_loss'] or 0:.2f}",
+        f"  skip tokens saved {s['saved_tokens']} of {s['image_tokens'] + s['saved_tokens']} image tokens "
+        f"({s['saved_fraction']:.0%}) over {s['rows']} rows",
+        f"  serving     {v['requests']} requests, {v['concurrency']} at a time: p50 {fmt(lat['p50'])}, "
+        f"p99 {fmt(lat['p99'])}, {v['errors']} errors",
+        f"  parity      vLLM vs PyTorch greedy (fp32, CPU): {p['identical']}/{p['total']} identical",
+        f"  web page    {v['web_page']}",
+        f"  loss curve  {r['files']['loss_png']}",
+        f"  tiling      {r['files']['tiling_png']}  ({r['tiling_example']['image']}: kept "
+        f"{len(r['tiling_example']['kept'])}, skipped {len(r['tiling_example']['skipped'])} tiles)",
+        f"  report      {r['files']['report']}",
+        f"  total       {r['total_s'] / 60:.1f} min",
+    ]
+    return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = QUICK if args.quick else FULL
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {args.steps}")
+        cfg = replace(cfg, steps=args.steps)
+    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = run(cfg, run_dir, keep_serving=args.keep_serving)
+    return 0 if not report["serving"]["errors"] else 1

@@ -1,0 +1,1 @@
+"""The pipeline stages (preprocess, train, serve, ...), one module each."""

@@ -1,0 +1,253 @@
+"""`sphinx-x serve SPEC`: the family behind autoscaled replicas, with an OpenAI-compatible API.
+
+One Serve application named ``spec.name`` (route prefix ``/``):
+
+    SphinxXIngress (FastAPI, actors.serve.ingress)  --DeploymentHandle-->  <serve.models[i].name>
+      /v1/chat/completions, /v1/models,                               (actors.serve.replica.ModelReplica,
+      /v1/stats, /healthz, / (web page)                                one deployment per member)
+
+Each member deployment is named exactly like its ``serve.models`` entry and carries that
+entry's ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests`` and
+``max_queued_requests`` (so a rendered Serve config can override them by name). Every replica
+runs one vLLM engine (actors.serve.vllm.engine) configured by :func:`engine_options` from the entry:
+on GPU when ``ray_actor_options.num_gpus`` > 0 (bf16, ``tensor_parallel_size`` GPUs), else on
+CPU (fp32, eager, a ``cpu_kv_cache_gb`` KV cache).
+
+    sphinx-x serve SPEC            # deploy, print the URL, block until Ctrl-C, then delete the app
+    sphinx-x serve SPEC --detach   # deploy and return (needs a persistent cluster: `sphinx-x up`)
+
+``build_app({"spec": <spec dict>})`` is the import path ``sphinx-x render --to serve`` writes,
+so ``serve run serve.yaml`` / ``serve deploy serve.yaml`` build the same application.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+from cluster import layout as run_layout
+from cluster.connect import INGRESS_CPUS, check_capacity, connect, storage_for
+from cluster.layout import Layout
+from cluster.render import ray_actor_options
+from cluster.spec import ClusterSpec, ServeModel, load_spec, parse_spec
+from models.errors import UserError
+
+log = logging.getLogger(__name__)
+
+INGRESS_NAME = "SphinxXIngress"
+
+
+# ---------------------------------------------------------------- the application
+
+
+def member_weights(spec: ClusterSpec, m: ServeModel, storage_uri: str | None = None):
+    """Where member ``m``'s weights come from, resolved by the run layout."""
+    from actors.serve.model_loader import MemberWeights
+
+    if m.checkpoint is None:
+        return MemberWeights(name=m.name, flavour=m.flavour)
+    lay = Layout.from_spec(spec, storage_uri)
+    return MemberWeights(name=m.name, flavour=m.flavour, checkpoint_uri=lay.checkpoint(m.checkpoint),
+                         require_success=m.checkpoint == run_layout.TRAIN_EXPORT)
+
+
+def engine_options(m: ServeModel):
+    """Member ``m``'s vLLM engine settings: a GPU engine when its replicas reserve GPUs."""
+    from actors.serve.vllm.engine import EngineOptions
+
+    gpus = m.ray_actor_options.num_gpus
+    device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus < m.tensor_parallel_size:
+        raise UserError(f"serve model {m.name!r}: tensor_parallel_size {m.tensor_parallel_size} needs "
+                        f"ray_actor_options.num_gpus >= {m.tensor_parallel_size} (it is {gpus})")
+    dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    eager = m.enforce_eager if m.enforce_eager is not None else device == "cpu"
+    threads = max(1, int(m.ray_actor_options.num_cpus) // m.tensor_parallel_size)
+    return EngineOptions(device=device, dtype=dtype, max_model_len=m.max_model_len, max_num_seqs=m.max_num_seqs,
+                         tensor_parallel_size=m.tensor_parallel_size, gpu_memory_utilization=m.gpu_memory_utilization,
+                         cpu_kv_cache_gb=m.cpu_kv_cache_gb, enforce_eager=eager, threads=threads)
+
+
+def build_application(spec: ClusterSpec):
+    """The Serve application of a spec."""
+    from actors.serve.ingress import Ingress, key_hashes_from_env
+    from actors.serve.replica import ModelReplica, ReplicaConfig
+
+    names = [m.name for m in spec.serve.models]
+    if INGRESS_NAME in names:
+        raise UserError(f"serve.models: the name {INGRESS_NAME!r} is reserved for the ingress")
+    handles = {}
+    for m in spec.serve.models:
+        config = ReplicaConfig(weights=member_weights(spec, m), storage=spec.storage,
+                               max_image_pixels=spec.serve.max_image_pixels, engine=engine_options(m))
+        deployment = ModelReplica.options(
+            name=m.name,
+            autoscaling_config=m.autoscaling_config.model_dump(exclude_none=True),
+            ray_actor_options=ray_actor_options(spec, m),
+            max_ongoing_requests=m.max_ongoing_requests,
+            max_queued_requests=m.max_queued_requests,
+        )
+        handles[m.name] = deployment.bind(config)
+    return Ingress.options(name=INGRESS_NAME, ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(
+        spec.serve, spec.storage, handles, key_hashes_from_env(spec.serve.api_keys_env))
+
+
+def build_app(args: dict):
+    """Serve's import-path entry: ``args = {"spec": <ClusterSpec as a JSON-able dict>}``."""
+    if not isinstance(args, dict) or "spec" not in args:
+        raise UserError("build_app needs args: {spec: <the cluster spec as a mapping>}")
+    return build_application(parse_spec(args["spec"], "serve args.spec"))
+
+
+# ---------------------------------------------------------------- deploying
+
+
+def check_members(spec: ClusterSpec) -> None:
+    """Fail early, on the driver, for checkpoints that cannot be found."""
+    storage = None
+    for m in spec.serve.models:
+        weights = member_weights(spec, m)
+        uri = weights.checkpoint_uri
+        if uri is None:
+            continue
+        if not uri.startswith("s3://") and not weights.require_success:
+            if not os.path.isdir(uri):
+                raise UserError(f"serve model {m.name!r}: checkpoint directory {uri} does not exist")
+            continue
+        storage = storage or storage_for(spec)
+        marker = f"{uri}/_SUCCESS" if weights.require_success else f"{uri}/config.json"
+        if not storage.exists(marker):
+            what = "no finished train export (run `sphinx-x train SPEC` first)" if weights.require_success \
+                else "no model directory (config.json missing)"
+            raise UserError(f"serve model {m.name!r}: {what} at {uri}")
+
+
+def url(spec: ClusterSpec) -> str:
+    return f"http://{spec.serve.http.host}:{spec.serve.http.port}"
+
+
+def _start_serve(spec: ClusterSpec) -> None:
+    """Start Serve with the spec's HTTP settings, or refuse a running Serve that listens elsewhere.
+
+    A Serve already running on this Ray (e.g. the `sphinx-x up` head after an earlier `serve`)
+    keeps its proxy: Ray ignores new http_options. If it listens elsewhere and runs no app but
+    ours, it is restarted on the spec's port; if other apps use it, the mismatch is an error.
+    """
+    from ray import serve
+
+    want = (spec.serve.http.host, spec.serve.http.port)
+    running = _running_http()
+    if running is not None and running != want:
+        others = [a for a in serve.status().applications if a != spec.name]
+        if others:
+            raise UserError(f"serve: Ray Serve on this cluster already listens on {running[0]}:{running[1]} "
+                            f"(apps {others}); serve.http asks for {want[0]}:{want[1]}. Use that port in the "
+                            "spec, or stop the other apps first")
+        log.info("serve: restarting Ray Serve on %s:%d (it listened on %s:%d)", *want, *running)
+        serve.shutdown()
+    serve.start(http_options={"host": want[0], "port": want[1]})
+
+
+def _running_http():
+    """(host, port) of the Serve running on the connected Ray, or None."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return None
+        config = client.http_config
+        return (config.host, int(config.port))
+    except Exception:  # noqa: BLE001 - no Serve here
+        return None
+
+
+def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
+    """Deploy (or redeploy) the app on the connected / local Ray; returns a summary.
+
+    ``force`` is accepted for the stage protocol (`run --force`): a deploy always replaces the app.
+    """
+    from ray import serve
+
+    check_members(spec)
+    connect(spec)
+    check_capacity(spec, "serve")
+    _start_serve(spec)
+    app = build_application(spec)
+    t0 = time.monotonic()
+    try:
+        serve.run(app, name=spec.name, route_prefix="/", blocking=False)
+    except RuntimeError as err:  # a replica failed to start: say which and why, in one line
+        raise UserError(f"serve: the app {spec.name!r} failed to deploy: {str(err).strip().splitlines()[-1]}") from None
+    host, port = _running_http() or (spec.serve.http.host, spec.serve.http.port)
+    summary = {"app": spec.name, "url": f"http://{host}:{port}", "models": [m.name for m in spec.serve.models],
+               "deploy_s": round(time.monotonic() - t0, 2)}
+    log.info("serving %s at %s (models: %s)", spec.name, summary["url"], ", ".join(summary["models"]))
+    return summary
+
+
+def is_complete(spec: ClusterSpec) -> bool:
+    """True when the app is RUNNING on the connected Ray (serving has no output on storage)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(spec.name)
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        return False
+    return app is not None and str(app.status).endswith("RUNNING")
+
+
+def shutdown(spec: ClusterSpec) -> None:
+    """Delete the app (its replicas and ingress) and stop Serve if nothing else runs on it."""
+    from ray import serve
+
+    serve.delete(spec.name)
+    if not serve.status().applications:
+        serve.shutdown()
+
+
+def serve_until_interrupted(spec: ClusterSpec, summary: dict) -> None:
+    """Block until Ctrl-C (or SIGTERM), then delete the app this command deployed."""
+    print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']}) — "
+          "Ctrl-C to stop", flush=True)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever a stage left installed
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    shutdown(spec)
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt()
+
+
+def command(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    if args.detach and spec.cluster.address == "local" and not os.environ.get("RAY_ADDRESS"):
+        from cluster.runtime import up_state
+
+        if not up_state(alive_only=True):
+            raise UserError("--detach needs a Ray that outlives this command: run `sphinx-x up` first "
+                            "(or use a cluster address)")
+    summary = run_stage(spec)
+    if args.detach:
+        print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']})", flush=True)
+        return 0
+    serve_until_interrupted(spec, summary)
+    import ray
+
+    ray.shutdown()
+    return 0

@@ -1,0 +1,351 @@
+"""`sphinx-x train SPEC`: one-stage DeepSpeed training of the spec's flavour on Ray Train.
+
+    >>> summary = run_stage(load_spec("cluster/examples/local.yaml"))
+    >>> summary["step"], summary["export"]
+    (100, 's3://sphinx-x/runs/local/train/export')
+
+Driver side: reads the preprocess manifest (the shard list, the tiling and tokenizer facts: a
+model they do not fit is refused here, before any worker starts) and the shard index (lengths),
+checks the cluster can hold the workers and their readers, fixes the
+seeded, length-grouped batch plan (``actors.train.batching``), builds one ordered dataset per rank
+(``actors.train.data``) and runs a ``TorchTrainer`` whose scaling comes from ``spec.train``
+(workers, GPUs, resources per worker, placement on ``train.group``'s custom resource). The
+loop itself is ``actors.train.worker``.
+
+Outputs under ``<train.output>/``, as ``cluster.layout`` names them: ``checkpoints/`` (the Ray
+Train run: DeepSpeed shards of every rank), ``metrics.jsonl``, ``loss.png``, ``export_check.pt``,
+``export/`` (``models.weights.model_dir`` directory, ``_SUCCESS`` last) and ``summary.json``.
+
+A run restarts where it stopped: Ray Train finds the run's checkpoints in storage and the
+workers resume at the same step and data position. ``--force`` starts over;
+``--export-from CKPT|latest`` only exports a consolidated model from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from cluster import layout as run_layout
+from cluster.connect import check_capacity, connect, storage_for
+from cluster.layout import Layout
+from cluster.logs import Progress
+from cluster.placement import placement
+from cluster.spec import ClusterSpec, load_spec
+from cluster.stall import stall_watch
+from cluster.storage import Storage
+from models.errors import UserError
+from models.flavours import Flavour, from_name
+from models.tiling import TileSpec
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def scaling_config(spec: ClusterSpec):
+    """Ray Train ScalingConfig from ``spec.train`` (and the placement resource of ``train.group``)."""
+    from ray.train import ScalingConfig
+
+    train = spec.train
+    resources = {"CPU": 1.0, **train.resources_per_worker, **placement(spec, train.group)}
+    if train.use_gpu:
+        resources.setdefault("GPU", 1.0)
+    return ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources)
+
+
+def train_flavour(spec: ClusterSpec) -> Flavour:
+    """The spec's flavour with its overrides; ``train.aux_loss_weight`` is the MoE load-balancing
+    coefficient (the paper's 0.01)."""
+    flavour = from_name(spec.model.flavour, **spec.model.overrides)
+    if flavour.is_moe:
+        flavour = replace(flavour, llm={**flavour.llm, "router_aux_loss_coef": spec.train.aux_loss_weight})
+    return flavour
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def read_manifest(storage: Storage, lay: Layout) -> dict:
+    if not storage.exists(lay.manifest):
+        raise UserError(f"no preprocess manifest at {lay.manifest}: run `sphinx-x preprocess SPEC` first")
+    try:
+        return json.loads(storage.read_bytes(lay.manifest))
+    except ValueError as err:
+        raise UserError(f"{lay.manifest} is not valid JSON: {err}") from None
+
+
+def check_manifest(manifest: dict, flavour: Flavour, where: str, *, weights: bool = False) -> None:
+    """Refuse shards tiled or tokenized for another model, naming both sides (on the driver)."""
+    from actors.data.tiler import SHARD_FORMAT
+    from pipelines.stages.preprocess import tiling_facts
+
+    if manifest.get("shard_format", 1) > SHARD_FORMAT:  # 1 (raw views) and 2 (stored images) both read
+        raise UserError(f"the shards at {where} are in format {manifest['shard_format']}, newer than this "
+                        f"sphinx-x reads ({SHARD_FORMAT}); upgrade it or rerun `sphinx-x preprocess SPEC --force`")
+    mine = tiling_facts(flavour)
+    theirs = manifest.get("tiling") or {}
+    diffs = [f"{k}: shards {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    if diffs:
+        raise UserError(f"the shards at {where} were tiled for another model (flavour "
+                        f"{manifest.get('flavour')!r}) than {flavour.name!r}: " + "; ".join(diffs)
+                        + ". Run `sphinx-x preprocess SPEC --force` with this model.")
+    vocab = manifest.get("vocab_size")
+    # with published weights the vocab follows their tokenizer (models.weights.hf_llm)
+    if not weights and flavour.tokenizer is None and vocab is not None and vocab > int(flavour.llm["vocab_size"]):
+        raise UserError(f"the shards' tokenizer at {where} has {vocab} tokens but flavour {flavour.name!r} "
+                        f"has vocab_size {flavour.llm['vocab_size']}")
+    if not manifest.get("shards"):
+        raise UserError(f"the manifest at {where} lists no shards (rows written: "
+                        f"{manifest.get('rows_written', 0)}): nothing to train on")
+
+
+def _tokenizer_uri(spec: ClusterSpec, storage: Storage, lay: Layout) -> str:
+    if storage.list(lay.tokenizer):
+        return lay.tokenizer
+    path = spec.model.tokenizer or from_name(spec.model.flavour, **spec.model.overrides).tokenizer
+    if path is None:
+        raise UserError(f"no tokenizer: {lay.tokenizer} is empty and the spec names none "
+                        "(model.tokenizer); run `sphinx-x preprocess SPEC` first")
+    return lay.path(path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(storage: Storage, uri: str) -> Optional[int]:
+    """The DeepSpeed step a Ray Train checkpoint directory holds (from its ``latest`` tag)."""
+    key = f"{uri.rstrip('/')}/latest"
+    if not storage.exists(key):
+        return None
+    tag = storage.read_bytes(key).decode().strip()
+    return int(tag.removeprefix("step")) if tag.startswith("step") else None
+
+
+def list_checkpoints(spec: ClusterSpec, storage: Storage) -> list[tuple[int, str]]:
+    """(step, uri) of the run's complete checkpoints, oldest first."""
+    base = Layout.from_spec(spec, storage.uri).checkpoints
+    dirs = sorted({u[len(base):].strip("/").split("/", 1)[0] for u in storage.list(base)})
+    found = []
+    for name in dirs:
+        if not name.startswith("checkpoint_"):
+            continue
+        uri = run_layout.join(base, name)
+        step = checkpoint_step(storage, uri)
+        if step is not None:
+            found.append((step, uri))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def is_complete(spec: ClusterSpec) -> bool:
+    storage = storage_for(spec)
+    return run_layout.train_complete(storage, Layout.from_spec(spec, storage.uri))
+
+
+def _trainer(spec, config, datasets, *, name: str, storage_path: str, filesystem, max_failures: int):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.train.worker import train_loop_per_worker
+
+    run_config = RunConfig(
+        name=name, storage_path=storage_path, storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+    )
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # each rank's rows arrive in plan order
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"config": config},
+                        scaling_config=scaling_config(spec), run_config=run_config, datasets=datasets,
+                        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest))
+
+
+def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[str] = None,
+              export: bool = True, report_every_s: Optional[float] = None,
+              on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+    """Train (or resume) and export; returns the summary (also ``<train.output>/summary.json``).
+
+    ``report_every_s``: how often the workers report metrics to Ray Train between checkpoints
+    (default ``actors.train.worker.REPORT_EVERY_S``; 0 = every step, for benchmarks).
+    ``on_step(progress)`` is called on the driver for every step rank 0 finishes
+    (``{"step", "total", "loss", "tokens_per_s"}``); the live progress line uses it too.
+    """
+    from actors.train.batching import plan_batches, total_steps
+    from actors.train.data import plan_entries, rank_datasets, read_index
+    from actors.train.worker import REPORT_EVERY_S, TrainWorkerConfig
+
+    storage = storage_for(spec)
+    lay = Layout.from_spec(spec, storage.uri)
+    if export_from is not None:
+        return export_checkpoint(spec, export_from)
+    if force:
+        n = storage.delete(lay.train)
+        log.info("train: --force: removed %d objects under %s", n, lay.train)
+    elif run_layout.train_complete(storage, lay):
+        log.info("train: %s is complete; skipping (use --force to redo)", lay.export)
+        return {**json.loads(storage.read_bytes(lay.train_summary)), "skipped": True}
+
+    flavour = train_flavour(spec)
+    manifest = read_manifest(storage, lay)
+    check_manifest(manifest, flavour, lay.shards, weights=bool(spec.model.weights))
+    conn = connect(spec)
+    check_capacity(spec, "train")
+    train = spec.train
+    files, where, lengths = read_index(storage, lay, manifest["shards"])
+    global_batch = train.global_batch
+    packs, row_lengths = training_rows(spec, lengths)
+    steps = total_steps(len(row_lengths), global_batch, steps=train.steps, epochs=train.epochs,
+                        rows=f"packed rows (train.packing, data.max_seq_len {spec.data.max_seq_len})"
+                        if train.packing else "rows")
+    plan = plan_batches(row_lengths, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
+                        world_size=train.workers, steps=steps, seed=train.seed)
+    done = list_checkpoints(spec, storage)
+    start = min(done[-1][0], steps) if done else 0
+    if start:
+        log.info("train: resuming from step %d (%s)", start, done[-1][1])
+    datasets = rank_datasets(files, spec.storage, plan_entries(plan, where, start_step=start, packs=packs),
+                             tile=TileSpec.from_dict(manifest["tiling"]))
+    progress_queue = _progress_queue()
+    config = TrainWorkerConfig(
+        train=train, storage=spec.storage, flavour=flavour, layout=lay, total_steps=steps,
+        tokenizer_uri=_tokenizer_uri(spec, storage, lay),
+        weights_uri=lay.path(spec.model.weights) if spec.model.weights else None,
+        data_start_step=start, resume_from=done[-1][1] if start else None, export=export,
+        report_every_s=REPORT_EVERY_S if report_every_s is None else report_every_s, progress=progress_queue,
+    )
+    t0 = time.time()
+    fs, path = storage.resolve(lay.train)
+    trainer = _trainer(spec, config, datasets, name=run_layout.CHECKPOINT_RUN, storage_path=path,
+                       filesystem=fs, max_failures=train.max_failures)
+    with stall_watch("train"), _follow(progress_queue, steps, on_step):
+        result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if storage.exists(lay.export_summary):  # written by rank 0 after the export
+        metrics.update(json.loads(storage.read_bytes(lay.export_summary)))
+    summary = {
+        "step": metrics.get("step"), "total_steps": steps, "rows": len(lengths), "global_batch": global_batch,
+        "packed_rows": len(row_lengths) if train.packing else None,
+        "workers": train.workers, "zero_stage": train.zero_stage, "expert_parallel": train.expert_parallel,
+        "flavour": spec.model.flavour, "loss": metrics.get("loss"), "aux_loss": metrics.get("aux_loss"),
+        "resumed_from": start or None,
+        "export": metrics.get("export"), "export_max_abs_diff": metrics.get("export_max_abs_diff"),
+        "export_check": metrics.get("export_check"), "export_bytes": metrics.get("export_bytes"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": lay.metrics, "wall_s": round(time.time() - t0, 1), "ray": conn.ray_address,
+    }
+    storage.write_bytes(lay.train_summary, json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _progress_queue():
+    """A small queue rank 0 feeds once per step (actors.train.worker); 0 CPUs, dropped when full."""
+    from ray.util.queue import Queue
+
+    return Queue(maxsize=256, actor_options={"num_cpus": 0})
+
+
+class _follow:
+    """Drain the progress queue on a thread: the live line, and ``on_step`` for each item."""
+
+    def __init__(self, queue, total: int, on_step: Optional[Callable[[dict], None]]):
+        self.queue, self.total, self.on_step = queue, total, on_step
+        self.stop = threading.Event()
+        self.bar = Progress("train", total=total, unit="steps")
+
+    def __enter__(self) -> "_follow":
+        self.thread = threading.Thread(target=self._run, name="train-progress", daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.stop.is_set():
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone (shutdown)
+                return
+            self.bar.update(item["step"], loss=round(item["loss"], 4),
+                            tok_s=int(item.get("tokens_per_s") or 0))
+            if self.on_step is not None:
+                try:
+                    self.on_step(item)
+                except Exception:  # noqa: BLE001 - a callback's failure must not stall training
+                    log.exception("train: on_step callback failed")
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self.bar.close()
+        try:
+            import ray
+
+            ray.kill(self.queue.actor)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def training_rows(spec: ClusterSpec, lengths: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """(sample indices per training row, the rows' token counts): ``train.packing`` packs the
+    samples into rows of at most ``data.max_seq_len`` (actors.train.batching.pack_rows), else one
+    sample per row."""
+    from actors.train.batching import pack_rows
+
+    if spec.train.packing:
+        packs = pack_rows(lengths, capacity=spec.data.max_seq_len, seed=spec.train.seed)
+    else:
+        packs = [np.asarray([i], dtype=np.int64) for i in range(len(lengths))]
+    return packs, np.asarray([int(lengths[p].sum()) for p in packs], dtype=np.int64)
+
+
+def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
+    """Export ``<train.output>/export`` from a checkpoint URI (or ``latest``) with the run's layout."""
+    from actors.train.batching import total_steps
+    from actors.train.data import read_index
+    from actors.train.worker import TrainWorkerConfig
+
+    storage = storage_for(spec)
+    lay = Layout.from_spec(spec, storage.uri)
+    done = list_checkpoints(spec, storage)
+    if checkpoint == "latest":
+        if not done:
+            raise UserError(f"no checkpoints under {lay.checkpoints}")
+        step, uri = done[-1]
+    else:
+        uri = lay.path(checkpoint)
+        step = checkpoint_step(storage, uri)
+        if step is None:
+            raise UserError(f"{checkpoint} is not a checkpoint of this run (no DeepSpeed 'latest' tag)")
+    connect(spec)
+    check_capacity(spec, "train")
+    manifest = read_manifest(storage, lay)
+    _, _, lengths = read_index(storage, lay, manifest["shards"])
+    steps = total_steps(len(training_rows(spec, lengths)[1]), spec.train.global_batch, steps=spec.train.steps, epochs=spec.train.epochs)
+    config = TrainWorkerConfig(
+        train=spec.train, storage=spec.storage, flavour=train_flavour(spec), layout=lay, total_steps=steps,
+        tokenizer_uri=_tokenizer_uri(spec, storage, lay), weights_uri=None, export_from=uri)
+    with tempfile.TemporaryDirectory(prefix="sx-export-run-") as tmp:
+        trainer = _trainer(spec, config, None, name="export", storage_path=tmp, filesystem=None, max_failures=0)
+        trainer.fit()
+    exported = json.loads(storage.read_bytes(lay.export_summary))
+    return {"step": step, "checkpoint": uri, **exported}
+
+
+def command(args) -> int:
+    spec = load_spec(args.spec)
+    summary = run_stage(spec, force=args.force, export_from=getattr(args, "export_from", None))
+    print(json.dumps(summary, indent=2))
+    return 0

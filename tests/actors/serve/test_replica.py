@@ -1,0 +1,130 @@
+"""Replica internals that need no Serve or engine: request preparation (training code), the vLLM
+prompt and its length, sampling parameters, error and logprob mapping."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.serve.model_loader import debug_tokenizer
+from actors.serve.replica import engine_error, image_size, openai_logprobs, prepare_chat, prompt_ids
+from models.conversation import build_prompt
+from models.flavours import from_name
+from models.tiling import TileSpec, image_token_count, load_and_tile
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return debug_tokenizer(1024)
+
+
+def _png(w, h) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 120, 240)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_prepare_uses_the_training_tiling_and_template(tok):
+    flavour = from_name("debug")
+    spec = TileSpec.from_flavour(flavour)
+    img = _png(90, 45)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image", "index": 0}]}]
+    p = prepare_chat(msgs, [img], tok, flavour, max_pixels=10**6)
+    tiled = load_and_tile(img, spec, max_pixels=10**6)
+    n = image_token_count(90, 45, spec, flavour.tokens_per_view)
+    assert p.image_tokens == [n]
+    assert p.input_ids == build_prompt(msgs, tok, [n])
+    assert np.array_equal(p.views, tiled.views) and np.array_equal(p.kept[0], tiled.kept)
+    text_only = prepare_chat([{"role": "user", "content": "hi"}], [], tok, flavour, max_pixels=10**6)
+    assert text_only.views is None and text_only.kept is None
+
+
+def test_vllm_prompt_has_one_placeholder_per_image_and_the_expanded_length(tok):
+    from models.conversation import IMAGE
+
+    flavour = from_name("debug")
+    spec = TileSpec.from_flavour(flavour)
+    msgs = [{"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "and"},
+                                         {"type": "image", "index": 1}]}]
+    images = [_png(90, 45), _png(30, 60)]
+    ids, length = prompt_ids(msgs, images, tok, flavour)
+    image_id = tok.convert_tokens_to_ids(IMAGE)
+    assert ids.count(image_id) == 2
+    counts = [image_token_count(90, 45, spec, flavour.tokens_per_view), image_token_count(30, 60, spec, flavour.tokens_per_view)]
+    assert length == len(build_prompt(msgs, tok, counts))
+    assert image_size(b"not an image") is None
+
+
+def test_image_size_follows_exif_orientation():
+    im = Image.new("RGB", (80, 20))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotated 90°: shown 20 wide, 80 high
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    assert image_size(buf.getvalue()) == (20, 80)
+    assert load_and_tile(buf.getvalue(), TileSpec.from_flavour(from_name("debug"))).original_size == (20, 80)
+
+
+def test_sampling_params_add_the_turn_separator_and_the_openai_options():
+    from vllm.sampling_params import RequestOutputKind
+
+    from actors.serve.vllm.engine import TURN_SEPARATOR, sampling_params
+
+    p = sampling_params({"stop": ["Q:"], "n": 3, "seed": 4, "temperature": 0.5, "top_p": 0.9, "logprobs": True,
+                         "top_logprobs": 2}, max_tokens=9, stream=True)
+    assert TURN_SEPARATOR == "###" and p.stop == ["Q:", "###"]
+    assert (p.n, p.seed, p.temperature, p.top_p, p.logprobs, p.max_tokens) == (3, 4, 0.5, 0.9, 2, 9)
+    assert p.output_kind == RequestOutputKind.DELTA
+    plain = sampling_params({"temperature": 0}, max_tokens=4, stream=False)
+    assert plain.stop == ["###"] and plain.logprobs is None and plain.output_kind == RequestOutputKind.FINAL_ONLY
+
+
+def test_engine_errors_become_400s_with_the_image_reason():
+    from models.tiling import ImageError
+
+    try:
+        try:
+            raise ImageError("corrupt_image", "cannot read image header")
+        except ImageError as err:
+            raise ValueError(str(err)) from err
+    except ValueError as err:
+        wrapped = RuntimeError("engine generate error")
+        wrapped.__cause__ = err
+    item = engine_error(wrapped)["error"]
+    assert (item["status"], item["code"]) == (400, "corrupt_image")
+    long = engine_error(ValueError("The decoder prompt (length 2000) is longer than the maximum model length of 1024"))
+    assert long["error"]["code"] == "context_length_exceeded"
+    assert engine_error(RuntimeError("engine died")) is None
+
+
+def test_logprobs_follow_openai_shape(tok):
+    from types import SimpleNamespace
+
+    from vllm.logprobs import Logprob
+
+    ids = tok.encode("red blue", add_special_tokens=False)[:2]
+    other = next(i for i in range(10, 100) if i not in ids)
+    out = SimpleNamespace(token_ids=ids, logprobs=[
+        {ids[0]: Logprob(-0.1, 1, "red"), other: Logprob(-2.5, 2, "x")},
+        {ids[1]: Logprob(-3.0, 2, None), other: Logprob(-0.2, 1, "y")}])
+    got = openai_logprobs(out, tok, top=2)
+    assert [g["logprob"] for g in got] == [-0.1, -3.0]
+    assert [t["token"] for t in got[1]["top_logprobs"]] == ["y", tok.decode([ids[1]])]
+    assert got[0]["bytes"] == list("red".encode())
+    assert openai_logprobs(SimpleNamespace(token_ids=ids, logprobs=None), tok, 2) is None
+
+
+def test_member_weights_come_from_the_run_layout():
+    from cluster.spec import parse_spec
+    from pipelines.stages.serve import member_weights
+
+    spec = parse_spec({"storage": {"uri": "s3://bkt/run"}, "serve": {"models": [
+        {"name": "a", "checkpoint": "@train"}, {"name": "b", "checkpoint": "models/x"},
+        {"name": "c", "checkpoint": "/abs/dir"}, {"name": "d", "flavour": "debug"}]}})
+    got = [member_weights(spec, m) for m in spec.serve.models]
+    assert [(w.checkpoint_uri, w.require_success) for w in got] == [
+        ("s3://bkt/run/train/export", True), ("s3://bkt/run/models/x", False), ("/abs/dir", False), (None, False)]
+    assert got[3].flavour == "debug"
