@@ -136,7 +136,7 @@ def write_weights(width: int | None, layers: int | None) -> Path:
     import torch
 
     from actors.serve.model_loader import RANDOM_SEED, debug_tokenizer
-    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.model_dir import save_model_dir
     from models.flavours import from_name
     from models.sphinx import SphinxX
 

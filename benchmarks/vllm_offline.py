@@ -63,7 +63,7 @@ def main() -> None:
 
     from actors.serve.model_loader import RANDOM_SEED, debug_tokenizer
     from actors.serve.vllm.plugin import engine_args, register
-    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.model_dir import save_model_dir
     from models.conversation import build_prompt
     from models.flavours import from_name
     from models.sphinx import SphinxX

@@ -1,7 +1,7 @@
 """Which weights a serve member runs: a model directory (local or S3), the train export, or a
 flavour with random weights.
 
-    >>> model, tokenizer = load_member(MemberWeights(name="m", flavour="debug"), storage_section)
+    >>> directory, temporary = member_model_dir(MemberWeights(name="m", flavour="debug"), storage_section)
 
 ``MemberWeights.checkpoint_uri`` is resolved on the driver by ``cluster.layout`` (``@train`` is
 the run's train export, which must hold ``_SUCCESS``; relative paths are under the storage root;
@@ -69,9 +69,9 @@ class MemberWeights:
 def member_model_dir(weights: MemberWeights, storage_section, cache_dir: str | None = None) -> tuple[Path, bool]:
     """(a local model directory for the member, whether it is a temporary copy to delete).
 
-    Random weights are saved (models.weights.model_dir_writer.save_model_dir) to a temp directory; an s3://
+    Random weights are saved (models.weights.model_dir.save_model_dir) to a temp directory; an s3://
     directory is downloaded to one; a local directory is used in place."""
-    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.model_dir import save_model_dir
 
     if weights.checkpoint_uri is None:
         model, tokenizer = random_member(weights.flavour)
@@ -108,15 +108,3 @@ def _download(weights: MemberWeights, storage_section, cache_dir: str | None) ->
         raise UserError(f"serve model {weights.name!r}: checkpoint {uri} not found ({err})") from None
     log.info("serve model %s: downloaded %s", weights.name, uri)
     return local
-
-
-def load_member(weights: MemberWeights, storage_section, cache_dir: str | None = None):
-    """(model in eval mode, tokenizer) for one serve member (models.sphinx: benchmarks, parity)."""
-    if weights.checkpoint_uri is None:
-        model, tokenizer = random_member(weights.flavour)
-        return model.eval(), tokenizer
-
-    from models.weights.model_dir import load_model_dir
-
-    model, tokenizer = load_model_dir(member_model_dir(weights, storage_section, cache_dir)[0])
-    return model.eval(), tokenizer

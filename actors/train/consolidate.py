@@ -2,7 +2,7 @@
 
 Runs on every rank of the training group (the gathers are collectives). ``consolidated_tensors``
 yields the plain single-device model's state one tensor at a time, on rank 0 only;
-``write_model_dir`` streams it into a model directory (``models.weights.model_dir_writer``).
+``write_model_dir`` streams it into a model directory (``models.weights.model_dir``).
 Memory: one parameter at a time is gathered, on the engine's device (NCCL takes device
 tensors only; gloo the CPU ones: the same code path), and only rank 0 copies it to host memory,
 in the export dtype, keeping it only until its shard is written. So no rank but 0 holds any of
@@ -15,14 +15,10 @@ parameter by parameter, so no rank ever holds more than one parameter in full.
 - ZeRO-3 partitions each parameter over its process group: ``GatheredParameters`` rebuilds it.
   ZeRO-1/2 keep full parameters on every rank.
 - AutoEP replaced each HF Mixtral sparse block ``P = llm.model.layers.N.mlp`` by an
-  expert-parallel layer that holds only this EP rank's experts, in TorchTitan layout. The
-  experts of all EP ranks are all-gathered (EP rank order = expert order) and mapped back:
-
-      P.router.gate.weight [E, d]                       → P.gate.weight [E, d]
-      P.experts.w1 [E_local, f, d] (gate), w3 (up)      → P.experts.gate_up_proj [E, 2f, d]  (gate first)
-      P.experts.w2 [E_local, d, f]                      → P.experts.down_proj [E, d, f]
-
-  AutoEP's non-persistent routing counters (``tokens_per_expert``) are not model state.
+  expert-parallel layer that holds only this EP rank's experts [E_local, ...]. The experts of
+  all EP ranks are all-gathered (EP rank order = expert order) and renamed back by
+  models.weights.autoep's table (``P.router.gate.weight`` → ``P.gate.weight``, ``w1``/``w3`` →
+  ``P.experts.gate_up_proj [E, 2f, d]``, ``w2`` → ``P.experts.down_proj``).
 """
 
 from __future__ import annotations
@@ -34,7 +30,8 @@ import torch
 from torch import nn
 
 from models.errors import UserError
-from models.weights.stream import Recipe, shape_errors, shown, stream
+from models.weights.autoep import AUTOEP_KEYS, plain_moe
+from models.weights.stream import Recipe, report, shape_errors, stream
 
 
 def _autoep_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -101,8 +98,7 @@ def scatter_recipes(model: nn.Module, recipes: Optional[Mapping[str, Recipe]], *
         if extra:
             errors.setdefault("unexpected keys", []).extend(k for k in extra if k not in ours)
         if errors:
-            plan[1] = f"{what} does not fit the model: " + "; ".join(
-                f"{label} ({len(keys)}): {shown(keys)}" for label, keys in errors.items())
+            plan[1] = f"{what} does not fit the model: {report(errors)}"
         plan[0] = [n for n in params if n in recipes]
     dist.broadcast_object_list(plan, src=0, device=device)
     names, error = plan
@@ -127,7 +123,7 @@ def consolidated_tensors(engine, dtype: Optional[torch.dtype] = None) -> Iterato
 
     Rank 0 holds one parameter at a time, one AutoEP layer's experts at most (its ``w1`` and
     ``w3`` are fused into ``gate_up_proj``); what the consumer keeps is up to it
-    (``models.weights.model_dir_writer`` writes it to a shard)."""
+    (``models.weights.model_dir`` writes it to a shard)."""
     import torch.distributed as dist
 
     module = engine.module
@@ -151,8 +147,8 @@ def consolidated_tensors(engine, dtype: Optional[torch.dtype] = None) -> Iterato
             continue
         mine = pending.setdefault(owner, {})
         mine[name[len(owner) + 1:]] = full
-        if set(_AUTOEP_KEYS) <= set(mine):
-            yield from _plain_moe(owner, pending.pop(owner), rank0)
+        if set(AUTOEP_KEYS) <= set(mine):
+            yield from plain_moe(owner, pending.pop(owner), rank0)
     if pending:
         raise RuntimeError(f"AutoEP layers the export could not complete: {sorted(pending)}")
     persistent = set(module.state_dict(keep_vars=True))
@@ -160,20 +156,6 @@ def consolidated_tensors(engine, dtype: Optional[torch.dtype] = None) -> Iterato
         owner = next((p for p in layers if name.startswith(p + ".")), None)
         if owner is None and name in persistent:
             yield name, buf.detach().to("cpu", copy=True) if rank0 else None
-
-
-_AUTOEP_KEYS = ("router.gate.weight", "experts.w1", "experts.w2", "experts.w3")  # an AutoEP layer's parameters
-
-
-def _plain_moe(prefix: str, got: dict[str, Optional[torch.Tensor]], rank0: bool):
-    """One AutoEP layer's gathered tensors under the HF Mixtral names (module docstring)."""
-    leftover = sorted(k for k in got if k not in _AUTOEP_KEYS)
-    if leftover:
-        raise RuntimeError(f"AutoEP layer {prefix} has parameters the export does not map: {leftover}")
-    gate, w1, w2, w3 = (got[k] for k in _AUTOEP_KEYS)
-    yield f"{prefix}.gate.weight", gate
-    yield f"{prefix}.experts.gate_up_proj", torch.cat([w1, w3], dim=1) if rank0 else None
-    yield f"{prefix}.experts.down_proj", w2
 
 
 def consolidated_state_dict(engine, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
@@ -191,13 +173,12 @@ def write_model_dir(engine, tokenizer, directory, *, dtype: Optional[torch.dtype
     rank 0's; the other ranks only take part in the gathers and get None). Call on every rank.
 
     Parameters are gathered one at a time (``consolidated_tensors``) and handed to
-    ``models.weights.model_dir_writer``, which writes each shard as it fills: rank 0 holds at most one
+    ``models.weights.model_dir``, which writes each shard as it fills: rank 0 holds at most one
     shard plus one layer, never the model. An error on rank 0 is raised after the last gather,
     so no rank is left waiting in a collective."""
     import torch.distributed as dist
 
-    from models.weights.model_dir import DEFAULT_MAX_SHARD_BYTES, skeleton
-    from models.weights.model_dir_writer import ModelDirWriter
+    from models.weights.model_dir import DEFAULT_MAX_SHARD_BYTES, ModelDirWriter, skeleton
 
     module = engine.module
     writer, error = None, None

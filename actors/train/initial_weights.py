@@ -24,13 +24,13 @@ under SphinxX names, which is what a ZeRO-3 model takes parameter by parameter
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from models.errors import UserError
 from models.flavours import Flavour
-from models.weights.stream import LazyTensors, Recipe, load_recipes
+from models.weights.stream import Recipe, load_recipes
 
 # where each part's names go in SphinxX (models.weights.model_dir.PARTS)
 PREFIXES = {"llm": "llm.", "convnext": "vision.convnext.", "dino": "vision.dino.", "projector": "vision."}
@@ -76,9 +76,8 @@ def _encoder_source(src: Path, stem: str) -> Optional[Path]:
 
 def read_initial_weights(src: Path, flavour: Flavour) -> InitialWeights:
     """Read a weights directory (module docstring) for ``flavour``; a UserError names what is wrong."""
-    from models.weights.model_dir import read_config
-    from models.weights.hf_llm import load_pretrained_llm
     from models.weights.encoders import load_convnext_weights, load_dino_weights, with_encoder_overrides
+    from models.weights.hf_llm import load_pretrained_llm
 
     src = Path(src)
     if not src.is_dir():
@@ -108,19 +107,15 @@ def read_initial_weights(src: Path, flavour: Flavour) -> InitialWeights:
 
 
 def _model_dir(src: Path, flavour: Flavour) -> InitialWeights:
-    """A sphinx-x model directory: its own LLM / encoder settings and tokenizer; each part read by
-    the published-layout readers (save_pretrained writes those layouts), the projector as saved."""
-    from models.weights.model_dir import CONVNEXT_DIR, DINO_DIR, LLM_DIR, PROJECTOR_FILE, read_config
-    from models.weights.hf_llm import load_pretrained_llm
-    from models.weights.encoders import load_convnext_weights, load_dino_weights
+    """A sphinx-x model directory: its own LLM / encoder settings and tokenizer, read by
+    models.weights.model_dir.read_weights (the same read the vLLM loader streams)."""
+    from models.weights.model_dir import read_weights
 
-    saved = read_config(src)["flavour"]  # a Flavour
-    flavour = replace(flavour, **{k: getattr(saved, k) for k in ("llm", "convnext", "dino")})
-    llm = load_pretrained_llm(src / LLM_DIR, flavour)
-    parts = {"llm": llm.state, "convnext": load_convnext_weights(src / CONVNEXT_DIR, flavour).state,
-             "dino": load_dino_weights(src / DINO_DIR, flavour).state,
-             "projector": LazyTensors.open([src / PROJECTOR_FILE]).recipes()}
-    return InitialWeights(flavour=flavour, tokenizer=llm.tokenizer, parts=parts, model_dir=src, source=str(src))
+    weights = read_weights(src, flavour)
+    parts = {"llm": weights.parts["llm"], "convnext": weights.parts["convnext"], "dino": weights.parts["dinov2"],
+             "projector": weights.parts["mm_projector"]}
+    return InitialWeights(flavour=weights.flavour, tokenizer=weights.tokenizer, parts=parts, model_dir=src,
+                          source=str(src))
 
 
 def check_tokenizer(weights_tokenizer, shards_tokenizer, source: str) -> None:

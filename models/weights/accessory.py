@@ -23,11 +23,10 @@ encoders, ``visual_proj``, ``start_img``/``end_img``) is replicated: shard 0's c
 the largest difference between replicas is reported.
 
 Weights:
-  - LLM (Meta layout) → ``LlamaForCausalLM``: ``tok_embeddings`` → ``model.embed_tokens``,
-    ``layers.N.attention.wq/wk`` → ``q_proj/k_proj`` permuted from Meta's interleaved rotary pairs
-    to transformers' rotate-half halves (per head: rows (0, 1, 2, 3, ...) → (0, 2, ..., 1, 3, ...)),
-    ``wv/wo`` → ``v_proj/o_proj``, ``feed_forward.w1/w3/w2`` → ``gate/up/down_proj``,
-    ``attention_norm/ffn_norm`` → ``input/post_attention_layernorm``, ``norm``, ``output`` → ``lm_head``.
+  - LLM (Meta layout) → ``LlamaForCausalLM`` by models.weights.meta_llama's table
+    (``layers.N.attention.wq`` → ``model.layers.N.self_attn.q_proj``, ``feed_forward.w1`` →
+    ``mlp.gate_proj``, ``output`` → ``lm_head``, ...), ``wq/wk`` permuted from Meta's interleaved
+    rotary pairs to transformers' rotate-half halves.
     ``<image>`` joins the tokenizer: one more row in ``embed_tokens`` / ``lm_head`` (the mean row;
     the image token's embedding is always replaced, so only its logit is new).
   - ``openclip_convnext_xxl.*``: open_clip's timm trunk (``head.norm`` included; SPHINX sets
@@ -55,15 +54,21 @@ import torch
 
 from models.errors import UserError
 from models.flavours import Flavour, from_name
+from models.weights.meta_llama import from_meta
 
 PathLike = Union[str, Path]
 PREFIX = "llma."
 LLAMA_TYPES = {"llama_ens_light": "sphinx-tiny", "llama_ens5_light": "sphinx-tiny-1k"}
 _SHARD = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
-# fairscale model-parallel layers of llama_ens*_light and the dim their weight is split on
-_COLUMN = re.compile(r"^(layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])|output)\.(weight|bias)$")
-_ROW = re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$")
-_EMBEDDING = re.compile(r"^tok_embeddings\.weight$")
+# fairscale model-parallel layers of llama_ens*_light → the dim their shards are concatenated on;
+# every other key is replicated
+MODEL_PARALLEL_SPLIT = [
+    (r"^layers\.\d+\.attention\.w[qkv]\.(weight|bias)$", 0),  # ColumnParallelLinear
+    (r"^layers\.\d+\.feed_forward\.w[13]\.(weight|bias)$", 0),
+    (r"^output\.(weight|bias)$", 0),
+    (r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$", 1),  # RowParallelLinear (bias replicated)
+    (r"^tok_embeddings\.weight$", 1),  # ParallelEmbedding
+]
 _MODEL_ARGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "max_batch_size", "max_seq_len", "rope_scaling",
                "load_pretrained_visual_encoder", "trainable_mode"}
@@ -76,11 +81,7 @@ class AccessoryError(UserError):
 
 def split_dim(key: str) -> Optional[int]:
     """The dim a model-parallel weight (``llma.`` stripped) is split on; None when replicated."""
-    if _COLUMN.match(key):
-        return 0
-    if _ROW.match(key) or _EMBEDDING.match(key):
-        return 1
-    return None
+    return next((dim for pattern, dim in MODEL_PARALLEL_SPLIT if re.match(pattern, key)), None)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class AccessoryCheckpoint:
 
 def read_accessory(directory: PathLike) -> AccessoryCheckpoint:
     """A release directory → its merged state dict, model args and llama_type."""
-    from models.weights.files import read_state_file
+    from models.weights.stream import read_state_file
 
     src = Path(directory)
     if not src.is_dir():
@@ -228,17 +229,11 @@ def llm_config(args: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     return out
 
 
-def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[n_heads·head_dim, d] in Meta's interleaved rotary layout → transformers' rotate-half layout."""
-    rows, cols = weight.shape
-    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def llama_to_hf(ckpt: AccessoryCheckpoint, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The Meta-layout LLM weights (taken out of ``ckpt.state``) → LlamaForCausalLM keys."""
+    """The Meta-layout LLM weights (taken out of ``ckpt.state``) → LlamaForCausalLM keys, through
+    models.weights.meta_llama's one table (``wq`` / ``wk`` permuted to rotate-half)."""
     d, n, ffn = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    hd = d // heads
     cfg_file = ckpt.directory / "config.json"
 
     def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -251,19 +246,7 @@ def llama_to_hf(ckpt: AccessoryCheckpoint, config: dict[str, Any]) -> dict[str, 
         return value
 
     vocab = ckpt.state.get("tok_embeddings.weight", torch.empty(0, d)).shape[0]
-    out = {"model.embed_tokens.weight": take("tok_embeddings.weight", (vocab, d)),
-           "model.norm.weight": take("norm.weight", (d,)), "lm_head.weight": take("output.weight", (vocab, d))}
-    for i in range(n):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[f"{q}self_attn.q_proj.weight"] = permute_rotary(take(f"{p}attention.wq.weight", (heads * hd, d)), heads)
-        out[f"{q}self_attn.k_proj.weight"] = permute_rotary(take(f"{p}attention.wk.weight", (kv * hd, d)), kv)
-        out[f"{q}self_attn.v_proj.weight"] = take(f"{p}attention.wv.weight", (kv * hd, d))
-        out[f"{q}self_attn.o_proj.weight"] = take(f"{p}attention.wo.weight", (d, heads * hd))
-        out[f"{q}mlp.gate_proj.weight"] = take(f"{p}feed_forward.w1.weight", (ffn, d))
-        out[f"{q}mlp.up_proj.weight"] = take(f"{p}feed_forward.w3.weight", (ffn, d))
-        out[f"{q}mlp.down_proj.weight"] = take(f"{p}feed_forward.w2.weight", (d, ffn))
-        out[f"{q}input_layernorm.weight"] = take(f"{p}attention_norm.weight", (d,))
-        out[f"{q}post_attention_layernorm.weight"] = take(f"{p}ffn_norm.weight", (d,))
+    out = from_meta(take, dict(config, vocab_size=vocab), interleaved_rotary=True)
     extra = sorted(k for k in ckpt.state if k.startswith("layers."))
     if extra:
         raise AccessoryError(f"{ckpt.where[extra[0]]}: LLM weights beyond n_layers {n} of {cfg_file} or not in "
@@ -282,8 +265,7 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
     ``flavour``: the base flavour (default by llama_type: ``sphinx-tiny`` / ``sphinx-tiny-1k``;
     its encoders and geometry; the LLM's keys come from config.json). ``dtype``: default the
     checkpoint's own (its LLM weights')."""
-    from models.weights.model_dir import DEFAULT_MAX_SHARD_BYTES, inspect_model_dir, skeleton
-    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.model_dir import DEFAULT_MAX_SHARD_BYTES, inspect_model_dir, save_model_dir, skeleton
     from models.weights.hf_llm import load_llm_tokenizer, resize_vocab
     from models.weights.encoders import convnext_from_timm, dino_from_hub, with_encoder_overrides
 

@@ -65,8 +65,8 @@ from torch import nn
 from models.errors import UserError
 from models.flavours import Flavour
 from models.vision import build_convnext, build_dino
-from models.weights.files import weight_files
-from models.weights.stream import LazyTensors, Recipe, as_recipes, load_recipes, materialise
+from models.weights.stream import (LazyTensors, Recipe, RenameTable, as_recipes, check_fits, load_recipes, materialise,
+                                   rename, shown, weight_files)
 
 PathLike = Union[str, Path]
 HUB_INTERPOLATE_OFFSET = 0.1  # facebookresearch/dinov2's default (DinoVisionTransformer.interpolate_offset)
@@ -106,60 +106,11 @@ def with_encoder_overrides(flavour: Flavour, *weights: EncoderWeights) -> Flavou
 
 # ---------------------------------------------------------------- shared pieces
 
-# A rule maps a source key (regex) to one target, or to several: the tensor is then split in
-# equal parts along dim 0 (packed projections: qkv, SwiGLU gate+up).
-_Rule = tuple[str, Union[str, tuple[str, ...]]]
-
-
-def _rename(state: dict[str, Recipe], rules: Sequence[_Rule], source: str, *,
-            keep_unmatched: bool) -> tuple[dict[str, Recipe], list[str]]:
-    """Apply the first matching rule to each key → (renamed state, unmatched keys)."""
-    out: dict[str, Recipe] = {}
-    unmatched = []
-    compiled = [(re.compile(p), t) for p, t in rules]
-    for key, value in state.items():
-        for pattern, target in compiled:
-            if not pattern.search(key):
-                continue
-            if isinstance(target, str):
-                out[pattern.sub(target, key)] = value
-            else:
-                if value.shape[0] % len(target):
-                    raise UserError(f"{source}: {key} {list(value.shape)} does not split into "
-                                    f"{len(target)} equal parts along dim 0")
-                for i, t in enumerate(target):
-                    out[pattern.sub(t, key)] = value.then(lambda v, i=i, n=len(target): v.chunk(n, dim=0)[i].contiguous())
-            break
-        else:
-            if keep_unmatched:
-                out[key] = value
-            else:
-                unmatched.append(key)
-    return out, unmatched
-
 
 def _meta_shapes(build: Callable[[Flavour], nn.Module], flavour: Flavour) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         module = build(flavour)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _shown(keys: Sequence[str], n: int = 8) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _check_shapes(expected: dict[str, tuple[int, ...]], state: dict[str, Recipe], what: str,
-                  against: str, unexpected_extra: Sequence[str] = ()) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected)) + list(unexpected_extra)
-    shapes = sorted(f"{k} {list(state[k].shape)} != {list(expected[k])}"
-                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    parts = [f"{label} ({len(keys)}): {_shown(keys)}" for label, keys in
-             (("shape mismatches (source != expected)", shapes), ("missing keys", missing),
-              ("unexpected keys", unexpected)) if keys]
-    if parts:
-        raise UserError(f"{what} does not fit {against}: " + "; ".join(parts))
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -183,7 +134,7 @@ def _split_off(state: dict[str, Recipe], pattern: str) -> tuple[dict[str, Recipe
 
 # ---------------------------------------------------------------- ConvNeXt
 
-_TIMM_CONVNEXT: list[_Rule] = [
+_TIMM_CONVNEXT: RenameTable = [
     (r"^stem\.0\.", "embeddings.patch_embeddings."),
     (r"^stem\.1\.", "embeddings.layernorm."),
     (r"^stages\.(\d+)\.downsample\.([01])\.", r"encoder.stages.\1.downsampling_layer.\2."),
@@ -209,8 +160,8 @@ def convnext_from_timm(trunk: dict[str, Union[torch.Tensor, Recipe]], flavour: F
     the flavour's ``convnext["norm_eps"]``, else timm's 1e-6)."""
     trunk = as_recipes(trunk, source)
     trunk, classifier = _split_off(trunk, r"^head\.fc\.")  # an ImageNet classifier (absent in open_clip)
-    state, unmatched = _rename(trunk, _TIMM_CONVNEXT, source, keep_unmatched=False)
-    _check_shapes(_meta_shapes(build_convnext, flavour), state, f"ConvNeXt weights {source} (timm layout)",
+    state, unmatched = rename(trunk, _TIMM_CONVNEXT, source, keep_unmatched=False)
+    check_fits(_meta_shapes(build_convnext, flavour), state, f"ConvNeXt weights {source} (timm layout)",
                   f"flavour {flavour.name!r}", unexpected_extra=unmatched)
     eps = norm_eps if norm_eps is not None else flavour.convnext.get("norm_eps", TRANSFORMERS_CONVNEXT_EPS)
     return EncoderWeights("convnext", layout, state, {"norm_eps": float(eps), "layer_norm_eps": float(eps)},
@@ -227,10 +178,10 @@ def _openclip_trunk(state: dict[str, Recipe], source: str) -> tuple[dict[str, Re
     visual = sorted(k for k in state if k.startswith("visual."))
     if visual:
         raise UserError(f"{source} is an open_clip checkpoint whose image tower is not a timm ConvNeXt trunk "
-                        f"(no visual.trunk.* keys; found e.g. {_shown(visual, 3)})")
+                        f"(no visual.trunk.* keys; found e.g. {shown(visual, 3)})")
     raise UserError(f"{source} is not a ConvNeXt checkpoint: expected open_clip's visual.trunk.*, timm's "
                     f"stem.0.weight or transformers' embeddings.patch_embeddings.weight; found e.g. "
-                    f"{_shown(sorted(state), 3)}")
+                    f"{shown(sorted(state), 3)}")
 
 
 def load_convnext_weights(path: PathLike, flavour: Flavour, *, norm_eps: Optional[float] = None) -> EncoderWeights:
@@ -262,14 +213,14 @@ def _convnext_from_hf_dir(src: Path, flavour: Flavour) -> EncoderWeights:
 def _convnext_hf_state(state: dict[str, Recipe], flavour: Flavour, source: str,
                        overrides: dict[str, Any]) -> EncoderWeights:
     state, ignored = _split_off(state, r"^classifier\.")
-    _check_shapes(_meta_shapes(build_convnext, flavour), state, f"ConvNeXt weights {source}",
+    check_fits(_meta_shapes(build_convnext, flavour), state, f"ConvNeXt weights {source}",
                   f"flavour {flavour.name!r}")
     return EncoderWeights("convnext", "hf", state, overrides, source, ignored)
 
 
 # ---------------------------------------------------------------- DINOv2
 
-_HUB_DINO: list[_Rule] = [
+_HUB_DINO: RenameTable = [
     (r"^cls_token$", "embeddings.cls_token"),
     (r"^mask_token$", "embeddings.mask_token"),
     (r"^pos_embed$", "embeddings.position_embeddings"),
@@ -285,7 +236,7 @@ _HUB_DINO: list[_Rule] = [
 ]
 
 # legacy Hugging Face names (transformers maps them inside from_pretrained only)
-_HF_DINO_LEGACY: list[_Rule] = [
+_HF_DINO_LEGACY: RenameTable = [
     (r"\.attention\.attention\.query\.", ".attention.q_proj."),
     (r"\.attention\.attention\.key\.", ".attention.k_proj."),
     (r"\.attention\.attention\.value\.", ".attention.v_proj."),
@@ -297,7 +248,7 @@ _HF_DINO_LEGACY: list[_Rule] = [
 
 def resample_positions(pos: torch.Tensor, grid: int, *, source: str,
                        hub_offset: Optional[float] = None) -> torch.Tensor:
-    """Position embeddings [1, 1 + M·M, C] → [1, 1 + grid·grid, C] (fp32), bicubic as the source's
+    """Position embeddings [1, 1 + M·M, C] → [1, 1 + grid·grid, C] (fp32 when resampled), bicubic as the source's
     forward does at grid·patch px: transformers ``size=(grid, grid)``, or the hub's
     ``scale_factor=(grid + hub_offset) / M``. The CLS position is kept as is."""
     if pos.dim() != 3 or pos.shape[0] != 1:
@@ -305,9 +256,9 @@ def resample_positions(pos: torch.Tensor, grid: int, *, source: str,
     m = int(round((pos.shape[1] - 1) ** 0.5))
     if m * m != pos.shape[1] - 1:
         raise UserError(f"{source}: {pos.shape[1] - 1} patch positions are not a square grid")
-    pos = pos.float()
-    if m == grid:
+    if m == grid:  # nothing to resample: as stored
         return pos
+    pos = pos.float()
     patches = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
     if hub_offset:
         scale = (grid + hub_offset) / m
@@ -332,7 +283,7 @@ def dino_from_hub(state: dict[str, Union[torch.Tensor, Recipe]], flavour: Flavou
         raise UserError(f"{source}: register_tokens found: DINOv2 with registers is not supported "
                         "(use a model without registers, e.g. dinov2_vitg14)")
     state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}  # block chunks
-    renamed, unmatched = _rename(state, _HUB_DINO, source, keep_unmatched=False)
+    renamed, unmatched = rename(state, _HUB_DINO, source, keep_unmatched=False)
     notes = []
     if "embeddings.mask_token" not in renamed and "embeddings.cls_token" in renamed:
         # only used with bool_masked_pos (masked pre-training), never here
@@ -355,7 +306,7 @@ def load_dino_weights(path: PathLike, flavour: Flavour) -> EncoderWeights:
     if "cls_token" in state and "pos_embed" in state:
         return dino_from_hub(state, flavour, source=str(src))
     raise UserError(f"{src} is not a DINOv2 checkpoint: expected the torch.hub layout (cls_token, pos_embed, "
-                    f"blocks.N...) or transformers' (embeddings.cls_token, ...); found e.g. {_shown(sorted(state), 3)}")
+                    f"blocks.N...) or transformers' (embeddings.cls_token, ...); found e.g. {shown(sorted(state), 3)}")
 
 
 def _dino_from_hf_dir(src: Path, flavour: Flavour) -> EncoderWeights:
@@ -377,7 +328,7 @@ def _dino_from_hf_dir(src: Path, flavour: Flavour) -> EncoderWeights:
 def _dino_hf_state(state: dict[str, Recipe], flavour: Flavour, source: str,
                    overrides: dict[str, Any]) -> EncoderWeights:
     state, ignored = _split_off(state, r"^classifier\.")
-    renamed, _ = _rename(state, _HF_DINO_LEGACY, source, keep_unmatched=True)
+    renamed, _ = rename(state, _HF_DINO_LEGACY, source, keep_unmatched=True)
     return _dino_finish(renamed, flavour, source, "hf", overrides, None, ignored=ignored)
 
 
@@ -389,6 +340,6 @@ def _dino_finish(state: dict[str, Recipe], flavour: Flavour, source: str, layout
         grid, where = _dino_grid(flavour), f"{source} ({key})"
         state[key] = state[key].then(lambda pos: resample_positions(pos, grid, source=where, hub_offset=hub_offset))
         state[key].shape  # its checks (square grid, the result's size) run now, on the header's shape
-    _check_shapes(_meta_shapes(build_dino, flavour), state, f"DINOv2 weights {source} ({layout} layout)",
+    check_fits(_meta_shapes(build_dino, flavour), state, f"DINOv2 weights {source} ({layout} layout)",
                   f"flavour {flavour.name!r} (dino_input {flavour.dino_input})", unexpected_extra=unmatched)
     return EncoderWeights("dino", layout, state, overrides, source, tuple(ignored), notes)

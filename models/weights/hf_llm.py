@@ -20,7 +20,7 @@ Layouts (``model_type`` in config.json):
     G = H/K query heads, then its key, then its value, head_dim rows each), ``attention.wo``,
     ``feed_forward.w1`` (gate) / ``w3`` (up) / ``w2`` (down), ``attention_norm``, ``ffn_norm``,
     ``model.norm``, ``output``. It is a Llama (rotate-half RoPE, RMSNorm, SwiGLU): converted to a
-    Llama state dict and LlamaConfig keys (:func:`internlm2_to_llama`).
+    Llama state dict and LlamaConfig keys (models.weights.internlm2).
 
 Tokenizer: the directory's own, from ``tokenizer.json`` or a sentencepiece ``tokenizer.model``
 (BPE, as Llama and InternLM2 ship it; read with the ``sentencepiece`` package and set up to encode
@@ -54,11 +54,11 @@ from models.conversation import IMAGE
 from models.errors import UserError
 from models.flavours import Flavour
 from models.sphinx import build_llm
-from models.weights.files import weight_files
-from models.weights.stream import LazyTensors, Recipe, as_recipes, load_recipes, shape_errors
+from models.weights.internlm2 import internlm2_to_llama
+from models.weights.meta_llama import EMBED, HEAD
+from models.weights.stream import LazyTensors, Recipe, check_fits, load_recipes, report, shape_errors, weight_files
 
 PathLike = Union[str, Path]
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # config keys that set parameter shapes: a source must agree with the flavour on all of them
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim", "num_local_experts")
@@ -174,26 +174,20 @@ def _hf_config_kwargs(src: Path, arch: str) -> dict[str, Any]:
     return config.to_dict()
 
 
-_ROTARY = re.compile(r"\.rotary_emb\.inv_freq$")  # a buffer older checkpoints saved; recomputed
+# an HF Llama / Mixtral checkpoint's names → the modules' (transformers 5); first match wins, None drops
+HF_LLM_TO_MODULE = [
+    (r"\.rotary_emb\.inv_freq$", None),  # a buffer older checkpoints saved; recomputed
+    (r"^(model\.layers\.\d+\.)block_sparse_moe\.gate\.", r"\1mlp.gate."),  # Mixtral's router
+]
+# Mixtral's per-expert weights, fused by stack_experts: (layer prefix, expert, w1 | w2 | w3)
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
-def hf_llm_recipes(state: dict[str, Recipe], arch: str, kwargs: dict[str, Any], *, source: str) -> dict[str, Recipe]:
-    """An HF Llama / Mixtral checkpoint's keys → LlamaForCausalLM / MixtralForCausalLM's (the
-    module docstring), checked against the config's model on the meta device; ``lm_head`` is the
-    embedding when the config ties them (sphinx-x keeps the two apart: they are resized and saved
-    apart)."""
-    out: dict[str, Recipe] = {}
-    experts: dict[str, dict[str, dict[int, Recipe]]] = {}
-    for key, recipe in state.items():
-        if _ROTARY.search(key):
-            continue
-        if arch == "mixtral" and (m := _EXPERT.match(key)):
-            experts.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = recipe
-            continue
-        out[key.replace(".block_sparse_moe.", ".mlp.") if arch == "mixtral" else key] = recipe
+def stack_experts(experts: dict[str, dict[str, dict[int, Recipe]]], n: int, source: str) -> dict[str, Recipe]:
+    """{layer prefix: {w1|w2|w3: {expert: Recipe}}} → the fused ``mlp.experts.gate_up_proj [E, 2F, d]``
+    (each expert's w1 rows then its w3 rows) and ``mlp.experts.down_proj [E, d, F]`` (w2)."""
+    out = {}
     for layer, weights in experts.items():
-        n = int(kwargs.get("num_local_experts", 0))
         for w in ("w1", "w2", "w3"):
             if sorted(weights.get(w, {})) != list(range(n)):
                 raise UserError(f"{source}: {layer}block_sparse_moe.experts.E.{w} exists for experts "
@@ -202,6 +196,24 @@ def hf_llm_recipes(state: dict[str, Recipe], arch: str, kwargs: dict[str, Any], 
         out[f"{layer}mlp.experts.gate_up_proj"] = Recipe.combine(
             gate + up, lambda *t, n=n: torch.cat([torch.stack(t[:n]), torch.stack(t[n:])], dim=1))
         out[f"{layer}mlp.experts.down_proj"] = Recipe.combine(down, lambda *t: torch.stack(t))
+    return out
+
+
+def hf_llm_recipes(state: dict[str, Recipe], arch: str, kwargs: dict[str, Any], *, source: str) -> dict[str, Recipe]:
+    """An HF Llama / Mixtral checkpoint's keys → LlamaForCausalLM / MixtralForCausalLM's
+    (:data:`HF_LLM_TO_MODULE`, then :func:`stack_experts`), checked against the config's model on
+    the meta device; ``lm_head`` is the embedding when the config ties them (sphinx-x keeps the
+    two apart: they are resized and saved apart)."""
+    out: dict[str, Recipe] = {}
+    experts: dict[str, dict[str, dict[int, Recipe]]] = {}
+    for key, recipe in state.items():
+        if arch == "mixtral" and (m := _EXPERT.match(key)):
+            experts.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = recipe
+            continue
+        target = next((re.sub(p, t, key) if t else None for p, t in HF_LLM_TO_MODULE if re.search(p, key)), key)
+        if target is not None:
+            out[target] = recipe
+    out.update(stack_experts(experts, int(kwargs.get("num_local_experts", 0)), source))
     if HEAD not in out and EMBED in out and kwargs.get("tie_word_embeddings"):
         out[HEAD] = out[EMBED]
     cls = _model_class(arch)
@@ -210,81 +222,8 @@ def hf_llm_recipes(state: dict[str, Recipe], arch: str, kwargs: dict[str, Any], 
         expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
     errors = shape_errors(expected, out)
     if errors:
-        raise UserError(f"{source} does not match its own config.json ({cls.__name__}): "
-                        + "; ".join(f"{label} ({len(keys)}): {_shown(keys)}" for label, keys in errors.items()))
+        raise UserError(f"{source} does not match its own config.json ({cls.__name__}): {report(errors)}")
     return out
-
-
-# ---------------------------------------------------------------- InternLM2
-
-
-def internlm2_to_llama(state: dict[str, Union[torch.Tensor, Recipe]], config: dict[str, Any], *,
-                       source: str) -> tuple[dict[str, Recipe], dict[str, Any]]:
-    """InternLM2 (published layout) → (LlamaForCausalLM recipes, LlamaConfig keyword arguments).
-
-    ``wqkv`` [(H + 2K)·D, d] is, per KV head h: its G = H/K query heads, its key, its value
-    (``rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=G + 2)``), so query head h·G + g uses KV
-    head h, which is Llama's grouping (``repeat_kv``)."""
-    try:
-        d, n_layers, h = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-        kwargs = dict(vocab_size=int(config["vocab_size"]), hidden_size=d, num_hidden_layers=n_layers,
-                      num_attention_heads=h, intermediate_size=int(config["intermediate_size"]))
-    except KeyError as err:
-        raise UserError(f"{source}/config.json: InternLM2 config lacks {err}") from None
-    k = int(config.get("num_key_value_heads") or h)
-    if h % k or d % h:
-        raise UserError(f"{source}/config.json: num_attention_heads {h} must divide hidden_size {d} and be a "
-                        f"multiple of num_key_value_heads {k}")
-    hd, g = d // h, h // k
-    kwargs.update(num_key_value_heads=k, hidden_act=config.get("hidden_act", "silu"),
-                  max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                  rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 10000)),
-                  attention_bias=bool(config.get("bias", False)), tie_word_embeddings=False)
-    scaling = config.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind not in ("linear", "dynamic"):
-            raise UserError(f"{source}/config.json: rope_scaling type {kind!r} (InternLM2 has linear, dynamic)")
-        kwargs["rope_scaling"] = {"rope_type": kind, "factor": float(scaling["factor"])}
-
-    remaining = as_recipes(state, source)
-
-    def take(key: str, shape: tuple[int, ...]) -> Recipe:
-        if key not in remaining:
-            raise UserError(f"{source}: missing InternLM2 weight {key}")
-        value = remaining.pop(key)
-        if tuple(value.shape) != shape:
-            raise UserError(f"{source}: {key} {list(value.shape)} != {list(shape)} expected from its config.json")
-        return value
-
-    out = {EMBED: take("model.tok_embeddings.weight", (kwargs["vocab_size"], d)),
-           "model.norm.weight": take("model.norm.weight", (d,))}
-    if "output.weight" in remaining:
-        out[HEAD] = take("output.weight", (kwargs["vocab_size"], d))
-    elif config.get("tie_word_embeddings"):
-        out[HEAD] = out[EMBED]
-    else:
-        raise UserError(f"{source}: missing InternLM2 weight output.weight (and tie_word_embeddings is false)")
-    ffn = kwargs["intermediate_size"]
-    for i in range(n_layers):
-        p = q = f"model.layers.{i}."
-        names = ["weight"] + (["bias"] if kwargs["attention_bias"] else [])
-        for name in names:
-            rows = (h + 2 * k) * hd
-            packed = take(f"{p}attention.wqkv.{name}", (rows, d) if name == "weight" else (rows,))
-            for proj, rows_of, n_heads in (("q", slice(0, g), h), ("k", g, k), ("v", g + 1, k)):
-                out[f"{q}self_attn.{proj}_proj.{name}"] = packed.then(
-                    lambda t, r=rows_of, n=n_heads: t.reshape(k, g + 2, hd, *t.shape[1:])[:, r]  # [K, G + 2, D, (d)]
-                    .reshape(n * hd, *t.shape[1:]).contiguous())
-            out[f"{q}self_attn.o_proj.{name}"] = take(f"{p}attention.wo.{name}", (d, h * hd) if name == "weight" else (d,))
-        out[f"{q}mlp.gate_proj.weight"] = take(f"{p}feed_forward.w1.weight", (ffn, d))
-        out[f"{q}mlp.up_proj.weight"] = take(f"{p}feed_forward.w3.weight", (ffn, d))
-        out[f"{q}mlp.down_proj.weight"] = take(f"{p}feed_forward.w2.weight", (d, ffn))
-        out[f"{q}input_layernorm.weight"] = take(f"{p}attention_norm.weight", (d,))
-        out[f"{q}post_attention_layernorm.weight"] = take(f"{p}ffn_norm.weight", (d,))
-    if remaining:
-        raise UserError(f"{source}: unexpected InternLM2 weights ({len(remaining)}): {_shown(sorted(remaining))}")
-    return out, kwargs
 
 
 # ---------------------------------------------------------------- vocabulary and flavour checks
@@ -337,27 +276,10 @@ def _check_fits(arch: str, kwargs: dict[str, Any], flavour: Flavour, overrides: 
     keys = [f"{k} {config.to_dict().get(k)} != {flavour.llm.get(k)}" for k in SHAPE_KEYS
             if k in flavour.llm and config.to_dict().get(k) != flavour.llm.get(k)]
     try:
-        _check_shapes(mine, theirs, f"LLM {source}", f"flavour {flavour.name!r}")
+        check_fits(mine, theirs, f"LLM {source}", f"flavour {flavour.name!r}")
     except UserError as err:
         detail = f" (config.json: {', '.join(keys)})" if keys else ""
         raise UserError(f"{err}{detail}") from None
-
-
-def _shown(keys, n: int = 8) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _check_shapes(expected: dict[str, tuple], got: dict[str, tuple], what: str, against: str) -> None:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(f"{k} {list(got[k])} != {list(expected[k])}" for k in set(expected) & set(got)
-                    if got[k] != expected[k])
-    parts = [f"{label} ({len(keys)}): {_shown(keys)}" for label, keys in
-             (("shape mismatches (source != expected)", shapes), ("missing keys", missing),
-              ("unexpected keys", unexpected)) if keys]
-    if parts:
-        raise UserError(f"{what} does not fit {against}: " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -477,3 +399,42 @@ def sentencepiece_tokenizer(model_file: PathLike, tokenizer_config: Optional[dic
     if len(out) < len(pieces):
         raise UserError(f"{path}: the tokenizer built has {len(out)} tokens, the model {len(pieces)}")
     return out
+
+
+# ---------------------------------------------------------------- saving a tokenizer
+
+# strings whose ids a saved tokenizer must reproduce after AutoTokenizer.from_pretrained
+_PROBES = ("Hello world", " Human: hi\n###", "  two  spaces", "digits 12345 and 6.7", "émoji ☃", "<s> x </s>")
+
+
+def save_llm_tokenizer(tokenizer, directory: Path) -> None:
+    """Save so that AutoTokenizer loads the same tokenizer. Some classes rebuild their
+    normaliser on load (transformers 5's LlamaTokenizer puts a Metaspace pre-tokenizer in
+    place of sentencepiece's prepend-and-replace, which changes text after a leading space):
+    such a tokenizer is stored as its backend, under the generic fast class."""
+    tokenizer.save_pretrained(str(directory))
+    if _reloads_same(tokenizer, directory):
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    generic = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map,
+                                      extra_special_tokens=list(getattr(tokenizer, "extra_special_tokens", ()) or ()))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        (directory / name).unlink(missing_ok=True)
+    generic.save_pretrained(str(directory))
+    if not _reloads_same(tokenizer, directory):
+        raise UserError(f"the tokenizer saved in {directory} does not load back as the same tokenizer "
+                              f"({type(tokenizer).__name__})")
+
+
+def _reloads_same(tokenizer, directory: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if len(again) != len(tokenizer) or again.get_vocab() != tokenizer.get_vocab():
+        return False
+    for text in _PROBES:
+        for kwargs in ({"add_special_tokens": True}, {"add_special_tokens": False, "split_special_tokens": True}):
+            if again(text, **kwargs)["input_ids"] != tokenizer(text, **kwargs)["input_ids"]:
+                return False
+    return True

@@ -17,31 +17,46 @@ A model directory (format_version 2)::
     mm_projector.safetensors    projector.0.{weight,bias} (Linear), projector.1.{weight,bias} (LayerNorm),
                                 start, end, skip [d_llm] — models.vision's own parameters
 
-    >>> save_model_dir(model, tokenizer, "out/export", dtype=torch.bfloat16)   # models.weights.model_dir_writer
+    >>> save_model_dir(model, tokenizer, "out/export", dtype=torch.bfloat16)   # a model in memory
+    >>> writer = ModelDirWriter("out/export", skeleton(flavour, token_ids), tokenizer, dtype=torch.bfloat16)
+    >>> writer.add("llm.model.norm.weight", tensor)     # SphinxX names, one tensor at a time; close() last
     >>> model, tokenizer = load_model_dir("out/export")                         # in the stored dtype
+    >>> weights = read_weights("out/export")                                    # unread: {part: {name: Recipe}}
     >>> inspect_model_dir("out/export")["parts"]["llm"]["params"]               # headers only
 
-Every part is written in one dtype (``dtype``, default the model's own: bf16 when trained in
-bf16), sharded past ``max_shard_bytes`` (5 GB, as Hugging Face does) with an index.
-``load_model_dir`` builds the model with its parameters on the meta device (no random init, no
-second copy), loads the LLM with transformers' own loader (its on-disk layouts, e.g. Mixtral's
-per-expert tensors) and the rest strictly; every missing, unexpected or mis-shaped key is a
-CheckpointError naming the file and the key.
+Write: every part in one dtype (``dtype``, default the model's own: bf16 when trained in bf16).
+``ModelDirWriter`` takes the model's names, shapes and Hugging Face configs from a model whose
+parameters may be on the meta device (:func:`skeleton`), so the training export (a ZeRO-3 run's
+parameters gathered one by one, actors.train.consolidate) never holds the model. Each Hugging
+Face part receives exactly what ``save_pretrained`` writes: transformers' reverse weight
+conversion (Mixtral's fused ``experts.gate_up_proj [E, 2f, d]`` → per-expert ``w1``/``w3``;
+DINOv2's ``gate_proj`` + ``up_proj`` → ``weights_in``) applied to one *block* at a time — the
+keys sharing a numbered layer prefix (``model.layers.3.``, ``encoder.stages.1.layers.2.``), reverted
+once all of them have arrived (:func:`block_of`; the tests check on every flavour that no
+conversion spans blocks). Tensors fill shards of at most ``max_shard_bytes`` (5 GB, as Hugging
+Face does), each written as soon as it is full, named and indexed as Hugging Face does. Memory:
+one block plus one shard. config.json is written last.
 
-Training from published weights (LLM and encoder directories, or a model directory like this
-one) is actors.train.initial_weights: it reads them one tensor at a time (models.weights.stream).
+Read: ``load_model_dir`` builds the model with its parameters on the meta device (no random
+init, no second copy), loads each Hugging Face part with transformers' own loader (its on-disk
+layouts) and the projector strictly; every missing, unexpected or mis-shaped key is a
+CheckpointError naming the file and the key. ``read_weights`` is the streaming read (training
+init, the vLLM loader): each part through its format's adapter (models.weights.hf_llm,
+models.weights.encoders), nothing read until streamed (models.weights.stream).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
@@ -49,6 +64,8 @@ from models.errors import UserError
 from models.flavours import Flavour
 from models.sphinx import SphinxX
 from models.tiling import TileSpec, image_token_count
+from models.weights.hf_llm import save_llm_tokenizer
+from models.weights.stream import LazyTensors, Recipe, report, shape_errors, shown, stream, weight_files
 
 FORMAT = "sphinx-x"
 FORMAT_VERSION = 2
@@ -60,6 +77,7 @@ PROJECTOR_FILE = "mm_projector.safetensors"
 PARTS = {"llm": (LLM_DIR, "llm."), "convnext": (CONVNEXT_DIR, "vision.convnext."),
          "dinov2": (DINO_DIR, "vision.dino."), "mm_projector": (PROJECTOR_FILE, "vision.")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
+_NUMBERED = re.compile(r"^(.*\.\d+\.)")  # greedy: the prefix through the last numbered component
 
 PathLike = Union[str, Path]
 
@@ -68,7 +86,7 @@ class CheckpointError(UserError):
     """A model directory or weights file that cannot be used as asked."""
 
 
-# ---------------------------------------------------------------- save
+# ---------------------------------------------------------------- config and write
 
 
 def geometry(flavour: Flavour) -> dict[str, Any]:
@@ -79,48 +97,6 @@ def geometry(flavour: Flavour) -> dict[str, Any]:
     return {**spec.to_dict(), "tokens_per_view": n, "max_image_tokens": image_token_count(1, 1, spec, n)}
 
 
-# strings whose ids a saved tokenizer must reproduce after AutoTokenizer.from_pretrained
-_PROBES = ("Hello world", " Human: hi\n###", "  two  spaces", "digits 12345 and 6.7", "émoji ☃", "<s> x </s>")
-
-
-def _save_tokenizer(tokenizer, directory: Path) -> None:
-    """Save so that AutoTokenizer loads the same tokenizer. Some classes rebuild their
-    normaliser on load (transformers 5's LlamaTokenizer puts a Metaspace pre-tokenizer in
-    place of sentencepiece's prepend-and-replace, which changes text after a leading space):
-    such a tokenizer is stored as its backend, under the generic fast class."""
-    tokenizer.save_pretrained(str(directory))
-    if _reloads_same(tokenizer, directory):
-        return
-    from transformers import PreTrainedTokenizerFast
-
-    generic = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map,
-                                      extra_special_tokens=list(getattr(tokenizer, "extra_special_tokens", ()) or ()))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        (directory / name).unlink(missing_ok=True)
-    generic.save_pretrained(str(directory))
-    if not _reloads_same(tokenizer, directory):
-        raise CheckpointError(f"the tokenizer saved in {directory} does not load back as the same tokenizer "
-                              f"({type(tokenizer).__name__})")
-
-
-def _reloads_same(tokenizer, directory: Path) -> bool:
-    from transformers import AutoTokenizer
-
-    again = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    if len(again) != len(tokenizer) or again.get_vocab() != tokenizer.get_vocab():
-        return False
-    for text in _PROBES:
-        for kwargs in ({"add_special_tokens": True}, {"add_special_tokens": False, "split_special_tokens": True}):
-            if again(text, **kwargs)["input_ids"] != tokenizer(text, **kwargs)["input_ids"]:
-                return False
-    return True
-
-
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-            for k, v in state.items()}
-
-
 def _own_vision_state(vision: nn.Module) -> dict[str, torch.Tensor]:
     """models.vision's parameters outside the two towers: projector, start, end, skip."""
     return {k: v for k, v in vision.state_dict().items() if not k.startswith(("convnext.", "dino."))}
@@ -128,6 +104,155 @@ def _own_vision_state(vision: nn.Module) -> dict[str, torch.Tensor]:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """On the host, floating point in the directory's dtype, contiguous (as safetensors wants)."""
+    return tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+
+
+def block_of(key: str) -> str:
+    """The block a part-local key belongs to: ``model.layers.3.mlp.gate.weight`` → ``model.layers.3.``;
+    a key without a layer number (embeddings, final norm, head) is a block of its own."""
+    found = _NUMBERED.match(key)
+    return found.group(1) if found else key
+
+
+class _PartWriter:
+    """One Hugging Face part: blocks reverted with transformers' rules, shards written as they fill."""
+
+    def __init__(self, directory: Path, module: nn.Module, dtype: torch.dtype, max_shard_bytes: int):
+        self.dir, self.module, self.dtype, self.max_bytes = directory, module, dtype, max_shard_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.known = set(module.state_dict())
+        self.waiting: dict[str, set[str]] = {}  # block → keys not yet added
+        for key in self.known:
+            self.waiting.setdefault(block_of(key), set()).add(key)
+        self.blocks: dict[str, dict[str, torch.Tensor]] = {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.shard_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = self.params = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        block = block_of(key)
+        left = self.waiting.get(block, set())
+        if key not in left:
+            what = "given twice" if key in self.known else "the model has no such key"
+            raise CheckpointError(f"{self.dir.name}/{key}: {what}")
+        left.remove(key)
+        self.params += tensor.numel()
+        self.blocks.setdefault(block, {})[key] = tensor
+        if not left:
+            del self.waiting[block]
+            for name, value in revert_weight_conversion(self.module, self.blocks.pop(block)).items():
+                self._put(name, value)
+
+    def _put(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = _stored(tensor, self.dtype)
+        size = tensor.numel() * tensor.element_size()
+        if self.shard and self.shard_bytes + size > self.max_bytes:
+            self._flush()
+        self.shard[name] = tensor
+        self.shard_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.dir / f"shard-{len(self.files):05d}.partial"
+        save_file(self.shard, str(path), metadata={"format": "pt"})
+        self.files.append((path, sorted(self.shard)))
+        self.shard, self.shard_bytes = {}, 0
+
+    def close(self) -> dict[str, Any]:
+        missing = sorted(k for keys in self.waiting.values() for k in keys)
+        if missing:
+            raise CheckpointError(f"{self.dir.name}: no tensor given for {len(missing)} key(s): "
+                                  + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if self.shard or not self.files:
+            self._flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files, start=1):
+            final = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.dir / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_parameters": self.params, "total_size": self.total_bytes},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = self.module.config
+        config.architectures = [type(self.module).__name__]
+        config.dtype = _dtype_name(self.dtype)  # what from_pretrained(dtype="auto") loads
+        config.save_pretrained(str(self.dir))
+        if self.module.can_generate():
+            self.module.generation_config.save_pretrained(str(self.dir))
+        return {"class": type(self.module).__name__, "model_type": config.model_type, "params": self.params}
+
+
+class ModelDirWriter:
+    """A model directory written tensor by tensor (module docstring). ``add`` takes SphinxX
+    state-dict names; ``close`` checks every key was given and writes config.json last."""
+
+    def __init__(self, directory: PathLike, model: SphinxX, tokenizer, *, dtype: torch.dtype,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source: Optional[dict[str, Any]] = None):
+        self.out = Path(directory)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in [self.out / LLM_DIR, self.out / CONVNEXT_DIR, self.out / DINO_DIR]:
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        for stale in [self.out / PROJECTOR_FILE, self.out / "config.json", self.out / SINGLE_FILE,
+                      self.out / INDEX_FILE, *self.out.glob("model-*-of-*.safetensors")]:
+            stale.unlink(missing_ok=True)
+        self.model, self.tokenizer, self.dtype, self.source = model, tokenizer, dtype, source
+        vision = model.vision
+        self.parts = {name: _PartWriter(self.out / PARTS[name][0], module, dtype, max_shard_bytes)
+                      for name, module in (("llm", model.llm), ("convnext", vision.convnext), ("dinov2", vision.dino))}
+        self.own_keys = {f"vision.{k}" for k in _own_vision_state(vision)}
+        self.own: dict[str, torch.Tensor] = {}  # projector, start, end, skip: small, written at close
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        for part, (_, prefix) in PARTS.items():
+            if part != "mm_projector" and name.startswith(prefix):
+                return self.parts[part].add(name[len(prefix):], tensor)
+        if name not in self.own_keys or name in self.own:
+            raise CheckpointError(f"{name}: " + ("given twice" if name in self.own else "the model has no such key"))
+        self.own[name] = _stored(tensor, self.dtype)
+
+    def close(self) -> Path:
+        parts = {name: {"path": PARTS[name][0], **writer.close()} for name, writer in self.parts.items()}
+        missing = sorted(self.own_keys - set(self.own))
+        if missing:
+            raise CheckpointError(f"{PROJECTOR_FILE}: no tensor given for {', '.join(missing)}")
+        own = {k[len("vision."):]: v for k, v in self.own.items()}
+        save_file(own, str(self.out / PROJECTOR_FILE), metadata={"format": "pt"})
+        parts["mm_projector"] = {"path": PROJECTOR_FILE, "params": sum(v.numel() for v in own.values()),
+                                 "keys": sorted(own)}
+        if self.tokenizer is not None:
+            save_llm_tokenizer(self.tokenizer, self.out / LLM_DIR)
+        model = self.model
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "flavour": model.flavour.to_dict(),
+                  "geometry": geometry(model.flavour), "token_ids": model.token_ids(),
+                  "dtype": _dtype_name(self.dtype), "parts": parts,
+                  "tokenizer": {"path": LLM_DIR, "size": len(self.tokenizer)} if self.tokenizer is not None else None}
+        if self.source:
+            config["source"] = self.source
+        (self.out / "config.json").write_text(json.dumps(config, indent=2))
+        return self.out
+
+
+def save_model_dir(model: SphinxX, tokenizer, directory: PathLike, *,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: Optional[torch.dtype] = None,
+                   source: Optional[dict[str, Any]] = None) -> Path:
+    """A model in memory as a model directory (the layout above) in ``dtype``
+    (default: the LLM's own), through ``ModelDirWriter`` as the training export's tensors go.
+
+    ``tokenizer`` goes to ``llm/``; ``source`` (e.g. what convert read) is recorded in config.json."""
+    writer = ModelDirWriter(directory, model, tokenizer, dtype=dtype or model.llm.get_input_embeddings().weight.dtype,
+                            max_shard_bytes=max_shard_bytes, source=source)
+    for name, tensor in model.state_dict().items():
+        writer.add(name, tensor)
+    return writer.close()
 
 
 # ---------------------------------------------------------------- load
@@ -187,15 +312,55 @@ def load_model_dir(directory: PathLike, device: Union[str, torch.device] = "cpu"
     expected = _own_vision_state(model.vision)
     state = load_file(str(projector))
     _check_keys(expected, state, str(projector))
-    model.vision.load_state_dict(_cast(state, dtype), strict=False, assign=True)
+    model.vision.load_state_dict({k: _stored(v, dtype) for k, v in state.items()}, strict=False, assign=True)
     left = sorted(name for name, p in model.named_parameters() if p.is_meta)
     if left:
-        raise CheckpointError(f"{src}: no weights for {len(left)} parameter(s): {_shown(left)}")
+        raise CheckpointError(f"{src}: no weights for {len(left)} parameter(s): {shown(left)}")
     # parameters are in ``dtype`` already; buffers (rotary frequencies, pixel statistics) stay fp32
     model = model.to(device=device)
     model.set_vision_trainable(not flavour.freeze_vision)
     model.eval()
     return model, _load_tokenizer(src / LLM_DIR)
+
+
+@dataclass
+class ModelDirWeights:
+    """A model directory's weights, unread: {part (``PARTS``): {name in that module: Recipe}}."""
+
+    flavour: Flavour  # the directory's LLM / encoder settings
+    tokenizer: Any  # llm/'s, with <image>
+    parts: dict[str, dict[str, Recipe]]
+
+    def recipes(self) -> dict[str, Recipe]:
+        """Every weight under its SphinxX state-dict name (``llm.model.norm.weight``, ``vision.start``)."""
+        return {PARTS[part][1] + name: r for part, state in self.parts.items() for name, r in state.items()}
+
+
+def read_weights(directory: PathLike, flavour: Optional[Flavour] = None) -> ModelDirWeights:
+    """The one streaming read of a model directory (training init, the vLLM loader): each part
+    through its format's adapter (models.weights.hf_llm for ``llm/`` — Mixtral's per-expert
+    tensors fused —, models.weights.encoders for ``convnext/`` and ``dinov2/`` — DINOv2's legacy
+    names —), the projector as saved; headers only, every shape checked. ``flavour``: a base
+    whose ``llm`` / ``convnext`` / ``dino`` settings become the directory's (default: the
+    directory's own flavour). A missing shard is a CheckpointError naming it."""
+    from models.weights.encoders import load_convnext_weights, load_dino_weights
+    from models.weights.hf_llm import load_pretrained_llm
+
+    src = Path(directory)
+    saved = read_config(src)["flavour"]
+    part_files(src)  # every file each part names is there
+    flavour = saved if flavour is None else replace(flavour, **{k: getattr(saved, k) for k in ("llm", "convnext", "dino")})
+    llm = load_pretrained_llm(src / LLM_DIR, flavour)
+    parts = {"llm": llm.state, "convnext": load_convnext_weights(src / CONVNEXT_DIR, flavour).state,
+             "dinov2": load_dino_weights(src / DINO_DIR, flavour).state,
+             "mm_projector": LazyTensors.open([src / PROJECTOR_FILE]).recipes()}
+    return ModelDirWeights(flavour, llm.tokenizer, parts)
+
+
+def stream_weights(directory: PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """(SphinxX state-dict name, tensor) for every weight of a model directory, one at a time
+    (:func:`read_weights` streamed)."""
+    yield from stream(read_weights(directory).recipes())
 
 
 @contextmanager
@@ -266,12 +431,12 @@ def _llm_config(llm_dir: Path, flavour: Flavour) -> dict[str, Any]:
 
 
 def _raise_loading_info(info: dict[str, Any], where: Path) -> None:
-    missing = sorted(info.get("missing_keys", ()))
-    unexpected = sorted(info.get("unexpected_keys", ()))
-    shapes = sorted(str(m) for m in info.get("mismatched_keys", ()))
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{_weights_named(where)} does not match the model: "
-                              + _key_report(missing, unexpected, shapes))
+    found = {"shape mismatches": sorted(str(m) for m in info.get("mismatched_keys", ())),
+             "missing keys": sorted(info.get("missing_keys", ())),
+             "unexpected keys": sorted(info.get("unexpected_keys", ()))}
+    errors = {label: keys for label, keys in found.items() if keys}
+    if errors:
+        raise CheckpointError(f"{_weights_named(where)} does not match the model: {report(errors)}")
 
 
 def _weights_named(directory: Path) -> str:
@@ -291,8 +456,6 @@ def _load_tokenizer(src: Path):
 
 def safetensors_files(directory: PathLike) -> list[Path]:
     """The safetensors file(s) of a directory: ``model.safetensors`` or the shards its index names."""
-    from models.weights.files import weight_files
-
     try:
         return weight_files(directory, layouts=((INDEX_FILE, SINGLE_FILE),))
     except CheckpointError:
@@ -311,31 +474,14 @@ def part_files(directory: PathLike) -> dict[str, list[Path]]:
 
 def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, Any], what: str) -> None:
     """Exactly the expected keys with the expected shapes (``state`` values: tensors or shapes)."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k} {list(_shape(state[k]))} != {list(expected[k].shape)}"
-                    for k in set(expected) & set(state) if tuple(_shape(state[k])) != tuple(expected[k].shape))
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{what} does not match the model: " + _key_report(missing, unexpected, shapes))
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+    errors = shape_errors(expected, state)
+    if errors:
+        raise CheckpointError(f"{what} does not match the model: {report(errors)}")
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, *, assign: bool = False) -> None:
     _check_keys(module.state_dict(), state, what)
     module.load_state_dict(state, strict=True, assign=assign)
-
-
-def _shown(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _key_report(missing: list[str], unexpected: list[str], shapes: list[str] = ()) -> str:
-    parts = [f"{label} ({len(keys)}): {_shown(list(keys))}" for label, keys in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
-    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- inspect (no tensors read)
@@ -398,22 +544,12 @@ def inspect_model_dir(directory: PathLike) -> dict[str, Any]:
                        "total": parts["llm"]["params"] + vision + parts["mm_projector"]["params"]}}
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
-                       "I64": "int64", "I32": "int32", "U8": "uint8", "BOOL": "bool"}
-
-
 def _headers(files: list[Path]) -> dict[str, Any]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: set[str] = set()
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    piece = handle.get_slice(key)
-                    shapes[key] = tuple(piece.get_shape())
-                    dtypes.add(_SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
-        except Exception as err:  # a truncated or foreign file: one clear line
-            raise CheckpointError(f"cannot read {f}: {type(err).__name__}: {err}") from None
-    params = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    return {"files": [str(f) for f in files], "dtypes": sorted(dtypes), "params": params,
-            "tensors": len(shapes), "shapes": shapes}
+    try:
+        lazy = LazyTensors.open(files)  # headers only
+    except UserError as err:  # a truncated or foreign file: one clear line
+        raise CheckpointError(str(err)) from None
+    meta = {key: lazy.meta(key) for key in lazy.keys()}
+    return {"files": [str(f) for f in files], "dtypes": sorted({_dtype_name(t.dtype) for t in meta.values()}),
+            "params": sum(t.numel() for t in meta.values()), "tensors": len(meta),
+            "shapes": {k: tuple(t.shape) for k, t in meta.items()}}

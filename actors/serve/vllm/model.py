@@ -32,9 +32,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from actors.serve.vllm.config import SphinxXConfig, text_architecture
-from actors.serve.vllm.loader import mixtral_to_vllm
 from actors.serve.vllm.processor import SphinxXDummyInputsBuilder, SphinxXMultiModalProcessor, SphinxXProcessingInfo
 from models.weights.model_dir import CheckpointError
+from models.weights.vllm_names import mixtral_to_vllm
 from models.conversation import IMAGE
 from models.vision import MixtureOfVisualExperts
 

@@ -62,7 +62,7 @@ def test_components_set_the_flavour_before_the_model_is_built_and_load(component
 @pytest.mark.parametrize("name", ["debug", "debug-moe"])
 def test_a_sphinx_model_dir_brings_its_own_flavour_settings_and_tokenizer(tmp_path, name):
     """Every tensor back exactly (Mixtral's experts through their published per-expert layout)."""
-    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.model_dir import save_model_dir
     from models.conversation import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(TEXTS, vocab_size=300)

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from accessory_reference import ARGS, DINO, TEXTS, make_toy_release, release_logits
-from models.weights.accessory import AccessoryError, convert_accessory, ffn_size, permute_rotary, read_accessory, split_dim
+from models.weights.accessory import AccessoryError, convert_accessory, ffn_size, read_accessory, split_dim
 from models.weights.model_dir import load_model_dir
 from models.conversation import IMAGE
 from models.errors import UserError
@@ -46,11 +46,6 @@ def test_split_dims_follow_fairscale():
         assert split_dim(replicated) is None
     assert ffn_size({"dim": 2048, "multiple_of": 256}) == 5632  # TinyLlama
     assert ffn_size({"dim": 4096, "multiple_of": 256, "ffn_dim_multiplier": 1.3}) == 14336
-
-
-def test_permute_rotary_turns_interleaved_pairs_into_halves():
-    w = torch.arange(2 * 8).float().view(8, 2)  # 2 heads of head_dim 4: rows (0 1 2 3) (4 5 6 7)
-    assert permute_rotary(w, 2)[:, 0].tolist() == [0, 4, 2, 6, 8, 12, 10, 14]
 
 
 def test_merge_is_the_full_model(release):

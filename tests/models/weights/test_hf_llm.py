@@ -21,7 +21,8 @@ from models.conversation import IMAGE, load_tokenizer, tokenize_conversation
 from models.errors import UserError
 from models.flavours import from_name
 from models.weights.stream import materialise
-from models.weights.hf_llm import internlm2_to_llama, load_llm_tokenizer, load_pretrained_llm, sentencepiece_tokenizer
+from models.weights.hf_llm import load_llm_tokenizer, load_pretrained_llm, sentencepiece_tokenizer
+from models.weights.internlm2 import internlm2_to_llama
 from models.sphinx import SphinxX
 
 

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.weights.model_dir import CheckpointError, inspect_model_dir, load_model_dir, part_files, skeleton
-from models.weights.model_dir_writer import save_model_dir
+from models.weights.model_dir import (CheckpointError, inspect_model_dir, load_model_dir, part_files, save_model_dir,
+                                      skeleton)
 from models.conversation import IMAGE, train_bpe_tokenizer
 from models.flavours import from_name
 from models.sphinx import SphinxX

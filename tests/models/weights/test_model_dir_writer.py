@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from transformers.core_model_loading import revert_weight_conversion
 
-from models.weights.model_dir import CheckpointError, load_model_dir, safetensors_files, skeleton
+from models.weights.model_dir import (CheckpointError, ModelDirWriter, block_of, load_model_dir, safetensors_files,
+                                      skeleton)
 from models.conversation import train_bpe_tokenizer
 from models.flavours import FLAVOURS, from_name
-from models.weights.model_dir_writer import ModelDirWriter, block_of
 from models.sphinx import SphinxX
 
 

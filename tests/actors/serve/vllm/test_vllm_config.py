@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 from actors.serve.vllm.config import (ARCHITECTURE, MODEL_TYPE, SphinxXConfig, prepare_vllm_dir, read_model_config,
                                 text_architecture)
 from models.weights.model_dir import CheckpointError
-from models.weights.model_dir_writer import save_model_dir
+from models.weights.model_dir import save_model_dir
 from models.conversation import train_bpe_tokenizer
 from models.flavours import from_name
 from models.sphinx import SphinxX
