@@ -103,7 +103,8 @@ def run_case(name: str, flavour_name: str, *, zero: int, autoep: bool, gpu: bool
              micro: int, seq: int) -> dict:
     from actors.train.batching import model_inputs
     from actors.train.deepspeed_config import deepspeed_config
-    from actors.train.worker import build_engine, construct_model, export_dtype
+    from actors.train.engine import build_engine, construct_model
+    from actors.train.export import export_dtype
     from cluster.spec import TrainSection
     from models.flavours import from_name
 

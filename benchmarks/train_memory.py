@@ -8,12 +8,12 @@ processes (``ru_maxrss`` is a process's lifetime peak), one after another:
 
 - ``single``: one process, the plain model and ``torch.optim.AdamW`` (no DeepSpeed): what a
   rank holds without sharding — parameters, gradients, two Adam moments;
-- ``zero2`` / ``zero3``: two gloo ranks through the training code (``actors.train.worker``
+- ``zero2`` / ``zero3``: two gloo ranks through the training code (``actors.train.engine``
   ``construct_model`` + ``build_engine``; ZeRO-3 builds under ``deepspeed.zero.Init``; the
   optimizer's fp32 master partition is the fp32 parameter partition itself, ``share_fp32_master``).
 
 Every process, ``single`` included, runs with the training code's host allocator setting
-(``bound_host_allocator``: glibc mmaps every block of 1 MiB or more, so freed tensors return).
+(``actors.upstream.bound_host_allocator``: glibc mmaps every block of 1 MiB or more, so freed tensors return).
 
 ``zero3`` also measures the export after its steps, side by side on the same engine: the rise
 of rank 0's resident memory (sampled every 5 ms) while (a) ``actors.train.consolidate.write_model_dir``
@@ -143,7 +143,7 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
     export = None
     if mode == "single":
         from actors.train.batching import model_inputs
-        from actors.train.worker import bound_host_allocator
+        from actors.upstream import bound_host_allocator
         from models.sphinx import SphinxX
 
         bound_host_allocator()  # the same host allocator settings as the training code's ranks
@@ -168,7 +168,7 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         from actors.train.batching import model_inputs
         from actors.train.deepspeed_config import deepspeed_config
-        from actors.train.worker import build_engine, construct_model
+        from actors.train.engine import build_engine, construct_model
         from cluster.spec import TrainSection
 
         train = TrainSection(workers=world, zero_stage=int(mode[-1]), micro_batch=1, lr=1e-5, steps=STEPS,

@@ -30,9 +30,8 @@ Mixtral sparse blocks stay HF's own classes so DeepSpeed AutoEP can replace them
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -188,82 +187,49 @@ class SphinxX(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def generate_stream(self, input_ids: Sequence[Sequence[int]], views: Optional[torch.Tensor] = None,
-                        kept: Optional[torch.Tensor] = None, *,
-                        max_new_tokens: Union[int, Sequence[int]],
-                        temperature: Union[float, Sequence[float]] = 0.0,
-                        top_p: Union[float, Sequence[float]] = 1.0,
-                        seed: Union[int, None, Sequence[Optional[int]]] = None,
-                        eos_token_id: Optional[int] = None,
-                        stop_token_ids: Union[None, Sequence[int], Sequence[Sequence[int]]] = None,
-                        use_cache: bool = True) -> Iterator[list[Optional[int]]]:
-        """Batched decoding; yields, per step, one entry per sequence: its new token id, or None
-        once it is finished.
+    def generate(self, input_ids: Sequence[Sequence[int]], views: Optional[torch.Tensor] = None,
+                 kept: Optional[torch.Tensor] = None, *, max_new_tokens: Union[int, Sequence[int]],
+                 eos_token_id: Optional[int] = None, use_cache: bool = True) -> list[list[int]]:
+        """Greedy decoding, batched: the new token ids of each sequence (the reference the served
+        vLLM model is compared against, ``pipelines/demo/parity.py``).
 
-        A sequence finishes after its own ``max_new_tokens`` or on a stop token (eos or one of
-        ``stop_token_ids``; shared list or one list per sequence). The stop token IS yielded,
-        as that sequence's last token, so callers can tell "stop" from "length".
-        ``temperature`` 0 is greedy; > 0 samples with nucleus ``top_p``. Each sequence samples
-        from its own torch.Generator seeded with ``seed`` (an int for all, or one per
-        sequence), so its output does not depend on its batch neighbours. Prompts are
-        left-padded; the KV cache is used unless ``use_cache=False`` (full recompute, tests).
-        Temperature, top_p and seed may be scalars or one per sequence.
+        A sequence stops after its own ``max_new_tokens`` (an int for all, or one per sequence)
+        or on ``eos_token_id`` (default: the tokenizer's), which is kept as its last token.
+        Prompts are left-padded, so a sequence's tokens do not depend on its batch neighbours;
+        the KV cache is used unless ``use_cache=False`` (full recompute, tests). Greedy only:
+        sampling is vLLM's, in serving.
         """
         batch = len(input_ids)
-        if batch == 0:
-            return
+        out: list[list[int]] = [[] for _ in range(batch)]
         max_new = _per_seq(max_new_tokens, batch, "max_new_tokens")
-        temps = _per_seq(temperature, batch, "temperature")
-        top_ps = _per_seq(top_p, batch, "top_p")
-        seeds = _per_seq(seed, batch, "seed")
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        if stop_token_ids and isinstance(stop_token_ids[0], (list, tuple)):
-            stops = [set(s) | {eos} for s in _per_seq(stop_token_ids, batch, "stop_token_ids")]
-        else:
-            stops = [set(stop_token_ids or ()) | {eos} for _ in range(batch)]
         if any(len(p) == 0 for p in input_ids):
             raise UserError("every prompt needs at least one token")
+        finished = [m <= 0 for m in max_new]
+        if all(finished):
+            return out
         device = self.llm.get_input_embeddings().weight.device
-        generators = []
-        for s in seeds:
-            g = torch.Generator(device=device)
-            g.manual_seed(random.randrange(2**63) if s is None else int(s))
-            generators.append(g)
-
         width = max(len(p) for p in input_ids)
         ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((batch, width), dtype=torch.long, device=device)
         for i, prompt in enumerate(input_ids):
             ids[i, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
             mask[i, width - len(prompt):] = 1
-        finished = [m <= 0 for m in max_new]
-        produced = [0] * batch
-        if all(finished):
-            return
-
-        with torch.no_grad():  # never held across a yield: grad mode is global state
+        with torch.no_grad():
             embeds = self.embed(ids, views, kept)
             positions = position_ids_from_mask(mask)
             cache = DynamicCache(config=self.llm.config) if use_cache else None
             logits = self._last_logits(embeds, mask, positions, cache)
-        while True:
-            with torch.no_grad():
-                picks = _pick_tokens(logits, temps, top_ps, generators)
-            step: list[Optional[int]] = []
-            for i, token in enumerate(picks):
-                if finished[i]:
-                    step.append(None)
-                    continue
-                step.append(token)
-                produced[i] += 1
-                finished[i] = token in stops[i] or produced[i] >= max_new[i]
-            yield step
-            if all(finished):
-                return
-            with torch.no_grad():
-                fed = torch.tensor([t if t is not None else self.pad_token_id for t in step],
-                                   dtype=torch.long, device=device)[:, None]
-                new_embeds = self.llm.get_input_embeddings()(fed)
+            while True:
+                picks = logits.argmax(-1)  # [B]
+                for i, token in enumerate(picks.tolist()):
+                    if not finished[i]:
+                        out[i].append(token)
+                        finished[i] = token == eos or len(out[i]) >= max_new[i]
+                if all(finished):
+                    return out
+                # every row takes its pick (a finished row's are never read): rows attend only to themselves
+                new_embeds = self.llm.get_input_embeddings()(picks[:, None])
                 mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
                 positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
                 if use_cache:
@@ -278,16 +244,6 @@ class SphinxX(nn.Module):
                                 past_key_values=cache, use_cache=cache is not None).last_hidden_state
         return self.llm.lm_head(hidden[:, -1]).float()
 
-    def generate(self, input_ids: Sequence[Sequence[int]], views: Optional[torch.Tensor] = None,
-                 kept: Optional[torch.Tensor] = None, **kwargs) -> list[list[int]]:
-        """The new tokens of each sequence (stop token included when it stopped on one)."""
-        out: list[list[int]] = [[] for _ in input_ids]
-        for step in self.generate_stream(input_ids, views, kept, **kwargs):
-            for i, token in enumerate(step):
-                if token is not None:
-                    out[i].append(token)
-        return out
-
 
 def _per_seq(value, batch: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
@@ -295,22 +251,3 @@ def _per_seq(value, batch: int, name: str) -> list:
             raise UserError(f"{name} has {len(value)} entries for {batch} sequences")
         return list(value)
     return [value] * batch
-
-
-def _pick_tokens(logits: torch.Tensor, temps: list[float], top_ps: list[float],
-                 generators: list[torch.Generator]) -> list[int]:
-    """logits [B, V] float → one token per row: argmax when temperature 0, else nucleus sampling."""
-    picks = logits.argmax(-1).tolist()
-    for i, (temp, top_p) in enumerate(zip(temps, top_ps)):
-        if temp is None or temp <= 0:
-            continue
-        if not 0 < top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {top_p}")
-        probs = torch.softmax(logits[i] / temp, dim=-1)
-        sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        keep = (sorted_p.cumsum(0) - sorted_p) < top_p
-        sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generators[i])
-        picks[i] = int(order[choice])
-    return picks

@@ -187,33 +187,21 @@ def test_moe_generation_runs(moe, tokenizer):
     assert [len(x) for x in out] == [3, 4, 5]
 
 
-def test_sampling_is_deterministic_under_a_seed(dense, tokenizer):
-    prompts, views, kept = _prompts(tokenizer, dense)
-    kw = dict(max_new_tokens=10, temperature=1.5, top_p=0.95, eos_token_id=-1)
-    a = dense.generate(prompts, views, kept, seed=123, **kw)
-    b = dense.generate(prompts, views, kept, seed=123, **kw)
-    c = dense.generate(prompts, views, kept, seed=124, **kw)
-    assert a == b and a != c
-    # a sequence's samples do not depend on its batch neighbours
-    assert dense.generate(prompts[2:], seed=123, **kw)[0] == a[2]
-
-
-def test_per_sequence_stop_and_max_new_tokens(dense, tokenizer):
+def test_per_sequence_eos_and_max_new_tokens(dense, tokenizer):
     prompts, views, kept = _prompts(tokenizer, dense)
     free = dense.generate(prompts, views, kept, max_new_tokens=6, eos_token_id=-1)
-    stop = free[0][2]  # sequence 0 stops on its third token (yielded, then None)
-    steps = list(dense.generate_stream(prompts, views, kept, max_new_tokens=[6, 2, 5], eos_token_id=-1,
-                                       stop_token_ids=[[stop], [], []]))
-    assert len(steps) == 5
-    col = lambda i: [s[i] for s in steps]  # noqa: E731
-    first_stop = free[0].index(stop)
-    assert col(0)[:first_stop + 1] == free[0][:first_stop + 1] and set(col(0)[first_stop + 1:]) <= {None}
-    assert col(1) == free[1][:2] + [None] * 3
-    assert col(2) == free[2][:5]
-    # eos ends a sequence too; max_new_tokens 0 yields only None
+    # each sequence stops at its own max_new_tokens, with the tokens it had in the longer run
+    assert dense.generate(prompts, views, kept, max_new_tokens=[6, 2, 5], eos_token_id=-1) == [
+        free[0], free[1][:2], free[2][:5]]
+    # eos ends a sequence and is kept as its last token (the others go on); max_new_tokens 0 gives nothing
+    stop = free[0][2]
+    assert dense.generate(prompts, views, kept, max_new_tokens=6, eos_token_id=stop) == [
+        f[:f.index(stop) + 1] if stop in f else f for f in free]
     eos_first = dense.generate(prompts[:1], max_new_tokens=6, eos_token_id=free[0][0])
     assert eos_first == [[free[0][0]]]
     assert dense.generate(prompts[:2], views, kept, max_new_tokens=[0, 1], eos_token_id=-1) == [[], free[1][:1]]
+    with pytest.raises(TypeError):  # greedy only: sampling is vLLM's
+        dense.generate(prompts[:1], max_new_tokens=2, temperature=0.7)
 
 
 # ---------------------------------------------------------------- packing

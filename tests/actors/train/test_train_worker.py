@@ -1,4 +1,5 @@
-"""The training loop's loss weighting across ranks (two real gloo processes)."""
+"""The training worker: loss weighting across ranks, the collectives' device, ZeRO-3 building,
+loading and export, the shared fp32 master (two real gloo processes)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _two_ranks(target, *args, timeout: float = 300) -> list:
 def _rank(rank: int, port: int, counts: list, out) -> None:
     import torch.distributed as dist
 
-    from actors.train.worker import token_share
+    from actors.train.collectives import token_share
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -102,7 +103,7 @@ def test_every_collective_gets_the_engines_device(monkeypatch):
     import pytest
 
     from actors.train.consolidate import gather_experts
-    from actors.train.worker import all_reduce_sums, token_share
+    from actors.train.collectives import all_reduce_sums, token_share
 
     device = torch.device("meta")
     seen: list = []
@@ -123,13 +124,13 @@ def test_the_loop_reduces_on_the_engine_device():
 
     from actors.train import worker as train_worker
 
-    tree = ast.parse(inspect.getsource(train_worker.train_loop_per_worker))
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None)
+    source = inspect.getsource(train_worker)
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", None)
              in {"all_reduce_sums", "token_share"}]
     assert len(calls) == 2
     for call in calls:
         assert ast.unparse(call.args[-1]) == "engine.device"
-    assert "dist.all_reduce" not in inspect.getsource(train_worker.train_loop_per_worker)
+    assert "dist.all_reduce" not in source
 
 
 def _zero3_rank(rank: int, port: int, out) -> None:
@@ -144,7 +145,7 @@ def _zero3_rank(rank: int, port: int, out) -> None:
     try:
         from actors.train.consolidate import consolidated_state_dict, scatter_recipes
         from actors.train.deepspeed_config import deepspeed_config
-        from actors.train.worker import construct_model
+        from actors.train.engine import construct_model
         from cluster.spec import TrainSection
         from models.conversation import train_bpe_tokenizer
 
@@ -219,7 +220,8 @@ def _zero3_weights_rank(rank: int, port: int, src, out) -> None:
     try:
         from actors.train.consolidate import consolidated_state_dict
         from actors.train.deepspeed_config import deepspeed_config
-        from actors.train.worker import TrainWorkerConfig, build_model
+        from actors.train.engine import build_model
+        from actors.train.worker import TrainWorkerConfig
         from cluster.spec import TrainSection
         from models.errors import UserError
         from models.weights.stream import LazyTensors
@@ -292,11 +294,11 @@ def _zero3_export_rank(rank: int, port: int, directory, out) -> None:
     try:
         import actors.train.consolidate as consolidate
         from actors.train.deepspeed_config import deepspeed_config
-        from actors.train.worker import construct_model
+        from actors.train.engine import construct_model
         from cluster.spec import TrainSection
         from models.weights.model_dir import load_model_dir
         from models.conversation import train_bpe_tokenizer
-        from models.weights.model_dir_writer import ModelDirWriter
+        from models.weights.model_dir import ModelDirWriter
         from models.weights.stream import LazyTensors
 
         tok = train_bpe_tokenizer(["a b c d e f"], 300)
@@ -380,7 +382,7 @@ def _master_rank(rank: int, port: int, stage: int, out) -> None:
     try:
         from actors.train.batching import collate
         from actors.train.deepspeed_config import deepspeed_config
-        from actors.train.worker import build_engine, construct_model
+        from actors.train.engine import build_engine, construct_model
         from cluster.spec import TrainSection
         from pipelines.demo.synthetic_shards import build_rows
 
@@ -436,32 +438,3 @@ def test_fp32_master_shares_the_partition_and_trains_the_same(stage):
         assert losses == pytest.approx(want_losses, rel=1e-5)
         assert not torch.equal(params, torch.zeros_like(params))
         torch.testing.assert_close(params, want, rtol=1e-5, atol=1e-6)
-
-
-def test_bound_host_allocator_serves_a_megabyte_from_mmap():
-    """After bound_host_allocator, a 2 MiB block is its own mmap (glibc counts it in
-    ``mallinfo2().hblks``) and goes back when freed, even after a 16 MiB block was freed (which
-    raises glibc's default threshold above 2 MiB)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = """
-import ctypes, sys
-class MI(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena","ordblks","smblks","hblks","hblkhd","usmblks","fsmblks","uordblks","fordblks","keepcost")]
-libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = MI; libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-def blocks_for(size):
-    before = libc.mallinfo2().hblks; p = libc.malloc(size); during = libc.mallinfo2().hblks; libc.free(p)
-    return during - before, libc.mallinfo2().hblks - before
-libc.free(libc.malloc(16 << 20))  # raises the default threshold to 16 MiB
-default = blocks_for(2 << 20)
-sys.path.insert(0, ".")
-from actors.train.worker import bound_host_allocator
-ok = bound_host_allocator()
-print(default, blocks_for(2 << 20), ok)
-"""
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[3]).stdout.split("\n")
-    assert got[-2] == "(0, 0) (1, 0) True"  # default: from the heap; bounded: its own mmap, returned

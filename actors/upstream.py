@@ -1,0 +1,131 @@
+"""Worker-side workarounds for upstream bugs and limitations, one function each.
+
+Each names the project and version it targets (pyproject.toml pins them) and what goes wrong
+without it; ``tests/actors/test_upstream.py`` shows each one's "without / with" on tiny inputs.
+When an upgrade fixes the upstream side, that test tells: delete the function and its call.
+
+    ==========================  ===================  ==========================================
+    function                    upstream             works around
+    ==========================  ===================  ==========================================
+    ``share_fp32_master``       DeepSpeed 0.19.8     ZeRO keeps an fp32 clone of fp32 partitions
+    ``bound_host_allocator``    glibc (2.x malloc)   freed heap memory stays resident on CPU
+    ``hf_init_deferred``        transformers 5.19    ``post_init`` on ZeRO-3 partitions is a no-op
+    ``hf_init_gathered``        transformers 5.19    (its counterpart: HF init, gathered)
+    ==========================  ===================  ==========================================
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def share_fp32_master(optimizer) -> int:
+    """DeepSpeed 0.19.8: make ZeRO's fp32 master partition a view of the parameter partition
+    when both have the same dtype and device, i.e. when training in fp32 (``precision: fp32``, or
+    ``auto`` on CPU).
+
+    ZeRO gives each rank's optimizer an fp32 "master" copy of the rank's parameter partition to
+    update, and copies it back into the partition after each step. When the partition is fp32
+    already, the master is a second copy of the same values: 4 B per parameter / world size.
+    The bug: ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``) means to skip the copy in this case but
+    compares the tensor's ``device`` with the device *name* string (never equal), so it always
+    copies; ZeRO-1/2 (``DeepSpeedZeroOptimizer``) always copy. After this the copy-back is a copy
+    onto itself, and checkpoints save and load the same values as before.
+
+    Before: ``master.data_ptr() != partition.data_ptr()`` (a clone). After: equal (one memory;
+    the clone is freed). bf16 / fp16 training (the master stays fp32) and offloaded optimizers
+    (master on the host, partition on the device) are left alone. Returns the elements now
+    shared on this rank (0: nothing changed)."""
+    pairs = []
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        if not optimizer.offload_optimizer:
+            pairs = list(zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat))
+    elif hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        if not optimizer.cpu_offload:
+            import deepspeed.comm as dist
+
+            for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+                rank = dist.get_rank(group=optimizer.real_dp_process_group[i])
+                pairs.append((optimizer.parallel_partitioned_bit16_groups[i][rank], master))
+    shared = 0
+    for partition, master in pairs:
+        if (partition is None or partition.dtype != master.dtype or partition.device != master.device
+                or partition.shape != master.shape or partition.data_ptr() == master.data_ptr()):
+            continue
+        master.data = partition.data  # the same tensor object: the optimizer's groups and state keep it
+        shared += partition.numel()
+    if shared and hasattr(optimizer, "single_partition_of_fp32_groups"):
+        optimizer._link_all_hp_params()  # its per-parameter fp32 views pointed into the clone
+    return shared
+
+
+# ----------------------------------------------------------------------------- glibc
+
+# glibc's mallopt parameter M_MMAP_THRESHOLD (malloc.h) and the value bound_host_allocator sets
+M_MMAP_THRESHOLD = -3
+HOST_MMAP_THRESHOLD = 1 << 20
+
+
+def bound_host_allocator(threshold: int = HOST_MMAP_THRESHOLD) -> bool:
+    """glibc malloc (any 2.x; ``mallopt(M_MMAP_THRESHOLD)``): serve every host allocation of
+    ``threshold`` bytes (1 MiB) or more with its own ``mmap``, so a freed tensor's memory goes
+    straight back to the system. For training on CPU; on GPU the host holds little.
+
+    The limitation: glibc's default threshold starts at 128 KiB and rises (up to 32 MiB) each
+    time an mmapped block is freed; after the first freed gathered parameter, ZeRO's per-step
+    transients (gathered ZeRO-3 parameters, gradients, the optimizer's sub-group temporaries:
+    1–12 MB each at d 1024) come from the heap arenas instead, and freed heap space stays
+    resident (``benchmarks/train_memory.py`` measures it). Setting the threshold also turns its
+    adaptation off. Tensors under 1 MiB still come from the heap. Returns False where there is
+    no glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+@contextmanager
+def hf_init_deferred() -> Iterator[None]:
+    """transformers 5.19 with DeepSpeed 0.19.8 ZeRO-3: skip ``PreTrainedModel.init_weights``
+    while models are built inside ``deepspeed.zero.Init``; ``hf_init_gathered`` runs it after.
+
+    The limitation: ``post_init`` initialises the whole model once its modules exist, when
+    ``zero.Init`` has already partitioned them (every parameter a 0-element tensor outside a
+    gather), so the init writes nothing: the weights keep torch's defaults (an embedding
+    N(0, 1), not N(0, ``initializer_range``)). transformers gathers only when an
+    ``HfDeepSpeedConfig`` is registered globally, which this project does not do (the config is
+    built per run, not per process)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original  # type: ignore[method-assign]
+
+
+def hf_init_gathered(parts: Iterable) -> None:
+    """The counterpart of ``hf_init_deferred``: each Hugging Face model in ``parts`` gets its own
+    initialisation (``_init_weights``), one module at a time: the module's parameters gathered,
+    rank 0 initialises, ZeRO-3 re-partitions (so rank 0's values land on every rank, and no rank
+    holds a full copy of the model), then its tied weights are re-tied."""
+    import deepspeed
+
+    for part in parts:
+        for module in part.modules():
+            params = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                part._init_weights(module)
+        if hasattr(part, "tie_weights"):
+            part.tie_weights()
