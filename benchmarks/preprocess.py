@@ -277,8 +277,8 @@ def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int, hf_tokenizer_run: 
                 "steady_images_per_s_per_core": round(steady / cpus, 2) if steady else None,
                 "cpu_s": {"driver": round(own, 2), "all_ray_processes_and_driver": round(total_cpu, 2)}}
 
-    orig = preprocess._tokenizer, preprocess._run_graph, preprocess.Progress
-    preprocess._tokenizer = timed("tokenizer_s", preprocess._tokenizer)
+    orig = preprocess.prepare_tokenizer, preprocess._run_graph, preprocess.Progress
+    preprocess.prepare_tokenizer = timed("tokenizer_s", preprocess.prepare_tokenizer)
     preprocess._run_graph = timed("graph_s", preprocess._run_graph)
     preprocess.Progress = TimedProgress
     t = time.perf_counter()
@@ -297,7 +297,7 @@ def ray_pipeline(cache: Path, cpus: int, rows_per_shard: int, hf_tokenizer_run: 
             finally:
                 preprocess.for_workers = light
     finally:
-        preprocess._tokenizer, preprocess._run_graph, preprocess.Progress = orig
+        preprocess.prepare_tokenizer, preprocess._run_graph, preprocess.Progress = orig
         ray.shutdown()
         shutil.rmtree(out, ignore_errors=True)
     return runs

@@ -1,9 +1,9 @@
 """The decode + tile + tokenize stage of preprocess: a Ray Data callable class (actor pool).
 
 Needs the raw-row columns of ``actors.data.rows`` (``source, id, copies, conversations,
-image_paths, image_bytes, reason, stage, detail``) and produces the shard columns of
-docs/interfaces.md plus the bookkeeping columns ``copies, truncated, reason, stage, detail,
-sample_key, image_key, source_bytes, stored_bytes`` (the writer keeps the shard columns of
+image_paths, image_bytes, reason, stage, detail``) and produces the shard columns
+(``actors.data.manifest.SHARD_SCHEMA``) plus the bookkeeping columns ``copies, truncated, reason,
+stage, detail, sample_key, image_key, source_bytes, stored_bytes`` (the writer keeps the shard columns of
 good rows and sends the others to ``errors/``; the driver deduplicates by the keys).
 
 Images are stored as ``models.stored_image`` gives them: the scaled image, losslessly
@@ -58,6 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from actors.data.manifest import SHARD_SCHEMA
 from actors.data.shards import ShardWriter
 from cluster.storage import Storage
 from models.conversation import ConversationError, tokenize_conversation
@@ -65,21 +66,8 @@ from models.errors import UserError
 from models.stored_image import store
 from models.tiling import ImageError, TileSpec, image_token_count, tokens_saved
 
-OUT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()),
-    ("text_tokens", pa.int32()),
-    ("image_tokens", pa.int32()),
-    ("saved_tokens", pa.int32()),
-    ("images", pa.list_(pa.binary())),
-    ("plans", pa.list_(pa.int32())),
-    ("view_counts", pa.list_(pa.int32())),
-    ("kept", pa.list_(pa.bool_())),
-    ("tile_size", pa.int32()),
-    ("grid", pa.int32()),
+# the shard columns (actors.data.manifest.SHARD_SCHEMA), then bookkeeping for the driver
+OUT_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [
     ("copies", pa.int32()),
     ("truncated", pa.bool_()),
     ("reason", pa.string()),
@@ -90,15 +78,12 @@ OUT_SCHEMA = pa.schema([
     ("source_bytes", pa.int64()),
     ("stored_bytes", pa.int64()),
 ])
-# the shard columns are the schema up to `grid`; the rest is bookkeeping for the driver
-SHARD_COLUMNS = [f.name for f in OUT_SCHEMA][: OUT_SCHEMA.get_field_index("grid") + 1]
+SHARD_COLUMNS = SHARD_SCHEMA.names
 ERROR_COLUMNS = ["id", "source", "stage", "reason", "detail"]
 BOOK_COLUMNS = ["id", "source", "num_tokens", "text_tokens", "image_tokens", "saved_tokens", "copies", "truncated",
                 "reason", "stage", "detail", "sample_key", "image_key", "source_bytes", "stored_bytes"]
 BOOK_SCHEMA = pa.schema([OUT_SCHEMA.field(c) for c in BOOK_COLUMNS] + [("shard", pa.string()),
                                                                        ("reused", pa.bool_())])
-# what the shards hold: 1 = raw views (before 2026-12); 2 = compressed scaled images + plans
-SHARD_FORMAT = 2
 _FETCH_THREADS = 8
 _CHUNK_ROWS = 16  # rows fetched + tiled at a time in shard mode (bounds the actor's memory)
 

@@ -1,6 +1,6 @@
 """A small, learnable shard set for training tests and benchmarks, written the way preprocess
-writes it (the shards, ``tokenizer/`` and a ``_manifest.json`` with the tiling and tokenizer facts
-training checks), at the spec's run layout.
+writes it (the shards, ``tokenizer/`` and an ``actors.data.manifest.Manifest`` with the tiling and
+tokenizer facts training checks), at the spec's run layout.
 
 Image rows: a solid-colour image (square, or 2:1 wide so two tiles are skipped) and the
 question "colour?" → the colour's name. Text rows: "say WORD" → WORD. Both are learnable in a
@@ -14,12 +14,15 @@ hold them (``images`` + ``plans``, ``models.stored_image``).
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from actors.data.manifest import (Counts, ImageBytes, Manifest, SourceCounts, Tiling, TokenizerFacts, Tokens,
+                                  shard_schema)
 from models.conversation import tokenize_conversation, train_bpe_tokenizer
 from models.flavours import from_name
 from models.stored_image import row_views, store
@@ -27,15 +30,6 @@ from models.tiling import TileSpec, image_token_count, tokens_saved
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 WORDS = ["apple", "river", "stone", "cloud", "lamp", "tiger", "piano", "maple"]
-
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())), ("num_tokens", pa.int32()), ("text_tokens", pa.int32()),
-    ("image_tokens", pa.int32()), ("saved_tokens", pa.int32()), ("images", pa.list_(pa.binary())),
-    ("plans", pa.list_(pa.int32())), ("view_counts", pa.list_(pa.int32())), ("kept", pa.list_(pa.bool_())), ("tile_size", pa.int32()),
-    ("grid", pa.int32()),
-])
-
 
 def _conversations(n_rows: int, seed: int):
     rng = np.random.default_rng(seed)
@@ -86,17 +80,13 @@ def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48,
                  rows_per_shard: int = 16, shard_format: int = 2) -> list[dict]:
     """Write ``part-XXXXX.parquet``, ``tokenizer/`` and ``_manifest.json`` at ``layout.shards``
     (``shard_format`` 2: stored images, as preprocess writes; 1: raw views, as it wrote before)."""
-    import json
     import tempfile
 
     from cluster.layout import shard_name
-    from models.conversation import image_token_id
-    from pipelines.stages.preprocess import tiling_facts
 
     tokenizer, rows = build_rows(flavour_name, n_rows, seed, stored=shard_format == 2)
     flavour = from_name(flavour_name)
-    schema = SCHEMA if shard_format == 2 else pa.schema(
-        [f for f in SCHEMA if f.name not in ("images", "plans")] + [("views", pa.binary())])
+    schema = shard_schema(shard_format)
     names = []
     for k in range(0, len(rows), rows_per_shard):
         table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=schema)
@@ -107,9 +97,27 @@ def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48,
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         storage.upload_dir(tmp, layout.tokenizer)
-    manifest = {"rows_in": len(rows), "rows_written": len(rows), "rows_quarantined": 0, "shards": names,
-                "shard_format": shard_format,
-                "flavour": flavour.name, "tiling": tiling_facts(flavour), "max_seq_len": flavour.max_seq_len,
-                "tokenizer": "tokenizer", "vocab_size": len(tokenizer), "image_token_id": image_token_id(tokenizer)}
-    storage.write_bytes(layout.manifest, json.dumps(manifest).encode())
+    storage.write_bytes(layout.manifest, _manifest(flavour, tokenizer, rows, names, shard_format).to_json().encode())
     return rows
+
+
+def _manifest(flavour, tokenizer, rows: list[dict], shards: list[str], shard_format: int) -> Manifest:
+    """Every row read and written once; per source (``colour``, ``say``) the same, with its tokens."""
+    def total(rs: list[dict], key: str) -> int:
+        return sum(int(r[key]) for r in rs)
+
+    sources = {}
+    for name in dict.fromkeys(r["source"] for r in rows):
+        mine = [r for r in rows if r["source"] == name]
+        sources[name] = SourceCounts(
+            **asdict(Counts.all_written(len(mine))), text_tokens=total(mine, "text_tokens"),
+            image_tokens=total(mine, "image_tokens"), saved_tokens=total(mine, "saved_tokens"),
+            source_bytes=0, stored_bytes=0, ratio=1.0, dedup="samples")
+    return Manifest(
+        flavour=flavour.name, shard_format=shard_format, shards=tuple(shards), error_shards=(),
+        tiling=Tiling.from_flavour(flavour), tokenizer=TokenizerFacts.of(tokenizer), max_seq_len=flavour.max_seq_len,
+        overflow="truncate", max_image_pixels=64_000_000, counts=Counts.all_written(len(rows)), rows_reused=0,
+        tokens=Tokens(text=total(rows, "text_tokens"), image=total(rows, "image_tokens"),
+                      saved=total(rows, "saved_tokens")),
+        image_bytes=ImageBytes(source=0, stored=0, codec="webp"), sources=sources,
+        code_version="synthetic", seconds=0.0)

@@ -1,0 +1,72 @@
+"""Preprocess, driver side: ``data.sources[]`` entries resolved to a format and a file list.
+
+The formats (``auto`` decides by extension) and the path rules are those of
+``pipelines.stages.preprocess`` (module doc); a source that cannot be read, holds no data files
+or mixes formats is a ``UserError`` naming ``data.sources[i]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow.fs as pafs
+
+from cluster.layout import Layout
+from cluster.spec import SourceSpec
+from cluster.storage import Storage
+from models.errors import UserError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One ``data.sources[]`` entry, resolved: its format decided and its files listed."""
+
+    spec: SourceSpec
+    format: str  # json | jsonl | webdataset | parquet
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]  # filesystem paths, sorted
+    image_root: Optional[str]  # a URI: s3://bucket/key or an absolute local path
+
+
+def _locate(storage: Storage, lay: Layout, path: str) -> tuple[pafs.FileSystem, str, str]:
+    """A spec path -> (filesystem, filesystem path, URI), by the layout's one rule."""
+    uri = lay.path(path)
+    fs, fs_path = storage.resolve(uri)
+    return fs, fs_path, uri
+
+
+_EXT_FORMAT = {".json": "json", ".jsonl": "jsonl", ".tar": "webdataset", ".parquet": "parquet"}
+
+
+def resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec) -> Source:
+    """``data.sources[i]`` -> its format (``auto`` decided by extension) and files (sorted; under a
+    directory or prefix every .json, .jsonl, .tar and .parquet file not under a ``_`` folder)."""
+    fs, path, uri = _locate(storage, lay, src.path)
+    where = f"data.sources[{i}] ({src.name}): path {uri}"
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise UserError(f"{where}: cannot be read: {err}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"{where}: no such file or prefix")
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(f.path for f in infos if f.type == pafs.FileType.File
+                       and any(f.path.endswith(e) for e in _EXT_FORMAT) and "/_" not in f.path[len(path):])
+    else:
+        files = [path]
+    if not files:
+        raise UserError(f"{where}: holds no .json, .jsonl, .tar or .parquet files")
+    fmt = src.format
+    if fmt == "auto":
+        kinds = {next((v for e, v in _EXT_FORMAT.items() if f.endswith(e)), "jsonl") for f in files}
+        kinds = {"json" if k in ("json", "jsonl") else k for k in kinds}
+        if len(kinds) > 1:
+            raise UserError(f"{where}: mixes formats {sorted(kinds)}; split it or set format")
+        fmt = kinds.pop()
+        fmt = "auto" if fmt == "json" else fmt  # json vs jsonl decided per file
+    image_root = lay.path(src.image_root) if src.image_root else None
+    if image_root is None and fmt in ("auto", "json", "jsonl"):
+        image_root = uri.rsplit("/", 1)[0] if info.type != pafs.FileType.Directory else uri
+    return Source(spec=src, format=fmt, filesystem=fs, files=tuple(files), image_root=image_root)

@@ -1,0 +1,25 @@
+"""Upstream workarounds, driver side: each one a function naming the upstream project, the
+version it targets and the bug or limitation it works around; each has a test in
+tests/pipelines/test_upstream.py that shows why it is there. Drop one when its test says the
+upstream no longer needs it.
+"""
+
+from __future__ import annotations
+
+
+def repartition_without_cpus(ds):
+    """Ray Data 2.60: make a just-made ``ds.repartition(target_num_rows_per_block=...)`` reserve no CPU.
+
+    Limitation: ``Dataset.repartition`` takes no ``num_cpus`` / ``ray_remote_args``, so its
+    ``StreamingRepartition`` logical op asks for the default 1 CPU per task. Behind a CPU-free
+    map (preprocess parses with ``num_cpus=0``) the two ops' remote args then differ, Ray Data
+    does not fuse them, and the repartition becomes an operator of its own that needs a free CPU,
+    which an actor pool as large as the cluster (the tilers) never leaves: the graph stalls.
+    Giving the op the map's ``{"num_cpus": 0}`` lets it fuse into the map
+    (``MapBatches(...)->StreamingRepartition``). The op is a frozen dataclass in Ray's private
+    ``ds._logical_plan``; hence ``object.__setattr__``. ``ds`` must end in the repartition.
+    """
+    op = ds._logical_plan.dag
+    if hasattr(op, "ray_remote_args"):
+        object.__setattr__(op, "ray_remote_args", {"num_cpus": 0})
+    return ds

@@ -1,0 +1,97 @@
+"""actors.data.manifest: the typed, versioned preprocess -> train contract round-trips, reads
+today's unversioned files, and refuses newer versions and missing or ill-typed keys by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.data.manifest import (SHARD_FORMAT, SHARD_SCHEMA, VERSION, Counts, ImageBytes, Manifest, SourceCounts,
+                                  Tiling, TokenizerFacts, Tokens, shard_schema)
+from models.errors import UserError
+from models.flavours import from_name
+
+# the keys preprocess wrote before the class existed (version 1 without ``version``)
+TODAYS_KEYS = {"rows_in", "rows_written", "rows_quarantined", "quarantined_by_reason", "rows_read", "subsampled_out",
+               "duplicate_samples", "duplicate_images", "rows_reused", "rows_truncated", "tokens", "image_bytes",
+               "sources", "shards", "shard_format", "error_shards", "flavour", "tiling", "max_seq_len", "overflow",
+               "max_image_pixels", "tokenizer", "vocab_size", "image_token_id", "code_version", "seconds"}
+
+
+def _manifest() -> Manifest:
+    counts = Counts(rows_read=5, subsampled_out=1, duplicate_samples=1, duplicate_images=0, rows_in=3, rows_written=2,
+                    rows_quarantined=1, rows_truncated=0, quarantined_by_reason={"missing_image": 1})
+    source = SourceCounts(**vars(counts), text_tokens=40, image_tokens=57, saved_tokens=36, source_bytes=900,
+                          stored_bytes=300, ratio=1.0, dedup="samples")
+    return Manifest(flavour="debug", shard_format=SHARD_FORMAT, shards=("part-00000.parquet",),
+                    error_shards=("errors/part-00000.parquet",), tiling=Tiling.from_flavour(from_name("debug")),
+                    tokenizer=TokenizerFacts(path="tokenizer", vocab_size=400, image_token_id=4), max_seq_len=512,
+                    overflow="truncate", max_image_pixels=64_000_000, counts=counts, rows_reused=0,
+                    tokens=Tokens(text=40, image=57, saved=36), image_bytes=ImageBytes(source=900, stored=300,
+                                                                                       codec="webp"),
+                    sources={"vqa": source}, code_version="0.1+abc", seconds=1.5)
+
+
+def test_json_round_trip_keeps_todays_key_names():
+    m = _manifest()
+    data = json.loads(m.to_json())
+    assert set(data) == TODAYS_KEYS | {"version"} and data["version"] == VERSION
+    assert data["tokens"]["total"] == 97 and data["tiling"]["canvas"] == 96
+    assert Manifest.from_json(m.to_json()) == m
+    assert m.shard_schema == SHARD_SCHEMA
+
+
+def test_todays_unversioned_file_loads_as_version_1():
+    data = _manifest().to_dict()
+    del data["version"]
+    m = Manifest.from_dict(data)
+    assert m.version == 1 and m.counts.rows_written == 2 and m.tiling.tile.grid == 2
+
+
+def test_a_newer_version_or_shard_format_is_refused():
+    with pytest.raises(UserError, match=f"version {VERSION + 1}, newer than this sphinx-x reads"):
+        Manifest.from_dict({**_manifest().to_dict(), "version": VERSION + 1})
+    with pytest.raises(UserError, match=f"format {SHARD_FORMAT + 1}, newer"):
+        Manifest.from_dict({**_manifest().to_dict(), "shard_format": SHARD_FORMAT + 1}, where="s3://b/shards")
+
+
+@pytest.mark.parametrize("path", ["vocab_size", "shards", "tiling.grid", "tokens.saved", "sources.vqa.rows_in",
+                                  "image_bytes.codec", "seconds"])
+def test_a_missing_key_is_named(path):
+    data = _manifest().to_dict()
+    *parents, key = path.split(".")
+    inner = data
+    for p in parents:
+        inner = inner[p]
+    del inner[key]
+    with pytest.raises(UserError, match=rf"at s3://b/shards/_manifest.json: key '{path}' is missing"):
+        Manifest.from_dict(data, where="s3://b/shards/_manifest.json")
+
+
+@pytest.mark.parametrize("key, value", [("rows_in", "3"), ("rows_in", True), ("shards", "part-00000.parquet"),
+                                        ("quarantined_by_reason", {"x": 1.5}), ("flavour", None), ("version", "1")])
+def test_an_ill_typed_key_is_named(key, value):
+    with pytest.raises(UserError, match=f"key '{key}' is"):
+        Manifest.from_dict({**_manifest().to_dict(), key: value})
+
+
+def test_bad_tiling_and_bad_json_are_user_errors():
+    data = _manifest().to_dict()
+    data["tiling"]["pad"] = "diagonal"
+    with pytest.raises(UserError, match="tiling: pad must be one of"):
+        Manifest.from_dict(data)
+    with pytest.raises(UserError, match="not valid JSON"):
+        Manifest.from_json(b"{", where="x")
+    with pytest.raises(UserError, match="not a JSON object"):
+        Manifest.from_json(b"[]")
+
+
+def test_the_shard_schema_is_defined_once():
+    from actors.data.tiler import OUT_SCHEMA, SHARD_COLUMNS
+
+    assert SHARD_COLUMNS == SHARD_SCHEMA.names == [f.name for f in OUT_SCHEMA][:len(SHARD_SCHEMA)]
+    old = shard_schema(1)
+    assert "views" in old.names and not {"images", "plans"} & set(old.names)
+    with pytest.raises(UserError):
+        shard_schema(3)
