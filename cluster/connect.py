@@ -4,7 +4,6 @@ environment and placement, for every stage, `run` and the demo.
     >>> conn = connect(spec)           # Ray up (or joined), storage open, env for workers
     >>> conn.storage.uri               # 's3://sphinx-x/runs/local'
     >>> conn.env                       # {'AWS_REGION': ..., 'SPHINX_X_S3_ENDPOINT': ...}: no secrets
-    >>> check_capacity(spec, "train")  # fails at once, with the numbers, if the cluster is too small
 
 Where Ray comes from, first match wins:
 
@@ -33,17 +32,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cluster.embedded_s3 import CHECKSUM_ENV, DUMMY_CREDENTIALS, ENDPOINT_ENV, EmbeddedS3, embedded_worker_env
-from cluster.placement import group_resources, node_resources, placement
+from cluster.placement import group_resources
 from cluster.spec import ClusterSpec, StorageSection
 from cluster.storage import Storage, open_storage
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# CPUs each rank's Ray Data reader (actors.train.data.rank_datasets) reserves beside the workers.
-TRAIN_READER_CPUS = 0.25
-# CPUs of the HTTP ingress deployment (actors.serve.ingress), one replica
-INGRESS_CPUS = 0.25
 
 _process_server: Optional[EmbeddedS3] = None
 _lock = threading.Lock()
@@ -166,76 +160,3 @@ def _start_or_join(spec: ClusterSpec, env: dict[str, str]) -> str:
              include_dashboard=True, dashboard_host="127.0.0.1",  # the state API (stall reports)
              runtime_env=runtime_env)
     return "a private local Ray"
-
-
-# ---------------------------------------------------------------- capacity
-
-
-def stage_demand(spec: ClusterSpec, stage: str) -> tuple[dict[str, float], str]:
-    """(resources the stage asks for at once, how that sum is made) — for :func:`check_capacity`."""
-    if stage == "preprocess":
-        d = spec.data
-        cpus = d.concurrency * d.num_cpus_per_worker
-        demand = {"CPU": cpus, **_times(placement(spec, d.group), d.concurrency)}
-        return demand, f"{d.concurrency} tiling actors x {d.num_cpus_per_worker:g} CPU"
-    if stage == "train":
-        t = spec.train
-        per = {"CPU": 1.0, **t.resources_per_worker}
-        if t.use_gpu:
-            per.setdefault("GPU", 1.0)
-        per = {**per, **placement(spec, t.group)}
-        demand = _times(per, t.workers)
-        demand["CPU"] = demand.get("CPU", 0.0) + t.workers * TRAIN_READER_CPUS
-        how = (f"{t.workers} train workers x {per['CPU']:g} CPU"
-               + (f" x {per['GPU']:g} GPU" if per.get("GPU") else "")
-               + f" + {t.workers} data readers x {TRAIN_READER_CPUS:g} CPU")
-        return demand, how
-    if stage == "serve":
-        demand: dict[str, float] = {}
-        parts = []
-        for m in spec.serve.models:
-            n = m.autoscaling_config.initial_replicas
-            n = max(1, m.autoscaling_config.min_replicas if n is None else n)
-            o = m.ray_actor_options
-            per = {"CPU": o.num_cpus, "GPU": o.num_gpus, **o.resources, **placement(spec, m.group)}
-            for k, v in _times(per, n).items():
-                demand[k] = demand.get(k, 0.0) + v
-            parts.append(f"{m.name}: {n} x {o.num_cpus:g} CPU" + (f" x {o.num_gpus:g} GPU" if o.num_gpus else ""))
-        demand["CPU"] = demand.get("CPU", 0.0) + INGRESS_CPUS
-        return {k: v for k, v in demand.items() if v}, "replicas " + ", ".join(parts) + \
-            f" + the ingress {INGRESS_CPUS:g} CPU"
-    raise UserError(f"no resource demand known for stage {stage!r}")
-
-
-def _times(resources: dict[str, float], n: int) -> dict[str, float]:
-    return {k: v * n for k, v in resources.items() if v}
-
-
-def spec_capacity(spec: ClusterSpec) -> dict[str, float]:
-    """What the spec's cluster can grow to: the head plus every group at ``max_workers``."""
-    c = spec.cluster
-    total = {"CPU": float(c.head.cpus), "GPU": float(c.head.gpus), **c.head.resources}
-    for g in c.worker_groups:
-        for k, v in {"CPU": g.cpus, "GPU": g.gpus, **node_resources(g)}.items():
-            total[k] = total.get(k, 0.0) + v * g.max_workers
-    return total
-
-
-def check_capacity(spec: ClusterSpec, stage: str) -> None:
-    """Fail at once, naming the numbers, when the stage cannot fit on the connected cluster.
-
-    On a local Ray the cluster is what it is. On a cluster whose worker groups can grow, the
-    bound is what the spec lets them grow to (the autoscaler adds the rest).
-    """
-    import ray
-
-    demand, how = stage_demand(spec, stage)
-    have = {k: float(v) for k, v in ray.cluster_resources().items()}
-    growable = spec.cluster.address != "local" and spec.cluster.worker_groups
-    bound = {k: max(have.get(k, 0.0), v) for k, v in spec_capacity(spec).items()} if growable else have
-    short = {k: (v, bound.get(k, 0.0)) for k, v in demand.items() if v > bound.get(k, 0.0) + 1e-9}
-    if short:
-        lacking = ", ".join(f"{k}: needs {need:g}, the cluster has {got:g}" for k, (need, got) in sorted(short.items()))
-        hint = (" Raise cluster.head.cpus (logical CPUs of the local Ray) or ask for less."
-                if spec.cluster.address == "local" else " Add nodes to the spec's worker groups or ask for less.")
-        raise UserError(f"{stage}: the cluster cannot hold this stage ({how}) — {lacking}.{hint}")

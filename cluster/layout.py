@@ -1,5 +1,6 @@
 """The run layout (docs/architecture.md "Run layout"): every path a run reads or writes, derived
-from the spec once, and each stage's "complete" test. No other module types a run path.
+from the spec once. No other module types a run path; each stage's "complete" test reads
+these paths (``pipelines.stages``).
 
 One rule resolves every path setting (``data.sources[].path``/``image_root``, ``data.output``,
 ``train.output``, ``model.weights``/``tokenizer``, ``serve.models[].checkpoint``): a relative
@@ -27,14 +28,12 @@ path is under ``storage.uri``; an ``s3://`` URI or an absolute local path is tak
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
+from cluster.location import Location
 from cluster.spec import ClusterSpec
-from models.errors import UserError
 
-STAGES = ("preprocess", "train", "serve")
 JOB_SPEC_NAME = "job-spec.yaml"  # the spec, as a Ray Job's working directory carries it
 TRAIN_EXPORT = "@train"  # serve.models[].checkpoint naming this run's train export
 
@@ -45,26 +44,19 @@ SUCCESS = "_SUCCESS"
 
 
 def resolve(base_uri: str, setting: str) -> str:
-    """A path setting -> a URI / absolute path: relative ones under ``base_uri``, others as given."""
-    if setting.startswith("s3://"):
-        return setting.rstrip("/")
-    if "://" in setting:
-        raise UserError(f"only s3:// URIs or local paths are supported, got {setting!r}")
-    if os.path.isabs(setting) or setting.startswith("~"):
-        return os.path.abspath(os.path.expanduser(setting))
-    return join(base_uri, setting)
+    """A path setting -> a URI / absolute path: relative ones under ``base_uri``, others as given
+    (:meth:`cluster.location.Location.parse`; a relative setting never leaves ``base_uri``)."""
+    return Location.parse(setting, base=Location.parse(base_uri)).uri
 
 
 def join(*parts: str) -> str:
     head, *rest = parts
-    tail = "/".join(p.strip("/") for p in rest if p and p.strip("/"))
-    return f"{head.rstrip('/')}/{tail}" if tail else head.rstrip("/") or head
+    return (Location.parse(head) / "/".join(rest)).uri
 
 
 def storage_root(spec: ClusterSpec) -> str:
     """``storage.uri`` as an s3:// URI or an absolute local path."""
-    uri = spec.storage.uri
-    return uri.rstrip("/") if uri.startswith("s3://") else os.path.abspath(os.path.expanduser(uri))
+    return Location.parse(spec.storage.uri).uri
 
 
 @dataclass(frozen=True)
@@ -150,35 +142,3 @@ def shard_name(k: int) -> str:
 def is_shard(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return base.startswith(SHARD_PREFIX) and base.endswith(".parquet")
-
-
-# ---------------------------------------------------------------- "complete" tests
-
-
-def preprocess_complete(storage, layout: Layout) -> bool:
-    return storage.exists(layout.manifest)
-
-
-def train_complete(storage, layout: Layout) -> bool:
-    return storage.exists(layout.export_success) and storage.exists(layout.train_summary)
-
-
-# ---------------------------------------------------------------- stages as commands
-
-
-def ordered(stages: list[str]) -> list[str]:
-    """Pipeline order, whatever order the user typed: ``["train", "preprocess"]`` -> preprocess, train."""
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise UserError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    return [s for s in STAGES if s in stages]
-
-
-def stage_entrypoint(stage: str, spec_path: str, *, force: bool = False, python: str = "python") -> str:
-    """The command that runs ONE stage on a cluster (a Ray Job, a RayJob pod): `run` in-process."""
-    cmd = f"{python} -m pipelines.cli run {spec_path} --stages {stage} --address local"
-    if force:
-        cmd += " --force"
-    if stage == "serve":
-        cmd += " --detach"  # deploy and return: the Serve app outlives the job's driver
-    return cmd

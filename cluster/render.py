@@ -3,17 +3,21 @@
 Three targets, all pure functions of the :class:`~cluster.spec.ClusterSpec` (nothing is
 started, nothing is imported from higher layers):
 
+Stages reach this module as data (:class:`StagePlan`: a name, an entry point, a
+:class:`~cluster.capacity.Demand` and, for a long-running stage, its application's import path),
+never by name.
+
 - ``serve``: a Ray Serve config (``serve deploy`` format). The app is named ``spec.name`` and
-  built by the import path ``pipelines.stages.serve:build_app`` with ``args: {"spec": <spec dict>}``;
+  built by the service stage's import path with ``args: {"spec": <spec dict>}``;
   one deployment per ``serve.models[]`` entry, named exactly like the model, carries its
   ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests`` and
   ``max_queued_requests``.
 - ``kuberay``: ``ray.io/v1`` manifests, every pod running ``cluster.image`` (this project's image,
   ``Dockerfile``) — a RayCluster (head + every worker group, for ``sphinx-x run --address``), a
-  RayJob per batch stage that brings up only the groups the stage uses (:func:`stage_groups`:
-  preprocess its data group or the CPU groups, train its training group) and shuts down after
-  the job (``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished: cluster.job_ttl_s``), and a
-  RayService (serving: the serving groups only) whose ``serveConfigV2`` is the Serve config;
+  RayJob per batch stage that brings up only the groups its demand uses
+  (:func:`cluster.capacity.groups_for`) and shuts down after the job
+  (``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished: cluster.job_ttl_s``), and a
+  RayService per service stage (its groups only) whose ``serveConfigV2`` is the Serve config;
   plus a ConfigMap holding the spec file the RayJob entrypoints read.
 - ``launcher``: a Ray cluster-launcher YAML (``ray up``): provider, node types with resources,
   min/max workers, ``cluster.image`` as the docker image, setup commands that install the
@@ -35,33 +39,51 @@ Secrets: credentials appear only as ``secretKeyRef`` to the Secret ``<name>-secr
 per environment-variable name (``storage.*_env``, ``serve.api_keys_env``); never as values.
 
     >>> from cluster.spec import ClusterSpec
-    >>> docs = render_kuberay(ClusterSpec())
+    >>> docs = render_kuberay(ClusterSpec(), plans)     # plans: pipelines.stages.plans(spec, SPEC_IN_POD)
     >>> sorted(docs)
     ['configmap-spec.yaml', 'raycluster.yaml', 'rayjob-preprocess.yaml', 'rayjob-train.yaml', 'rayservice.yaml']
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from cluster import pins
+from cluster.capacity import Demand, groups_for
 from cluster.connect import worker_env
-from cluster.layout import stage_entrypoint
 from cluster.placement import GROUP_CAPACITY, node_resources, placement
-from cluster.spec import ClusterSpec, NodeGroup, WorkerGroup, dump_spec, load_spec
+from cluster.spec import ClusterSpec, NodeGroup, WorkerGroup, dump_spec
 from models.errors import UserError
 
-SERVE_IMPORT_PATH = "pipelines.stages.serve:build_app"
 SPEC_MOUNT_DIR = "/etc/sphinx-x"
 SPEC_IN_POD = f"{SPEC_MOUNT_DIR}/spec.yaml"
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
-BATCH_STAGES = ("preprocess", "train")  # one RayJob each; serving is the RayService
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage as the renderers see it. ``entrypoint``: the command that runs it in a pod (with
+    the spec at :data:`SPEC_IN_POD`); ``service``: the import path of the application a
+    long-running stage deploys (``None`` for a batch stage: a RayJob)."""
+
+    name: str
+    entrypoint: str
+    demand: Demand
+    service: str | None = None
+
+
+def service_plan(plans: list[StagePlan]) -> StagePlan:
+    """The one long-running stage of a plan list (the Serve application)."""
+    found = [p for p in plans if p.service]
+    if len(found) != 1:
+        raise ValueError(f"expected one service stage, got {[p.name for p in found]}")
+    return found[0]
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -87,38 +109,6 @@ def plain_env(spec: ClusterSpec) -> dict[str, str]:
 def _quantity(value: float) -> str:
     """A Kubernetes quantity for a float count: 2 -> "2", 0.5 -> "500m"."""
     return str(int(value)) if float(value).is_integer() else f"{int(round(value * 1000))}m"
-
-
-def stage_groups(spec: ClusterSpec, stage: str) -> list[WorkerGroup]:
-    """The worker groups ``stage``'s work can land on, in spec order: what its cluster brings up.
-
-    Work placed on a group (``data.group``, ``train.group``, ``serve.models[].group``) needs that
-    group. Unplaced work needs the groups whose kind fits it: GPU work (``train.use_gpu``, a
-    replica with ``num_gpus``) the groups with GPUs, other work the CPU-only groups; a spec
-    without groups of that kind falls back to every group. The head is always there.
-
-        >>> [g.name for g in stage_groups(aws_spec, "preprocess")]   # data.group: cpu
-        ['cpu']
-    """
-    groups = spec.cluster.worker_groups
-    gpu = [g for g in groups if g.gpus]
-    cpu_only = [g for g in groups if not g.gpus]
-
-    def need(group: str | None, uses_gpu: bool) -> list[WorkerGroup]:
-        if group is not None:
-            return [spec.cluster.group(group)]
-        return (gpu if uses_gpu else cpu_only) or groups
-
-    if stage == "preprocess":
-        chosen = need(spec.data.group, False)
-    elif stage == "train":
-        chosen = need(spec.train.group, spec.train.use_gpu)
-    elif stage == "serve":
-        chosen = [g for m in spec.serve.models for g in need(m.group, m.ray_actor_options.num_gpus > 0)]
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
-    names = {g.name for g in chosen}
-    return [g for g in groups if g.name in names]
 
 
 # ---------------------------------------------------------------- serve config
@@ -147,24 +137,24 @@ def _deployment(spec: ClusterSpec, model) -> dict[str, Any]:
     }
 
 
-def serve_application(spec: ClusterSpec) -> dict[str, Any]:
-    """The one Serve application of the spec (an entry of ``applications``)."""
+def serve_application(spec: ClusterSpec, import_path: str) -> dict[str, Any]:
+    """The one Serve application of the spec (an entry of ``applications``), built by ``import_path``."""
     return {
         "name": spec.name,
         "route_prefix": "/",
-        "import_path": SERVE_IMPORT_PATH,
+        "import_path": import_path,
         "args": {"spec": spec.model_dump(mode="json")},
         "runtime_env": {"env_vars": plain_env(spec)},
         "deployments": [_deployment(spec, m) for m in spec.serve.models],
     }
 
 
-def render_serve_config(spec: ClusterSpec, *, http: bool = True) -> dict[str, Any]:
+def render_serve_config(spec: ClusterSpec, import_path: str, *, http: bool = True) -> dict[str, Any]:
     """A ``serve deploy`` config; ``http=False`` leaves host/port to the platform (RayService)."""
     config: dict[str, Any] = {"proxy_location": "EveryNode"}
     if http:
         config["http_options"] = {"host": spec.serve.http.host, "port": spec.serve.http.port}
-    config["applications"] = [serve_application(spec)]
+    config["applications"] = [serve_application(spec, import_path)]
     return config
 
 
@@ -266,8 +256,9 @@ def _meta(spec: ClusterSpec, name: str) -> dict[str, Any]:
             "labels": {"app.kubernetes.io/name": "sphinx-x", "app.kubernetes.io/instance": spec.name}}
 
 
-def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
-    """File name -> manifest: ConfigMap, RayCluster, a RayJob per batch stage, RayService."""
+def render_kuberay(spec: ClusterSpec, plans: list[StagePlan]) -> dict[str, dict[str, Any]]:
+    """File name -> manifest: ConfigMap, RayCluster, a RayJob per batch stage, a RayService per
+    service stage (``plans`` with their entry points for a spec at :data:`SPEC_IN_POD`)."""
     if spec.cluster.dependencies != "image":
         raise UserError(f"render --to kuberay: the pods run cluster.image ({spec.cluster.image}) and need sphinx-x "
                         "and its dependencies in it, but cluster.dependencies is "
@@ -279,28 +270,32 @@ def render_kuberay(spec: ClusterSpec) -> dict[str, dict[str, Any]]:
         "raycluster.yaml": {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(spec, spec.name),
                             "spec": raycluster_spec(spec)},
     }
-    for stage in BATCH_STAGES:
-        docs[f"rayjob-{stage}.yaml"] = {
+    for plan in plans:
+        groups = raycluster_spec(spec, groups_for(spec, plan.demand))
+        if plan.service:
+            docs["rayservice.yaml"] = {  # one Serve application per spec: one service stage
+                "apiVersion": "ray.io/v1",
+                "kind": "RayService",
+                "metadata": _meta(spec, f"{spec.name}-{plan.name}"),
+                "spec": {
+                    "serveConfigV2": yaml.safe_dump(render_serve_config(spec, plan.service, http=False),
+                                                    sort_keys=False),
+                    "rayClusterConfig": groups,
+                },
+            }
+            continue
+        docs[f"rayjob-{plan.name}.yaml"] = {
             "apiVersion": "ray.io/v1",
             "kind": "RayJob",
-            "metadata": _meta(spec, f"{spec.name}-{stage}"),
+            "metadata": _meta(spec, f"{spec.name}-{plan.name}"),
             "spec": {
-                "entrypoint": stage_entrypoint(stage, SPEC_IN_POD),
+                "entrypoint": plan.entrypoint,
                 "runtimeEnvYAML": yaml.safe_dump({"env_vars": plain_env(spec)}, sort_keys=False),
                 "shutdownAfterJobFinishes": True,
                 "ttlSecondsAfterFinished": spec.cluster.job_ttl_s,
-                "rayClusterSpec": raycluster_spec(spec, stage_groups(spec, stage)),
+                "rayClusterSpec": groups,
             },
         }
-    docs["rayservice.yaml"] = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayService",
-        "metadata": _meta(spec, f"{spec.name}-serve"),
-        "spec": {
-            "serveConfigV2": yaml.safe_dump(render_serve_config(spec, http=False), sort_keys=False),
-            "rayClusterConfig": raycluster_spec(spec, stage_groups(spec, "serve")),
-        },
-    }
     return docs
 
 
@@ -351,18 +346,21 @@ def render_launcher(spec: ClusterSpec) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- targets
 
 
-def render(spec: ClusterSpec, to: str) -> dict[str, Any]:
-    """File name -> document for a target (``serve`` and ``launcher`` are one file each)."""
-    if to == "kuberay":
-        return render_kuberay(spec)
-    if to == "launcher":
-        return {"cluster.yaml": render_launcher(spec)}
-    if to == "serve":
-        return {"serve.yaml": render_serve_config(spec)}
-    raise ValueError(f"unknown render target {to!r}; choose kuberay, launcher or serve")
+TARGETS = {  # `render --to X` -> file name -> document (``serve`` and ``launcher`` are one file each)
+    "kuberay": lambda spec, plans: render_kuberay(spec, plans),
+    "launcher": lambda spec, plans: {"cluster.yaml": render_launcher(spec)},
+    "serve": lambda spec, plans: {"serve.yaml": render_serve_config(spec, service_plan(plans).service)},
+}
+
+
+def render(spec: ClusterSpec, to: str, plans: list[StagePlan]) -> dict[str, Any]:
+    """File name -> document for a target of :data:`TARGETS`."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown render target {to!r}; choose {', '.join(TARGETS)}")
+    return TARGETS[to](spec, plans)
 
 
 def write(docs: dict[str, Any], out_dir: Optional[str | Path]) -> list[Path]:
@@ -386,17 +384,3 @@ def image_warning(spec: ClusterSpec) -> Optional[str]:
         return None
     return (f"cluster.image is {image!r}, a name without a registry: nodes can start it only where it was "
             "built or loaded; push it (docker tag/push, README) and set cluster.image to REGISTRY/NAME:TAG")
-
-
-def command(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    if spec.storage.endpoint_url == "embedded" and args.to != "serve":
-        print("warning: storage.endpoint_url is 'embedded' (a server on 127.0.0.1 of one machine); "
-              "a real cluster needs an S3 endpoint every node can reach", file=sys.stderr)
-    warning = image_warning(spec) if args.to != "serve" else None
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    paths = write(render(spec, args.to), args.output)
-    for path in paths:
-        print(path)
-    return 0

@@ -219,7 +219,9 @@ class StorageSection(_Strict):
 
     @property
     def bucket(self) -> Optional[str]:
-        return self.uri[5:].split("/", 1)[0] if self.is_s3 else None
+        from cluster.location import Location
+
+        return Location.parse(self.uri).bucket if self.is_s3 else None
 
     @model_validator(mode="after")
     def _embedded_needs_s3(self) -> "StorageSection":

@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -49,6 +48,7 @@ from cluster.embedded_s3 import (  # noqa: F401
     embedded_worker_env,
     serve_main,
 )
+from cluster.location import Location
 from cluster.s3_errors import DEFAULT_RETRY, USER_CODES, RetryPolicy, error_code, is_transient
 from cluster.spec import StorageSection
 from models.errors import UserError
@@ -69,22 +69,6 @@ def _embedded_endpoint() -> str:
 # ---------------------------------------------------------------- locations
 
 
-@dataclass(frozen=True)
-class _Loc:
-    """A resolved key: an S3 object/prefix (bucket, key) or a local path."""
-
-    bucket: Optional[str]
-    key: str  # S3 key (no leading '/') or an absolute local path
-
-    @property
-    def is_s3(self) -> bool:
-        return self.bucket is not None
-
-    @property
-    def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
-
-
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
@@ -93,10 +77,8 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     """``"s3://bucket/a/b"`` -> ``("bucket", "a/b")``."""
     if not uri.startswith("s3://"):
         raise UserError(f"storage: not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise UserError(f"storage: no bucket in {uri!r}")
-    return bucket, key.strip("/")
+    loc = Location.parse(uri)
+    return loc.bucket, loc.key
 
 
 # ---------------------------------------------------------------- Storage
@@ -145,26 +127,27 @@ class Storage:
         """``"s3://bucket/prefix/a/b"`` or an absolute local path."""
         return self._root(*parts).uri
 
-    def _root(self, *parts: str) -> _Loc:
-        rel = _join(*parts)
-        if self.is_s3:
-            bucket, prefix = split_s3_uri(self.uri)
-            return _Loc(bucket, _join(prefix, rel))
-        return _Loc(None, str(Path(self.uri, rel)) if rel else self.uri)
+    @property
+    def root(self) -> Location:
+        return Location.parse(self.uri)
 
-    def locate(self, key: str) -> _Loc:
-        """A relative key (under the root), an ``s3://`` URI, an absolute local path, or a
-        filesystem path from :meth:`path` (``"bucket/prefix/..."``, under the root)."""
-        if key.startswith("s3://"):
-            return _Loc(*split_s3_uri(key))
-        if "://" in key:
-            raise UserError(f"storage: only s3:// URIs or local paths are supported, got {key!r}")
+    def _root(self, *parts: str) -> Location:
+        return self.root / _join(*parts)
+
+    def locate(self, key: "str | Location") -> Location:
+        """A :class:`~cluster.location.Location`, or a string: a relative key (under the root), an
+        ``s3://`` URI, an absolute local path, or a filesystem path from :meth:`path`
+        (``"bucket/prefix/..."``, under the root). A relative key never leaves the root."""
+        if isinstance(key, Location):
+            return key
         if os.path.isabs(key) or key.startswith("~"):
-            return _Loc(None, str(Path(key).expanduser().resolve()))
+            return Location(None, str(Path(key).expanduser().resolve()))
+        if "://" in key:
+            return Location.parse(key)
         if self._is_fs_path(key):
             bucket, _, rest = key.partition("/")
-            return _Loc(bucket, rest.strip("/"))
-        return self._root(key)
+            return Location(bucket, rest.strip("/"))
+        return self.root / key
 
     def _is_fs_path(self, key: str) -> bool:
         root = self.path() if self.is_s3 else None
@@ -304,7 +287,7 @@ class Storage:
 
         return self._is_object(loc) or self._call(f"list {loc.uri}", under, loc.bucket)
 
-    def _is_object(self, loc: _Loc) -> bool:
+    def _is_object(self, loc: Location) -> bool:
         if not loc.key:
             return False
 

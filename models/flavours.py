@@ -1,4 +1,4 @@
-"""The SPHINX-X family: one small typed config per member (DESIGN.md §1).
+"""The SPHINX-X family: one small typed config per member (docs/architecture.md "The model").
 
     >>> f = from_name("tiny")
     >>> f.grid, f.tile_size, f.is_moe

@@ -1,4 +1,4 @@
-"""The one any-resolution rule (DESIGN.md §1), shared by preprocess, training and serving.
+"""The one any-resolution rule (docs/architecture.md "The tiling rule"), shared by preprocess, training and serving.
 
 An image of W×H pixels (after EXIF transpose) is scaled so that its long side is the canvas
 side C = G·S, pasted on a C×C canvas filled with the uint8 mean colour, and cut into G×G tiles

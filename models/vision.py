@@ -1,4 +1,4 @@
-"""The mixture of visual experts (DESIGN.md §1): ConvNeXt + DINOv2 → projector → LLM tokens.
+"""The mixture of visual experts (docs/architecture.md "The model"): ConvNeXt + DINOv2 → projector → LLM tokens.
 
 Every view (the global view, then the kept tiles of each image) is seen by both encoders:
 

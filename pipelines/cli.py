@@ -1,7 +1,9 @@
 """`sphinx-x`: the command line (a contract: tests and users rely on these names; docs/architecture.md).
 
 Every verb is declared here and dispatched lazily to ``command(args) -> int`` in the module
-that owns it, so `sphinx-x --help` is instant and a verb never imports another's stack.
+that owns it, so `sphinx-x --help` is instant and a verb never imports another's stack. The
+stage verbs (preprocess, train, serve, ...) come from the stage registry (``pipelines.stages``):
+each stage declares its own arguments and runs through :func:`pipelines.stage.command`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ import logging
 import sys
 from pathlib import Path
 
-from cluster.layout import STAGES
+from pipelines import stages as registry
 
 # verbs that start Ray and run for minutes: their library logs go to a file (cluster.logs)
-LONG_VERBS = ("demo", "run", "preprocess", "train", "serve")
+LONG_VERBS = ("demo", "run", *registry.names())
 
 
 def _stages(text: str) -> list[str]:
     stages = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
+    bad = [s for s in stages if s not in registry.names()]
     if bad or not stages:
-        raise argparse.ArgumentTypeError(f"stages must be a comma list of {','.join(STAGES)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"stages must be a comma list of {','.join(registry.names())}; got {text!r}")
     return stages
 
 
@@ -44,28 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = verb("run", "pipelines.run", "run the spec's stages in order, locally or as Ray Jobs")
     r.add_argument("spec")
-    r.add_argument("--stages", type=_stages, default=list(STAGES), help="comma list (default: all)")
+    r.add_argument("--stages", type=_stages, default=registry.names(), help="comma list (default: all)")
     r.add_argument("--address", default=None, help="Ray Jobs address http://HEAD:8265 (default: the spec's)")
     r.add_argument("--force", action="store_true", help="re-run stages whose outputs are complete")
     r.add_argument("--detach", action="store_true", help="leave the serve stage running and return")
 
-    for stage, help in [("preprocess", "tile and tokenize data.sources into Parquet shards"),
-                        ("train", "one-stage DeepSpeed training on Ray Train"),
-                        ("serve", "host serve.models behind an OpenAI-compatible endpoint")]:
-        sp = verb(stage, f"pipelines.stages.{stage}", help)
+    for stage in registry.STAGES:
+        sp = verb(stage.name, "pipelines.stage", stage.help)
+        sp.set_defaults(stage=stage.name)
         sp.add_argument("spec")
-        if stage != "serve":  # a deploy always replaces the app
+        if not stage.service:  # a deploy always replaces the app
             sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")
-        if stage == "train":
-            sp.add_argument("--export-from", default=None, metavar="CKPT",
-                            help="only export a consolidated model dir from this checkpoint ('latest' ok)")
-        if stage == "serve":
-            sp.add_argument("--detach", action="store_true", help="deploy and return; the app stays up "
-                            "(without it, Ctrl-C deletes the app this command deployed)")
+        stage.add_arguments(sp)
 
-    rd = verb("render", "cluster.render", "render KubeRay / cluster-launcher / Serve YAML from the spec")
+    rd = verb("render", "pipelines.render", "render KubeRay / cluster-launcher / Serve YAML from the spec")
     rd.add_argument("spec")
-    rd.add_argument("--to", required=True, choices=["kuberay", "launcher", "serve"])
+    rd.add_argument("--to", required=True, choices=["kuberay", "launcher", "serve"])  # cluster.render.TARGETS
     rd.add_argument("-o", "--output", default=None, help="directory to write into (default: stdout)")
 
     s = verb("spec", "pipelines.spec_cmd", "spec utilities")
@@ -134,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import UserError
 
     try:
+        if getattr(args, "stage", None):
+            from pipelines.stage import command
+
+            return int(command(registry.get(args.stage), args) or 0)
         module = importlib.import_module(args.target)
         return int(module.command(args) or 0)
     except SpecError as err:

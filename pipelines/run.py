@@ -4,9 +4,10 @@ Runs the spec's stages in pipeline order, each consuming what the previous one w
 storage: shards → checkpoints → exported model → endpoint.
 
 - ``address`` ``local`` (or a ``ray://`` client address): in this process, through each
-  stage's ``run_stage(spec, force=...)``; a stage whose outputs are complete
-  (``is_complete(spec)``) is skipped unless ``--force``. Inside a Ray Job this is what runs,
-  on the cluster the job is on.
+  stage's ``run(ctx)`` (:mod:`pipelines.stage`; one :class:`~cluster.run_context.RunContext`
+  for the whole command); a stage whose outputs are complete (``is_complete(ctx)``) is skipped
+  unless ``--force``. A service stage (serve) is then held until Ctrl-C unless ``--detach``.
+  Inside a Ray Job this is what runs, on the cluster the job is on.
 - ``address`` ``http://HEAD:8265`` (``--address`` or ``cluster.address``): each stage becomes a
   Ray Job (:mod:`cluster.jobs`): entrypoint ``python -m pipelines.cli run job-spec.yaml
   --stages X --address local``, the project + spec as working dir, storage env vars (no
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import signal
 import sys
@@ -32,9 +32,12 @@ import time
 from typing import Iterator, Optional, TextIO
 
 from cluster import jobs
-from cluster.layout import JOB_SPEC_NAME, ordered, stage_entrypoint
+from cluster.layout import JOB_SPEC_NAME
+from cluster.run_context import RunContext
 from cluster.spec import ClusterSpec, load_spec
 from models.errors import UserError
+from pipelines import stages as registry
+from pipelines.stage import entrypoint, short_summary
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,6 @@ class StageFailed(UserError):
     def __init__(self, stage: str, result: jobs.JobResult):
         self.stage, self.result = stage, result
         super().__init__(f"stage {stage} failed (job {result.job_id} {result.status}):\n{jobs.error_summary(result)}")
-
-
-def _stage_module(stage: str):
-    return importlib.import_module(f"pipelines.stages.{stage}")
 
 
 # ---------------------------------------------------------------- in-process
@@ -68,20 +67,22 @@ def own_signals(stage: str) -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-def run_local(spec: ClusterSpec, stages: list[str], *, force: bool = False) -> dict[str, dict]:
+def run_local(spec: ClusterSpec, stages: list[str], *, force: bool = False,
+              ctx: Optional[RunContext] = None) -> dict[str, dict]:
     """Run ``stages`` here, in order; returns stage -> summary (``{"skipped": True}`` if complete)."""
+    ctx = ctx or RunContext.build(spec, force=force)
     summaries: dict[str, dict] = {}
-    for stage in ordered(stages):
-        module = _stage_module(stage)
-        with own_signals(stage):
-            if not force and module.is_complete(spec):
-                log.info("%s: outputs complete, skipped (--force to redo)", stage)
-                summaries[stage] = {"skipped": True}
+    for name in registry.ordered(stages):
+        stage = registry.get(name)
+        with own_signals(name):
+            if not ctx.force and stage.is_complete(ctx):
+                log.info("%s: outputs complete, skipped (--force to redo)", name)
+                summaries[name] = {"skipped": True}
                 continue
             started = time.monotonic()
-            log.info("%s: running", stage)
-            summaries[stage] = module.run_stage(spec, force=force)
-            log.info("%s: done in %.1fs", stage, time.monotonic() - started)
+            log.info("%s: running", name)
+            summaries[name] = stage.run(ctx)
+            log.info("%s: done in %.1fs", name, time.monotonic() - started)
     return summaries
 
 
@@ -97,8 +98,8 @@ def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool 
     env = jobs.worker_env(spec)
     shipped = jobs.job_pip(spec) is not None
     results: dict[str, jobs.JobResult] = {}
-    for stage in ordered(stages):
-        job_id = jobs.submit(client, entrypoint=stage_entrypoint(stage, JOB_SPEC_NAME, force=force), spec=spec,
+    for stage in registry.ordered(stages):
+        job_id = jobs.submit(client, entrypoint=entrypoint(registry.get(stage), JOB_SPEC_NAME, force=force), spec=spec,
                              metadata={"stage": stage}, env_vars=env)
         print(f"[sphinx-x] {stage}: submitted job {job_id} to {address}", file=out, flush=True)
 
@@ -129,21 +130,15 @@ def run_jobs(spec: ClusterSpec, stages: list[str], address: str, *, force: bool 
 def command(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     address = args.address or spec.cluster.address
-    stages = ordered(list(args.stages))
+    stages = registry.ordered(list(args.stages))
     if address.startswith(("http://", "https://")):
         run_jobs(spec, stages, address, force=args.force)
         return 0
-    summaries = run_local(spec, stages, force=args.force)
+    ctx = RunContext.build(spec, force=args.force, options={"detach": args.detach})
+    summaries = run_local(spec, stages, ctx=ctx)
     for stage, summary in summaries.items():
-        print(f"{stage}: {_short(summary)}", flush=True)
-    if "serve" in stages and not args.detach:
-        from pipelines.stages.serve import serve_until_interrupted, url
-
-        serve_until_interrupted(spec, summaries["serve"] if "url" in summaries["serve"] else
-                                {"app": spec.name, "url": url(spec), "models": [m.name for m in spec.serve.models]})
+        print(f"{stage}: {short_summary(summary)}", flush=True)
+    for stage in stages:  # a service stage is held until Ctrl-C, unless --detach
+        if registry.get(stage).service and not args.detach:
+            registry.get(stage).report(ctx, summaries[stage])
     return 0
-
-
-def _short(summary: dict) -> str:
-    keys = ("skipped", "rows_written", "rows_quarantined", "step", "loss", "export", "url", "models")
-    return ", ".join(f"{k}={summary[k]}" for k in keys if k in summary) or str(summary)

@@ -77,3 +77,21 @@ def test_no_product_code_or_benchmark_imports_the_tests():
            or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tests" for a in node.names))
            or (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value == "tests")]
     assert not bad, bad
+
+
+def test_cluster_receives_stages_as_data():
+    """No module under cluster/ names a pipelines module or compares anything against a stage's
+    name: stages reach the infrastructure as demands, groups and entry points (pipelines.stage)."""
+    from pipelines.stages import names
+
+    stage_names, bad = set(names()), []
+    for path in sorted((ROOT / "cluster").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "pipelines." in node.value \
+                    and "\n" not in node.value:  # a string in code, not prose in a docstring
+                bad.append(f"{path.name}:{node.lineno} names {node.value!r}")
+            if isinstance(node, ast.Compare):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Constant) and sub.value in stage_names:
+                        bad.append(f"{path.name}:{node.lineno} compares against the stage name {sub.value!r}")
+    assert not bad, "\n".join(bad)

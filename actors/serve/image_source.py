@@ -32,6 +32,8 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from actors.serve.openai_api import ApiError
+from cluster.location import Location
+from models.errors import UserError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _DATA_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
@@ -169,13 +171,15 @@ def fetch_http(url: str, policy: ImagePolicy, resolve: Callable[[str, int], list
 
 
 def fetch_s3(url: str, policy: ImagePolicy, open_filesystem: Callable[[], object]) -> bytes:
-    bucket, _, key = url[5:].partition("/")
+    try:
+        loc = Location.parse(url)
+    except UserError as err:  # no bucket, a '..' component
+        raise _bad(f"invalid s3:// image URL: {err}", "invalid_image_url") from None
+    bucket, key = loc.bucket, loc.key
     if policy.bucket is None:
         raise _bad("s3:// image URLs need the spec's storage to be on S3", "image_host_not_allowed")
     if bucket != policy.bucket or not key:
         raise _bad(f"s3:// image URLs must be inside the spec's bucket {policy.bucket!r}", "image_host_not_allowed")
-    if ".." in key.split("/"):
-        raise _bad("s3:// image key must not contain '..'", "invalid_image_url")
     fs = open_filesystem()
     path = f"{bucket}/{key}"
     try:

@@ -134,7 +134,7 @@ class _ReplicaStream:
 class Ingress:
     """Args: the spec's ``serve`` and ``storage`` sections (typed), ``models`` (name →
     DeploymentHandle), ``key_hashes`` (SHA-256 hex of accepted API keys; empty: no auth).
-    Its actor options (CPUs) come from ``pipelines.stages.serve`` (cluster.connect.INGRESS_CPUS)."""
+    Its actor options (CPUs) come from ``pipelines.stages.serve`` (``INGRESS_CPUS``)."""
 
     def __init__(self, serve_section: ServeSection, storage: StorageSection, models: dict[str, Any],
                  key_hashes: list[str]):

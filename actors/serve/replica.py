@@ -33,46 +33,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-import numpy as np
 from ray import serve
 
 from actors.serve.model_loader import MemberWeights, member_model_dir
 from actors.serve.vllm.engine import EngineOptions, context_length, sampling_params, start_engine
 from cluster.spec import StorageSection
+from models.chat_inputs import prepare_chat
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
-
-
-@dataclass
-class Prepared:
-    """A request as the training code builds it: input_ids with images expanded, views uint8
-    [V, S, S, 3], kept bool [I, G*G] (None without images), image_tokens per image."""
-
-    input_ids: list[int]
-    views: Optional[np.ndarray]
-    kept: Optional[np.ndarray]
-    image_tokens: list[int]
-
-
-def prepare_chat(messages: list[dict], images: list[bytes], tokenizer: Any, flavour: Any, *,
-                 max_pixels: int) -> Prepared:
-    """OpenAI-style messages (image parts ``{"type": "image", "index": i}`` or ``image_url``) and
-    the images' bytes → :class:`Prepared`, through the same functions preprocess uses."""
-    from models.conversation import build_prompt
-    from models.tiling import TileSpec, image_token_count, load_and_tile
-
-    spec = TileSpec.from_flavour(flavour)
-    tiled = [load_and_tile(data, spec, max_pixels=max_pixels) for data in images]
-    image_tokens = [image_token_count(*t.original_size, spec, flavour.tokens_per_view) for t in tiled]
-    input_ids = build_prompt(messages, tokenizer, image_tokens, image_position=flavour.image_position)
-    if not tiled:
-        return Prepared(input_ids, None, None, [])
-    views = np.concatenate([t.views for t in tiled])
-    kept = np.stack([t.kept for t in tiled])
-    return Prepared(input_ids, views, kept, image_tokens)
 
 
 def image_size(data: bytes) -> Optional[tuple[int, int]]:

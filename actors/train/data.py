@@ -39,6 +39,9 @@ import pyarrow as pa
 
 from models.tiling import TileSpec
 
+# CPUs each rank's Ray Data reader reserves beside the train workers
+READER_CPUS = 0.25
+
 PLAN_COLUMNS = ["id", "num_tokens"]
 
 
@@ -229,13 +232,11 @@ def rank_datasets(files: list[str], storage_section, entries: list[dict[str, np.
                   rows_per_task: int = 64) -> dict[str, Any]:
     """``{"rank0": Dataset, ...}``: each rank's planned rows, in plan order (no shuffle).
 
-    Each rank's reader reserves ``cluster.connect.TRAIN_READER_CPUS`` (what the capacity check counts).
+    Each rank's reader reserves :data:`READER_CPUS` (what the train stage's demand counts).
     """
     import ray.data
 
-    from cluster.connect import TRAIN_READER_CPUS
-
-    num_cpus = TRAIN_READER_CPUS if num_cpus is None else num_cpus
+    num_cpus = READER_CPUS if num_cpus is None else num_cpus
 
     datasets = {}
     for rank, cols in enumerate(entries):

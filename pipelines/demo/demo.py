@@ -41,6 +41,8 @@ from typing import Any, Optional
 
 import yaml
 
+from actors.data.manifest import Manifest
+from actors.train.summaries import TrainSummary
 from cluster.layout import Layout
 from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
 from models.errors import UserError
@@ -351,7 +353,8 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
                     timings)
         where = _stage("upload to S3", lambda: synthetic.write(ds, DATA_DIR, storage), timings)
         shards = _stage("preprocess", lambda: preprocess.run_stage(spec, force=True), timings)
-        trained = _stage("train + export", lambda: train.run_stage(spec, force=True), timings)
+        trained = TrainSummary.from_dict(_stage("train + export", lambda: train.run_stage(spec, force=True), timings),
+                                         where="the train stage's summary")
         served = _stage("serve", lambda: serve.run_stage(spec), timings)
         served["web_page"] = _check_page(served["url"])
         rows = ds.heldout_rows()
@@ -392,16 +395,16 @@ def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_re
     questions = {}
     for qtype, t in sorted(evaluation["types"].items()):
         questions[qtype] = {**t, "baseline": stats[qtype]["baseline"], "majority_answer": stats[qtype]["majority"]}
-    tokens = shards.get("tokens", {})
-    image_tokens, saved = tokens.get("image", 0), tokens.get("saved", 0)
+    manifest = Manifest.from_dict(shards)  # preprocess's summary: the manifest's keys
+    image_tokens, saved = manifest.tokens.image, manifest.tokens.saved
     return {
         "questions": questions,
         "training": {**training_figures(history), "workers": spec.train.workers,
                      "zero_stage": spec.train.zero_stage, "global_batch": spec.train.global_batch,
-                     "lr": spec.train.lr, "wall_s": trained.get("wall_s"), "export": trained.get("export")},
+                     "lr": spec.train.lr, "wall_s": trained.wall_s, "export": trained.export},
         "skip_tokens": {"image_tokens": image_tokens, "saved_tokens": saved,
                         "saved_fraction": saved / (image_tokens + saved) if image_tokens + saved else 0.0,
-                        "rows": shards.get("rows_written")},
+                        "rows": manifest.counts.rows_written},
         "serving": {"url": served["url"], "web_page": served["web_page"], "model": MODEL_NAME, "requests": evaluation["requests"],
                     "errors": len(evaluation["errors"]), "latency_s": evaluation["latency_s"],
                     "requests_per_s": evaluation["requests_per_s"], "concurrency": cfg.eval_threads},

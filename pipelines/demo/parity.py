@@ -9,7 +9,7 @@ model run here on the same request:
 - weights: the model directory the member serves (``pipelines.stages.serve.member_weights`` ->
   ``actors.serve.model_loader.member_model_dir``, as the replica finds it: for the demo the train
   export), loaded as ``SphinxX`` in fp32 on CPU;
-- prompt: ``actors.serve.replica.prepare_chat`` (the replica's own ``prepare``) on the same OpenAI
+- prompt: ``models.chat_inputs.prepare_chat`` (the replica's own ``prepare``) on the same OpenAI
   messages and image bytes, with the spec's ``serve.max_image_pixels``;
 - decoding: ``SphinxX.generate`` at temperature 0 with the request's ``max_tokens``, stopped as
   vLLM stops (:func:`served_view`): at EOS (kept in the tokens) and at the first token whose
@@ -98,7 +98,7 @@ def _load_served_model(spec, model_name: str):
 
 
 def _generate(model, prepared: list, max_tokens: int) -> list[list[int]]:
-    """Greedy new ids of each prepared request (``actors.serve.replica.Prepared``), BATCH at a time."""
+    """Greedy new ids of each prepared request (``models.chat_inputs.Prepared``), BATCH at a time."""
     import numpy as np
     import torch
 
@@ -109,7 +109,7 @@ def _generate(model, prepared: list, max_tokens: int) -> list[list[int]]:
         with_images = [p for p in chunk if p.views is not None]
         views = torch.from_numpy(np.concatenate([p.views for p in with_images])) if with_images else None
         kept = torch.from_numpy(np.concatenate([p.kept for p in with_images])) if with_images else None
-        ids = model.generate([p.input_ids for p in chunk], views, kept, max_new_tokens=max_tokens, temperature=0.0)
+        ids = model.generate([p.input_ids for p in chunk], views, kept, max_new_tokens=max_tokens)
         for i, new in zip(order[start:start + BATCH], ids):
             out[i] = new
     return out
@@ -133,7 +133,7 @@ def compare(spec, model_name: str, questions: dict[str, tuple[list[dict], list[b
 
     Returns ``{"identical", "total", "share", "differences": [first SHOWN], "wall_s"}``.
     """
-    from actors.serve.replica import prepare_chat
+    from models.chat_inputs import prepare_chat
 
     t0 = time.perf_counter()
     model, tokenizer = _load_served_model(spec, model_name)

@@ -29,15 +29,21 @@ import signal
 import time
 
 from cluster import layout as run_layout
-from cluster.connect import INGRESS_CPUS, check_capacity, connect, storage_for
+from cluster.capacity import Demand, Work, check_capacity
+from cluster.connect import connect
 from cluster.layout import Layout
+from cluster.placement import placement
 from cluster.render import ray_actor_options
-from cluster.spec import ClusterSpec, ServeModel, load_spec, parse_spec
+from cluster.run_context import RunContext
+from cluster.spec import ClusterSpec, ServeModel, parse_spec
 from models.errors import UserError
+from pipelines.stage import Stage
 
 log = logging.getLogger(__name__)
 
 INGRESS_NAME = "SphinxXIngress"
+INGRESS_CPUS = 0.25  # the HTTP ingress deployment (actors.serve.ingress), one replica
+APP_IMPORT_PATH = "pipelines.stages.serve:build_app"  # what `serve deploy` / a RayService builds
 
 
 # ---------------------------------------------------------------- the application
@@ -105,9 +111,9 @@ def build_app(args: dict):
 # ---------------------------------------------------------------- deploying
 
 
-def check_members(spec: ClusterSpec) -> None:
+def check_members(ctx: RunContext) -> None:
     """Fail early, on the driver, for checkpoints that cannot be found."""
-    storage = None
+    spec = ctx.spec
     for m in spec.serve.models:
         weights = member_weights(spec, m)
         uri = weights.checkpoint_uri
@@ -117,9 +123,8 @@ def check_members(spec: ClusterSpec) -> None:
             if not os.path.isdir(uri):
                 raise UserError(f"serve model {m.name!r}: checkpoint directory {uri} does not exist")
             continue
-        storage = storage or storage_for(spec)
         marker = f"{uri}/_SUCCESS" if weights.require_success else f"{uri}/config.json"
-        if not storage.exists(marker):
+        if not ctx.storage.exists(marker):
             what = "no finished train export (run `sphinx-x train SPEC` first)" if weights.require_success \
                 else "no model directory (config.json missing)"
             raise UserError(f"serve model {m.name!r}: {what} at {uri}")
@@ -165,43 +170,97 @@ def _running_http():
         return None
 
 
+class ServeStage:
+    """`sphinx-x serve SPEC [--detach]`: deploy the app; without --detach hold it until Ctrl-C."""
+
+    name = "serve"
+    help = "host serve.models behind an OpenAI-compatible endpoint"
+    service = APP_IMPORT_PATH
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--detach", action="store_true", help="deploy and return; the app stays up "
+                            "(without it, Ctrl-C deletes the app this command deployed)")
+
+    def demand(self, spec: ClusterSpec) -> Demand:
+        work = []
+        for m in spec.serve.models:
+            a = m.autoscaling_config
+            n = max(1, a.min_replicas if a.initial_replicas is None else a.initial_replicas)
+            o = m.ray_actor_options
+            work.append(Work(f"replicas of {m.name}", n,
+                             {"CPU": o.num_cpus, "GPU": o.num_gpus, **o.resources, **placement(spec, m.group)},
+                             group=m.group, uses_gpu=o.num_gpus > 0))
+        work.append(Work("ingress", 1, {"CPU": INGRESS_CPUS}, reserve_only=True))
+        return Demand(self.name, tuple(work))
+
+    def outputs(self, layout) -> dict[str, str]:
+        return {}  # an endpoint, not files
+
+    def is_complete(self, ctx: RunContext) -> bool:
+        """True when the app is RUNNING on the connected Ray (serving has no output on storage)."""
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(ctx.spec.name)
+        except Exception:  # noqa: BLE001 - Serve not started on this cluster
+            return False
+        return app is not None and str(app.status).endswith("RUNNING")
+
+    def run(self, ctx: RunContext) -> dict:
+        """Deploy (or redeploy) the app on the connected / local Ray; returns a summary.
+
+        ``ctx.force`` changes nothing: a deploy always replaces the app.
+        """
+        from ray import serve
+
+        spec = ctx.spec
+        if ctx.option("detach") and spec.cluster.address == "local" and not os.environ.get("RAY_ADDRESS"):
+            from cluster.runtime import up_state
+
+            if not up_state(alive_only=True):
+                raise UserError("--detach needs a Ray that outlives this command: run `sphinx-x up` first "
+                                "(or use a cluster address)")
+        check_members(ctx)
+        connect(spec)
+        check_capacity(spec, self.demand(spec))
+        _start_serve(spec)
+        app = build_application(spec)
+        t0 = time.monotonic()
+        try:
+            serve.run(app, name=spec.name, route_prefix="/", blocking=False)
+        except RuntimeError as err:  # a replica failed to start: say which and why, in one line
+            raise UserError(f"serve: the app {spec.name!r} failed to deploy: "
+                            f"{str(err).strip().splitlines()[-1]}") from None
+        host, port = _running_http() or (spec.serve.http.host, spec.serve.http.port)
+        summary = {"app": spec.name, "url": f"http://{host}:{port}", "models": [m.name for m in spec.serve.models],
+                   "deploy_s": round(time.monotonic() - t0, 2)}
+        log.info("serving %s at %s (models: %s)", spec.name, summary["url"], ", ".join(summary["models"]))
+        return summary
+
+    def report(self, ctx: RunContext, summary: dict) -> None:
+        """Print where it serves; without ``--detach`` hold the app until Ctrl-C, then delete it."""
+        if "url" not in summary:  # skipped by `run`: the app was already running
+            summary = {"app": ctx.spec.name, "url": url(ctx.spec), "models": [m.name for m in ctx.spec.serve.models]}
+        if ctx.option("detach"):
+            print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']})",
+                  flush=True)
+            return
+        serve_until_interrupted(ctx.spec, summary)
+        import ray
+
+        ray.shutdown()
+
+
+STAGE: Stage = ServeStage()
+
+
 def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
-    """Deploy (or redeploy) the app on the connected / local Ray; returns a summary.
-
-    ``force`` is accepted for the stage protocol (`run --force`): a deploy always replaces the app.
-    """
-    from ray import serve
-
-    check_members(spec)
-    connect(spec)
-    check_capacity(spec, "serve")
-    _start_serve(spec)
-    app = build_application(spec)
-    t0 = time.monotonic()
-    try:
-        serve.run(app, name=spec.name, route_prefix="/", blocking=False)
-    except RuntimeError as err:  # a replica failed to start: say which and why, in one line
-        raise UserError(f"serve: the app {spec.name!r} failed to deploy: {str(err).strip().splitlines()[-1]}") from None
-    host, port = _running_http() or (spec.serve.http.host, spec.serve.http.port)
-    summary = {"app": spec.name, "url": f"http://{host}:{port}", "models": [m.name for m in spec.serve.models],
-               "deploy_s": round(time.monotonic() - t0, 2)}
-    log.info("serving %s at %s (models: %s)", spec.name, summary["url"], ", ".join(summary["models"]))
-    return summary
-
-
-def is_complete(spec: ClusterSpec) -> bool:
-    """True when the app is RUNNING on the connected Ray (serving has no output on storage)."""
-    import ray
-
-    if not ray.is_initialized():
-        return False
-    from ray import serve
-
-    try:
-        app = serve.status().applications.get(spec.name)
-    except Exception:  # noqa: BLE001 - Serve not started on this cluster
-        return False
-    return app is not None and str(app.status).endswith("RUNNING")
+    """``STAGE.run`` on a context built here (tests, benchmarks and the demo call this)."""
+    return STAGE.run(RunContext.build(spec, force=force))
 
 
 def shutdown(spec: ClusterSpec) -> None:
@@ -232,22 +291,3 @@ def serve_until_interrupted(spec: ClusterSpec, summary: dict) -> None:
 
 def _raise_interrupt(*_):
     raise KeyboardInterrupt()
-
-
-def command(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    if args.detach and spec.cluster.address == "local" and not os.environ.get("RAY_ADDRESS"):
-        from cluster.runtime import up_state
-
-        if not up_state(alive_only=True):
-            raise UserError("--detach needs a Ray that outlives this command: run `sphinx-x up` first "
-                            "(or use a cluster address)")
-    summary = run_stage(spec)
-    if args.detach:
-        print(f"serving {', '.join(summary['models'])} at {summary['url']}/v1 (app {summary['app']})", flush=True)
-        return 0
-    serve_until_interrupted(spec, summary)
-    import ray
-
-    ray.shutdown()
-    return 0

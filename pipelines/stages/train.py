@@ -23,6 +23,7 @@ workers resume at the same step and data position. ``--force`` starts over;
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import tempfile
@@ -33,17 +34,22 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from actors.data.manifest import Manifest, Tiling
+from actors.train.data import READER_CPUS
+from actors.train.summaries import ExportSummary, TrainSummary
 from cluster import layout as run_layout
-from cluster.connect import check_capacity, connect, storage_for
+from cluster.capacity import Demand, Work, check_capacity
+from cluster.connect import connect
 from cluster.layout import Layout
 from cluster.logs import Progress
 from cluster.placement import placement
-from cluster.spec import ClusterSpec, load_spec
+from cluster.run_context import RunContext
+from cluster.spec import ClusterSpec
 from cluster.stall import stall_watch
 from cluster.storage import Storage
 from models.errors import UserError
 from models.flavours import Flavour, from_name
-from models.tiling import TileSpec
+from pipelines.stage import BatchStage
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +57,23 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- scaling
 
 
-def scaling_config(spec: ClusterSpec):
-    """Ray Train ScalingConfig from ``spec.train`` (and the placement resource of ``train.group``)."""
-    from ray.train import ScalingConfig
-
+def worker_resources(spec: ClusterSpec) -> dict[str, float]:
+    """What each Ray Train worker holds: 1 CPU (or ``train.resources_per_worker``), a GPU with
+    ``train.use_gpu``, and the placement resource of ``train.group``. The one rule: the
+    ScalingConfig and the stage's demand both read it."""
     train = spec.train
     resources = {"CPU": 1.0, **train.resources_per_worker, **placement(spec, train.group)}
     if train.use_gpu:
         resources.setdefault("GPU", 1.0)
-    return ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker=resources)
+    return resources
+
+
+def scaling_config(spec: ClusterSpec):
+    """Ray Train ScalingConfig from ``spec.train`` (:func:`worker_resources` per worker)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=spec.train.workers, use_gpu=spec.train.use_gpu,
+                         resources_per_worker=worker_resources(spec))
 
 
 def train_flavour(spec: ClusterSpec) -> Flavour:
@@ -74,38 +88,29 @@ def train_flavour(spec: ClusterSpec) -> Flavour:
 # ----------------------------------------------------------------------------- the manifest
 
 
-def read_manifest(storage: Storage, lay: Layout) -> dict:
+def read_manifest(storage: Storage, lay: Layout) -> Manifest:
     if not storage.exists(lay.manifest):
         raise UserError(f"no preprocess manifest at {lay.manifest}: run `sphinx-x preprocess SPEC` first")
-    try:
-        return json.loads(storage.read_bytes(lay.manifest))
-    except ValueError as err:
-        raise UserError(f"{lay.manifest} is not valid JSON: {err}") from None
+    return Manifest.from_json(storage.read_bytes(lay.manifest), where=lay.manifest)
 
 
-def check_manifest(manifest: dict, flavour: Flavour, where: str, *, weights: bool = False) -> None:
-    """Refuse shards tiled or tokenized for another model, naming both sides (on the driver)."""
-    from actors.data.tiler import SHARD_FORMAT
-    from pipelines.stages.preprocess import tiling_facts
-
-    if manifest.get("shard_format", 1) > SHARD_FORMAT:  # 1 (raw views) and 2 (stored images) both read
-        raise UserError(f"the shards at {where} are in format {manifest['shard_format']}, newer than this "
-                        f"sphinx-x reads ({SHARD_FORMAT}); upgrade it or rerun `sphinx-x preprocess SPEC --force`")
-    mine = tiling_facts(flavour)
-    theirs = manifest.get("tiling") or {}
-    diffs = [f"{k}: shards {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+def check_manifest(manifest: Manifest, flavour: Flavour, where: str, *, weights: bool = False) -> None:
+    """Refuse shards tiled or tokenized for another model, naming both sides (on the driver).
+    (A shard format newer than this code reads is refused by :meth:`Manifest.from_json`.)"""
+    mine, theirs = Tiling.from_flavour(flavour).to_dict(), manifest.tiling.to_dict()
+    diffs = [f"{k}: shards {theirs[k]!r} vs model {v!r}" for k, v in mine.items() if theirs[k] != v]
     if diffs:
         raise UserError(f"the shards at {where} were tiled for another model (flavour "
-                        f"{manifest.get('flavour')!r}) than {flavour.name!r}: " + "; ".join(diffs)
+                        f"{manifest.flavour!r}) than {flavour.name!r}: " + "; ".join(diffs)
                         + ". Run `sphinx-x preprocess SPEC --force` with this model.")
-    vocab = manifest.get("vocab_size")
+    vocab = manifest.tokenizer.vocab_size
     # with published weights the vocab follows their tokenizer (models.weights.hf_llm)
-    if not weights and flavour.tokenizer is None and vocab is not None and vocab > int(flavour.llm["vocab_size"]):
+    if not weights and flavour.tokenizer is None and vocab > int(flavour.llm["vocab_size"]):
         raise UserError(f"the shards' tokenizer at {where} has {vocab} tokens but flavour {flavour.name!r} "
                         f"has vocab_size {flavour.llm['vocab_size']}")
-    if not manifest.get("shards"):
+    if not manifest.shards:
         raise UserError(f"the manifest at {where} lists no shards (rows written: "
-                        f"{manifest.get('rows_written', 0)}): nothing to train on")
+                        f"{manifest.counts.rows_written}): nothing to train on")
 
 
 def _tokenizer_uri(spec: ClusterSpec, storage: Storage, lay: Layout) -> str:
@@ -148,9 +153,48 @@ def list_checkpoints(spec: ClusterSpec, storage: Storage) -> list[tuple[int, str
 # ----------------------------------------------------------------------------- stage
 
 
+class TrainStage(BatchStage):
+    """`sphinx-x train SPEC [--export-from CKPT|latest]`: train (or resume) and export."""
+
+    name = "train"
+    help = "one-stage DeepSpeed training on Ray Train"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--export-from", default=None, metavar="CKPT",
+                            help="only export a consolidated model dir from this checkpoint ('latest' ok)")
+
+    def demand(self, spec: ClusterSpec) -> Demand:
+        t = spec.train
+        return Demand(self.name, (
+            Work("train workers", t.workers, worker_resources(spec), group=t.group, uses_gpu=t.use_gpu),
+            # each rank's Ray Data reader, beside the workers (actors.train.data.rank_datasets)
+            Work("data readers", t.workers, {"CPU": READER_CPUS}, group=t.group, uses_gpu=t.use_gpu),
+        ))
+
+    def outputs(self, layout: Layout) -> dict[str, str]:
+        return {"checkpoints": layout.checkpoints, "metrics": layout.metrics, "export": layout.export,
+                "summary": layout.train_summary}
+
+    def is_complete(self, ctx: RunContext) -> bool:
+        return ctx.storage.exists(ctx.layout.export_success) and ctx.storage.exists(ctx.layout.train_summary)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        """Options: ``export_from`` (only export), ``export`` (False: no export), ``report_every_s``
+        and ``on_step`` (see :func:`run_stage`)."""
+        if ctx.option("export_from") is not None:
+            return export_checkpoint(ctx, ctx.option("export_from"))
+        return _train(ctx, export=ctx.option("export") is not False, report_every_s=ctx.option("report_every_s"),
+                      on_step=ctx.option("on_step"))
+
+    def report(self, ctx: RunContext, summary: dict[str, Any]) -> None:
+        print(json.dumps(summary, indent=2), flush=True)
+
+
+STAGE = TrainStage()
+
+
 def is_complete(spec: ClusterSpec) -> bool:
-    storage = storage_for(spec)
-    return run_layout.train_complete(storage, Layout.from_spec(spec, storage.uri))
+    return STAGE.is_complete(RunContext.build(spec))
 
 
 def _trainer(spec, config, datasets, *, name: str, storage_path: str, filesystem, max_failures: int):
@@ -174,35 +218,40 @@ def _trainer(spec, config, datasets, *, name: str, storage_path: str, filesystem
 def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[str] = None,
               export: bool = True, report_every_s: Optional[float] = None,
               on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
-    """Train (or resume) and export; returns the summary (also ``<train.output>/summary.json``).
+    """``STAGE.run`` on a context built here: train (or resume) and export; returns the summary
+    (also ``<train.output>/summary.json``).
 
     ``report_every_s``: how often the workers report metrics to Ray Train between checkpoints
     (default ``actors.train.worker.REPORT_EVERY_S``; 0 = every step, for benchmarks).
     ``on_step(progress)`` is called on the driver for every step rank 0 finishes
     (``{"step", "total", "loss", "tokens_per_s"}``); the live progress line uses it too.
     """
+    return STAGE.run(RunContext.build(spec, force=force, options={
+        "export_from": export_from, "export": export, "report_every_s": report_every_s, "on_step": on_step}))
+
+
+def _train(ctx: RunContext, *, export: bool, report_every_s: Optional[float],
+           on_step: Optional[Callable[[dict], None]]) -> dict[str, Any]:
     from actors.train.batching import plan_batches, total_steps
     from actors.train.data import plan_entries, rank_datasets, read_index
     from actors.train.worker import REPORT_EVERY_S, TrainWorkerConfig
 
-    storage = storage_for(spec)
-    lay = Layout.from_spec(spec, storage.uri)
-    if export_from is not None:
-        return export_checkpoint(spec, export_from)
-    if force:
+    spec, storage, lay = ctx.spec, ctx.storage, ctx.layout
+    if ctx.force:
         n = storage.delete(lay.train)
         log.info("train: --force: removed %d objects under %s", n, lay.train)
-    elif run_layout.train_complete(storage, lay):
+    elif STAGE.is_complete(ctx):
         log.info("train: %s is complete; skipping (use --force to redo)", lay.export)
-        return {**json.loads(storage.read_bytes(lay.train_summary)), "skipped": True}
+        done_before = TrainSummary.from_json(storage.read_bytes(lay.train_summary), where=lay.train_summary)
+        return {**done_before.to_dict(), "skipped": True}
 
     flavour = train_flavour(spec)
     manifest = read_manifest(storage, lay)
     check_manifest(manifest, flavour, lay.shards, weights=bool(spec.model.weights))
     conn = connect(spec)
-    check_capacity(spec, "train")
+    check_capacity(spec, STAGE.demand(spec))
     train = spec.train
-    files, where, lengths = read_index(storage, lay, manifest["shards"])
+    files, where, lengths = read_index(storage, lay, list(manifest.shards))
     global_batch = train.global_batch
     packs, row_lengths = training_rows(spec, lengths)
     steps = total_steps(len(row_lengths), global_batch, steps=train.steps, epochs=train.epochs,
@@ -215,7 +264,7 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
     if start:
         log.info("train: resuming from step %d (%s)", start, done[-1][1])
     datasets = rank_datasets(files, spec.storage, plan_entries(plan, where, start_step=start, packs=packs),
-                             tile=TileSpec.from_dict(manifest["tiling"]))
+                             tile=manifest.tiling.tile)
     progress_queue = _progress_queue()
     config = TrainWorkerConfig(
         train=train, storage=spec.storage, flavour=flavour, layout=lay, total_steps=steps,
@@ -230,22 +279,25 @@ def run_stage(spec: ClusterSpec, *, force: bool = False, export_from: Optional[s
                        filesystem=fs, max_failures=train.max_failures)
     with stall_watch("train"), _follow(progress_queue, steps, on_step):
         result = trainer.fit()
-    metrics = dict(result.metrics or {})
+    last = result.metrics  # the workers' last report (actors.train.worker): loss None when no step ran here
+    exported = None
     if storage.exists(lay.export_summary):  # written by rank 0 after the export
-        metrics.update(json.loads(storage.read_bytes(lay.export_summary)))
-    summary = {
-        "step": metrics.get("step"), "total_steps": steps, "rows": len(lengths), "global_batch": global_batch,
-        "packed_rows": len(row_lengths) if train.packing else None,
-        "workers": train.workers, "zero_stage": train.zero_stage, "expert_parallel": train.expert_parallel,
-        "flavour": spec.model.flavour, "loss": metrics.get("loss"), "aux_loss": metrics.get("aux_loss"),
-        "resumed_from": start or None,
-        "export": metrics.get("export"), "export_max_abs_diff": metrics.get("export_max_abs_diff"),
-        "export_check": metrics.get("export_check"), "export_bytes": metrics.get("export_bytes"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "metrics": lay.metrics, "wall_s": round(time.time() - t0, 1), "ray": conn.ray_address,
-    }
-    storage.write_bytes(lay.train_summary, json.dumps(summary, indent=2).encode())
-    return summary
+        exported = ExportSummary.from_json(storage.read_bytes(lay.export_summary), where=lay.export_summary)
+    summary = TrainSummary(
+        step=int(last["step"]), total_steps=steps, rows=len(lengths), global_batch=global_batch,
+        packed_rows=len(row_lengths) if train.packing else None,
+        workers=train.workers, zero_stage=train.zero_stage, expert_parallel=train.expert_parallel,
+        flavour=spec.model.flavour, loss=last.get("loss"), aux_loss=last.get("aux_loss"),
+        resumed_from=start or None,
+        export=exported.export if exported else None,
+        export_max_abs_diff=exported.export_max_abs_diff if exported else None,
+        export_check=exported.export_check if exported else None,
+        export_bytes=exported.export_bytes if exported else None,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        metrics=lay.metrics, wall_s=round(time.time() - t0, 1), ray=conn.ray_address,
+    )
+    storage.write_bytes(lay.train_summary, summary.to_json(indent=2).encode())
+    return summary.to_dict()
 
 
 def _progress_queue():
@@ -311,14 +363,13 @@ def training_rows(spec: ClusterSpec, lengths: np.ndarray) -> tuple[list[np.ndarr
     return packs, np.asarray([int(lengths[p].sum()) for p in packs], dtype=np.int64)
 
 
-def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
+def export_checkpoint(ctx: RunContext, checkpoint: str) -> dict[str, Any]:
     """Export ``<train.output>/export`` from a checkpoint URI (or ``latest``) with the run's layout."""
     from actors.train.batching import total_steps
     from actors.train.data import read_index
     from actors.train.worker import TrainWorkerConfig
 
-    storage = storage_for(spec)
-    lay = Layout.from_spec(spec, storage.uri)
+    spec, storage, lay = ctx.spec, ctx.storage, ctx.layout
     done = list_checkpoints(spec, storage)
     if checkpoint == "latest":
         if not done:
@@ -330,9 +381,9 @@ def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
         if step is None:
             raise UserError(f"{checkpoint} is not a checkpoint of this run (no DeepSpeed 'latest' tag)")
     connect(spec)
-    check_capacity(spec, "train")
+    check_capacity(spec, STAGE.demand(spec))
     manifest = read_manifest(storage, lay)
-    _, _, lengths = read_index(storage, lay, manifest["shards"])
+    _, _, lengths = read_index(storage, lay, list(manifest.shards))
     steps = total_steps(len(training_rows(spec, lengths)[1]), spec.train.global_batch, steps=spec.train.steps, epochs=spec.train.epochs)
     config = TrainWorkerConfig(
         train=spec.train, storage=spec.storage, flavour=train_flavour(spec), layout=lay, total_steps=steps,
@@ -340,12 +391,5 @@ def export_checkpoint(spec: ClusterSpec, checkpoint: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sx-export-run-") as tmp:
         trainer = _trainer(spec, config, None, name="export", storage_path=tmp, filesystem=None, max_failures=0)
         trainer.fit()
-    exported = json.loads(storage.read_bytes(lay.export_summary))
-    return {"step": step, "checkpoint": uri, **exported}
-
-
-def command(args) -> int:
-    spec = load_spec(args.spec)
-    summary = run_stage(spec, force=args.force, export_from=getattr(args, "export_from", None))
-    print(json.dumps(summary, indent=2))
-    return 0
+    exported = ExportSummary.from_json(storage.read_bytes(lay.export_summary), where=lay.export_summary)
+    return {"step": step, "checkpoint": uri, **exported.to_dict()}

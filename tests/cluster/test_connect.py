@@ -112,36 +112,3 @@ def test_reuses_an_initialized_ray(ray_local, make_spec):
     before = ray_local.get_runtime_context().gcs_address
     connect.connect(make_spec())
     assert ray_local.get_runtime_context().gcs_address == before
-
-
-# ---------------------------------------------------------------- capacity
-
-
-def test_train_demand_counts_workers_and_their_readers():
-    spec = parse_spec({"train": {"workers": 2}})
-    demand, how = connect.stage_demand(spec, "train")
-    assert demand == {"CPU": 2 * 1.0 + 2 * connect.TRAIN_READER_CPUS}
-    assert "2 train workers" in how and "data readers" in how
-
-
-def test_a_stage_that_cannot_fit_fails_at_once_with_the_numbers(ray_local, make_spec):
-    total = ray_local.cluster_resources()["CPU"]
-    spec = make_spec(train={"workers": int(total)})  # the workers alone take every CPU: no room for readers
-    with pytest.raises(UserError) as err:
-        connect.check_capacity(spec, "train")
-    text = str(err.value)
-    assert f"CPU: needs {total + total * connect.TRAIN_READER_CPUS:g}, the cluster has {total:g}" in text
-    assert "cluster.head.cpus" in text
-    connect.check_capacity(make_spec(train={"workers": 2}), "train")  # fits: no error
-    with pytest.raises(UserError, match="GPU: needs 1"):
-        connect.check_capacity(make_spec(train={"workers": 1, "use_gpu": True}), "train")
-
-
-def test_capacity_on_a_growable_cluster_counts_what_the_groups_can_grow_to(ray_local, make_spec):
-    spec = make_spec(cluster={"address": "ray://head:10001",
-                              "worker_groups": [{"name": "gpu", "cpus": 8, "gpus": 8, "max_workers": 2}]},
-                     train={"workers": 16, "use_gpu": True, "group": "gpu"})
-    connect.check_capacity(spec, "train")  # 16 GPUs within 2 x 8: the autoscaler adds them
-    with pytest.raises(UserError, match="GPU: needs 17"):
-        connect.check_capacity(make_spec(cluster=spec.cluster.model_dump(), train={"workers": 17, "use_gpu": True,
-                                                                                  "group": "gpu"}), "train")

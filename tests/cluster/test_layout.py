@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.layout import Layout, ordered, resolve, stage_entrypoint
+from cluster.layout import Layout, resolve
 from cluster.spec import parse_spec
 from models.errors import UserError
 
@@ -30,10 +30,3 @@ def test_every_run_path_derives_from_the_spec():
     assert lay.checkpoint("@train") == lay.export and lay.checkpoint("models/x") == "s3://bkt/run/models/x"
 
 
-def test_stages_run_in_pipeline_order_and_as_one_command():
-    assert ordered(["serve", "preprocess"]) == ["preprocess", "serve"]
-    with pytest.raises(UserError, match="unknown stage"):
-        ordered(["tune"])
-    assert stage_entrypoint("train", "job-spec.yaml") == \
-        "python -m pipelines.cli run job-spec.yaml --stages train --address local"
-    assert stage_entrypoint("serve", "s.yaml", force=True).endswith("--address local --force --detach")

@@ -13,7 +13,7 @@ from models.errors import UserError
 
 def test_every_line_is_an_exact_pin_and_torch_comes_first():
     reqs = pins.requirements()
-    assert reqs[0] == "torch==2.13.0"  # installed first everywhere (DESIGN.md §3)
+    assert reqs[0] == "torch==2.13.0"  # installed first everywhere (docs/architecture.md "Dependencies")
     assert all("==" in r for r in reqs)
     assert pins.pinned("Ray") == "ray[default,train,data,serve]==2.60.0"
     assert pins.ray_version() == importlib.metadata.version("ray")  # the Ray these tests run on

@@ -15,11 +15,23 @@ import pytest
 import yaml
 
 from cluster.placement import GROUP_CAPACITY, PLACEMENT_FRACTION
-from cluster.render import (SERVE_IMPORT_PATH, image_warning, render_kuberay, render_launcher,
-                            render_serve_config, stage_groups)
+from cluster.capacity import groups_for
+from cluster.render import SPEC_IN_POD, image_warning, render_launcher, render_serve_config
+from cluster.render import render_kuberay as _render_kuberay
 from cluster.spec import EXAMPLES_DIR, PROJECT_VERSION, load_spec, parse_spec
 from models.errors import UserError
+from pipelines import stages
 from pipelines.cli import main
+from pipelines.stages.serve import APP_IMPORT_PATH
+
+
+def render_kuberay(spec):
+    """The manifests of the registry's stages (what `sphinx-x render --to kuberay` writes)."""
+    return _render_kuberay(spec, stages.plans(spec, SPEC_IN_POD))
+
+
+def stage_groups(spec, stage: str):
+    return groups_for(spec, stages.get(stage).demand(spec))
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
@@ -250,10 +262,10 @@ def test_serve_config_is_accepted_by_ray_and_carries_model_options():
     from ray.serve.schema import ServeDeploySchema
 
     spec = parse_spec(MULTI_GROUP)
-    config = render_serve_config(spec)
+    config = render_serve_config(spec, APP_IMPORT_PATH)
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
-    assert (app["name"], app["import_path"]) == ("fleet", SERVE_IMPORT_PATH)
+    assert (app["name"], app["import_path"]) == ("fleet", APP_IMPORT_PATH)
     assert parse_spec(app["args"]["spec"]) == spec
     tiny, cpu = app["deployments"]
     assert tiny["name"] == "sphinx-tiny"
@@ -311,8 +323,11 @@ def test_render_bad_spec_exits_2(tmp_path, capsys):
 
 
 def test_render_does_not_import_higher_layers():
-    code = ("import sys; from cluster.spec import ClusterSpec; from cluster.render import render; "
-            "[render(ClusterSpec(), t) for t in ('kuberay', 'launcher', 'serve')]; "
+    code = ("import sys; from cluster.spec import ClusterSpec; from cluster.render import render, StagePlan; "
+            "from cluster.capacity import Demand, Work; "
+            "plans = [StagePlan('a', 'python -m x', Demand('a', (Work('w', 1, {'CPU': 1.0}),))), "
+            "StagePlan('b', 'python -m y', Demand('b'), service='m:app')]; "
+            "[render(ClusterSpec(), t, plans) for t in ('kuberay', 'launcher', 'serve')]; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('pipelines', 'actors')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,4 +1,4 @@
-"""The family's shapes against DESIGN.md §1 (meta device: no memory, fast)."""
+"""The family's shapes against the published shapes (docs/architecture.md "The model") (meta device: no memory, fast)."""
 
 import pytest
 import torch

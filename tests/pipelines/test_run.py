@@ -34,25 +34,27 @@ FAKE_SECRET = "fake-secret-never-in-a-submission-123"
 
 def _fake_stage(name: str, complete: bool, calls: list):
     return types.SimpleNamespace(
-        is_complete=lambda spec: complete,
-        run_stage=lambda spec, force=False: calls.append((name, force)) or {"stage": name},
+        name=name, service=None,
+        is_complete=lambda ctx: complete,
+        run=lambda ctx: calls.append((name, ctx.force)) or {"stage": name},
     )
 
 
 def test_run_local_orders_stages_and_skips_complete_ones(monkeypatch):
+    from pipelines import stages
+
     calls: list = []
-    modules = {"preprocess": _fake_stage("preprocess", True, calls), "train": _fake_stage("train", False, calls),
-               "serve": _fake_stage("serve", False, calls)}
-    monkeypatch.setattr(run, "_stage_module", modules.__getitem__)
+    fakes = (_fake_stage("preprocess", True, calls), _fake_stage("train", False, calls), _fake_stage("serve", False, calls))
+    monkeypatch.setattr(stages, "STAGES", fakes)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    out = run.run_local(None, ["train", "preprocess"])
+    out = run.run_local(None, ["train", "preprocess"], ctx=types.SimpleNamespace(force=False))
     assert out == {"preprocess": {"skipped": True}, "train": {"stage": "train"}}
     assert calls == [("train", False)]
     calls.clear()
-    run.run_local(None, ["serve", "train", "preprocess"], force=True)
+    run.run_local(None, ["serve", "train", "preprocess"], ctx=types.SimpleNamespace(force=True))
     assert calls == [("preprocess", True), ("train", True), ("serve", True)]
     with pytest.raises(UserError, match="unknown stage"):
-        run.run_local(None, ["deploy"])
+        run.run_local(None, ["deploy"], ctx=types.SimpleNamespace(force=False))
 
 
 # ---------------------------------------------------------------- a real Ray head

@@ -58,7 +58,7 @@ def test_first_difference_and_compare_one():
 
 def test_batched_greedy_equals_one_request_at_a_time(monkeypatch):
     from actors.serve.model_loader import random_member
-    from actors.serve.replica import prepare_chat
+    from models.chat_inputs import prepare_chat
 
     model, tok = random_member("debug")
     model.eval()

@@ -63,7 +63,7 @@ def live(s3, tmp_path_factory):
 
     from cluster.spec import parse_spec
     from cluster.storage import embedded_worker_env, open_storage
-    from models.weights.model_dir_writer import save_model_dir
+    from models.weights.model_dir import save_model_dir
     from models.conversation import load_tokenizer
     from models.flavours import from_name
     from models.sphinx import SphinxX
