@@ -6,6 +6,7 @@
 #   benchmarks/gpu.sh WHEELS_DIR [gpu_steps.py options]   # a bare GPU machine: Python + a CUDA torch
 #   benchmarks/gpu.sh --cpu-smoke                          # here: the same code path on CPU / gloo
 #   benchmarks/gpu.sh --make-wheels WHEELS_DIR             # here: fill WHEELS_DIR for the GPU machine
+#   benchmarks/gpu.sh --eval RELEASE_DIR BENCH_FILE [OUT]  # after an install: convert + score a benchmark file
 #
 # WHEELS_DIR holds sphinx-x and its dependency closure EXCEPT torch (the machine's CUDA torch is
 # kept: a virtual environment with --system-site-packages, every wheel installed --no-deps, no
@@ -34,6 +35,39 @@ if [[ "${1:-}" == "--make-wheels" ]]; then
     "$ROOT/.venv/bin/python" -m pip download --no-deps -d "$out" -r "$out/requirements.txt" >&2
     echo "{\"wheels\": \"$out\", \"files\": $(ls "$out" | wc -l)}"
     exit 0
+fi
+
+if [[ "${1:-}" == "--eval" ]]; then
+    # After an install (the venv above, with the CUDA `vllm` beside the CUDA torch): convert a
+    # published release and score a benchmark file the user provides on one GPU engine; prints the
+    # eval stage's summary table and leaves OUT/eval/<name>/scores.json.
+    #   benchmarks/gpu.sh --eval RELEASE_DIR BENCH.tsv|.jsonl [OUT]
+    #   env: SX_EVAL_FORMAT (vlmevalkit_tsv | vqa_tsv | jsonl), SX_EVAL_METRIC, SX_EVAL_CIRCULAR=1
+    release="${2:?usage: gpu.sh --eval RELEASE_DIR BENCH_FILE [OUT]}"
+    bench="$(realpath "${3:?usage: gpu.sh --eval RELEASE_DIR BENCH_FILE [OUT]}")"
+    out="$(realpath -m "${4:-/tmp/sx-gpu-eval}")"
+    VENV="${SX_GPU_VENV:-/tmp/sx-gpu-venv}"
+    PY="$VENV/bin/python"; [[ -x "$PY" ]] || PY="$PYTHON"
+    mkdir -p "$out"
+    cd "$ROOT"
+    export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+    [[ -f "$out/model/config.json" ]] || timeout 900 "$PY" -m pipelines.cli convert --from accessory "$release" \
+        -o "$out/model" --dtype bfloat16 --json
+    fmt="${SX_EVAL_FORMAT:-}"
+    [[ -n "$fmt" ]] || { [[ "$bench" == *.jsonl ]] && fmt=jsonl || fmt=vlmevalkit_tsv; }
+    circular=false; [[ -n "${SX_EVAL_CIRCULAR:-}" ]] && circular=true
+    metric=""; [[ -n "${SX_EVAL_METRIC:-}" ]] && metric=", metric: $SX_EVAL_METRIC"
+    cat > "$out/eval-spec.yaml" <<YAML
+name: gpu-eval
+cluster: {head: {cpus: 8, gpus: 1}}
+storage: {uri: $out, endpoint_url: null}
+eval:
+  model: $out/model
+  num_gpus_per_actor: 1
+  benchmarks:
+    - {name: $(basename "${bench%.*}"), path: $bench, format: $fmt, circular: $circular$metric}
+YAML
+    exec timeout 1800 "$PY" -m pipelines.cli eval "$out/eval-spec.yaml"
 fi
 
 WHEELS="${1:?usage: gpu.sh WHEELS_DIR [options] | --cpu-smoke | --make-wheels DIR}"

@@ -24,6 +24,10 @@ path is under ``storage.uri``; an ``s3://`` URI or an absolute local path is tak
         export_check.pt, export.json a fixed batch + the trained engine's logits; export summary
         export/ ... export/_SUCCESS  the consolidated model directory, _SUCCESS written last
         summary.json                 written last: the stage is complete
+    <eval.output>/                 eval
+        <benchmark>/predictions.jsonl, scores.json   per sample; scores.json written last
+        summary.txt, summary.png     one table across benchmarks
+        _answers/<model key>/block-*.jsonl           the batch engine's finished blocks
 """
 
 from __future__ import annotations
@@ -66,11 +70,13 @@ class Layout:
     root: str
     shards: str
     train: str
+    evals: str = ""  # eval.output
 
     @classmethod
     def from_spec(cls, spec: ClusterSpec, storage_uri: Optional[str] = None) -> "Layout":
         root = storage_uri or storage_root(spec)
-        return cls(root=root, shards=resolve(root, spec.data.output), train=resolve(root, spec.train.output))
+        return cls(root=root, shards=resolve(root, spec.data.output), train=resolve(root, spec.train.output),
+                   evals=resolve(root, spec.eval.output))
 
     def path(self, setting: str) -> str:
         """Any other path setting of the spec, by the one rule."""
@@ -133,6 +139,29 @@ class Layout:
     def checkpoint(self, setting: str) -> str:
         """A ``serve.models[].checkpoint``: ``@train`` is this run's export; others by the rule."""
         return self.export if setting == TRAIN_EXPORT else self.path(setting)
+
+    # -- eval
+    def eval_dir(self, benchmark: str) -> str:
+        return join(self.evals, benchmark)
+
+    def eval_predictions(self, benchmark: str) -> str:
+        return join(self.evals, benchmark, "predictions.jsonl")
+
+    def eval_scores(self, benchmark: str) -> str:
+        return join(self.evals, benchmark, "scores.json")
+
+    @property
+    def eval_summary_txt(self) -> str:
+        return join(self.evals, "summary.txt")
+
+    @property
+    def eval_summary_png(self) -> str:
+        return join(self.evals, "summary.png")
+
+    @property
+    def eval_answers(self) -> str:
+        """The batch engine's finished blocks (reused by a rerun on the same model)."""
+        return join(self.evals, "_answers")
 
 
 def shard_name(k: int) -> str:

@@ -31,9 +31,17 @@ class Stage(Protocol):
     # import path of the long-running application this stage deploys (a RayService when rendered
     # for KubeRay; `run` holds it until Ctrl-C unless --detach); None for a batch stage (a RayJob)
     service: Optional[str]
+    # the verb takes no SPEC when its own flags say everything (`eval --data ...`): one_off_spec
+    spec_optional: bool
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The stage verb's own arguments (``SPEC`` and ``--force`` are added for every stage)."""
+
+    def one_off_spec(self, args: argparse.Namespace) -> ClusterSpec:
+        """The spec of the verb called without SPEC (only with ``spec_optional``)."""
+
+    def used(self, spec: ClusterSpec) -> bool:
+        """False when the spec gives the stage nothing to do (not rendered as a job then)."""
 
     def demand(self, spec: ClusterSpec) -> Demand:
         """Everything the stage holds on the cluster at once (capacity check, placement, RayJob groups)."""
@@ -56,9 +64,16 @@ class BatchStage:
     """Defaults for a stage that runs, writes its outputs and returns."""
 
     service: Optional[str] = None
+    spec_optional: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         return None
+
+    def one_off_spec(self, args: argparse.Namespace) -> ClusterSpec:
+        raise NotImplementedError(f"{type(self).__name__} needs a SPEC")
+
+    def used(self, spec: ClusterSpec) -> bool:
+        return True
 
     def report(self, ctx: RunContext, summary: dict[str, Any]) -> None:
         print(short_summary(summary), flush=True)
@@ -83,7 +98,7 @@ def command(stage: Stage, args: argparse.Namespace) -> int:
     """A stage's own verb (`sphinx-x preprocess SPEC ...`): build the context once, run, report."""
     from cluster.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec) if args.spec else stage.one_off_spec(args)  # no SPEC: spec_optional
     options = {k: v for k, v in vars(args).items() if k not in ("spec", "force", "verb", "target", "verbose", "stage")}
     ctx = RunContext.build(spec, force=bool(getattr(args, "force", False)), options=options)
     stage.report(ctx, stage.run(ctx))

@@ -14,11 +14,11 @@ from pipelines.stage import entrypoint
 
 
 def test_registry_lists_every_stage_in_pipeline_order():
-    assert stages.names() == ["preprocess", "train", "serve"]
+    assert stages.names() == ["preprocess", "train", "eval", "serve"]
     assert stages.ordered(["serve", "preprocess"]) == ["preprocess", "serve"]
     with pytest.raises(UserError, match="unknown stage"):
         stages.ordered(["tune"])
-    with pytest.raises(UserError, match="stages are preprocess, train, serve"):
+    with pytest.raises(UserError, match="stages are preprocess, train, eval, serve"):
         stages.get("tune")
 
 
@@ -27,11 +27,14 @@ def test_entrypoints_run_one_stage_in_process_and_services_detach():
         "python -m pipelines.cli run job-spec.yaml --stages train --address local"
     assert entrypoint(stages.get("serve"), "s.yaml", force=True).endswith("--address local --force --detach")
     assert [p.service for p in stages.plans(parse_spec({}), "s.yaml")] == [None, None, "pipelines.stages.serve:build_app"]
+    # a stage the spec gives nothing to do (eval without benchmarks) is not rendered as a job
+    assert [p.name for p in stages.plans(parse_spec({}), "s.yaml")] == ["preprocess", "train", "serve"]
 
 
 def test_every_stage_declares_the_protocol():
     for stage in stages.STAGES:
-        for attr in ("name", "help", "service", "add_arguments", "demand", "outputs", "is_complete", "run", "report"):
+        for attr in ("name", "help", "service", "spec_optional", "add_arguments", "one_off_spec", "used", "demand",
+                     "outputs", "is_complete", "run", "report"):
             assert hasattr(stage, attr), (stage.name, attr)
         parser = argparse.ArgumentParser()
         stage.add_arguments(parser)  # declares its own verb's arguments without error
