@@ -10,22 +10,25 @@ shards; training (``pipelines.stages.train``) only loads it and checks it agains
 
 On disk the keys are flat as they always were (``rows_written``, ``tiling``, ``vocab_size``,
 ``sources``…) plus ``version``. A file without ``version`` is version 1 (written before the key
-existed). Reading a newer version, or a file with a key missing or of the wrong type, raises
-``UserError`` naming the key; keys this version does not know are ignored.
+existed). Version 2 adds ``quarantine_gate`` (``{"max_quarantine_fraction": 0.05, "passed":
+false}``, or null where no gate ran: the synthetic shards); a version-1 file has no gate recorded
+and is judged by its counts alone (:meth:`Manifest.gate_failure`). Reading a newer version, or a
+file with a key missing or of the wrong type, raises ``UserError`` naming the key; keys this
+version does not know are ignored.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
 from models.errors import UserError
 from models.tiling import TileSpec
 
-VERSION = 1  # the manifest layout this code writes and reads (see from_dict)
+VERSION = 2  # the manifest layout this code writes (it reads 1 and 2; see from_dict)
 
 # What the shards hold: 1 = raw views (before 2026-12); 2 = compressed scaled images + plans.
 SHARD_FORMAT = 2
@@ -238,6 +241,20 @@ class ImageBytes:
     codec: str   # models.stored_image.CODECS
 
 
+@dataclass(frozen=True)
+class QuarantineGate:
+    """The quarantine gate as preprocess checked it: ``passed`` iff ``rows_quarantined <=
+    max_quarantine_fraction * rows_in``. A manifest whose gate failed is written (its counts are
+    the report) but the stage is not complete and training refuses it."""
+
+    max_quarantine_fraction: float
+    passed: bool
+
+    @classmethod
+    def check(cls, counts: Counts, limit: float) -> "QuarantineGate":
+        return cls(max_quarantine_fraction=limit, passed=counts.rows_quarantined <= limit * counts.rows_in)
+
+
 # ----------------------------------------------------------------------------- the manifest
 
 
@@ -266,7 +283,21 @@ class Manifest:
     sources: dict[str, SourceCounts]
     code_version: str
     seconds: float
+    # None: no gate ran (the synthetic shards) or a version-1 file; see gate_failure
+    quarantine_gate: Optional[QuarantineGate] = None
     version: int = VERSION
+
+    def gate_failure(self, limit: float) -> Optional[str]:
+        """Why these shards must not be used under ``data.max_quarantine_fraction`` = ``limit``
+        (the recorded gate failed, or the counts are over ``limit``), or None when they may."""
+        c = self.counts
+        share = f"{c.rows_quarantined} of {c.rows_in} rows were quarantined"
+        gate = self.quarantine_gate
+        if gate is not None and not gate.passed:
+            return f"{share}, over data.max_quarantine_fraction={gate.max_quarantine_fraction:g} when preprocessed"
+        if c.rows_quarantined > limit * c.rows_in:
+            return f"{share}, over data.max_quarantine_fraction={limit:g}"
+        return None
 
     @property
     def shard_schema(self) -> pa.Schema:
@@ -296,6 +327,9 @@ class Manifest:
             "image_token_id": self.tokenizer.image_token_id,
             "code_version": self.code_version,
             "seconds": self.seconds,
+            "quarantine_gate": None if self.quarantine_gate is None else {
+                "max_quarantine_fraction": self.quarantine_gate.max_quarantine_fraction,
+                "passed": self.quarantine_gate.passed},
         }
 
     def to_json(self) -> str:
@@ -328,6 +362,7 @@ class Manifest:
                                    codec=images.text("codec")),
             sources={name: SourceCounts._read(sources.obj(name)) for name in sources.data},
             code_version=k.text("code_version"), seconds=k.number("seconds"),
+            quarantine_gate=_gate(k) if version >= 2 else None,
         )
 
     @classmethod
@@ -338,3 +373,10 @@ class Manifest:
             raise UserError(f"the shard manifest{f' at {where}' if where else ''} is not valid JSON: {err}") from None
         return cls.from_dict(data, where=where)
 
+
+def _gate(k: _Keys) -> Optional[QuarantineGate]:
+    """Version 2's ``quarantine_gate``: an object, or null where no gate ran."""
+    if k.data.get("quarantine_gate", ...) is None:
+        return None
+    g = k.obj("quarantine_gate")
+    return QuarantineGate(max_quarantine_fraction=g.number("max_quarantine_fraction"), passed=g.flag("passed"))

@@ -22,6 +22,17 @@ After::
     {source: "vqa", id: "7", copies: 1, conversations: '[{"from": "human", ...}]',
      image_paths: ["b/img/a.jpg"], image_bytes: [], reason: None, stage: None, detail: None}
 
+Image references (JSON sources) resolve inside the source's ``image_root`` or the spec's
+``allowed_image_prefixes`` (:func:`resolve_image`): an absolute path, a ``../`` that climbs out,
+another bucket or ``/dev/zero`` is quarantined as ``outside_root`` here, before anything is read.
+
+Hostile input never aborts the stage: a JSONL line that is not UTF-8 or not JSON loses that line
+only (``invalid_text`` / ``invalid_json``, with its line number); a JSON array that breaks off
+loses the broken record and, when its end cannot be found, the unreadable remainder as ONE
+``invalid_json`` row; lone surrogates are ``invalid_text``, nesting deeper than Python's recursion
+limit ``too_deep``, integers over 4300 digits ``invalid_number``; anything else a record raises is
+``unexpected_error`` with the exception type (docs/security.md lists what was tried).
+
 Ids: a record's ``id`` (string or int) is kept; otherwise ``source:index`` (index of the
 record in its file; ``source:file_no:index`` when the source has several files; WebDataset
 rows use ``source:__key__``, Parquet rows without ``id`` a content hash ``source:sha1``).
@@ -37,11 +48,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Iterable, Optional
+import os
+import posixpath
+from typing import Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
 
+from actors.data.json_records import Broken, array_items, error_detail, quarantine_reason
+from cluster.location import Location
 from models.conversation import IMAGE
+from models.errors import UserError
 
 RAW_SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -73,21 +89,82 @@ def copies_for(ratio: float, key: str) -> int:
 def raw_row(source: str, row_id: str, ratio: float, *, conversations: Any = None,
             image_paths: Iterable[str] = (), image_bytes: Iterable[bytes] = (),
             reason: Optional[str] = None, detail: Optional[str] = None) -> dict:
-    """One raw row; ``conversations`` is stored as JSON text (the raw text when invalid)."""
-    text = conversations if isinstance(conversations, str) else json.dumps(conversations, ensure_ascii=False)
+    """One raw row; ``conversations`` is stored as JSON text (the raw text when invalid).
+
+    A good row whose id, conversations or image paths are not valid Unicode (a lone surrogate,
+    from a ``\\ud800`` escape or a byte that is not UTF-8) becomes an ``invalid_text`` row; a
+    quarantined row's strings are escaped so that it always fits ``RAW_SCHEMA``."""
+    try:
+        text = conversations if isinstance(conversations, str) else json.dumps(conversations, ensure_ascii=False)
+    except (ValueError, RecursionError, TypeError) as err:
+        text = f"<not serialisable: {type(err).__name__}>"
+        if reason is None:
+            reason, detail = quarantine_reason(err), error_detail("conversations", err)
+    paths = list(image_paths)
+    if reason is None and not all(_is_unicode(t) for t in (source, row_id, text, *paths)):
+        reason, detail = "invalid_text", "a string holds a lone surrogate or a byte that is not UTF-8"
+    if reason:
+        source, row_id, text, paths = _text(source), _text(row_id), _text(text), [_text(p) for p in paths]
     return {
         "source": source, "id": row_id, "copies": copies_for(ratio, f"{source}:{row_id}"),
-        "conversations": text, "image_paths": list(image_paths), "image_bytes": list(image_bytes),
+        "conversations": text, "image_paths": paths, "image_bytes": list(image_bytes),
         "reason": reason, "stage": "parse" if reason else None,
-        "detail": detail[:_DETAIL_MAX] if detail else None,
+        "detail": _text(detail[:_DETAIL_MAX]) if detail else None,
     }
 
 
-def join_path(root: Optional[str], rel: str) -> str:
-    """``image_root`` + a record's relative image path (absolute paths are kept)."""
-    if not root or rel.startswith("/") or "://" in rel:
-        return rel
-    return root.rstrip("/") + "/" + (rel[2:] if rel.startswith("./") else rel)
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _text(text: str) -> str:
+    """``text`` with lone surrogates escaped (``\\udc80``): Arrow strings must be UTF-8."""
+    return text if _is_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# ----------------------------------------------------------------------------- image references
+
+
+def resolve_image(ref: str, root: str, allowed: Sequence[str] = ()) -> tuple[Optional[str], Optional[str], str]:
+    """A record's image reference -> ``(uri, None, "")``, or ``(None, reason, detail)``.
+
+    A relative ``ref`` is joined to ``root`` (``./`` and ``..`` are resolved; a ``..`` above the
+    bucket or ``/`` leaves); an ``s3://`` URI or an absolute / ``~`` path is taken as it is. The
+    result must lie inside one of ``allowed`` (default: ``root`` alone), component-wise, else the
+    reason is ``outside_root``; a URL of another scheme is ``unsupported_image_uri``.
+
+        >>> resolve_image("a/../b.jpg", "s3://bk/img")
+        ('s3://bk/img/b.jpg', None, '')
+        >>> resolve_image("../x.jpg", "s3://bk/img")[1], resolve_image("/dev/zero", "s3://bk/img")[1]
+        ('outside_root', 'outside_root')
+        >>> resolve_image("s3://bk/other/x.jpg", "s3://bk/img", ["s3://bk/img", "s3://bk/other"])[0]
+        's3://bk/other/x.jpg'
+    """
+    if "://" in ref and not ref.startswith("s3://"):
+        return None, "unsupported_image_uri", f"{ref}: preprocess reads images from s3:// or local paths only " \
+                                              "(no URL fetches)"
+    prefixes = tuple(allowed) or (root,)
+    try:
+        base = Location.parse(root)
+        if ref.startswith("s3://") or os.path.isabs(ref) or ref.startswith("~"):
+            loc = Location.parse(ref)
+        elif base.is_s3:
+            key = posixpath.normpath(posixpath.join(base.key, ref))
+            if key == ".." or key.startswith("../"):
+                raise UserError(f"it climbs above the bucket root s3://{base.bucket}")
+            loc = Location(base.bucket, "" if key == "." else key)
+        else:
+            loc = Location(None, os.path.normpath(os.path.join(base.key, ref)))
+        if any(loc.is_under(Location.parse(p)) for p in prefixes):
+            return loc.uri, None, ""
+    except (UserError, ValueError) as err:
+        return None, "outside_root", f"image {ref!r:.120}: {err}"
+    return None, "outside_root", f"image {ref!r:.120} resolves to {loc.uri[:120]}, outside {', '.join(prefixes)} " \
+                                 "(data.sources[].image_root / allowed_image_prefixes)"
 
 
 def validate_record(record: Any) -> tuple[Optional[str], str, list, list[str]]:
@@ -139,52 +216,81 @@ def record_id(record: Any, fallback: str) -> str:
     return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) else fallback
 
 
-def _record_row(source: str, record: Any, fallback_id: str, ratio: float, image_root: Optional[str]) -> dict:
+def _record_row(source: str, record: Any, fallback_id: str, ratio: float, image_root: Optional[str],
+                allowed: Sequence[str] = ()) -> dict:
     reason, detail, conv, images = validate_record(record)
     row_id = record_id(record, fallback_id)
     if reason:
         return raw_row(source, row_id, ratio, conversations=conv or record, reason=reason, detail=detail)
-    return raw_row(source, row_id, ratio, conversations=conv, image_paths=[join_path(image_root, p) for p in images])
+    paths = []
+    for ref in images:
+        if image_root is None:  # the tokenizer's text pass: images are never read
+            paths.append(ref)
+            continue
+        uri, reason, detail = resolve_image(ref, image_root, allowed)
+        if reason:
+            return raw_row(source, row_id, ratio, conversations=conv, reason=reason, detail=detail)
+        paths.append(uri)
+    return raw_row(source, row_id, ratio, conversations=conv, image_paths=paths)
+
+
+def _guarded_row(source: str, row_id: str, ratio: float, where: str, raw_text: str, build) -> dict:
+    """``build()``, or the row quarantined with the reason of what it raised (the per-row boundary)."""
+    try:
+        return build()
+    except Exception as err:  # noqa: BLE001 - one record never aborts the stage
+        return raw_row(source, row_id, ratio, conversations=raw_text[:_DETAIL_MAX], reason=quarantine_reason(err),
+                       detail=error_detail(where, err))
 
 
 # ----------------------------------------------------------------------------- JSON / JSONL
 
 
 def parse_json_file(data: bytes, path: str, *, source: str, ratio: float, image_root: Optional[str],
-                    fmt: str = "auto", file_no: Optional[int] = None) -> list[dict]:
-    """A JSON array or JSONL file -> raw rows, one per record (bad lines become quarantined rows).
+                    fmt: str = "auto", file_no: Optional[int] = None,
+                    image_prefixes: Sequence[str] = ()) -> list[dict]:
+    """A JSON array or JSONL file -> raw rows, one per record (bad records become quarantined rows).
 
-    A JSON array that does not parse at all becomes ONE ``invalid_json`` row (id
-    ``source:file``) since its records cannot be told apart.
+    ``image_root`` None keeps image references as given (the tokenizer's text pass, which reads
+    no image); else they must resolve inside ``image_prefixes`` (default ``image_root``).
+    A JSONL line is decoded on its own (``line N`` in the detail). A JSON array is read record by
+    record when it does not parse whole: a record that fails is lost alone, and when its end
+    cannot be found (a file cut short) the rest of the file becomes ONE ``invalid_json`` row
+    (id ``source:file``) naming the byte offset and line where reading stopped.
     """
     prefix = source if file_no is None else f"{source}:{file_no}"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return [raw_row(source, f"{prefix}:file", ratio, conversations="", reason="invalid_json",
-                        detail=f"{path}: not UTF-8 text: {err}")]
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte order mark
     if fmt == "auto":
-        fmt = "jsonl" if path.endswith(".jsonl") else ("json" if text.lstrip().startswith("[") else "jsonl")
+        fmt = "jsonl" if path.endswith(".jsonl") else ("json" if data.lstrip()[:1] == b"[" else "jsonl")
+
+    def record(rec: Any, i: int, raw_text: str, where: str) -> dict:
+        return _guarded_row(source, f"{prefix}:{i}", ratio, where, raw_text,
+                            lambda: _record_row(source, rec, f"{prefix}:{i}", ratio, image_root, image_prefixes))
+
     if fmt == "json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            return [raw_row(source, f"{prefix}:file", ratio, conversations=text[:_DETAIL_MAX], reason="invalid_json",
-                            detail=f"{path}: {err}")]
-        if not isinstance(records, list):
-            records = [records]
-        return [_record_row(source, r, f"{prefix}:{i}", ratio, image_root) for i, r in enumerate(records)]
+        rows = []
+        for i, item in enumerate(array_items(data)):
+            if isinstance(item, Broken):
+                row_id = f"{prefix}:file" if item.rest else f"{prefix}:{i}"
+                rows.append(raw_row(source, row_id, ratio, conversations=item.text[:_DETAIL_MAX],
+                                    reason=item.reason, detail=f"{path}: {item.detail}"))
+            else:
+                rows.append(record(item, i, "", f"{path} record {i}"))
+        return rows
     rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
+    for i, line_bytes in enumerate(data.split(b"\n")):
+        if not line_bytes.strip():
             continue
+        where = f"{path} line {i + 1}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            rows.append(raw_row(source, f"{prefix}:{i}", ratio, conversations=line[:_DETAIL_MAX],
-                                reason="invalid_json", detail=f"{path} line {i + 1}: {err}"))
+            line = line_bytes.decode("utf-8").rstrip("\r")
+            rec = json.loads(line)
+        except Exception as err:  # noqa: BLE001 - this line is lost, the others are read
+            text = line_bytes.decode("utf-8", "backslashreplace")[:_DETAIL_MAX]
+            rows.append(raw_row(source, f"{prefix}:{i}", ratio, conversations=text, reason=quarantine_reason(err),
+                                detail=error_detail(where, err)))
             continue
-        rows.append(_record_row(source, record, f"{prefix}:{i}", ratio, image_root))
+        rows.append(record(rec, i, line[:_DETAIL_MAX], where))
     return rows
 
 
@@ -201,6 +307,11 @@ def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
     ``jpg|jpeg|png|webp`` (the image bytes; none = a text-only sample).
     """
     key = str(sample.get("__key__") or "")
+    return _guarded_row(source, f"{source}:{key}", ratio, f"sample {key!r}", "",
+                        lambda: _wds_row(sample, key, source=source, ratio=ratio))
+
+
+def _wds_row(sample: dict, key: str, *, source: str, ratio: float) -> dict:
     row_id = f"{source}:{key}"
     sample = {k: _blob(v) for k, v in sample.items()}  # a batch fills absent extensions with None/NaN
     image = next((sample[k] for k in WDS_IMAGE_KEYS if sample.get(k) is not None), None)
@@ -208,8 +319,9 @@ def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
     if sample.get("json") is not None:
         try:
             record = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return raw_row(source, row_id, ratio, conversations="", reason="invalid_json", detail=f"{key}.json: {err}")
+        except (ValueError, RecursionError) as err:
+            return raw_row(source, row_id, ratio, conversations="", reason=quarantine_reason(err),
+                           detail=error_detail(f"{key}.json", err))
         row_id = record_id(record, row_id)
         if isinstance(record, dict) and images:
             record = {**record, "image": "<bytes>"}
@@ -240,32 +352,70 @@ def parquet_row(rec: dict, *, source: str, ratio: float) -> dict:
 
     Columns: ``conversations`` (JSON text, or a list of ``{from, value}`` structs), ``image``
     (binary bytes, or a struct with ``bytes`` as Hugging Face datasets store images; null =
-    text-only), ``id`` (optional).
+    text-only; any other type is ``bad_field``), ``id`` (optional).
     """
+    return _guarded_row(source, record_id(rec, f"{source}:row"), ratio, "parquet row", "",
+                        lambda: _parquet_row(rec, source=source, ratio=ratio))
+
+
+def _parquet_row(rec: dict, *, source: str, ratio: float) -> dict:
     conv = rec.get("conversations")
-    image = rec.get("image")
-    if isinstance(image, dict):
-        image = image.get("bytes")
-    images = [bytes(image)] if image is not None else []
+    image, problem = _image_bytes(rec.get("image"))
+    images = [image] if image is not None else []
     if isinstance(conv, (bytes, str)):
         text = conv.decode("utf-8", errors="replace") if isinstance(conv, bytes) else conv
-        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         try:
             conv = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:
             return raw_row(source, record_id(rec, f"{source}:{digest}"), ratio, conversations=text[:_DETAIL_MAX],
-                           reason="invalid_json", detail=f"conversations: {err}")
+                           reason=quarantine_reason(err), detail=error_detail("conversations", err))
     else:
-        digest = hashlib.sha1(json.dumps(conv, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        digest = hashlib.sha1(_dumps_sorted(conv).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    row_id = record_id(rec, f"{source}:{digest}")
+    if problem:
+        return raw_row(source, row_id, ratio, conversations=conv, reason="bad_field", detail=problem)
     record = {"conversations": conv}
     if images:
         record["image"] = "<bytes>"
     reason, detail, conv, _ = validate_record(record)
-    row_id = record_id(rec, f"{source}:{digest}")
     if reason:
         return raw_row(source, row_id, ratio, conversations=conv or record, reason=reason, detail=detail)
     return raw_row(source, row_id, ratio, conversations=conv, image_bytes=images)
 
 
+def _image_bytes(value: Any) -> tuple[Optional[bytes], str]:
+    """A Parquet ``image`` cell -> (bytes or None, the problem when it is of another type)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is None:
+            return None, f"'image' is a struct without bytes (keys {sorted(value)[:5]}); expected inline bytes"
+        value = value["bytes"]
+    if value is None or isinstance(value, (bytes, bytearray, memoryview)):
+        return (bytes(value) if value is not None else None), ""
+    return None, f"'image' is a {type(value).__name__}; expected binary image bytes or {{bytes: binary}}"
+
+
+def _dumps_sorted(value: Any) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, default=str)
+    except (ValueError, RecursionError, TypeError):
+        return repr(type(value))
+
+
 def to_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    """The rows as a ``RAW_SCHEMA`` table; a row Arrow refuses becomes an ``unexpected_error`` row
+    instead of failing the batch."""
+    try:
+        return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        pass
+    safe = []
+    for row in rows:
+        try:
+            pa.Table.from_pylist([row], schema=RAW_SCHEMA)
+            safe.append(row)
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as err:
+            bad = raw_row(_text(str(row.get("source"))), _text(str(row.get("id"))), 1.0, reason="unexpected_error",
+                          detail=error_detail("raw row", err))
+            safe.append({**bad, "copies": row["copies"] if isinstance(row.get("copies"), int) else 1})
+    return pa.Table.from_pylist(safe, schema=RAW_SCHEMA)

@@ -26,9 +26,12 @@ After (debug flavour, S = 48, G = 2, a 2:1 wide image)::
      stored_bytes: 9120}
 
 A bad row never raises: it leaves with ``reason`` / ``stage`` / ``detail`` set and empty
-shard columns. Stages: ``fetch`` (``missing_image``, ``fetch_error``), ``decode``
-(``corrupt_image``, ``too_many_pixels``, ``unsupported_mode``), ``tokenize`` (the reasons of
-``models.conversation.ConversationError``, e.g. ``too_long``, ``image_mismatch``).
+shard columns. Stages: ``fetch`` (``missing_image``, ``fetch_error``, ``too_large``: over
+``max_image_bytes``, found by the size before reading, and never more than that many bytes plus
+one read), ``decode`` (``corrupt_image``, ``too_many_pixels``, ``unsupported_mode``; any other
+exception of the decoder is ``corrupt_image`` with its type), ``tokenize`` (the reasons of
+``models.conversation.ConversationError``, e.g. ``too_long``, ``image_mismatch``); anything else
+one row raises is ``unexpected_error`` (stage ``tile``) with the exception type.
 Image bytes are fetched with a small thread pool (parallel S3 GETs); decoding is sequential
 so that one actor uses one CPU.
 
@@ -100,13 +103,15 @@ class TilerConfig:
     overflow: str
     max_pixels: int
     codec: str = "webp"  # models.stored_image.CODECS
+    max_image_bytes: int = 64 * 2**20  # spec data.max_image_bytes
 
     @classmethod
     def from_flavour(cls, flavour: Any, *, max_seq_len: int, overflow: str = "truncate",
-                     max_pixels: int = 64_000_000, codec: str = "webp") -> "TilerConfig":
+                     max_pixels: int = 64_000_000, codec: str = "webp",
+                     max_image_bytes: int = 64 * 2**20) -> "TilerConfig":
         return cls(tile=TileSpec.from_flavour(flavour), tokens_per_view=flavour.tokens_per_view,
                    image_position=flavour.image_position, max_seq_len=max_seq_len, overflow=overflow,
-                   max_pixels=max_pixels, codec=codec)
+                   max_pixels=max_pixels, codec=codec, max_image_bytes=max_image_bytes)
 
     @property
     def tile_spec(self) -> TileSpec:
@@ -120,14 +125,18 @@ class _Quarantine(Exception):
 
 
 class ImageFetcher:
-    """Reads image bytes by URI (``s3://bucket/key`` or a local path) through ``cluster.storage``."""
+    """Reads image bytes by URI (``s3://bucket/key`` or a local path) through ``cluster.storage``,
+    at most ``max_bytes`` of them (the rows have confined the URIs: ``actors.data.rows``)."""
 
-    def __init__(self, storage: Optional[Storage] = None):
+    def __init__(self, storage: Optional[Storage] = None, max_bytes: int = 64 * 2**20):
         self._storage = storage
+        self.max_bytes = max_bytes
 
     def read(self, uri: str) -> bytes:
         """The image's bytes; any failure (a URL scheme we never fetch, another bucket we cannot
-        read, a missing object) is a quarantine reason for the row, never an error of the stage."""
+        read, a missing object, not a regular file, over ``max_bytes``) is a quarantine reason for
+        the row, never an error of the stage. The size is checked before reading, and at most
+        ``max_bytes + 1`` bytes are read (a file that grows, a size the store does not tell)."""
         if uri.startswith(("http://", "https://")) or ("://" in uri and not uri.startswith("s3://")):
             raise _Quarantine("fetch", "unsupported_image_uri",
                               f"{uri}: preprocess reads images from s3:// or local paths only (no URL fetches)")
@@ -142,9 +151,19 @@ class ImageFetcher:
             raise
         except Exception as err:  # noqa: BLE001 - whatever the cause, the row carries it
             raise _Quarantine("fetch", "fetch_error", f"{uri}: {err}") from None
+        cap = self.max_bytes
         try:
-            with fs.open_input_stream(path) as f:
-                return f.read()
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise _Quarantine("fetch", "missing_image", f"{uri}: no such file")
+            if info.type != pafs.FileType.File:  # a directory, /dev/zero, a FIFO (would block)...
+                raise _Quarantine("fetch", "fetch_error", f"{uri}: not a regular file ({info.type.name})")
+            if info.size is not None and info.size > cap:
+                raise _Quarantine("fetch", "too_large", f"{uri}: {info.size} bytes, over data.max_image_bytes={cap}")
+            with fs.open_input_stream(path, compression=None) as f:  # no on-the-fly .gz expansion
+                data = f.read(cap + 1)
+        except _Quarantine:
+            raise
         except FileNotFoundError:
             raise _Quarantine("fetch", "missing_image", f"{uri}: no such file") from None
         except OSError as err:
@@ -153,6 +172,9 @@ class ImageFetcher:
             raise _Quarantine("fetch", "fetch_error", f"{uri}: {err}") from None
         except Exception as err:  # noqa: BLE001 - e.g. access denied on another bucket
             raise _Quarantine("fetch", "fetch_error", f"{uri}: {type(err).__name__}: {err}") from None
+        if len(data) > cap:
+            raise _Quarantine("fetch", "too_large", f"{uri}: over data.max_image_bytes={cap} bytes")
+        return data
 
 
 class Tiler:
@@ -164,7 +186,7 @@ class Tiler:
         self.config = config
         self.spec = config.tile_spec
         self.tokenizer = tokenizer
-        self.fetcher = ImageFetcher(storage)
+        self.fetcher = ImageFetcher(storage, config.max_image_bytes)
         self.pool = ThreadPoolExecutor(_FETCH_THREADS)
         self.shard_dir = shard_dir
         self.fs = filesystem or (storage.filesystem if storage is not None else pafs.LocalFileSystem())
@@ -238,7 +260,10 @@ class Tiler:
         try:
             return {**base, **self._sample(row, fetched)}
         except _Quarantine as q:
-            return {**base, "reason": q.reason, "stage": q.stage, "detail": q.detail[:300]}
+            return {**base, "reason": q.reason, "stage": q.stage, "detail": _utf8(q.detail[:300])}
+        except Exception as err:  # noqa: BLE001 - one row never aborts the stage (docs/security.md)
+            return {**base, "reason": "unexpected_error", "stage": "tile",
+                    "detail": _utf8(f"{type(err).__name__}: {err}"[:300])}
 
     def _sample(self, row: dict, fetched: dict[str, Any]) -> dict:
         cfg = self.config
@@ -249,12 +274,18 @@ class Tiler:
                 raise data
             images.append((uri, data))
         images += [(f"image {i}", data) for i, data in enumerate(row["image_bytes"] or [])]
+        for name, data in images:
+            if len(data) > cfg.max_image_bytes:  # inline bytes (WebDataset / Parquet)
+                raise _Quarantine("fetch", "too_large",
+                                  f"{name}: {len(data)} bytes, over data.max_image_bytes={cfg.max_image_bytes}")
         stored = []
         for name, data in images:
             try:
                 stored.append(store(data, self.spec, max_pixels=cfg.max_pixels, codec=cfg.codec))
             except ImageError as err:
                 raise _Quarantine("decode", err.reason, f"{name}: {err.detail}") from None
+            except Exception as err:  # noqa: BLE001 - a decoder error outside models.tiling's list
+                raise _Quarantine("decode", "corrupt_image", f"{name}: {type(err).__name__}: {err}") from None
         counts = [image_token_count(*t.original_size, self.spec, cfg.tokens_per_view) for t in stored]
         conversation = json.loads(row["conversations"])
         try:
@@ -341,6 +372,10 @@ class _OneFile:
         """The file's path, or None when no row was written."""
         self.writer.close()
         return f"{self.writer.dir}/{self.writer.names[0]}" if self.writer.names else None
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _active(row: dict) -> bool:

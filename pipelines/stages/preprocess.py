@@ -63,7 +63,14 @@ not rows in). ``rows_in == rows_written + rows_quarantined`` always; every quara
 one row of ``errors/``. ``rows_read == subsampled_out + duplicate_samples + duplicate_images +``
 the records of ``rows_in``. ``image_bytes`` compares the stored images with their sources. The
 stage fails (UserError, exit 1) only when the quarantined share is over
-``data.max_quarantine_fraction``, after shards and manifest are written.
+``data.max_quarantine_fraction``, after shards and manifest are written; the manifest records
+that gate (``quarantine_gate``), so the stage is complete only when it passed and training refuses
+shards that failed it.
+
+Hostile rows (docs/security.md): image references are confined to ``image_root`` /
+``allowed_image_prefixes`` (``outside_root``), reads are capped by ``data.max_image_bytes``
+(``too_large``), and a record that is not UTF-8, not JSON, too deep or otherwise unreadable is
+quarantined alone (``actors.data.rows``): one row never stops the stage.
 """
 
 from __future__ import annotations
@@ -80,7 +87,7 @@ import pyarrow.fs as pafs
 
 from actors.data import rows as raw
 from actors.data.dedup import KEEP, duplicates
-from actors.data.manifest import SHARD_FORMAT, Manifest, Tiling, TokenizerFacts
+from actors.data.manifest import SHARD_FORMAT, Manifest, QuarantineGate, Tiling, TokenizerFacts
 from actors.data.shards import ShardWriter
 from actors.data.tally import Tally, take
 from actors.data.tiler import BOOK_SCHEMA, ERROR_COLUMNS, Tiler, TilerConfig
@@ -89,6 +96,7 @@ from cluster.capacity import Demand, Work, check_capacity
 from cluster.connect import connect
 from cluster.layout import Layout
 from cluster.logs import Progress
+from cluster.output_guard import check_force_output
 from cluster.placement import placement
 from cluster.run_context import RunContext
 from cluster.spec import ClusterSpec
@@ -128,7 +136,17 @@ class PreprocessStage(BatchStage):
                 "manifest": layout.manifest}
 
     def is_complete(self, ctx: RunContext) -> bool:
-        return ctx.storage.exists(ctx.layout.manifest)
+        """The manifest exists AND passed the quarantine gate (as written, and under the spec's
+        ``data.max_quarantine_fraction`` now): a run that failed the gate is redone, and fails the
+        same way until the data or the limit changes."""
+        lay = ctx.layout
+        if not ctx.storage.exists(lay.manifest):
+            return False
+        try:
+            manifest = Manifest.from_json(ctx.storage.read_bytes(lay.manifest), where=lay.manifest)
+        except UserError:
+            return False  # unreadable or from a newer sphinx-x: redo it
+        return manifest.gate_failure(ctx.spec.data.max_quarantine_fraction) is None
 
     def run(self, ctx: RunContext) -> dict:
         try:
@@ -169,10 +187,11 @@ def _run(ctx: RunContext) -> dict:
     flavour = from_name(spec.model.flavour, **spec.model.overrides)
     sources = [resolve_source(storage, lay, i, s) for i, s in enumerate(spec.data.sources)]
     t0 = time.time()
-    _clear_output(storage, lay, keep_finished_blocks=not force)
+    _clear_output(storage, lay, keep_finished_blocks=not force, spec=spec)
     tokenizer = prepare_tokenizer(spec, flavour, storage, lay, sources)
     config = TilerConfig.from_flavour(flavour, max_seq_len=spec.data.max_seq_len, overflow=spec.data.overflow,
-                                      max_pixels=spec.data.max_image_pixels, codec=spec.data.image_codec)
+                                      max_pixels=spec.data.max_image_pixels, codec=spec.data.image_codec,
+                                      max_image_bytes=spec.data.max_image_bytes)
     tmp_uri = _blocks_dir(storage, lay, config, tokenizer)
     options = DataContext.get_current().execution_options
     old_order, options.preserve_order = options.preserve_order, True  # determinism (see module doc)
@@ -181,11 +200,14 @@ def _run(ctx: RunContext) -> dict:
             manifest = _run_graph(spec, flavour, storage, lay, sources, tokenizer, config, tmp_uri)
     finally:
         options.preserve_order = old_order
-    manifest = replace(manifest, seconds=round(time.time() - t0, 2))
+    limit = spec.data.max_quarantine_fraction
+    manifest = replace(manifest, seconds=round(time.time() - t0, 2),
+                       quarantine_gate=QuarantineGate.check(manifest.counts, limit))
+    # written even when the gate fails (the counts are the report); is_complete and training
+    # read the gate from it, so a failed run is never taken as done
     storage.write_bytes(lay.manifest, manifest.to_json().encode())
     summary = {**manifest.to_dict(), "errors_uri": lay.errors}
-    limit = spec.data.max_quarantine_fraction
-    if summary["rows_quarantined"] > limit * summary["rows_in"]:
+    if not manifest.quarantine_gate.passed:
         raise QuarantineError(summary, limit)
     return summary
 
@@ -194,11 +216,11 @@ def _run(ctx: RunContext) -> dict:
 
 
 def _parse_json_batch(batch: pa.Table, *, source: str, ratio: float, image_root: Optional[str],
-                      fmt: str, file_nos: dict) -> pa.Table:
+                      image_prefixes: tuple[str, ...], fmt: str, file_nos: dict) -> pa.Table:
     out = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         out += raw.parse_json_file(data, path, source=source, ratio=ratio, image_root=image_root,
-                                   fmt=fmt, file_no=file_nos.get(path))
+                                   image_prefixes=image_prefixes, fmt=fmt, file_no=file_nos.get(path))
     return raw.to_table(out)
 
 
@@ -233,7 +255,7 @@ def _raw_dataset(src: Source):
     file_nos = {p: i for i, p in enumerate(files)} if len(files) > 1 else {}
     return ds.map_batches(_parse_json_batch, batch_size=1, **light,
                           fn_kwargs=dict(source=name, ratio=ratio, image_root=src.image_root,
-                                         fmt=src.format, file_nos=file_nos))
+                                         image_prefixes=src.image_prefixes, fmt=src.format, file_nos=file_nos))
 
 
 def _shard_blocks(ds, rows: int):
@@ -362,9 +384,15 @@ def _by_source(table: pa.Table, order: dict[str, int]) -> list[tuple[int, pa.Tab
 # ----------------------------------------------------------------------------- helpers
 
 
-def _clear_output(storage: Storage, lay: Layout, *, keep_finished_blocks: bool) -> None:
+def _clear_output(storage: Storage, lay: Layout, *, keep_finished_blocks: bool,
+                  spec: Optional[ClusterSpec] = None) -> None:
     """Delete the manifest first (the output is incomplete from now on), then old shards; the
-    blocks an interrupted run finished (under ``_tmp/``) stay unless ``keep_finished_blocks`` is off."""
+    blocks an interrupted run finished (under ``_tmp/``) stay unless ``keep_finished_blocks`` is off.
+
+    With ``keep_finished_blocks`` off (``--force``) and a ``spec``, ``data.output`` is checked first
+    (``cluster.output_guard``): never a root, a home folder or a folder holding the sources."""
+    if not keep_finished_blocks and spec is not None:
+        check_force_output(spec, "data.output", lay.root)
     for uri in (lay.manifest, lay.errors, lay.tokenizer):
         storage.delete(uri)
     if not keep_finished_blocks:

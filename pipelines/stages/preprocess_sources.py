@@ -2,7 +2,9 @@
 
 The formats (``auto`` decides by extension) and the path rules are those of
 ``pipelines.stages.preprocess`` (module doc); a source that cannot be read, holds no data files
-or mixes formats is a ``UserError`` naming ``data.sources[i]``.
+or mixes formats is a ``UserError`` naming ``data.sources[i]``. Image references must resolve
+inside ``image_root`` or, when the spec lists them, ``allowed_image_prefixes`` (each by the same
+path rule); others are quarantined as ``outside_root`` (``actors.data.rows.resolve_image``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Source:
     filesystem: pafs.FileSystem
     files: tuple[str, ...]  # filesystem paths, sorted
     image_root: Optional[str]  # a URI: s3://bucket/key or an absolute local path
+    image_prefixes: tuple[str, ...] = ()  # URIs images may be read from; () = image_root alone
 
 
 def _locate(storage: Storage, lay: Layout, path: str) -> tuple[pafs.FileSystem, str, str]:
@@ -69,4 +72,9 @@ def resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec) -> So
     image_root = lay.path(src.image_root) if src.image_root else None
     if image_root is None and fmt in ("auto", "json", "jsonl"):
         image_root = uri.rsplit("/", 1)[0] if info.type != pafs.FileType.Directory else uri
-    return Source(spec=src, format=fmt, filesystem=fs, files=tuple(files), image_root=image_root)
+    prefixes = tuple(lay.path(p) for p in src.allowed_image_prefixes or ())
+    if src.allowed_image_prefixes is not None and not prefixes:
+        raise UserError(f"data.sources[{i}] ({src.name}): allowed_image_prefixes is empty; leave it out to read "
+                        "images under image_root only")
+    return Source(spec=src, format=fmt, filesystem=fs, files=tuple(files), image_root=image_root,
+                  image_prefixes=prefixes)

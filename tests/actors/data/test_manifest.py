@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from actors.data.manifest import (SHARD_FORMAT, SHARD_SCHEMA, VERSION, Counts, ImageBytes, Manifest, SourceCounts,
-                                  Tiling, TokenizerFacts, Tokens, shard_schema)
+from actors.data.manifest import (SHARD_FORMAT, SHARD_SCHEMA, VERSION, Counts, ImageBytes, Manifest,
+                                  QuarantineGate, SourceCounts, Tiling, TokenizerFacts, Tokens, shard_schema)
 from models.errors import UserError
 from models.flavours import from_name
 
@@ -19,7 +19,7 @@ TODAYS_KEYS = {"rows_in", "rows_written", "rows_quarantined", "quarantined_by_re
                "max_image_pixels", "tokenizer", "vocab_size", "image_token_id", "code_version", "seconds"}
 
 
-def _manifest() -> Manifest:
+def _manifest(gate: QuarantineGate | None = QuarantineGate(0.5, True)) -> Manifest:
     counts = Counts(rows_read=5, subsampled_out=1, duplicate_samples=1, duplicate_images=0, rows_in=3, rows_written=2,
                     rows_quarantined=1, rows_truncated=0, quarantined_by_reason={"missing_image": 1})
     source = SourceCounts(**vars(counts), text_tokens=40, image_tokens=57, saved_tokens=36, source_bytes=900,
@@ -30,13 +30,14 @@ def _manifest() -> Manifest:
                     overflow="truncate", max_image_pixels=64_000_000, counts=counts, rows_reused=0,
                     tokens=Tokens(text=40, image=57, saved=36), image_bytes=ImageBytes(source=900, stored=300,
                                                                                        codec="webp"),
-                    sources={"vqa": source}, code_version="0.1+abc", seconds=1.5)
+                    sources={"vqa": source}, code_version="0.1+abc", seconds=1.5, quarantine_gate=gate)
 
 
 def test_json_round_trip_keeps_todays_key_names():
     m = _manifest()
     data = json.loads(m.to_json())
-    assert set(data) == TODAYS_KEYS | {"version"} and data["version"] == VERSION
+    assert set(data) == TODAYS_KEYS | {"version", "quarantine_gate"} and data["version"] == VERSION == 2
+    assert data["quarantine_gate"] == {"max_quarantine_fraction": 0.5, "passed": True}
     assert data["tokens"]["total"] == 97 and data["tiling"]["canvas"] == 96
     assert Manifest.from_json(m.to_json()) == m
     assert m.shard_schema == SHARD_SCHEMA
@@ -44,9 +45,32 @@ def test_json_round_trip_keeps_todays_key_names():
 
 def test_todays_unversioned_file_loads_as_version_1():
     data = _manifest().to_dict()
-    del data["version"]
+    del data["version"], data["quarantine_gate"]
     m = Manifest.from_dict(data)
     assert m.version == 1 and m.counts.rows_written == 2 and m.tiling.tile.grid == 2
+    assert m.quarantine_gate is None
+    for version in (None, 1):  # version-1 files, with or without the key: no gate recorded
+        one = {**data, **({"version": version} if version else {})}
+        assert Manifest.from_dict(one).quarantine_gate is None
+
+
+def test_the_quarantine_gate_is_recorded_and_decides():
+    """1 of 3 rows quarantined: a gate that failed when written refuses whatever the limit now; a
+    passed or unrecorded (version 1, synthetic) gate is judged by the counts under today's limit."""
+    failed = Manifest.from_json(_manifest(QuarantineGate.check(_manifest().counts, 0.05)).to_json())
+    assert failed.quarantine_gate == QuarantineGate(0.05, False)
+    assert "1 of 3 rows were quarantined, over data.max_quarantine_fraction=0.05" in failed.gate_failure(0.9)
+    passed = _manifest(QuarantineGate.check(_manifest().counts, 0.5))
+    assert passed.quarantine_gate.passed and passed.gate_failure(0.5) is None
+    assert "over data.max_quarantine_fraction=0.1" in passed.gate_failure(0.1)  # the limit was lowered since
+    none = Manifest.from_json(_manifest(None).to_json())
+    assert none.quarantine_gate is None and none.gate_failure(0.5) is None and none.gate_failure(0.2)
+    data = _manifest().to_dict()
+    del data["quarantine_gate"]
+    with pytest.raises(UserError, match="key 'quarantine_gate' is missing"):
+        Manifest.from_dict(data)
+    with pytest.raises(UserError, match="key 'quarantine_gate.passed' is"):
+        Manifest.from_dict({**data, "quarantine_gate": {"max_quarantine_fraction": 0.1, "passed": "yes"}})
 
 
 def test_a_newer_version_or_shard_format_is_refused():
@@ -57,7 +81,7 @@ def test_a_newer_version_or_shard_format_is_refused():
 
 
 @pytest.mark.parametrize("path", ["vocab_size", "shards", "tiling.grid", "tokens.saved", "sources.vqa.rows_in",
-                                  "image_bytes.codec", "seconds"])
+                                  "image_bytes.codec", "seconds", "quarantine_gate.passed"])
 def test_a_missing_key_is_named(path):
     data = _manifest().to_dict()
     *parents, key = path.split(".")

@@ -75,7 +75,7 @@ def test_webdataset_and_parquet_rows():
 
 @pytest.mark.parametrize("root,rel,expected", [
     ("s3://b/img", "a.jpg", "s3://b/img/a.jpg"), ("/data/", "./x/a.jpg", "/data/x/a.jpg"),
-    (None, "a.jpg", "a.jpg"), ("/data", "s3://c/a.jpg", "s3://c/a.jpg"),
+    ("s3://b/img", "x/../a.jpg", "s3://b/img/a.jpg"), ("s3://b", "a/b.jpg", "s3://b/a/b.jpg"),
 ])
-def test_join_path(root, rel, expected):
-    assert raw.join_path(root, rel) == expected
+def test_image_references_resolve_under_the_root(root, rel, expected):
+    assert raw.resolve_image(rel, root) == (expected, None, "")

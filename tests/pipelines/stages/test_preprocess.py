@@ -97,7 +97,7 @@ def _mix_lines() -> tuple[list[str], Counter]:
         json.dumps({"id": "bomb", "image": "bomb.png", "conversations": _turns("<image>\nWhat?", "x")}),
         json.dumps({"id": "long", "conversations": _turns("Tell a story.", "once upon a time " * 400)}),
     ]
-    expected = Counter(invalid_json=1, bad_field=2, unknown_role=1, image_mismatch=1, missing_image=2,
+    expected = Counter(invalid_json=1, bad_field=2, unknown_role=1, image_mismatch=1, missing_image=1, outside_root=1,
                        unsupported_image_uri=1, corrupt_image=1, too_many_pixels=1, too_long=1)
     return lines, expected
 
@@ -200,7 +200,7 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     by_id = {r["id"]: r for r in errs.to_pylist()}
     assert by_id["missing"]["stage"] == "fetch" and by_id["bomb"]["stage"] == "decode"
     assert by_id["http"]["reason"] == "unsupported_image_uri" and "no URL fetches" in by_id["http"]["detail"]
-    assert by_id["bucket"]["stage"] == "fetch" and "no-such-bucket-sphinx-x" in by_id["bucket"]["detail"]
+    assert by_id["bucket"]["stage"] == "parse" and "no-such-bucket-sphinx-x" in by_id["bucket"]["detail"]
     assert by_id["long"]["stage"] == "tokenize" and by_id["role"]["stage"] == "parse"
     assert all(r["detail"] for r in errs.to_pylist())
 
@@ -246,7 +246,9 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
         path.write_text(yaml.safe_dump({**spec2.model_dump(mode="json"), "storage": spec.storage.model_dump(mode="json")}))
         assert main(["preprocess", str(path), "--force"]) == 0
         assert _files(storage, "shards") == first
-        assert preprocess.run_stage(spec)["skipped"] is True
+        loose = spec.model_copy(update={"data": spec2.data})  # spec's storage, spec2's limit
+        assert preprocess.run_stage(loose)["skipped"] is True
+        assert not preprocess.is_complete(spec)  # over spec's stricter limit: not complete there
     finally:
         ray.shutdown()
         cluster.shutdown()
