@@ -1,4 +1,4 @@
-"""Where a request's images come from: ``data:`` URLs, ``s3://`` in the spec's bucket, allowlisted http(s).
+"""Where a request's images come from: ``data:`` URLs, allow-listed ``s3://`` prefixes, allowlisted http(s).
 
     >>> policy = ImagePolicy(bucket="sphinx-x", allowed_hosts=[], max_bytes=2**20, max_pixels=10**6)
     >>> fetch_image("http://169.254.169.254/latest/meta-data", policy)
@@ -8,13 +8,16 @@
 
 Rules (no SSRF):
 - ``data:image/(png|jpeg|webp|gif);base64,...`` — decoded strictly; bad base64 is a 400.
-- ``s3://BUCKET/KEY`` — only the spec's storage bucket, read through cluster.storage.
+- ``s3://BUCKET/KEY`` — only under a ``serve.allowed_image_s3_prefixes`` entry (none by default:
+  every s3:// URL is a 400) inside the spec's storage bucket, read through cluster.storage.
+  ``s3://bkt/uploads`` allows ``s3://bkt/uploads/a.png`` and ``s3://bkt/uploads/x/b.png``,
+  not ``s3://bkt/uploads-private/c.png``.
 - ``http(s)://HOST/...`` — only hosts in ``serve.allowed_image_hosts`` (none by default). An
   exact entry (``images.example.com``, ``127.0.0.1``) trusts that host wherever it resolves;
   a wildcard entry (``*.example.com``) only where every resolved address is public. The
   connection goes to the address that was checked (no DNS rebinding); redirects are refused.
 - Every source is capped at ``max_bytes``; :func:`check_image_header` caps pixels from the
-  header, BEFORE anything is decoded.
+  header, BEFORE anything is decoded; :func:`check_pixel_budget` caps their sum per request.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class ImagePolicy:
     allowed_hosts: list[str] = field(default_factory=list)
     max_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
+    s3_prefixes: list[str] = field(default_factory=list)  # serve.allowed_image_s3_prefixes
+    max_request_pixels: int = 50_000_000  # serve.max_request_pixels: sum over a request's images
 
 
 def _bad(message: str, code: str, param: str = "messages") -> ApiError:
@@ -170,7 +175,21 @@ def fetch_http(url: str, policy: ImagePolicy, resolve: Callable[[str, int], list
 # ---------------------------------------------------------------- s3://
 
 
+def s3_allowed(bucket: str, key: str, prefixes: list[str]) -> bool:
+    """True iff ``s3://bucket/key`` lies under one of ``prefixes`` (folder boundaries: a prefix
+    ``s3://b/up`` covers ``up/x.png``, not ``upx.png``; ``s3://b`` or ``s3://b/`` covers the bucket)."""
+    for p in prefixes:
+        pb, _, pk = p[len("s3://"):].partition("/")
+        pk = pk.strip("/")
+        if pb == bucket and (not pk or key == pk or key.startswith(pk + "/")):
+            return True
+    return False
+
+
 def fetch_s3(url: str, policy: ImagePolicy, open_filesystem: Callable[[], object]) -> bytes:
+    if not policy.s3_prefixes:
+        raise _bad("s3:// image URLs are not allowed on this endpoint (serve.allowed_image_s3_prefixes is empty)",
+                   "image_host_not_allowed")
     try:
         loc = Location.parse(url)
     except UserError as err:  # no bucket, a '..' component
@@ -180,6 +199,9 @@ def fetch_s3(url: str, policy: ImagePolicy, open_filesystem: Callable[[], object
         raise _bad("s3:// image URLs need the spec's storage to be on S3", "image_host_not_allowed")
     if bucket != policy.bucket or not key:
         raise _bad(f"s3:// image URLs must be inside the spec's bucket {policy.bucket!r}", "image_host_not_allowed")
+    if not s3_allowed(bucket, key, policy.s3_prefixes):
+        raise _bad("s3:// image URL is not under an allowed prefix (serve.allowed_image_s3_prefixes)",
+                   "image_host_not_allowed")
     fs = open_filesystem()
     path = f"{bucket}/{key}"
     try:
@@ -197,6 +219,36 @@ def fetch_s3(url: str, policy: ImagePolicy, open_filesystem: Callable[[], object
 
 
 # ---------------------------------------------------------------- entry points
+
+
+def check_image_url(url: str, policy: ImagePolicy) -> None:
+    """The checks on a URL that need no I/O (scheme, s3:// prefix, http(s) host allow-list): the
+    ingress runs them on every image of a request before it fetches any."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "s3":
+        if not policy.s3_prefixes:
+            raise _bad("s3:// image URLs are not allowed on this endpoint (serve.allowed_image_s3_prefixes is empty)",
+                       "image_host_not_allowed")
+        try:
+            loc = Location.parse(url)
+        except UserError as err:
+            raise _bad(f"invalid s3:// image URL: {err}", "invalid_image_url") from None
+        if not s3_allowed(loc.bucket, loc.key or "", policy.s3_prefixes):
+            raise _bad("s3:// image URL is not under an allowed prefix (serve.allowed_image_s3_prefixes)",
+                       "image_host_not_allowed")
+    elif scheme in ("http", "https"):
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise _bad(f"image URL has no host: {url[:200]!r}", "invalid_image_url")
+        if _host_rule(host, policy.allowed_hosts) is None:
+            raise _bad(f"image URL host {host!r} is not allowed (serve.allowed_image_hosts)",
+                       "image_host_not_allowed")
+    elif scheme != "data":
+        raise _bad(f"unsupported image URL scheme {scheme[:20]!r}; use data:, s3:// or an allowlisted http(s) URL",
+                   "invalid_image_url")
 
 
 def fetch_image(url: str, policy: ImagePolicy, open_filesystem: Optional[Callable[[], object]] = None,
@@ -225,7 +277,8 @@ def check_image_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     except Image.DecompressionBombError as err:
         raise _bad(f"image is too large: {err}", "image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise _bad(f"image could not be decoded: {type(err).__name__}: {err}", "invalid_image") from None
+        raise _bad(f"image could not be decoded ({type(err).__name__}): not a readable PNG, JPEG, WebP or GIF",
+                   "invalid_image") from None
     if fmt not in ALLOWED_FORMATS:
         raise _bad(f"unsupported image format {fmt}; use PNG, JPEG, WebP or GIF", "unsupported_image_format")
     if w * h > max_pixels:
@@ -233,3 +286,16 @@ def check_image_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     if w < 1 or h < 1:
         raise _bad(f"image has an empty size {w}x{h}", "invalid_image")
     return fmt, w, h
+
+
+def check_pixel_budget(sizes: list[tuple[int, int]], max_request_pixels: int) -> int:
+    """The total W*H of a request's images (from their headers); 400 past ``max_request_pixels``.
+
+    >>> check_pixel_budget([(100, 100), (20, 5)], 10_100)
+    10100
+    """
+    total = sum(w * h for w, h in sizes)
+    if total > max_request_pixels:
+        raise _bad(f"the request's images have {total} pixels in all, over the limit of {max_request_pixels} "
+                   "(serve.max_request_pixels)", "image_too_large")
+    return total

@@ -3,9 +3,12 @@
 Routes: ``POST /v1/chat/completions`` (JSON or SSE with ``stream``), ``GET /v1/models``,
 ``GET /v1/stats`` (batch sizes seen per model), ``GET /healthz``.
 
-The ingress does everything that needs no model: API keys (SHA-256 hashes of the keys are
-its only knowledge of them), the body-size limit, JSON/schema validation, the image count,
-fetching images (:mod:`actors.serve.image_source`) and checking their headers, then streams from
+The ingress does everything that needs no model, cheapest first: API keys (SHA-256 hashes of
+the keys are its only knowledge of them), a JSON Content-Type (415 otherwise: no cross-site
+form POST), a slot in its bounded queue (:mod:`actors.serve.request_gate`, 429 past it), the
+body-size limit, JSON/schema validation (in a thread), the image count, max_tokens and every
+image URL's policy; only then fetches images (:mod:`actors.serve.image_source`), reads their
+headers and caps the request's total pixels (``serve.max_request_pixels``), then streams from
 the member's :class:`actors.serve.replica.ModelReplica` through a ``DeploymentHandle`` (a non-streamed
 request is one unary ``complete`` call; a stream iterates ``chat``).
 
@@ -18,8 +21,9 @@ What it sends a replica (plain data, one dict per request)::
 
 (the replica adds the template's turn separator ``###`` to every request's stops).
 
-Status codes: 400 bad input, 401 bad key, 404 unknown model, 413 body too large, 429 the
-member's queue is full, 503 no replica can take it. The body is always OpenAI's error JSON.
+Status codes: 400 bad input, 401 bad key, 404 unknown model, 413 body too large, 415 not JSON,
+429 the ingress's or the member's queue is full, 503 no replica can take it. The body is always
+OpenAI's error JSON, with no heap address or traceback.
 """
 
 
@@ -35,11 +39,14 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.serve import openai_api as oa
-from actors.serve.image_source import ImagePolicy, check_image_header, fetch_image
+from actors.serve.image_source import (ImagePolicy, check_image_header, check_image_url, check_pixel_budget,
+                                       fetch_image)
 from actors.serve.openai_api import ApiError
+from actors.serve.request_gate import RETRY_AFTER_S, RequestGate
 from cluster.spec import ServeSection, StorageSection
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,7 @@ app = FastAPI(title="sphinx-x", docs_url=None, redoc_url=None)
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status in (429, 503) else None
     return JSONResponse(oa.error_body(err), status_code=err.status, headers=headers)
 
 
@@ -69,6 +76,23 @@ async def _server_error(_: Request, err: Exception) -> JSONResponse:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost`` (0.0.0.0 and a LAN address are not)."""
+    import ipaddress
+
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_endpoint_warning(host: str) -> str:
+    return (f"serve: the endpoint listens on {host} (not loopback) with NO API keys: anyone who can reach it "
+            "can use the models; set serve.api_keys_env to an env var holding comma-separated keys")
 
 
 def _handle_error(err: BaseException) -> ApiError:
@@ -144,7 +168,12 @@ class Ingress:
         self.key_hashes = list(key_hashes)
         self.policy = ImagePolicy(bucket=storage.bucket, allowed_hosts=list(serve_section.allowed_image_hosts),
                                   max_bytes=serve_section.max_request_bytes,
-                                  max_pixels=serve_section.max_image_pixels)
+                                  max_pixels=serve_section.max_image_pixels,
+                                  s3_prefixes=list(serve_section.allowed_image_s3_prefixes),
+                                  max_request_pixels=serve_section.max_request_pixels)
+        self.gate = RequestGate(serve_section.ingress_max_ongoing_requests, serve_section.ingress_max_queued_requests)
+        if not self.key_hashes and not is_loopback(serve_section.http.host):
+            log.warning(open_endpoint_warning(serve_section.http.host))
         self.created = int(time.time())
         self.batch_sizes: dict[str, Counter] = {name: Counter() for name in models}
         self.requests: Counter = Counter()
@@ -203,21 +232,27 @@ class Ingress:
         if len(urls) > limit:
             raise ApiError(400, f"{len(urls)} images in one request, the limit is {limit}",
                            param="messages", code="too_many_images")
-        images = await asyncio.gather(*(asyncio.to_thread(self._image, u) for u in urls))
         max_tokens = req.requested_max_tokens()
         if max_tokens is not None and max_tokens > self.section.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over this endpoint's limit of "
                            f"{self.section.max_tokens_limit}", param="max_tokens", code="invalid_value")
+        stops = req.stop_list()
+        for u in urls:  # every cheap check before the first fetch
+            check_image_url(u, self.policy)
+        fetched = await asyncio.gather(*(asyncio.to_thread(self._image, u) for u in urls))
+        check_pixel_budget([size for _, size in fetched], self.policy.max_request_pixels)
+        images = [data for data, _ in fetched]
         return {"messages": messages, "images": list(images), "max_tokens": max_tokens,
                 "max_tokens_limit": self.section.max_tokens_limit, "temperature": req.temperature,
-                "top_p": req.top_p, "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos,
+                "top_p": req.top_p, "stop": stops, "seed": req.seed, "ignore_eos": req.ignore_eos,
                 "stream": req.stream, "n": req.n, "logprobs": bool(req.logprobs),
                 "top_logprobs": req.top_logprobs or 0}
 
-    def _image(self, url: str) -> bytes:
+    def _image(self, url: str) -> tuple[bytes, tuple[int, int]]:
+        """(bytes, (W, H) from the header): nothing is decoded here."""
         data = fetch_image(url, self.policy, self._filesystem)
-        check_image_header(data, self.policy.max_pixels)
-        return data
+        _, w, h = check_image_header(data, self.policy.max_pixels)
+        return data, (w, h)
 
     # ------------------------------------------------------------ routes
 
@@ -250,8 +285,19 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._auth(request)
-        req = oa.parse_chat_request(await self._body(request))
+        oa.check_json_content_type(request.headers.get("content-type"))
+        slot = await self.gate.acquire()  # 429 when the ingress's queue is full, before the body is read
+        try:
+            return await self._chat(request, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    async def _chat(self, request: Request, slot):
+        """The request inside its gate slot: a JSON answer releases it here, a stream at its end."""
+        req = await asyncio.to_thread(oa.parse_chat_request, await self._body(request))
         req.check_logprobs()
+        req.check_sampling()
         handle = self.models.get(req.model)
         if handle is None:
             raise ApiError(404, f"the model {req.model!r} does not exist; available: {sorted(self.models)}",
@@ -265,16 +311,17 @@ class Ingress:
                 raise _handle_error(err) from None
             _raise_replica_error(out)
             self._record(req.model, out)
+            slot.release()
             return JSONResponse(oa.completion(cid, req.model, out["choices"], out["prompt_tokens"],
                                               out.get("completion_tokens", 0)))
         stream = _ReplicaStream(handle.options(stream=True).chat.remote(payload))
         head = await stream.first()  # errors surface here, before any byte is sent
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(self._sse(req.model, cid, head, stream, include_usage, req.n),
-                                 media_type="text/event-stream")
+        return StreamingResponse(self._sse(req.model, cid, head, stream, include_usage, req.n, slot),
+                                 media_type="text/event-stream", background=BackgroundTask(slot.release))
 
     async def _sse(self, model: str, cid: str, head: dict, stream: "_ReplicaStream",
-                   include_usage: bool, n: int) -> AsyncIterator[str]:
+                   include_usage: bool, n: int, slot=None) -> AsyncIterator[str]:
         """OpenAI's chunks: a role chunk per choice, content deltas, a finish chunk per choice,
         usage (if asked), [DONE]. A client that leaves closes ``stream``: the replica aborts."""
         for i in range(n):
@@ -295,6 +342,8 @@ class Ingress:
             return
         finally:
             await stream.aclose()
+            if slot is not None:
+                slot.release()
         self._record(model, final)
         if include_usage:
             yield oa.chunk(cid, model, {}, usage_=oa.usage(head["prompt_tokens"], final.get("completion_tokens", 0)),

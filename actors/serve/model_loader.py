@@ -80,30 +80,40 @@ def member_model_dir(weights: MemberWeights, storage_section, cache_dir: str | N
         return local, True
     uri = weights.checkpoint_uri
     if not uri.startswith("s3://"):
-        _check_local(weights, uri)
-        return Path(uri), False
+        return _check_local(weights, uri), False
     return _download(weights, storage_section, cache_dir), True
 
 
-def _check_local(weights: MemberWeights, uri: str) -> None:
+def _check_local(weights: MemberWeights, uri: str) -> Path:
+    """The local directory to load: ``uri``, or the complete sibling its ``_SUCCESS`` names while a
+    new export replaces it (``cluster.publish``)."""
+    from cluster.location import Location
+    from cluster.publish import MARKER, Marker, published_dir
+
     if not Path(uri).is_dir():
         raise UserError(f"serve model {weights.name!r}: checkpoint directory {uri} does not exist")
-    if weights.require_success and not Path(uri, "_SUCCESS").exists():
-        raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
-                        "(run `sphinx-x train SPEC` first)")
+    marker_path = Path(uri, MARKER)
+    if not marker_path.exists():
+        if weights.require_success:
+            raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
+                            "(run `sphinx-x train SPEC` first)")
+        return Path(uri)
+    marker = Marker.from_bytes(marker_path.read_bytes(), str(marker_path))
+    return Path(published_dir(Location.parse(uri), marker).key)
 
 
 def _download(weights: MemberWeights, storage_section, cache_dir: str | None) -> Path:
+    """A local copy of one complete published version (``cluster.publish.fetch``: the marker is
+    read before and after; a copy that straddles a new export is redone), or of the plain directory."""
+    from cluster.publish import fetch
     from cluster.storage import open_storage
 
     uri = weights.checkpoint_uri
     storage = open_storage(storage_section)
-    if weights.require_success and not storage.exists(f"{uri.rstrip('/')}/_SUCCESS"):
-        raise UserError(f"serve model {weights.name!r}: no finished train export at {uri} "
-                        "(run `sphinx-x train SPEC` first)")
     local = Path(tempfile.mkdtemp(prefix=f"sphinx-x-{weights.name}-", dir=cache_dir))
     try:
-        storage.download_dir(uri, local)
+        fetch(storage, uri, local, require=weights.require_success,
+              what=f"serve model {weights.name!r}: train export {uri} (run `sphinx-x train SPEC` first)")
     except FileNotFoundError as err:
         raise UserError(f"serve model {weights.name!r}: checkpoint {uri} not found ({err})") from None
     log.info("serve model %s: downloaded %s", weights.name, uri)

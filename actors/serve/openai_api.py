@@ -10,23 +10,28 @@ implement is a 400 naming it, never silently ignored.
     'invalid_request_error'
 
 Every user problem becomes an :class:`ApiError` with an HTTP status and OpenAI's error shape
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``; every client error is a 400 (bad JSON,
+integers over 4300 digits, nesting too deep, NaN/Infinity, lone surrogates, wrong types, a
+seed outside int64, ``n > 1`` with greedy sampling), and :func:`error_body` strips heap
+addresses (``0x7f...``) and traceback lines from every message.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -43,8 +48,36 @@ class ApiError(Exception):
         self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
 
 
+_ADDRESS_RE = re.compile(r"\s*\bat 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
+MAX_MESSAGE_CHARS = 1000
+
+
+def clean_message(message: str) -> str:
+    """An error message fit for a client: no heap addresses, no traceback, at most 1000 chars.
+
+    >>> clean_message("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>")
+    'cannot identify image file <_io.BytesIO object>'
+    """
+    text = _ADDRESS_RE.sub("", str(message))
+    if "Traceback" in text:
+        text = text.split("Traceback", 1)[0].rstrip() or "the request failed"
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
+
+
 def error_body(err: ApiError) -> dict:
-    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    return {"error": {"message": clean_message(err.message), "type": err.type, "param": err.param,
+                      "code": err.code}}
+
+
+def check_json_content_type(content_type: Optional[str]) -> None:
+    """POST bodies must be ``application/json`` (a cross-site form or text/plain POST is a 415).
+
+    >>> check_json_content_type("application/json; charset=utf-8")
+    """
+    mime = (content_type or "").split(";", 1)[0].strip().lower()
+    if mime != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {mime or 'none'!r}",
+                       code="unsupported_media_type")
 
 
 # ---------------------------------------------------------------- request schema
@@ -86,6 +119,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    # plain text is what this endpoint returns anyway (lmms-eval sends it); json_* would change it
+    type: Literal["text"]
+
+
 class ChatRequest(_Strict):
     model: str
     messages: list[Message] = Field(..., min_length=1)
@@ -94,7 +132,7 @@ class ChatRequest(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # vLLM's range (int64)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=8)
@@ -105,6 +143,13 @@ class ChatRequest(_Strict):
     presence_penalty: float = Field(0.0, ge=0, le=0)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: Any) -> Any:
+        # the official API takes null for "the default" (evaluation clients send it)
+        return value if value is not None else cls.model_fields[info.field_name].default
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -118,16 +163,58 @@ class ChatRequest(_Strict):
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
+    def check_sampling(self) -> None:
+        """vLLM's own rule: greedy decoding (temperature < 1e-5) returns one choice."""
+        if self.n > 1 and self.temperature < GREEDY_EPS:
+            raise ApiError(400, f"n must be 1 when using greedy sampling (temperature 0), got {self.n}",
+                           param="n", code="invalid_value")
+
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+GREEDY_EPS = 1e-5  # vllm.sampling_params._SAMPLING_EPS
+MAX_JSON_DEPTH = 64
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_depth_and_text(value: Any) -> None:
+    """Nesting over MAX_JSON_DEPTH or a string that is not valid Unicode (a lone surrogate
+    such as "\\ud800") → 400. Iterative: a 10000-deep body cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request body has a string that is not valid Unicode (a lone surrogate)",
+                               code="invalid_json") from None
+        elif isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
-    """Bytes of a request body → :class:`ChatRequest`, or a 400 :class:`ApiError`."""
+    """Bytes of a request body → :class:`ChatRequest`, or a 400 :class:`ApiError` (CPU-bound
+    on big bodies: the ingress calls it in a thread)."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+    except ValueError as err:  # NaN / Infinity, integers over 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON: {str(err).splitlines()[0][:200]}",
+                       code="invalid_json") from None
+    _check_depth_and_text(data)
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")

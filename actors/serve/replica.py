@@ -78,6 +78,11 @@ def _user_error(err: UserError, status: int = 400) -> dict:
                       "param": "messages"}}
 
 
+def _is_vllm_client_error(err: BaseException) -> bool:
+    """vLLM's request-validation errors (``vllm.exceptions.VLLMClientError``, not a ValueError)."""
+    return any(c.__name__ == "VLLMClientError" for c in type(err).__mro__)
+
+
 def engine_error(err: BaseException) -> Optional[dict]:
     """vLLM's failure to take a request → our error item: the image's reason (the processor's
     ValueError has the models.tiling.ImageError as its cause), context_length_exceeded, or
@@ -90,7 +95,7 @@ def engine_error(err: BaseException) -> Optional[dict]:
         if isinstance(e, UserError) and getattr(e, "reason", None):
             return _user_error(e)
     for e in chain:
-        if isinstance(e, ValueError):
+        if isinstance(e, ValueError) or _is_vllm_client_error(e):
             text = str(e)
             code = ("context_length_exceeded" if "maximum model length" in text or "longer than" in text
                     else "invalid_request")
@@ -186,10 +191,16 @@ class ModelReplica:
         return prompt_in, sampling_params(payload, max_tokens=max_new, stream=bool(payload.get("stream")))
 
     async def chat(self, payload: dict) -> AsyncIterator[dict]:
-        try:
-            prompt, params = self._request(payload)
+        try:  # tokenisation of a long prompt is CPU work: off the event loop
+            prompt, params = await asyncio.to_thread(self._request, payload)
         except UserError as err:
             yield _user_error(err)
+            return
+        except Exception as err:  # noqa: BLE001 - vLLM's SamplingParams checks: the request's fault, a 400
+            item = engine_error(err)
+            if item is None:
+                raise
+            yield item
             return
         top = int(payload.get("top_logprobs") or 0)
         rid = uuid.uuid4().hex

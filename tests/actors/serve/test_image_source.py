@@ -1,4 +1,4 @@
-"""Image sources: data: URLs, s3:// in the spec's bucket only, http(s) allowlist without SSRF."""
+"""Image sources: data: URLs, s3:// under allowed prefixes only, http(s) allowlist without SSRF."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import threading
 import pytest
 from PIL import Image
 
-from actors.serve.image_source import ImagePolicy, check_image_header, fetch_image, pick_address
+from actors.serve.image_source import (ImagePolicy, check_image_header, check_image_url, check_pixel_budget,
+                                       fetch_image, pick_address, s3_allowed)
 from actors.serve.openai_api import ApiError
 
 
@@ -50,14 +51,53 @@ def test_header_check_caps_pixels_before_decoding():
     assert _code(check_image_header, buf.getvalue(), 1000) == "unsupported_image_format"
 
 
-def test_s3_only_inside_the_spec_bucket():
+def test_s3_only_under_an_allowed_prefix_of_the_spec_bucket():
     def no_fs():
         raise AssertionError("must not open storage for a refused URL")
 
-    assert _code(fetch_image, "s3://other-bucket/x.png", POLICY, no_fs) == "image_host_not_allowed"
-    assert _code(fetch_image, "s3://bkt/../x.png", POLICY, no_fs) == "invalid_image_url"
-    local = ImagePolicy(bucket=None, max_bytes=4096, max_pixels=1000)
+    # default: no prefixes, every s3:// URL refused before storage is opened
+    for url in ("s3://bkt/x.png", "s3://bkt/run/train/export/llm/model.safetensors", "s3://other-bucket/x.png"):
+        assert _code(fetch_image, url, POLICY, no_fs) == "image_host_not_allowed"
+        assert _code(check_image_url, url, POLICY) == "image_host_not_allowed"
+    up = ImagePolicy(bucket="bkt", max_bytes=4096, max_pixels=1000, s3_prefixes=["s3://bkt/uploads"])
+    assert _code(fetch_image, "s3://other-bucket/uploads/x.png", up, no_fs) == "image_host_not_allowed"
+    assert _code(fetch_image, "s3://bkt/../x.png", up, no_fs) == "invalid_image_url"
+    assert _code(fetch_image, "s3://bkt/uploads/../secrets/k.png", up, no_fs) == "invalid_image_url"
+    assert _code(fetch_image, "s3://bkt/uploads-private/x.png", up, no_fs) == "image_host_not_allowed"
+    assert _code(fetch_image, "s3://bkt/train/x.png", up, no_fs) == "image_host_not_allowed"
+    check_image_url("s3://bkt/uploads/a/b.png", up)  # allowed: no error, no I/O
+    assert s3_allowed("bkt", "uploads/a.png", ["s3://bkt/uploads/"])
+    assert s3_allowed("bkt", "any/key.png", ["s3://bkt"]) and not s3_allowed("bkt2", "k", ["s3://bkt"])
+    local = ImagePolicy(bucket=None, max_bytes=4096, max_pixels=1000, s3_prefixes=["s3://bkt/"])
     assert _code(fetch_image, "s3://bkt/x.png", local, no_fs) == "image_host_not_allowed"
+
+
+def test_s3_prefixes_in_the_spec_are_checked():
+    from cluster.spec import SpecError, parse_spec
+
+    spec = parse_spec({"serve": {"allowed_image_s3_prefixes": ["s3://bkt/uploads/"]}})
+    assert spec.serve.allowed_image_s3_prefixes == ["s3://bkt/uploads/"]
+    assert parse_spec({}).serve.allowed_image_s3_prefixes == []
+    for bad in ("bkt/uploads", "s3://", "s3://bkt/../x", "/local/dir"):
+        with pytest.raises(SpecError, match="allowed_image_s3_prefixes"):
+            parse_spec({"serve": {"allowed_image_s3_prefixes": [bad]}})
+
+
+def test_cheap_url_checks_need_no_io():
+    assert _code(check_image_url, "file:///etc/passwd", POLICY) == "invalid_image_url"
+    assert _code(check_image_url, "http://169.254.169.254/x", POLICY) == "image_host_not_allowed"
+    check_image_url("data:image/png;base64,AAAA", POLICY)
+
+
+def test_pixel_budget_sums_over_the_request():
+    assert check_pixel_budget([(100, 100), (50, 20)], 11_000) == 11_000
+    assert _code(check_pixel_budget, [(100, 100)] * 4, 39_999) == "image_too_large"
+
+
+def test_undecodable_image_message_has_no_heap_address():
+    with pytest.raises(ApiError) as info:
+        check_image_header(b"not an image at all", 1000)
+    assert "0x" not in info.value.message and "BytesIO" not in info.value.message
 
 
 def test_ssrf_rules():

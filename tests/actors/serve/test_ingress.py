@@ -61,3 +61,70 @@ def test_api_keys_are_only_kept_as_hashes(monkeypatch):
     monkeypatch.setenv("SPHINX_X_KEYS_T", "")
     with pytest.raises(UserError, match="SPHINX_X_KEYS_T"):
         key_hashes_from_env("SPHINX_X_KEYS_T")
+
+
+# ---------------------------------------------------------------- client errors are 400s (issue 24)
+
+_OK = b'"model": "m", "messages": [{"role": "user", "content": "hi"}]'
+
+
+def _status(body: bytes) -> tuple[int, str]:
+    try:
+        req = oa.parse_chat_request(body)
+        req.check_logprobs()
+        req.check_sampling()
+    except oa.ApiError as err:
+        message = oa.error_body(err)["error"]["message"]
+        assert "0x" not in message and "Traceback" not in message
+        return err.status, message
+    return 200, ""
+
+
+@pytest.mark.parametrize("body", [
+    b"{" + _OK + b', "n": 2, "temperature": 0}',
+    b"{" + _OK + b', "seed": 18446744073709551616}',
+    b"{" + _OK + b', "seed": 9223372036854775808}',
+    b"{" + _OK + b', "max_tokens": ' + b"9" * 5000 + b"}",
+    b"{" + _OK + b', "temperature": 1e400}',
+    b"{" + _OK + b', "temperature": NaN}',
+    b"{" + _OK + b', "top_p": Infinity}',
+    b"{" + _OK + b', "user": ' + b"[" * 10000 + b"]" * 10000 + b"}",
+    b"[" * 100000 + b"]" * 100000,
+    b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": 5, "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "m", "messages": "hi"}',
+    b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 3}]}]}',
+    b"{" + _OK + b', "n": "2"x}',
+    b"\xff\xfe",
+])
+def test_client_errors_are_400_without_addresses(body):
+    status, message = _status(body)
+    assert status == 400 and message
+
+
+def test_valid_edge_values_pass():
+    assert _status(b"{" + _OK + b', "n": 2, "temperature": 0.7, "seed": 9223372036854775807}')[0] == 200
+    assert _status(b"{" + _OK + b', "seed": -1}')[0] == 200
+
+
+def test_error_messages_lose_heap_addresses_and_tracebacks():
+    body = oa.error_body(oa.ApiError(400, "bad <_io.BytesIO object at 0x7f3a2c1b9e50> and 0xdeadbeef00"))
+    assert "0x" not in body["error"]["message"]
+    body = oa.error_body(oa.ApiError(500, "boom\nTraceback (most recent call last):\n  File ..."))
+    assert body["error"]["message"] == "boom"
+
+
+def test_only_json_content_type():
+    oa.check_json_content_type("application/json")
+    oa.check_json_content_type("Application/JSON; charset=utf-8")
+    for ct in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", None):
+        with pytest.raises(oa.ApiError) as info:
+            oa.check_json_content_type(ct)
+        assert info.value.status == 415
+
+
+def test_loopback_hosts():
+    from actors.serve.ingress import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "my-head", "::"))

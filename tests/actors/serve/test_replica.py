@@ -112,3 +112,33 @@ def test_member_weights_come_from_the_run_layout():
     assert [(w.checkpoint_uri, w.require_success) for w in got] == [
         ("s3://bkt/run/train/export", True), ("s3://bkt/run/models/x", False), ("/abs/dir", False), (None, False)]
     assert got[3].flavour == "debug"
+
+
+def test_sampling_errors_are_400_and_tokenisation_runs_off_the_event_loop(tok, monkeypatch):
+    """vLLM's SamplingParams refusal (n > 1 with greedy decoding) is a 400 item, not a crash;
+    the prompt is tokenised in a worker thread, never on the replica's event loop."""
+    import asyncio
+    import threading
+
+    import actors.serve.replica as rep
+
+    cls = rep.ModelReplica.func_or_class
+    replica = object.__new__(cls)
+    replica.tokenizer, replica.flavour, replica.context = tok, from_name("debug"), 512
+    threads = []
+    real = rep.prompt_ids
+
+    def spy(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setitem(cls.chat.__globals__, "prompt_ids", spy)
+    payload = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "images": [],
+               "max_tokens": 2, "temperature": 0.0, "top_p": 1.0, "n": 2, "stop": [], "seed": None}
+
+    async def collect():
+        return [item async for item in replica.chat(payload)]
+
+    items = asyncio.run(collect())
+    assert items[0]["error"]["status"] == 400 and "greedy" in items[0]["error"]["message"]
+    assert threads and threads[0] is not threading.main_thread()

@@ -86,6 +86,7 @@ def live(s3, tmp_path_factory):
             "http": {"host": "127.0.0.1", "port": _free_port()},
             "api_keys_env": KEY_ENV,
             "max_request_bytes": 1 << 20,
+            "allowed_image_s3_prefixes": [f"{prefix}/uploads"],
             "max_image_pixels": 1_000_000,
             "max_images_per_request": 2,
             "models": [
@@ -438,10 +439,11 @@ def test_rendered_serve_config_builds_the_app_by_import_path():
     from cluster.render import render_serve_config
     from cluster.spec import parse_spec
     from models.errors import UserError
+    from pipelines.stages import serve as serve_stage
 
     spec = parse_spec({"name": "rendered", "storage": {"uri": "/tmp/sphinx-x-render-test"}, "serve": {"models": [
         {"name": "a", "flavour": "debug"}, {"name": "b", "flavour": "debug-moe", "max_queued_requests": 5}]}})
-    app_cfg = render_serve_config(spec)["applications"][0]
+    app_cfg = render_serve_config(spec, serve_stage.STAGE.service)["applications"][0]
     module, _, attr = app_cfg["import_path"].partition(":")
     app = getattr(importlib.import_module(module), attr)(app_cfg["args"])
     assert isinstance(app, Application)
@@ -493,3 +495,41 @@ def test_engine_options_follow_the_members_reservation():
         "cpu", "float32", True, 2, 2.0, 8)
     with pytest.raises(UserError, match="num_gpus >= 2"):
         engine_options(bad)
+
+
+def test_issue24_client_errors_are_400_and_forms_415(live):
+    """Bad inputs from issue 24 on the live endpoint: each a 4xx in OpenAI's shape, no address."""
+    ok = {"model": "debug", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for body in [dict(ok, n=2, temperature=0), dict(ok, seed=2**64)]:
+        assert _err(_post(live, body), 400)["param"] in ("n", "seed")
+    for raw in [b"[" * 10000 + b"]" * 10000, b'{"model": "debug", "temperature": NaN}',
+                b'{"model": "debug", "max_tokens": ' + b"9" * 5000 + b"}"]:
+        err = _err(_post(live, None, raw=raw), 400)
+        assert "0x" not in err["message"] and "Traceback" not in err["message"]
+    form = _post(live, None, raw=b"model=debug", **{"Content-Type": "application/x-www-form-urlencoded"})
+    assert _err(form, 415)["code"] == "unsupported_media_type"
+    outside = live["spec"].storage.uri.rstrip("/") + "/train/export/config.json"
+    img = {"type": "image_url", "image_url": {"url": outside}}
+    assert _err(_post(live, dict(ok, messages=[{"role": "user", "content": [img]}])), 400)["code"] \
+        == "image_host_not_allowed"
+
+
+def test_open_endpoint_warning_at_start(capsys):
+    from cluster.spec import parse_spec
+    from pipelines.stages.serve import warn_if_open
+
+    assert warn_if_open(parse_spec({"serve": {"http": {"host": "0.0.0.0"}}}), [])
+    assert "NO API keys" in capsys.readouterr().err
+    assert not warn_if_open(parse_spec({"serve": {"http": {"host": "0.0.0.0"}}}), ["hash"])
+    assert not warn_if_open(parse_spec({}), [])
+    assert capsys.readouterr().err == ""
+
+
+def test_ingress_bound_sits_under_serves_own():
+    from cluster.spec import parse_spec
+    from pipelines.stages.serve import INGRESS_HEADROOM, build_application
+
+    spec = parse_spec({"serve": {"ingress_max_ongoing_requests": 3, "ingress_max_queued_requests": 5}})
+    ingress = build_application(spec)
+    config = ingress._bound_deployment._deployment_config
+    assert config.max_ongoing_requests == config.max_queued_requests == 3 + 5 + INGRESS_HEADROOM

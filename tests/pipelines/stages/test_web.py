@@ -217,3 +217,49 @@ def test_page_reports_an_endpoint_error(tmp_path):
         browser.close()
         server.shutdown()
         server.server_close()
+
+
+def test_page_asks_for_a_key_and_sends_it_as_bearer(tmp_path):
+    """Keys on: /v1/models answers 401 without one; the page asks, keeps the key in
+    sessionStorage and sends ``Authorization: Bearer <key>`` with JSON posts."""
+    seen: list[dict] = []
+
+    class _Keyed(_FakeEndpoint):
+        def _authorised(self) -> bool:
+            if self.headers.get("Authorization") == "Bearer sk-page":
+                return True
+            body = b'{"error": {"message": "invalid or missing API key", "type": "authentication_error"}}'
+            self._send(401, body, "application/json")
+            return False
+
+        def do_GET(self):
+            if self.path == "/" or self._authorised():
+                super().do_GET()
+
+        def do_POST(self):
+            seen.append({"auth": self.headers.get("Authorization"), "type": self.headers.get("Content-Type")})
+            if self._authorised():
+                super().do_POST()
+
+    _FakeEndpoint.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Keyed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    browser = _Chromium(f"http://127.0.0.1:{server.server_address[1]}/", tmp_path / "profile")
+    try:
+        status = browser.wait_for("(e => e && e.textContent)(document.getElementById('status'))")
+        assert "needs an API key" in status
+        assert browser.js("document.activeElement.id") == "apikey"
+        browser.js("(k => { k.value = 'sk-page'; k.dispatchEvent(new Event('change')); })"
+                   "(document.getElementById('apikey'))")
+        assert browser.wait_for("[...document.querySelectorAll('#model option')].map(o => o.value).join(',')") \
+            == "sphinx-x-demo,sphinx-x-other"
+        assert browser.js("sessionStorage.getItem('sphinx-x-api-key')") == "sk-page"
+        assert browser.js("localStorage.length") == 0
+        browser.js("document.getElementById('send').click()")
+        browser.wait_for("document.getElementById('status').textContent.startsWith('done')")
+        assert browser.js("document.getElementById('answer').textContent") == "The shapes are red"
+    finally:
+        browser.close()
+        server.shutdown()
+        server.server_close()
+    assert seen == [{"auth": "Bearer sk-page", "type": "application/json"}]
