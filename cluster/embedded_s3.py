@@ -16,6 +16,7 @@ that non-AWS servers mishandle.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -57,12 +58,10 @@ class EmbeddedS3:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 30) -> "EmbeddedS3":
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port or 0, verbose=False)
+        self._server = _GuardedMotoServer(self.host, self.port or 0)
         self._server.start()
-        self.port = self._server.get_host_and_port()[1]
+        self.port = self._server.port
         deadline = time.monotonic() + timeout_s
         while True:  # the socket is bound; wait until the app really answers
             try:
@@ -80,15 +79,99 @@ class EmbeddedS3:
         server, self._server = self._server, None
         if server is not None:
             server.stop()
-            inner = getattr(server, "_server", None)
-            if inner is not None:  # ThreadedMotoServer.stop() leaves the socket open
-                inner.server_close()
 
     def __enter__(self) -> "EmbeddedS3":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------- the guard in front of moto
+
+def is_loopback_origin(origin: str) -> bool:
+    """An ``Origin`` header naming this machine: ``http(s)://localhost|127.x.x.x|[::1][:port]``.
+
+        >>> is_loopback_origin("http://127.0.0.1:8000"), is_loopback_origin("https://evil.example")
+        (True, False)
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin)
+        host = (parts.hostname or "").lower()
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https"):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackGuard:
+    """WSGI middleware in front of moto's app (docs/security.md, "Embedded S3").
+
+    - ``/moto-api/...`` (moto's admin routes: ``reset``, ``data.json``, the dashboard) and the fake
+      instance-metadata routes answer 404: nothing but S3 is served.
+    - A request with an ``Origin`` header that is not loopback (a web page the user visits on
+      another site, or ``null``) answers 403 before moto sees it: a browser's cross-site form POST
+      cannot write or delete; SDKs send no ``Origin``.
+    - CORS answers name the loopback origin that asked (never ``*``); without an ``Origin`` the
+      ``Access-Control-*`` headers are dropped.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "replace")
+        origin = environ.get("HTTP_ORIGIN")
+        if path.startswith(("/moto-api", "/latest/meta-data", "/latest/api")) or path == "/favicon.ico":
+            return _answer(start_response, "404 Not Found", b"not served by the embedded S3\n")
+        if origin is not None and not is_loopback_origin(origin):
+            return _answer(start_response, "403 Forbidden", b"cross-origin requests are refused\n")
+
+        def guarded_start(status, headers, exc_info=None):
+            headers = [(k, v) for k, v in headers if not k.lower().startswith("access-control-")
+                       or (origin is not None and k.lower() != "access-control-allow-origin")]
+            if origin is not None:
+                headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        return self.app(environ, guarded_start)
+
+
+def _answer(start_response, status: str, body: bytes):
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class _GuardedMotoServer:
+    """moto's app behind :class:`LoopbackGuard`, served by werkzeug in a daemon thread."""
+
+    def __init__(self, host: str, port: int):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = LoopbackGuard(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-s3", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
 
 
 class EmbeddedS3Process:

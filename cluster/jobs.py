@@ -55,6 +55,12 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # How long Ray may take to build a job's runtime env (Ray's own default is 600 s): the first job on
 # a GPU node of a stock cluster downloads the CUDA torch build and the rest of the pins.
 SETUP_TIMEOUT_S = 1800
+# A head right after `ray start` answers "500: No available agent to submit job, please try again
+# later" while its job agent starts: submission is retried that long, every few seconds.
+AGENT_WAIT_S = 60.0
+AGENT_POLL_S = 2.0
+_NO_AGENT = "no available agent to submit job"
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 
 
 @dataclass
@@ -195,11 +201,33 @@ def submit(client, *, entrypoint: str, spec: ClusterSpec, metadata: Optional[dic
     env = worker_env(spec) if env_vars is None else env_vars
     with tempfile.TemporaryDirectory(prefix="sphinx-x-job-") as tmp:
         work = stage_working_dir(spec, Path(tmp) / "project")
-        job_id = _call("submit", client.submit_job, entrypoint=entrypoint,
-                       runtime_env=runtime_env(work, env, pip=job_pip(spec)),
-                       metadata={"sphinx-x": spec.name, **(metadata or {})})
+        job_id = _submit_waiting_for_agent(client, entrypoint=entrypoint,
+                                           runtime_env=runtime_env(work, env, pip=job_pip(spec)),
+                                           metadata={"sphinx-x": spec.name, **(metadata or {})})
     log.info("submitted %s: %s", job_id, entrypoint)
     return job_id
+
+
+def _submit_waiting_for_agent(client, **kwargs) -> str:
+    """``client.submit_job(**kwargs)``, retried for up to :data:`AGENT_WAIT_S` while the head
+    answers "No available agent to submit job" (its job agent is still starting); any other
+    failure, or the agent still missing after that, is one UserError line."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except Exception as err:  # noqa: BLE001 - the SDK raises RuntimeError("Request failed with status code 500: ...")
+            if _NO_AGENT not in str(err).lower():
+                return _call("submit", _reraise, err)
+            if time.monotonic() + AGENT_POLL_S > deadline:
+                raise UserError(f"submit: the head's job agent did not start within {AGENT_WAIT_S:.0f}s "
+                                f"({_one_line(err)}); check the head's dashboard_agent.log") from None
+            log.info("the head's job agent is not up yet; retrying the submission in %.0fs", AGENT_POLL_S)
+            time.sleep(AGENT_POLL_S)
+
+
+def _reraise(err: BaseException):
+    raise err
 
 
 # ---------------------------------------------------------------- watching
@@ -278,11 +306,22 @@ def stop(client, job_id: str) -> bool:
     return bool(_call(f"job {job_id}", client.stop_job, job_id))
 
 
-def error_summary(result: JobResult, limit_lines: int = 30) -> str:
-    """The job's failure message, trimmed to its last lines (where the exception is)."""
+def error_summary(result: JobResult, limit_lines: int = 30, logs: str = "") -> str:
+    """The job's failure message, trimmed to its last lines (where the exception is).
+
+    A ``ModuleNotFoundError`` in the message (Ray puts the log's tail there) or in ``logs`` gets a
+    first line naming the module and the setting that fixes it: a stock Ray head lacks the
+    project's dependencies unless jobs bring them (``cluster.dependencies: runtime_env``)."""
     lines = [ln for ln in (result.message or "").splitlines() if ln.strip()]
-    text = "\n".join(lines[-limit_lines:])
-    return text or f"job ended {result.status}"
+    text = "\n".join(lines[-limit_lines:]) or f"job ended {result.status}"
+    found = _MISSING_MODULE.findall(f"{result.message or ''}\n{logs}")
+    if found:
+        module = found[-1]
+        text = (f"the job's Python has no module {module!r}: the cluster's nodes lack sphinx-x's dependencies. "
+                "On a stock Ray cluster set `cluster.dependencies: runtime_env` in the spec (each job then "
+                "installs cluster/requirements.txt), or run the nodes on this project's image "
+                f"(`cluster.dependencies: image`).\n{text}")
+    return text
 
 
 # ---------------------------------------------------------------- CLI: sphinx-x jobs

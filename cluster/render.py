@@ -36,12 +36,17 @@ placement constrains *where* work runs without limiting *how much* runs there. E
 job gets the one worker environment, ``cluster.connect.worker_env``.
 
 Secrets: credentials appear only as ``secretKeyRef`` to the Secret ``<name>-secrets``, one key
-per environment-variable name (``storage.*_env``, ``serve.api_keys_env``); never as values.
+per environment-variable name (``storage.*_env``, ``serve.api_keys_env``); never as values. Each
+workload gets only its own: storage keys everywhere, API keys only in the RayService.
+
+Shared-cluster safety (``cluster.kuberay_security``, docs/security.md): token auth
+(``authOptions``) on every Ray cluster, the dashboard on ``cluster.dashboard_host`` (loopback by
+default), non-root pods, and ``networkpolicy.yaml`` limiting who reaches the pods.
 
     >>> from cluster.spec import ClusterSpec
     >>> docs = render_kuberay(ClusterSpec(), plans)     # plans: pipelines.stages.plans(spec, SPEC_IN_POD)
     >>> sorted(docs)
-    ['configmap-spec.yaml', 'raycluster.yaml', 'rayjob-preprocess.yaml', 'rayjob-train.yaml', 'rayservice.yaml']
+    ['configmap-spec.yaml', 'networkpolicy.yaml', 'raycluster.yaml', 'rayjob-preprocess.yaml', 'rayjob-train.yaml', 'rayservice.yaml']
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ import yaml
 from cluster import pins
 from cluster.capacity import Demand, groups_for
 from cluster.connect import worker_env
+from cluster.kuberay_security import (auth_options, container_security_context, dashboard_host, network_policy,
+                                      pod_security_context, submission_mode, workload_secret_names)
 from cluster.placement import GROUP_CAPACITY, node_resources, placement
 from cluster.spec import ClusterSpec, NodeGroup, WorkerGroup, dump_spec
 from models.errors import UserError
@@ -161,7 +168,7 @@ def render_serve_config(spec: ClusterSpec, import_path: str, *, http: bool = Tru
 # ---------------------------------------------------------------- kuberay
 
 
-def _container(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool) -> dict[str, Any]:
+def _container(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool, serving: bool) -> dict[str, Any]:
     limits = {"memory": f"{int(node.memory_gb * 1024)}Mi"}
     if node.cpus:
         limits["cpu"] = _quantity(node.cpus)
@@ -169,7 +176,7 @@ def _container(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool) -> 
         limits["nvidia.com/gpu"] = str(node.gpus)
     env = [{"name": k, "value": v} for k, v in plain_env(spec).items()]
     env += [{"name": n, "valueFrom": {"secretKeyRef": {"name": secret_name(spec), "key": n, "optional": True}}}
-            for n in secret_env_names(spec)]
+            for n in workload_secret_names(spec, serving=serving)]
     ports = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
              {"containerPort": 10001, "name": "client"}, {"containerPort": SERVE_PORT, "name": "serve"}]
     container: dict[str, Any] = {
@@ -178,6 +185,7 @@ def _container(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool) -> 
         "resources": {"limits": dict(limits), "requests": dict(limits)},
         "env": env,
         "volumeMounts": [{"name": "sphinx-x-spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True}],
+        "securityContext": container_security_context(),
     }
     if head:
         container["ports"] = ports
@@ -190,10 +198,11 @@ def _toleration(t) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _pod_template(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool) -> dict[str, Any]:
+def _pod_template(spec: ClusterSpec, node: NodeGroup, name: str, *, head: bool, serving: bool) -> dict[str, Any]:
     pod: dict[str, Any] = {
-        "containers": [_container(spec, node, name, head=head)],
+        "containers": [_container(spec, node, name, head=head, serving=serving)],
         "volumes": [{"name": "sphinx-x-spec", "configMap": {"name": f"{spec.name}-spec"}}],
+        "securityContext": pod_security_context(),
     }
     selector = dict(node.node_selector)
     if node.instance_type:
@@ -212,18 +221,20 @@ def _str_map(values: dict[str, Any]) -> dict[str, str]:
     return {k: (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)) for k, v in values.items()}
 
 
-def raycluster_spec(spec: ClusterSpec, groups: Optional[list[WorkerGroup]] = None) -> dict[str, Any]:
+def raycluster_spec(spec: ClusterSpec, groups: Optional[list[WorkerGroup]] = None, *,
+                    service: bool = False) -> dict[str, Any]:
     """The ``spec`` of a RayCluster with ``groups`` (default: every group) beside the head.
 
-    Also embedded in each RayJob (its stage's groups) and the RayService (the serving groups).
+    Also embedded in each RayJob (its stage's groups) and the RayService (``service``: the serving
+    groups; its pods get the API keys and its dashboard listens on the pod network).
     """
     head = spec.cluster.head
-    start_params = {"dashboard-host": "0.0.0.0"}
+    start_params = {"dashboard-host": dashboard_host(spec, service=service)}
     if not head.cpus:
         start_params["num-cpus"] = "0"  # a head that only coordinates: no work lands there
     head_group: dict[str, Any] = {
         "rayStartParams": start_params,
-        "template": _pod_template(spec, head, "ray-head", head=True),
+        "template": _pod_template(spec, head, "ray-head", head=True, serving=service),
     }
     if head.resources:
         head_group["resources"] = _str_map(head.resources)
@@ -238,13 +249,14 @@ def raycluster_spec(spec: ClusterSpec, groups: Optional[list[WorkerGroup]] = Non
             "maxReplicas": g.max_workers,
             "rayStartParams": {},
             "resources": _str_map(node_resources(g)),
-            "template": _pod_template(spec, g, "ray-worker", head=False),
+            "template": _pod_template(spec, g, "ray-worker", head=False, serving=service),
         }
         if g.labels:
             group["labels"] = dict(g.labels)
         workers.append(group)
     return {
         "rayVersion": pins.ray_version(),  # the image is built on it (Dockerfile)
+        "authOptions": auth_options(spec),
         "enableInTreeAutoscaling": True,
         "headGroupSpec": head_group,
         "workerGroupSpecs": workers,
@@ -267,11 +279,13 @@ def render_kuberay(spec: ClusterSpec, plans: list[StagePlan]) -> dict[str, dict[
     docs: dict[str, dict[str, Any]] = {
         "configmap-spec.yaml": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.name}-spec"),
                                 "data": {"spec.yaml": dump_spec(spec)}},
+        "networkpolicy.yaml": network_policy(spec, _meta(spec, f"{spec.name}-ray"), dashboard_port=DASHBOARD_PORT,
+                                             serve_port=SERVE_PORT),
         "raycluster.yaml": {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(spec, spec.name),
                             "spec": raycluster_spec(spec)},
     }
     for plan in plans:
-        groups = raycluster_spec(spec, groups_for(spec, plan.demand))
+        groups = raycluster_spec(spec, groups_for(spec, plan.demand), service=bool(plan.service))
         if plan.service:
             docs["rayservice.yaml"] = {  # one Serve application per spec: one service stage
                 "apiVersion": "ray.io/v1",
@@ -290,6 +304,7 @@ def render_kuberay(spec: ClusterSpec, plans: list[StagePlan]) -> dict[str, dict[
             "metadata": _meta(spec, f"{spec.name}-{plan.name}"),
             "spec": {
                 "entrypoint": plan.entrypoint,
+                "submissionMode": submission_mode(spec),
                 "runtimeEnvYAML": yaml.safe_dump({"env_vars": plain_env(spec)}, sort_keys=False),
                 "shutdownAfterJobFinishes": True,
                 "ttlSecondsAfterFinished": spec.cluster.job_ttl_s,

@@ -129,6 +129,13 @@ class ClusterSection(_Strict):
     that image) or ``runtime_env`` (a stock Ray cluster: each job brings the pins, Ray installs
     them once per node). ``image_pull_secret``: the Kubernetes Secret (by name) for a private
     registry. ``job_ttl_s``: how long a finished RayJob's cluster and record stay.
+
+    Rendered KubeRay manifests (docs/security.md, "KubeRay manifests"): Ray token auth is on
+    (``authOptions``); ``auth_token_secret`` names the Secret (key ``auth_token``) holding the
+    token, ``null`` lets KubeRay generate one per cluster. ``dashboard_host``: where the head's
+    dashboard / Jobs API listens — ``127.0.0.1`` (reach it with ``kubectl port-forward``) unless
+    set to ``0.0.0.0``. ``operator_namespace``: the KubeRay operator's namespace, the only one the
+    NetworkPolicy lets reach the dashboard.
     """
 
     address: str = "local"
@@ -137,6 +144,9 @@ class ClusterSection(_Strict):
     image_pull_secret: Optional[str] = None
     job_ttl_s: int = Field(600, ge=0)
     namespace: str = "default"
+    dashboard_host: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
+    auth_token_secret: Optional[str] = None
+    operator_namespace: str = "ray-system"
     provider: dict[str, Any] = Field(
         default_factory=lambda: {"type": "aws", "region": "us-east-1"},
         description="cluster-launcher provider block (rendered by `render --to launcher`)",
@@ -159,7 +169,7 @@ class ClusterSection(_Strict):
             raise ValueError(f"must be a container image reference like registry.example.com/sphinx-x:1.0, got {v!r}")
         return v
 
-    @field_validator("image_pull_secret")
+    @field_validator("image_pull_secret", "auth_token_secret")
     @classmethod
     def _secret_name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not re.match(r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$", v):
@@ -249,6 +259,8 @@ class SourceSpec(_Strict):
     ratio: float = Field(1.0, gt=0)
     format: Literal["auto", "json", "jsonl", "webdataset", "parquet"] = "auto"
     dedup: Literal["samples", "images", "off"] = "samples"
+    # where a record's image may be read from (actors.data.rows.resolve_image); None: image_root only
+    allowed_image_prefixes: Optional[list[str]] = None
 
 
 class DataSection(_Strict):
@@ -257,6 +269,8 @@ class DataSection(_Strict):
     max_seq_len: int = Field(2048, ge=16)
     overflow: Literal["truncate", "quarantine"] = "truncate"
     max_image_pixels: int = Field(64_000_000, ge=1)
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="an image over this many bytes is quarantined "
+                                 "(too_large) without being read whole")
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     rows_per_shard: int = Field(1024, ge=1)
     num_cpus_per_worker: float = Field(1, gt=0)
@@ -433,13 +447,90 @@ class ServeSection(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(4, ge=1)
     max_tokens_limit: int = Field(1024, ge=1)
+    # chat s3:// image URLs: only under these prefixes of the storage bucket (none by default)
+    allowed_image_s3_prefixes: list[str] = Field(default_factory=list)
+    max_request_pixels: int = Field(50_000_000, ge=1)  # sum of W*H over a request's images (headers)
+    # the ingress's own bound (actors.serve.request_gate): requests in work, then waiting; past both: 429
+    ingress_max_ongoing_requests: int = Field(32, ge=1)
+    ingress_max_queued_requests: int = Field(128, ge=0)
 
     _env = field_validator("api_keys_env")(classmethod(lambda cls, v: _env_name(v)))
+
+    @field_validator("allowed_image_s3_prefixes")
+    @classmethod
+    def _s3_prefixes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            parts = p[len("s3://"):].split("/") if p.startswith("s3://") else []
+            if not parts or not parts[0] or ".." in parts or "." in parts:
+                raise ValueError(f"{p!r} must be an s3://BUCKET/PREFIX URL without '.' or '..' parts")
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeSection":
         _require_unique([m.name for m in self.models], "serve model names")
         return self
+
+
+# ---------------------------------------------------------------- eval
+
+
+class EvalBenchmark(_Strict):
+    """One benchmark file the user already has (nothing is downloaded; docs/interfaces.md "Eval")."""
+
+    name: str
+    path: str  # local or s3://, by the layout rule (relative: under storage.uri)
+    format: Literal["vlmevalkit_tsv", "vqa_tsv", "jsonl"]
+    metric: Optional[str] = None  # None: the format's usual metric (the eval stage names them)
+    circular: bool = False  # MMBench CircularEval: every rotation of the options asked
+    prompt: Optional[str] = None  # prompt kind; None: by metric
+    max_tokens: int = Field(32, ge=1)
+    image_root: Optional[str] = None  # where `image_path` / JSONL `image` names resolve (default: beside the file)
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _benchmark_name(v)))
+
+
+class EvalEndpoint(_Strict):
+    url: str
+    model: str
+    api_key_env: Optional[str] = None
+    concurrency: int = Field(8, ge=1)
+
+    _env = field_validator("api_key_env")(classmethod(lambda cls, v: _env_name(v)))
+
+
+class EvalSection(_Strict):
+    """``benchmarks`` answered by ``model`` (``@train``: the run's train export, or a model
+    directory) or by ``endpoint``; ``gate`` {benchmark: min score} stops a run that misses one."""
+
+    benchmarks: list[EvalBenchmark] = Field(default_factory=list)
+    model: str = "@train"
+    endpoint: Optional[EvalEndpoint] = None
+    gate: dict[str, float] = Field(default_factory=dict)
+    output: str = "eval"
+    actors: int = Field(1, ge=1)  # vLLM engine actors of the batch engine
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)  # > 0: GPU engines
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_num_seqs: int = Field(64, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=16)
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)
+    block_size: int = Field(256, ge=1)  # requests per resumable block
+    write_scores_to_model: bool = True  # a local model directory's config.json gets sphinx_x.scores
+    group: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalSection":
+        _require_unique([b.name for b in self.benchmarks], "eval benchmark names")
+        unknown = sorted(set(self.gate) - {b.name for b in self.benchmarks})
+        if unknown:
+            raise _at("gate", f"names no benchmark of eval.benchmarks: {unknown}")
+        return self
+
+
+def _benchmark_name(value: str) -> str:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", value):
+        raise ValueError(f"must be letters, digits, '_', '.', '-' (it names a folder), got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------- the spec
@@ -453,6 +544,7 @@ class ClusterSpec(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @field_validator("name")
     @classmethod

@@ -81,6 +81,29 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return loc.bucket, loc.key
 
 
+def confined_path(local_dir: str | Path, rel: str, what: str = "") -> Path:
+    """``local_dir / rel`` for an object key's remainder ``rel``, never outside ``local_dir``.
+
+    Leading ``/`` are dropped (``"//a"`` -> ``a``); a ``..`` part, a scheme or a remainder that
+    names nothing raises UserError naming the key, so a download refuses before writing.
+
+        >>> confined_path("/tmp/d", "/llm/config.json")
+        PosixPath('/tmp/d/llm/config.json')
+        >>> confined_path("/tmp/d", "../../etc/passwd", "s3://b/m/../../etc/passwd")
+        Traceback (most recent call last):
+        models.errors.UserError: storage: refusing to download s3://b/m/../../etc/passwd: its key leaves /tmp/d
+    """
+    base = Location(None, os.path.abspath(str(local_dir)))
+    rel = rel.lstrip("/")
+    try:
+        target = base / rel
+    except UserError:
+        target = None
+    if target is None or target == base:
+        raise UserError(f"storage: refusing to download {what or rel}: its key leaves {base.key}")
+    return Path(target.key)
+
+
 # ---------------------------------------------------------------- Storage
 
 
@@ -351,20 +374,25 @@ class Storage:
         return len(keys)
 
     def download_dir(self, uri_or_path: str, local_dir: str | Path) -> Path:
-        """Copy every object under ``uri_or_path`` into ``local_dir`` (layout kept)."""
+        """Copy every object under ``uri_or_path`` into ``local_dir`` (layout kept).
+
+        A key that would land outside ``local_dir`` (a ``..`` part) raises UserError before any
+        file is written (:func:`confined_path`)."""
         src, dest = self.locate(uri_or_path), Path(local_dir)
-        dest.mkdir(parents=True, exist_ok=True)
         if not src.is_s3:
             if not Path(src.key).is_dir():
                 raise FileNotFoundError(f"storage: no directory {src.key}")
+            dest.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src.key, dest, dirs_exist_ok=True)
             return dest
-        uris = self.list(src.uri)
+        uris = [u for u in self.list(src.uri) if not u.endswith("/")]  # S3 directory markers: no files
         if not uris:
             raise FileNotFoundError(f"storage: nothing under {src.uri}")
-        for uri in uris:
-            _, key = split_s3_uri(uri)
-            target = dest / key[len(src.key):].lstrip("/")
+        # every target is checked before anything is written: a key with `..` refuses the whole copy
+        keys = [u[len(f"s3://{src.bucket}/"):] for u in uris]
+        targets = [(k, confined_path(dest, k[len(src.key):], u)) for k, u in zip(keys, uris)]
+        dest.mkdir(parents=True, exist_ok=True)
+        for (key, target), uri in zip(targets, uris):
             target.parent.mkdir(parents=True, exist_ok=True)
             self._call(f"download {uri}", lambda k=key, t=target: self.client().download_file(
                 src.bucket, k, str(t)), src.bucket)

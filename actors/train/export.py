@@ -6,7 +6,8 @@
 
 The model is streamed parameter by parameter (``actors.train.consolidate.write_model_dir``:
 rank 0 writes, in the training dtype, never holding the whole model) into a
-``models.weights.model_dir`` directory, ``_SUCCESS`` last; ``export_check.pt`` keeps a fixed
+``models.weights.model_dir`` directory, published atomically (``cluster.publish``: the old export
+stays readable until the new one is complete; ``_SUCCESS`` is the switch); ``export_check.pt`` keeps a fixed
 batch and the engine's logits so anyone can verify the export; ``export.json`` is an
 ``actors.train.summaries.ExportSummary``.
 """
@@ -23,6 +24,7 @@ import torch
 from actors.train.batching import model_inputs
 from actors.train.summaries import ExportSummary
 from cluster.layout import Layout
+from cluster.publish import publish_dir
 
 # the in-worker logits check of the export loads the written directory on rank 0: up to this size
 EXPORT_CHECK_MAX_BYTES = 8 * 2**30
@@ -72,10 +74,9 @@ def export_model(engine, tokenizer, storage, layout: Layout, check_batch: Option
                 check = (f"headers only: {size / 2**30:.1f} GiB is over the in-worker logits check's "
                          f"{EXPORT_CHECK_MAX_BYTES / 2**30:.0f} GiB; {layout.export_check} holds the batch "
                          "and the engine's logits")
-        storage.delete(layout.export)
-        storage.upload_dir(written, layout.export)
+        # atomic: the old export stays readable until the new one is complete (cluster.publish)
+        publish_dir(storage, written, layout.export)
     summary = ExportSummary(export=layout.export, export_params=int(info["params"]["total"]), export_bytes=size,
                             export_max_abs_diff=max_abs_diff, export_check=check)
-    storage.write_bytes(layout.export_success, b"")
     storage.write_bytes(layout.export_summary, summary.to_json().encode())
     return summary

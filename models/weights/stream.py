@@ -205,8 +205,15 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     without running code; a ``{"state_dict"|"model": ...}`` wrapper is unwrapped."""
     import zipfile
 
+    import pickle
+
     mmap = zipfile.is_zipfile(path)
-    return unwrap_state(torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap), path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # an object a weights-only load refuses: nothing ran
+        raise UserError(f"cannot read weights file {path}: it holds objects a weights-only load refuses "
+                        f"({str(err).splitlines()[-1][:200] if str(err) else 'UnpicklingError'})") from None
+    return unwrap_state(state, path)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from actors.data import rows as raw
 from cluster import layout as run_layout
 from cluster.layout import Layout
 from cluster.spec import ClusterSpec
-from cluster.storage import Storage
+from cluster.storage import Storage, confined_path
 from models.errors import UserError
 from models.flavours import Flavour
 from pipelines.stages.preprocess_sources import Source
@@ -70,9 +70,10 @@ def _tokenizer_files(storage: Storage, uri: str, tmp: str) -> str:
     names = [u for u in storage.list(uri) if not u.endswith(_WEIGHT_SUFFIXES)]
     if not names:
         raise UserError(f"no tokenizer files under {uri}")
-    for u in names:
-        target = os.path.join(tmp, u[len(uri):].lstrip("/"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+    # every target checked before anything is written: a key with `..` refuses the download
+    targets = [confined_path(tmp, u[len(uri):], u) for u in names]
+    for u, target in zip(names, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as f:
             f.write(storage.read_bytes(u))
     return tmp

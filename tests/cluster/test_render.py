@@ -94,7 +94,7 @@ def test_kuberay_manifests_validate_against_crds(name, data, crds):
     spec = parse_spec(data, name)
     docs = render_kuberay(spec)
     kinds = sorted(d["kind"] for d in docs.values())
-    assert kinds == ["ConfigMap", "RayCluster", "RayJob", "RayJob", "RayService"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "RayCluster", "RayJob", "RayJob", "RayService"]
     for doc in docs.values():
         if doc["kind"] in crds:
             assert doc["apiVersion"] == "ray.io/v1"
@@ -128,7 +128,8 @@ def test_raycluster_groups_resources_and_placement():
     assert gpu["template"]["spec"]["nodeSelector"] == {"node.kubernetes.io/instance-type": "p4d.24xlarge"}
     env = {e["name"]: e for e in container["env"]}
     assert env["AWS_ENDPOINT_URL"]["value"] == "https://minio.example:9000"
-    for name in ("FLEET_KEY_ID", "FLEET_SECRET", "FLEET_API_KEYS"):
+    assert "FLEET_API_KEYS" not in env  # serving API keys only where the ingress runs (the RayService)
+    for name in ("FLEET_KEY_ID", "FLEET_SECRET"):
         assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "fleet-secrets"
         assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
         assert "value" not in env[name]
@@ -200,7 +201,7 @@ def test_every_pod_runs_the_image_with_the_groups_selectors_tolerations_and_pull
             crds[doc["kind"]].validate(doc)
     pods = []
     for doc in docs.values():
-        if doc["kind"] != "ConfigMap":
+        if doc["kind"] not in ("ConfigMap", "NetworkPolicy"):
             cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
             assert cluster["rayVersion"] == "2.60.0"
             pods += [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
@@ -307,7 +308,7 @@ def test_no_rendered_file_contains_a_credential_value(name, data, tmp_path, monk
         assert main(["render", str(spec_file), "--to", target, "-o", str(tmp_path / target)]) == 0
     assert main(["render", str(spec_file), "--to", "serve"]) == 0  # stdout too
     texts = [p.read_text() for p in tmp_path.rglob("*.yaml") if p != spec_file] + [capsys.readouterr().out]
-    assert len(texts) == 5 + 1 + 1 + 1
+    assert len(texts) == 6 + 1 + 1 + 1
     for text in texts:
         for value in SECRETS.values():
             assert value not in text
