@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 INGRESS_NAME = "SphinxXIngress"
 INGRESS_CPUS = 0.25  # the HTTP ingress deployment (actors.serve.ingress), one replica
+INGRESS_HEADROOM = 32  # requests Serve lets past the ingress's own bound (health checks, model lists)
 APP_IMPORT_PATH = "pipelines.stages.serve:build_app"  # what `serve deploy` / a RayService builds
 
 
@@ -97,8 +98,28 @@ def build_application(spec: ClusterSpec):
             max_queued_requests=m.max_queued_requests,
         )
         handles[m.name] = deployment.bind(config)
-    return Ingress.options(name=INGRESS_NAME, ray_actor_options={"num_cpus": INGRESS_CPUS}).bind(
-        spec.serve, spec.storage, handles, key_hashes_from_env(spec.serve.api_keys_env))
+    key_hashes = key_hashes_from_env(spec.serve.api_keys_env)
+    warn_if_open(spec, key_hashes)
+    # the ingress bounds itself (actors.serve.request_gate: 429 past it); Serve's own bound, which
+    # answers a plain-text 503, sits above it with room for /healthz and /v1/models
+    bound = spec.serve.ingress_max_ongoing_requests + spec.serve.ingress_max_queued_requests + INGRESS_HEADROOM
+    return Ingress.options(name=INGRESS_NAME, ray_actor_options={"num_cpus": INGRESS_CPUS},
+                           max_ongoing_requests=bound, max_queued_requests=bound).bind(
+        spec.serve, spec.storage, handles, key_hashes)
+
+
+def warn_if_open(spec: ClusterSpec, key_hashes: list[str]) -> bool:
+    """Warn (log and terminal) when the endpoint has no API keys and listens beyond loopback."""
+    import sys
+
+    from actors.serve.ingress import is_loopback, open_endpoint_warning
+
+    if key_hashes or is_loopback(spec.serve.http.host):
+        return False
+    message = open_endpoint_warning(spec.serve.http.host)
+    log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    return True
 
 
 def build_app(args: dict):
@@ -176,6 +197,13 @@ class ServeStage:
     name = "serve"
     help = "host serve.models behind an OpenAI-compatible endpoint"
     service = APP_IMPORT_PATH
+    spec_optional = False
+
+    def one_off_spec(self, args: argparse.Namespace) -> ClusterSpec:
+        raise NotImplementedError("serve needs a SPEC")
+
+    def used(self, spec: ClusterSpec) -> bool:
+        return True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--detach", action="store_true", help="deploy and return; the app stays up "
