@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in registry.STAGES:
         sp = verb(stage.name, "pipelines.stage", stage.help)
         sp.set_defaults(stage=stage.name)
-        sp.add_argument("spec")
+        # a stage with a one-off form (`eval --data ...`) builds its spec from its flags when none is given
+        sp.add_argument("spec", nargs="?" if stage.spec_optional else None)
         if not stage.service:  # a deploy always replaces the app
             sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")
         stage.add_arguments(sp)
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.spec import SpecError
     from models.errors import UserError
 
+    if args.verb in LONG_VERBS and argv is None:
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops a long verb as Ctrl-C does: cleanups run
+
     try:
         if getattr(args, "stage", None):
             from pipelines.stage import command
@@ -155,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
               f"  (full traceback in {log_file()})", file=terminal())
         return 1
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Upstream workarounds, driver side: each one a function naming the upstream project, the
 version it targets and the bug or limitation it works around; each has a test in
-tests/pipelines/test_upstream.py that shows why it is there. Drop one when its test says the
+tests/pipelines/test_upstream_driver.py that shows why it is there. Drop one when its test says the
 upstream no longer needs it.
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 
 def repartition_without_cpus(ds):
@@ -23,3 +26,30 @@ def repartition_without_cpus(ds):
     if hasattr(op, "ray_remote_args"):
         object.__setattr__(op, "ray_remote_args", {"num_cpus": 0})
     return ds
+
+
+def fit_interruptibly(trainer) -> Any:
+    """Ray Train 2.60 (v2): ``trainer.fit()`` that Ctrl-C stops.
+
+    Bug: on the main thread, ``DataParallelTrainer.fit`` replaces the process's SIGINT handler
+    with one that only asks the controller to abort "gracefully" and lets ``fit`` return (the
+    caller then goes on: exports, serves, ...); a second Ctrl-C is logged and ignored, only the
+    third exits. Ray skips that handler off the main thread (as under Tune), so ``fit`` runs on
+    a worker thread here and Ctrl-C raises KeyboardInterrupt in the caller at once; the caller's
+    cleanup (``ray.shutdown``, ``Serve`` teardown) then stops the controller and its workers.
+    """
+    out: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: the main thread stays interruptible
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import socket
+import signal
 import threading
 import time
 import uuid
@@ -111,7 +112,11 @@ def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
                      "packing": False}
     data["serve"] = {**data.get("serve", {}), "http": {"host": "127.0.0.1", "port": port}, "models": [{
         "name": MODEL_NAME, "checkpoint": "@train", "flavour": "debug",
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
+        # two replicas from the start: a replica scaled up while the questions run starts its vLLM
+        # engine on the same 2 cores and stalls the answers (p99 15 s); started at deploy, both are
+        # ready before the first question (Serve routes only to replicas whose constructor returned)
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 2,
+                               "target_ongoing_requests": 2},
         "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8}]}
     return parse_spec(data, "demo-spec")
 
@@ -325,9 +330,12 @@ class _Embedded:
 
 
 def _stage(name: str, fn, timings: dict) -> dict:
+    from pipelines.run import own_signals
+
     print(f"[demo] {name} ...", flush=True)
     t0 = time.time()
-    out = fn()
+    with own_signals(name):  # a handler a stage installs (Ray's) ends with it: Ctrl-C stays ours
+        out = fn()
     timings[name] = round(time.time() - t0, 1)
     print(f"[demo] {name} done in {timings[name]:.0f} s", flush=True)
     return out
@@ -346,6 +354,7 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
     (run_dir / "spec.yaml").write_text(dump_spec(spec))
     env = _Embedded()
     timings: dict[str, float] = {}
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops the demo as Ctrl-C does
     try:
         _stage("start embedded S3 + local Ray", lambda: env.start(spec), timings)
         storage = storage_for(spec)
@@ -376,7 +385,7 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
         report = _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_report, history,
                          tiling, run_dir, timings, time.time() - t_start)
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-        print(format_report(report), flush=True)
+        print(format_report(report, serving=keep_serving), flush=True)
         if keep_serving:
             print(f"\nserving at {served['url']}/  (web page)  and {served['url']}/v1  (OpenAI API); "
                   "Ctrl-C stops", flush=True)
@@ -385,8 +394,16 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
             except KeyboardInterrupt:
                 print("stopping", flush=True)
         return report
+    except KeyboardInterrupt:
+        print("[demo] interrupted: stopping Serve, Ray and the embedded S3", flush=True)
+        raise
     finally:
         env.stop(spec)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt()
 
 
 def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_report, history, tiling, run_dir,
@@ -423,8 +440,8 @@ def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_re
     }
 
 
-def format_report(r: dict) -> str:
-    """The report as the terminal shows it."""
+def format_report(r: dict, *, serving: bool = False) -> str:
+    """The report as the terminal shows it; the web page's address only while it is ``serving``."""
     lines = ["", "sphinx-x demo — held-out questions, answered by the served endpoint", "",
              f"  {'question':<9} {'accuracy':>9} {'baseline':>9}   (majority answer)"]
     for qtype, q in r["questions"].items():
@@ -443,7 +460,8 @@ def format_report(r: dict) -> str:
         f"  serving     {v['requests']} requests, {v['concurrency']} at a time: p50 {fmt(lat['p50'])}, "
         f"p99 {fmt(lat['p99'])}, {v['errors']} errors",
         f"  parity      vLLM vs PyTorch greedy (fp32, CPU): {p['identical']}/{p['total']} identical",
-        f"  web page    {v['web_page']}",
+        f"  web page    {v['web_page']}" if serving else
+        "  web page    served while the demo ran (sphinx-x demo --keep-serving keeps it up)",
         f"  loss curve  {r['files']['loss_png']}",
         f"  tiling      {r['files']['tiling_png']}  ({r['tiling_example']['image']}: kept "
         f"{len(r['tiling_example']['kept'])}, skipped {len(r['tiling_example']['skipped'])} tiles)",

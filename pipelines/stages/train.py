@@ -42,6 +42,7 @@ from cluster.capacity import Demand, Work, check_capacity
 from cluster.connect import connect
 from cluster.layout import Layout
 from cluster.logs import Progress
+from cluster.output_guard import check_force_output
 from cluster.placement import placement
 from cluster.run_context import RunContext
 from cluster.spec import ClusterSpec
@@ -50,6 +51,7 @@ from cluster.storage import Storage
 from models.errors import UserError
 from models.flavours import Flavour, from_name
 from pipelines.stage import BatchStage
+from pipelines.upstream import fit_interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,15 @@ def read_manifest(storage: Storage, lay: Layout) -> Manifest:
     return Manifest.from_json(storage.read_bytes(lay.manifest), where=lay.manifest)
 
 
-def check_manifest(manifest: Manifest, flavour: Flavour, where: str, *, weights: bool = False) -> None:
-    """Refuse shards tiled or tokenized for another model, naming both sides (on the driver).
+def check_manifest(manifest: Manifest, flavour: Flavour, where: str, *, weights: bool = False,
+                   max_quarantine_fraction: Optional[float] = None) -> None:
+    """Refuse shards tiled or tokenized for another model, naming both sides (on the driver), and
+    shards whose quarantine gate failed (as recorded, or under ``max_quarantine_fraction`` now).
     (A shard format newer than this code reads is refused by :meth:`Manifest.from_json`.)"""
+    failure = manifest.gate_failure(1.0 if max_quarantine_fraction is None else max_quarantine_fraction)
+    if failure:
+        raise UserError(f"the shards at {where} failed the quarantine gate ({failure}): not training on them. "
+                        "Fix the data or raise data.max_quarantine_fraction, then run `sphinx-x preprocess SPEC`.")
     mine, theirs = Tiling.from_flavour(flavour).to_dict(), manifest.tiling.to_dict()
     diffs = [f"{k}: shards {theirs[k]!r} vs model {v!r}" for k, v in mine.items() if theirs[k] != v]
     if diffs:
@@ -136,17 +144,28 @@ def checkpoint_step(storage: Storage, uri: str) -> Optional[int]:
 
 
 def list_checkpoints(spec: ClusterSpec, storage: Storage) -> list[tuple[int, str]]:
-    """(step, uri) of the run's complete checkpoints, oldest first."""
+    """(step, uri) of the run's complete checkpoints, oldest first: a DeepSpeed ``latest`` tag and
+    every rank's marker with every file it lists (``actors.train.checkpoints.incomplete``); a
+    partly uploaded checkpoint is skipped, with a warning."""
+    from actors.train.checkpoints import incomplete
+
     base = Layout.from_spec(spec, storage.uri).checkpoints
-    dirs = sorted({u[len(base):].strip("/").split("/", 1)[0] for u in storage.list(base)})
+    keys = storage.list(base)
+    dirs = sorted({u[len(base):].strip("/").split("/", 1)[0] for u in keys})
     found = []
     for name in dirs:
         if not name.startswith("checkpoint_"):
             continue
         uri = run_layout.join(base, name)
         step = checkpoint_step(storage, uri)
-        if step is not None:
-            found.append((step, uri))
+        if step is None:
+            continue
+        names = [k[len(uri):].strip("/") for k in keys if k.startswith(uri + "/")]
+        why = incomplete(names, lambda n, u=uri: storage.read_bytes(run_layout.join(u, n)))
+        if why:
+            log.warning("train: skipping checkpoint %s: %s", uri, why)
+            continue
+        found.append((step, uri))
     return sorted(found)
 
 
@@ -238,6 +257,7 @@ def _train(ctx: RunContext, *, export: bool, report_every_s: Optional[float],
 
     spec, storage, lay = ctx.spec, ctx.storage, ctx.layout
     if ctx.force:
+        check_force_output(spec, "train.output", lay.root)  # never a root, a home or the inputs
         n = storage.delete(lay.train)
         log.info("train: --force: removed %d objects under %s", n, lay.train)
     elif STAGE.is_complete(ctx):
@@ -247,7 +267,8 @@ def _train(ctx: RunContext, *, export: bool, report_every_s: Optional[float],
 
     flavour = train_flavour(spec)
     manifest = read_manifest(storage, lay)
-    check_manifest(manifest, flavour, lay.shards, weights=bool(spec.model.weights))
+    check_manifest(manifest, flavour, lay.shards, weights=bool(spec.model.weights),
+                   max_quarantine_fraction=spec.data.max_quarantine_fraction)
     conn = connect(spec)
     check_capacity(spec, STAGE.demand(spec))
     train = spec.train
@@ -278,7 +299,7 @@ def _train(ctx: RunContext, *, export: bool, report_every_s: Optional[float],
     trainer = _trainer(spec, config, datasets, name=run_layout.CHECKPOINT_RUN, storage_path=path,
                        filesystem=fs, max_failures=train.max_failures)
     with stall_watch("train"), _follow(progress_queue, steps, on_step):
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     last = result.metrics  # the workers' last report (actors.train.worker): loss None when no step ran here
     exported = None
     if storage.exists(lay.export_summary):  # written by rank 0 after the export
@@ -390,6 +411,6 @@ def export_checkpoint(ctx: RunContext, checkpoint: str) -> dict[str, Any]:
         tokenizer_uri=_tokenizer_uri(spec, storage, lay), weights_uri=None, export_from=uri)
     with tempfile.TemporaryDirectory(prefix="sx-export-run-") as tmp:
         trainer = _trainer(spec, config, None, name="export", storage_path=tmp, filesystem=None, max_failures=0)
-        trainer.fit()
+        fit_interruptibly(trainer)
     exported = ExportSummary.from_json(storage.read_bytes(lay.export_summary), where=lay.export_summary)
     return {"step": step, "checkpoint": uri, **exported.to_dict()}

@@ -40,3 +40,52 @@ def test_repartition_without_cpus_fuses_into_the_cpu_free_parse(ray_local):
     plan = _optimized_physical_plan(fixed)
     assert "TaskPoolMapOperator[MapBatches(<lambda>)->StreamingRepartition" in plan, plan
     assert sorted(r["x"] for r in fixed.take_all()) == list(range(8))
+
+
+def _sleepy_trainer(tmp_path, seconds: float):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config):
+        import time
+
+        time.sleep(config["s"])
+
+    return TorchTrainer(loop, train_loop_config={"s": seconds}, scaling_config=ScalingConfig(num_workers=1),
+                        run_config=RunConfig(name="sleepy", storage_path=str(tmp_path)))
+
+
+def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from pipelines.upstream import fit_interruptibly
+
+    default = signal.getsignal(signal.SIGINT)
+    seen = {}
+
+    def look(key: str, after: float) -> threading.Timer:
+        timer = threading.Timer(after, lambda: seen.setdefault(key, signal.getsignal(signal.SIGINT)))
+        timer.start()
+        return timer
+
+    # without it: fit on the main thread swaps in Ray Train's SIGINT handler, which only asks for
+    # a graceful abort and lets fit return (a second Ctrl-C is ignored)
+    look("plain", 8.0)
+    _sleepy_trainer(tmp_path / "a", 12).fit()
+    assert seen["plain"] is not default and "sigint_handler" in getattr(seen["plain"], "__name__", "")
+    signal.signal(signal.SIGINT, default)
+
+    # with it: the handler stays ours and Ctrl-C raises KeyboardInterrupt here within seconds
+    look("fixed", 8.0)
+    threading.Timer(10.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(_sleepy_trainer(tmp_path / "b", 20))
+    assert seen["fixed"] is default
+    assert time.monotonic() - t0 < 15
+    time.sleep(12)  # the abandoned run ends by itself (its loop sleeps 20 s) before the next test
