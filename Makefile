@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -q
+	$(BIN)/python -m pytest tests -x -q --durations=25
 
 demo: $(STAMP)
 	$(BIN)/sphinx-x demo
