@@ -120,6 +120,7 @@ def _cmd(p: psutil.Process) -> str:
 def _spec(tmp_path: Path, **sections) -> Path:
     data = {"name": "ctrlc", "storage": {"uri": str(tmp_path / "store"), "endpoint_url": None},
             "cluster": {"head": {"cpus": 4}}, **sections}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
