@@ -2,7 +2,7 @@
 
 - ``s3``: moto's S3 server on 127.0.0.1 (cluster.storage.EmbeddedS3); its URL is exported
   as ``SPHINX_X_S3_ENDPOINT`` so every spec with ``endpoint_url: embedded`` finds it.
-- ``ray_local``: a local Ray started once (4 logical CPUs on the 2-core machine so that
+- ``ray_local`` (``ray_module`` for module-scoped fixtures): a local Ray started once (4 logical CPUs on the 2-core machine so that
   2 train workers, Data tasks and Serve replicas can coexist). Tests that need a
   different cluster (``ray.cluster_utils.Cluster``) call ``ray.shutdown()`` and the next
   ``ray_local`` user starts the shared one again.
@@ -42,9 +42,7 @@ def s3():
             os.environ["SPHINX_X_S3_ENDPOINT"] = old
 
 
-@pytest.fixture
-def ray_local(s3):
-    """The session's local Ray, (re)started on demand."""
+def _shared_ray(s3):
     import ray
 
     from cluster.storage import embedded_worker_env
@@ -61,7 +59,19 @@ def ray_local(s3):
             log_to_driver=False,
             runtime_env={"env_vars": embedded_worker_env(s3.endpoint_url)},
         )
-    yield ray
+    return ray
+
+
+@pytest.fixture
+def ray_local(s3):
+    """The session's local Ray, (re)started on demand."""
+    yield _shared_ray(s3)
+
+
+@pytest.fixture(scope="module")
+def ray_module(s3):
+    """The same shared Ray, for module-scoped fixtures (a served app shared by a module's tests)."""
+    yield _shared_ray(s3)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -52,16 +52,13 @@ def _requests() -> list[AnswerRequest]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    import ray
-
+def served(tmp_path_factory, ray_module):
+    # the session's Ray (with its dashboard: later tests ask its state API), never one of its own
     from actors.serve.model_loader import random_member
     from cluster.spec import parse_spec
     from models.weights.model_dir import save_model_dir
     from pipelines.stages import serve as serve_stage
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     model_dir = tmp_path_factory.mktemp("eval-model")
     model, tokenizer = random_member("debug")
     save_model_dir(model, tokenizer, model_dir)
