@@ -47,119 +47,121 @@ CHECKPOINT_RUN = "checkpoints"  # the Ray Train run name under train.output
 SUCCESS = "_SUCCESS"
 
 
-def resolve(base_uri: str, setting: str) -> str:
-    """A path setting -> a URI / absolute path: relative ones under ``base_uri``, others as given
+def resolve(base_uri: str, setting: str) -> Location:
+    """A path setting -> its Location: relative ones under ``base_uri``, others as given
     (:meth:`cluster.location.Location.parse`; a relative setting never leaves ``base_uri``)."""
-    return Location.parse(setting, base=Location.parse(base_uri)).uri
+    return Location.parse(setting, base=Location.parse(base_uri))
 
 
-def join(*parts: str) -> str:
+def join(*parts: str) -> Location:
+    """``join("s3://b/run", "shards/", "x")`` -> the Location ``s3://b/run/shards/x`` (never above the head)."""
     head, *rest = parts
-    return (Location.parse(head) / "/".join(rest)).uri
+    return Location.parse(head) / "/".join(p.strip("/") for p in rest if p and p.strip("/"))
 
 
-def storage_root(spec: ClusterSpec) -> str:
-    """``storage.uri`` as an s3:// URI or an absolute local path."""
-    return Location.parse(spec.storage.uri).uri
+def storage_root(spec: ClusterSpec) -> Location:
+    """``storage.uri`` as a Location (an s3:// URI or an absolute local path)."""
+    return Location.parse(spec.storage.uri)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Every URI of one run (see the module docstring). Plain strings: picklable, typed."""
+    """Every path of one run (see the module docstring), each a :class:`~cluster.location.Location`
+    (a URI string that also knows its bucket, key, name, parent and children): picklable, typed."""
 
-    root: str
-    shards: str
-    train: str
-    evals: str = ""  # eval.output
+    root: Location
+    shards: Location
+    train: Location
+    evals: Location  # eval.output
 
     @classmethod
     def from_spec(cls, spec: ClusterSpec, storage_uri: Optional[str] = None) -> "Layout":
-        root = storage_uri or storage_root(spec)
+        root = Location.parse(storage_uri) if storage_uri else storage_root(spec)
         return cls(root=root, shards=resolve(root, spec.data.output), train=resolve(root, spec.train.output),
                    evals=resolve(root, spec.eval.output))
 
-    def path(self, setting: str) -> str:
+    def path(self, setting: str) -> Location:
         """Any other path setting of the spec, by the one rule."""
         return resolve(self.root, setting)
 
     # -- preprocess
     @property
-    def manifest(self) -> str:
+    def manifest(self) -> Location:
         return join(self.shards, MANIFEST)
 
     @property
-    def errors(self) -> str:
+    def errors(self) -> Location:
         return join(self.shards, "errors")
 
     @property
-    def tokenizer(self) -> str:
+    def tokenizer(self) -> Location:
         return join(self.shards, "tokenizer")
 
     @property
-    def shards_tmp(self) -> str:
+    def shards_tmp(self) -> Location:
         return join(self.shards, "_tmp")
 
-    def shard(self, k: int) -> str:
+    def shard(self, k: int) -> Location:
         return join(self.shards, shard_name(k))
 
     # -- train
     @property
-    def checkpoints(self) -> str:
+    def checkpoints(self) -> Location:
         return join(self.train, CHECKPOINT_RUN)
 
     @property
-    def metrics(self) -> str:
+    def metrics(self) -> Location:
         return join(self.train, "metrics.jsonl")
 
     @property
-    def loss_png(self) -> str:
+    def loss_png(self) -> Location:
         return join(self.train, "loss.png")
 
     @property
-    def export(self) -> str:
+    def export(self) -> Location:
         return join(self.train, "export")
 
     @property
-    def export_success(self) -> str:
+    def export_success(self) -> Location:
         return join(self.export, SUCCESS)
 
     @property
-    def export_check(self) -> str:
+    def export_check(self) -> Location:
         return join(self.train, "export_check.pt")
 
     @property
-    def export_summary(self) -> str:
+    def export_summary(self) -> Location:
         return join(self.train, "export.json")
 
     @property
-    def train_summary(self) -> str:
+    def train_summary(self) -> Location:
         return join(self.train, "summary.json")
 
     # -- serve
-    def checkpoint(self, setting: str) -> str:
+    def checkpoint(self, setting: str) -> Location:
         """A ``serve.models[].checkpoint``: ``@train`` is this run's export; others by the rule."""
         return self.export if setting == TRAIN_EXPORT else self.path(setting)
 
     # -- eval
-    def eval_dir(self, benchmark: str) -> str:
+    def eval_dir(self, benchmark: str) -> Location:
         return join(self.evals, benchmark)
 
-    def eval_predictions(self, benchmark: str) -> str:
+    def eval_predictions(self, benchmark: str) -> Location:
         return join(self.evals, benchmark, "predictions.jsonl")
 
-    def eval_scores(self, benchmark: str) -> str:
+    def eval_scores(self, benchmark: str) -> Location:
         return join(self.evals, benchmark, "scores.json")
 
     @property
-    def eval_summary_txt(self) -> str:
+    def eval_summary_txt(self) -> Location:
         return join(self.evals, "summary.txt")
 
     @property
-    def eval_summary_png(self) -> str:
+    def eval_summary_png(self) -> Location:
         return join(self.evals, "summary.png")
 
     @property
-    def eval_answers(self) -> str:
+    def eval_answers(self) -> Location:
         """The batch engine's finished blocks (reused by a rerun on the same model)."""
         return join(self.evals, "_answers")
 

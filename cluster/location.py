@@ -24,19 +24,33 @@ last name or a child asks the Location instead of slicing ``s3://`` strings.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 from models.errors import UserError
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(str):
     """``bucket`` is ``None`` for a local path; ``key`` is the S3 key (no leading or trailing
-    ``/``) or an absolute, normalised local path."""
+    ``/``) or an absolute, normalised local path. The value itself is the :attr:`uri` string, so
+    a Location goes wherever a URI string went (f-strings, JSON, pyarrow, Ray); it is immutable."""
 
     bucket: Optional[str]
     key: str
+
+    def __new__(cls, bucket: Optional[str], key: str) -> "Location":
+        self = super().__new__(cls, f"s3://{bucket}/{key}".rstrip("/") if bucket is not None else key)
+        object.__setattr__(self, "bucket", bucket)
+        object.__setattr__(self, "key", key)
+        return self
+
+    def __getnewargs__(self) -> tuple:  # pickling (Ray): rebuilt from its parts
+        return (self.bucket, self.key)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError("a Location is immutable")
+
+    def __repr__(self) -> str:
+        return f"Location({str(self)!r})"
 
     @classmethod
     def parse(cls, text: "str | Location", base: Optional["Location"] = None) -> "Location":
@@ -62,8 +76,8 @@ class Location:
 
     @property
     def uri(self) -> str:
-        """``s3://bucket/key`` or the local path: the form users and logs see."""
-        return (f"s3://{self.bucket}/{self.key}".rstrip("/")) if self.is_s3 else self.key
+        """``s3://bucket/key`` or the local path, as a plain string: the form users and logs see."""
+        return str.__str__(self)
 
     @property
     def fs_path(self) -> str:
@@ -114,7 +128,7 @@ class Location:
             return False
 
     def __str__(self) -> str:
-        return self.uri
+        return str.__str__(self)
 
 
 def _clean(key: str, text: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cluster.location import Location
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def member_model_dir(weights: MemberWeights, storage_section, cache_dir: str | N
         save_model_dir(model, tokenizer, local)
         return local, True
     uri = weights.checkpoint_uri
-    if not uri.startswith("s3://"):
+    if not Location.parse(uri).is_s3:
         return _check_local(weights, uri), False
     return _download(weights, storage_section, cache_dir), True
 
@@ -87,7 +88,6 @@ def member_model_dir(weights: MemberWeights, storage_section, cache_dir: str | N
 def _check_local(weights: MemberWeights, uri: str) -> Path:
     """The local directory to load: ``uri``, or the complete sibling its ``_SUCCESS`` names while a
     new export replaces it (``cluster.publish``)."""
-    from cluster.location import Location
     from cluster.publish import MARKER, Marker, published_dir
 
     if not Path(uri).is_dir():

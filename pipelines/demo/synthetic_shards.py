@@ -90,8 +90,9 @@ def write_shards(storage, layout, flavour_name: str = "debug", n_rows: int = 48,
     names = []
     for k in range(0, len(rows), rows_per_shard):
         table = pa.Table.from_pylist(rows[k:k + rows_per_shard], schema=schema)
-        fs, path = storage.resolve(layout.shard(k // rows_per_shard))
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        shard = layout.shard(k // rows_per_shard)
+        fs, path = storage.resolve(shard)
+        fs.create_dir(shard.parent.fs_path, recursive=True)
         pq.write_table(table, path, filesystem=fs)
         names.append(shard_name(k // rows_per_shard))
     with tempfile.TemporaryDirectory() as tmp:

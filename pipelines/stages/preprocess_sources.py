@@ -15,6 +15,7 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from cluster.layout import Layout
+from cluster.location import Location
 from cluster.spec import SourceSpec
 from cluster.storage import Storage
 from models.errors import UserError
@@ -71,7 +72,7 @@ def resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec) -> So
         fmt = "auto" if fmt == "json" else fmt  # json vs jsonl decided per file
     image_root = lay.path(src.image_root) if src.image_root else None
     if image_root is None and fmt in ("auto", "json", "jsonl"):
-        image_root = uri.rsplit("/", 1)[0] if info.type != pafs.FileType.Directory else uri
+        image_root = Location.parse(uri).parent.uri if info.type != pafs.FileType.Directory else uri
     prefixes = tuple(lay.path(p) for p in src.allowed_image_prefixes or ())
     if src.allowed_image_prefixes is not None and not prefixes:
         raise UserError(f"data.sources[{i}] ({src.name}): allowed_image_prefixes is empty; leave it out to read "

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from actors.data import rows as raw
 from cluster import layout as run_layout
 from cluster.layout import Layout
+from cluster.location import Location
 from cluster.spec import ClusterSpec
 from cluster.storage import Storage, confined_path
 from models.errors import UserError
@@ -63,7 +64,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".msgpack", ".h5", ".
 def _tokenizer_files(storage: Storage, uri: str, tmp: str) -> str:
     """A local directory holding the tokenizer files at ``uri`` (an S3 prefix: only those files are
     downloaded, never the weights beside them)."""
-    if not uri.startswith("s3://"):
+    if not Location.parse(uri).is_s3:
         if not os.path.isdir(uri):
             raise UserError(f"no tokenizer directory at {uri}")
         return uri

@@ -32,6 +32,7 @@ from cluster import layout as run_layout
 from cluster.capacity import Demand, Work, check_capacity
 from cluster.connect import connect
 from cluster.layout import Layout
+from cluster.location import Location
 from cluster.placement import placement
 from cluster.render import ray_actor_options
 from cluster.run_context import RunContext
@@ -140,7 +141,7 @@ def check_members(ctx: RunContext) -> None:
         uri = weights.checkpoint_uri
         if uri is None:
             continue
-        if not uri.startswith("s3://") and not weights.require_success:
+        if not Location.parse(uri).is_s3 and not weights.require_success:
             if not os.path.isdir(uri):
                 raise UserError(f"serve model {m.name!r}: checkpoint directory {uri} does not exist")
             continue

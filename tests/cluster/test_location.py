@@ -41,3 +41,25 @@ def test_bad_uris_name_the_problem():
         Location.parse("s3://b/x").relative_to(Location.parse("s3://b/y"))
     assert not Location.parse("/data/runs2").is_under(Location.parse("/data/run"))
     assert Location.parse("/data/run/a").is_under(Location.parse("/data/run"))
+
+
+def test_a_location_is_its_uri_string_and_crosses_process_boundaries():
+    import json
+    import pickle
+
+    loc = Location.parse("s3://bkt/runs/x") / "shards"
+    assert loc == "s3://bkt/runs/x/shards" and f"{loc}/a" == "s3://bkt/runs/x/shards/a"
+    assert json.dumps({"p": loc}) == '{"p": "s3://bkt/runs/x/shards"}'
+    back = pickle.loads(pickle.dumps(loc))
+    assert type(back) is Location and (back.bucket, back.key) == ("bkt", "runs/x/shards")
+    with pytest.raises(AttributeError):
+        loc.key = "elsewhere"
+
+
+def test_the_layout_hands_out_locations():
+    from cluster.layout import Layout
+    from cluster.spec import parse_spec
+
+    lay = Layout.from_spec(parse_spec({"data": {"output": "shards"}}), storage_uri="s3://bkt/run")
+    assert isinstance(lay.manifest, Location) and lay.manifest.parent == lay.shards
+    assert lay.shard(3).name == "part-00003.parquet" and lay.export_success.relative_to(lay.root) == "train/export/_SUCCESS"
