@@ -1,6 +1,6 @@
 """Shared fixtures: ONE embedded S3 server and ONE local Ray per test session.
 
-- ``s3``: moto's S3 server on 127.0.0.1 (cluster.storage.EmbeddedS3Process); its URL is exported
+- ``s3``: moto's S3 server on 127.0.0.1 (cluster.storage.EmbeddedS3); its URL is exported
   as ``SPHINX_X_S3_ENDPOINT`` so every spec with ``endpoint_url: embedded`` finds it.
 - ``ray_local`` (``ray_module`` for module-scoped fixtures): a local Ray started once (4 logical CPUs on the 2-core machine so that
   2 train workers, Data tasks and Serve replicas can coexist). Tests that need a
@@ -26,12 +26,10 @@ TEST_BUCKET = "sphinx-x-test"
 
 @pytest.fixture(scope="session")
 def s3():
-    from cluster.storage import EmbeddedS3Process
+    from cluster.storage import EmbeddedS3
 
-    # its own process, as the demo runs it: moto's Flask app (module-level LocalProxy objects that
-    # raise on hasattr) stays out of this process, where vLLM's kernel scan of sys.modules and
-    # in-process engines (tests/actors/serve/vllm) would trip on it
-    server = EmbeddedS3Process().start()
+    server = EmbeddedS3()
+    server.start()
     old = os.environ.get("SPHINX_X_S3_ENDPOINT")
     os.environ["SPHINX_X_S3_ENDPOINT"] = server.endpoint_url
     try:
