@@ -20,6 +20,7 @@ Skipped when vLLM is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import os
@@ -85,6 +86,22 @@ def tokenizer():
     return train_bpe_tokenizer(TEXTS, vocab_size=320)
 
 
+@contextlib.contextmanager
+def _flask_proxies_resolvable():
+    """NOTE: vLLM 0.32's CPU kernel dispatcher scans every module's globals with ``hasattr``, and
+    Flask's ``request`` / ``current_app`` proxies (imported here by the session's in-process moto
+    S3 server) raise RuntimeError outside a request context: give them one while the engine starts."""
+    import sys
+
+    if "flask" not in sys.modules:
+        yield
+        return
+    import flask
+
+    with flask.Flask("vllm-kernel-scan").test_request_context():
+        yield
+
+
 @pytest.fixture(scope="module", params=["debug", "debug-moe"])
 def served(request, tokenizer, tmp_path_factory):
     """(PyTorch model, vLLM LLM, engine start seconds) for one flavour; the engine is shut down after."""
@@ -98,8 +115,9 @@ def served(request, tokenizer, tmp_path_factory):
     directory = save_model_dir(model, tokenizer, tmp_path_factory.mktemp(request.param))
     register()
     start = time.perf_counter()
-    llm = vllm.LLM(**engine_args(directory, vllm_dir=tmp_path_factory.mktemp("vllm"), dtype="float32",
-                                 max_model_len=1024, enforce_eager=True, seed=0))
+    with _flask_proxies_resolvable():
+        llm = vllm.LLM(**engine_args(directory, vllm_dir=tmp_path_factory.mktemp("vllm"), dtype="float32",
+                                     max_model_len=1024, enforce_eager=True, seed=0))
     started = time.perf_counter() - start
     torch.set_num_threads(threads)  # the engine lowers the process's torch threads
     try:
