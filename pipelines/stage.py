@@ -60,8 +60,9 @@ class Stage(Protocol):
         (unless ``--detach``)."""
 
 
-class BatchStage:
-    """Defaults for a stage that runs, writes its outputs and returns."""
+class StageBase:
+    """The protocol's defaults: a batch stage (no service), a SPEC required, always used, the
+    summary printed in one line. A stage overrides what it does differently."""
 
     service: Optional[str] = None
     spec_optional: bool = False

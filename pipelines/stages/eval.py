@@ -50,7 +50,7 @@ from cluster.run_context import RunContext
 from cluster.spec import ClusterSpec, EvalBenchmark
 from models.errors import UserError
 from actors.eval.prompts import STYLE_FOR_METRIC, STYLES, build_messages
-from pipelines.stage import BatchStage
+from pipelines.stage import StageBase
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _image_root(ctx: RunContext, b: EvalBenchmark) -> Optional[str]:
     return ctx.layout.path(b.image_root) if b.image_root else None
 
 
-class EvalStage(BatchStage):
+class EvalStage(StageBase):
     """`sphinx-x eval SPEC`, or the one-off `sphinx-x eval --data FILE (--model DIR | --endpoint URL
     --model NAME) -o OUT` (no spec: :meth:`one_off_spec` builds one)."""
 

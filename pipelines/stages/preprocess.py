@@ -106,7 +106,7 @@ from models.errors import UserError
 from models.flavours import Flavour, from_name
 from models.light_tokenizer import for_workers
 from pipelines.provenance import code_version
-from pipelines.stage import BatchStage
+from pipelines.stage import StageBase
 from pipelines.stages.preprocess_report import QuarantineError, format_summary
 from pipelines.stages.preprocess_sources import Source, resolve_source
 from pipelines.stages.preprocess_tokenizer import prepare_tokenizer
@@ -120,7 +120,7 @@ _BATCH_ROWS = 16  # rows per parse batch
 # ----------------------------------------------------------------------------- entry points
 
 
-class PreprocessStage(BatchStage):
+class PreprocessStage(StageBase):
     """`sphinx-x preprocess SPEC`: ``data.sources`` -> tiled, tokenized Parquet shards + manifest."""
 
     name = "preprocess"

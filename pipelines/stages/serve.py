@@ -38,7 +38,7 @@ from cluster.render import ray_actor_options
 from cluster.run_context import RunContext
 from cluster.spec import ClusterSpec, ServeModel, parse_spec
 from models.errors import UserError
-from pipelines.stage import Stage
+from pipelines.stage import Stage, StageBase
 
 log = logging.getLogger(__name__)
 
@@ -192,19 +192,12 @@ def _running_http():
         return None
 
 
-class ServeStage:
+class ServeStage(StageBase):
     """`sphinx-x serve SPEC [--detach]`: deploy the app; without --detach hold it until Ctrl-C."""
 
     name = "serve"
     help = "host serve.models behind an OpenAI-compatible endpoint"
     service = APP_IMPORT_PATH
-    spec_optional = False
-
-    def one_off_spec(self, args: argparse.Namespace) -> ClusterSpec:
-        raise NotImplementedError("serve needs a SPEC")
-
-    def used(self, spec: ClusterSpec) -> bool:
-        return True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--detach", action="store_true", help="deploy and return; the app stays up "

@@ -50,7 +50,7 @@ from cluster.stall import stall_watch
 from cluster.storage import Storage
 from models.errors import UserError
 from models.flavours import Flavour, from_name
-from pipelines.stage import BatchStage
+from pipelines.stage import StageBase
 from pipelines.upstream import fit_interruptibly
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def list_checkpoints(spec: ClusterSpec, storage: Storage) -> list[tuple[int, str
 # ----------------------------------------------------------------------------- stage
 
 
-class TrainStage(BatchStage):
+class TrainStage(StageBase):
     """`sphinx-x train SPEC [--export-from CKPT|latest]`: train (or resume) and export."""
 
     name = "train"
