@@ -264,6 +264,9 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     ev = ctx.spec.eval
     if not ev.benchmarks:
         return {"skipped": "no eval.benchmarks", "scores": {}}
+    for b in ev.benchmarks:  # before any engine starts: name the missing file
+        if not ctx.storage.exists(ctx.layout.path(b.path)):
+            raise UserError(f"eval.benchmarks {b.name!r}: no file at {ctx.layout.path(b.path)}")
     identity = model_identity(ctx)
     loaded = [load(b, ctx.layout.path(b.path), ctx.storage, image_root=_image_root(ctx, b))
               for b in ev.benchmarks]
@@ -328,6 +331,8 @@ class EvalStage(StageBase):
             raise UserError("sphinx-x eval: give a SPEC, or --data FILE, --model (DIR | NAME with --endpoint) "
                             "and -o OUT")
         data = os.path.abspath(args.data) if "://" not in args.data else args.data
+        if "://" not in data and not os.path.isfile(data):
+            raise UserError(f"sphinx-x eval: --data {args.data}: no such file")
         fmt = args.format or guess_format(data)
         bench = {"name": args.name or Path(args.data).stem, "path": data, "format": fmt, "metric": args.metric,
                  "circular": bool(args.circular), "max_tokens": args.max_tokens}
