@@ -485,6 +485,7 @@ class EvalBenchmark(_Strict):
     prompt: Optional[str] = None  # prompt kind; None: by metric
     max_tokens: int = Field(32, ge=1)
     image_root: Optional[str] = None  # where `image_path` / JSONL `image` names resolve (default: beside the file)
+    text_only: bool = False  # rows without an image are text-only questions (else malformed, as VLMEvalKit reads them)
 
     _name = field_validator("name")(classmethod(lambda cls, v: _benchmark_name(v)))
 
@@ -494,6 +495,7 @@ class EvalEndpoint(_Strict):
     model: str
     api_key_env: Optional[str] = None
     concurrency: int = Field(8, ge=1)
+    logprobs: bool = False  # record each answer's tokens in predictions.jsonl (parity checks)
 
     _env = field_validator("api_key_env")(classmethod(lambda cls, v: _env_name(v)))
 

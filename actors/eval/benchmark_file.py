@@ -127,8 +127,12 @@ def join_path(root: str, rel: str) -> str:
 
 
 def read_benchmark(path: str, fmt: Optional[str] = None, *, reader: Optional[Reader] = None,
-                   image_root: Optional[str] = None, require_answer: bool = True) -> BenchmarkFile:
-    """Read ``path`` (``fmt`` ``tsv`` | ``jsonl``; default from the extension)."""
+                   image_root: Optional[str] = None, require_answer: bool = True,
+                   text_only: bool = False) -> BenchmarkFile:
+    """Read ``path`` (``fmt`` ``tsv`` | ``jsonl``; default from the extension).
+
+    ``text_only``: a row without an image is a text-only question (a language benchmark, the demo's
+    chat turns); off (the field's files), such a row is malformed."""
     fmt = fmt or _format_from_name(path)
     if fmt not in FORMATS:
         raise UserError(f"{path}: benchmark format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -139,7 +143,7 @@ def read_benchmark(path: str, fmt: Optional[str] = None, *, reader: Optional[Rea
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     parse = _parse_tsv if fmt == "tsv" else _parse_jsonl
-    questions, bad = parse(text, path, root, require_answer)
+    questions, bad = parse(text, path, root, require_answer, text_only)
     if not questions:
         why = f"; first problem: row {bad[0].row}: {bad[0].reason}" if bad else ""
         raise UserError(f"{path}: no usable question in this {fmt} file ({len(bad)} bad rows){why}")
@@ -211,7 +215,7 @@ def _answers(cell: Optional[str]) -> tuple[str, ...]:
     return (cell,)
 
 
-def _parse_tsv(text: str, path: str, root: str, require_answer: bool):
+def _parse_tsv(text: str, path: str, root: str, require_answer: bool, text_only: bool = False):
     csv.field_size_limit(sys.maxsize)
     try:
         rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
@@ -254,14 +258,14 @@ def _parse_tsv(text: str, path: str, root: str, require_answer: bool):
             if index in seen:
                 raise ValueError(f"duplicate index {index!r}")
             seen.add(index)
-            questions.append(_tsv_question(r, index, rec, cells, letters, known, root, require_answer))
+            questions.append(_tsv_question(r, index, rec, cells, letters, known, root, require_answer, text_only))
         except (ValueError, SyntaxError) as e:
             bad.append(BadRow(r, index, str(e)))
     return questions, sorted(bad, key=lambda b: b.row)
 
 
 def _tsv_question(r: int, index: str, rec: dict, cells: dict, letters: list[str], known: set,
-                  root: str, require_answer: bool) -> Question:
+                  root: str, require_answer: bool, text_only: bool = False) -> Question:
     question = rec["question"]
     if _na(question):
         raise ValueError("empty question")
@@ -278,6 +282,8 @@ def _tsv_question(r: int, index: str, rec: dict, cells: dict, letters: list[str]
         images: tuple[Image, ...] = tuple(_decode_image(b) for b in _list_or_one(image_cell))
     elif not _na(rec.get("image_path")):
         images = tuple(join_path(root, p) for p in _list_or_one(rec["image_path"]))
+    elif text_only:
+        images, image_key = (), ""
     else:
         raise ValueError("no image (empty 'image' and 'image_path')")
     if not _na(rec.get("image_path")):
@@ -306,7 +312,7 @@ def _tsv_question(r: int, index: str, rec: dict, cells: dict, letters: list[str]
 # ----------------------------------------------------------------------------- JSONL
 
 
-def _parse_jsonl(text: str, path: str, root: str, require_answer: bool):
+def _parse_jsonl(text: str, path: str, root: str, require_answer: bool, text_only: bool = False):
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array of the same objects (lmms-eval / Accessory style)
         try:
@@ -334,19 +340,21 @@ def _parse_jsonl(text: str, path: str, root: str, require_answer: bool):
             if qid in seen:
                 raise ValueError(f"duplicate question_id {qid!r}")
             seen.add(qid)
-            questions.append(_jsonl_question(r, qid, obj, root, require_answer))
+            questions.append(_jsonl_question(r, qid, obj, root, require_answer, text_only))
         except ValueError as e:
             bad.append(BadRow(r, qid, str(e)))
     return questions, bad
 
 
-def _jsonl_question(r: int, qid: str, obj: dict, root: str, require_answer: bool) -> Question:
+def _jsonl_question(r: int, qid: str, obj: dict, root: str, require_answer: bool, text_only: bool = False) -> Question:
     question = obj.get("text", obj.get("question"))
     if not isinstance(question, str) or not question.strip():
         raise ValueError("no 'text' or 'question'")
     image = obj.get("image", obj.get("image_path"))
     paths = image if isinstance(image, list) else [image]
-    if not paths or not all(isinstance(p, str) and p for p in paths):
+    if text_only and image in (None, "", []):
+        paths = []
+    elif not paths or not all(isinstance(p, str) and p for p in paths):
         raise ValueError("no 'image' path")
     raw = obj.get("answers", obj.get("answer", obj.get("gt_answers")))
     if isinstance(raw, list):

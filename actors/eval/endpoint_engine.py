@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -47,11 +48,24 @@ class AnswerRequest:
 
 @dataclass(frozen=True)
 class Answer:
-    """The model's text for request ``id``; ``error`` (and text "") when it could not be answered."""
+    """The model's text for request ``id``; ``error`` (and text "") when it could not be answered.
+
+    The endpoint engine also fills ``latency_s`` (the answered request, retries included),
+    ``finish_reason`` and ``prompt_tokens``, and with ``EndpointOptions.logprobs`` the answer's
+    per-token strings (``tokens``, OpenAI ``logprobs.content[i].token``; the demo's parity check)."""
 
     id: str
     text: str
     error: Optional[str] = None
+    latency_s: Optional[float] = None
+    finish_reason: Optional[str] = None
+    prompt_tokens: Optional[int] = None
+    tokens: Optional[tuple[str, ...]] = None
+
+    def extras(self) -> dict:
+        """The optional fields that are set, for a predictions row."""
+        return {k: v for k, v in (("latency_s", self.latency_s), ("finish_reason", self.finish_reason),
+                                  ("prompt_tokens", self.prompt_tokens), ("tokens", self.tokens)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,7 @@ class EndpointOptions:
     retries: int = 5
     backoff_s: float = 0.5  # first retry delay; doubles each time (plus jitter)
     timeout_s: float = 300.0
+    logprobs: bool = False  # ask for the answer's tokens (Answer.tokens)
 
 
 def image_mime(data: bytes) -> str:
@@ -187,11 +202,18 @@ class EndpointEngine:
         except UserError as err:
             return Answer(req.id, "", str(err))
         delay = self.options.backoff_s
+        extra = {"logprobs": True} if self.options.logprobs else {}
+        t0 = time.perf_counter()
         for attempt in range(self.options.retries + 1):
             try:
                 out = await client.chat.completions.create(model=self.options.model, messages=messages,
-                                                           max_tokens=req.max_tokens, temperature=0)
-                return Answer(req.id, out.choices[0].message.content or "")
+                                                           max_tokens=req.max_tokens, temperature=0, **extra)
+                choice = out.choices[0]
+                content = choice.logprobs.content if self.options.logprobs and choice.logprobs else None
+                return Answer(req.id, choice.message.content or "", latency_s=time.perf_counter() - t0,
+                              finish_reason=choice.finish_reason,
+                              prompt_tokens=out.usage.prompt_tokens if out.usage else None,
+                              tokens=tuple(t.token for t in content or ()) if self.options.logprobs else None)
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as err:
                 status = getattr(err, "status_code", None)
                 retriable = status is None or status in RETRY_STATUS

@@ -79,6 +79,19 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(pred == normalize_exact(a) for a in answers))
 
 
+def first_word(text: str) -> str:
+    """This project's closed-vocabulary key (the demo's one-word answers, not a field metric): the
+    first word, lowercased, ``###`` turn separators and surrounding punctuation stripped
+    ("Red." -> "red", " 3\n###" -> "3")."""
+    words = text.strip().lower().replace("###", " ").split()
+    return words[0].strip(".,!?;:'\"") if words else ""
+
+
+def first_word_match(prediction: str, answers: Sequence[str]) -> float:
+    pred = first_word(prediction)
+    return float(any(pred == first_word(a) for a in answers))
+
+
 def scienceqa_match(prediction: str, answer_letter: str) -> float:
     target = answer_letter.strip().lower()
     pred = prediction.strip()

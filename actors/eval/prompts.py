@@ -39,7 +39,7 @@ STYLES = ("mcq", "short", "grounding", "caption", "vlmevalkit_mcq", "plain")
 # The prompt style each metric's benchmarks are asked in (scoring.METRICS names).
 STYLE_FOR_METRIC = {
     "mcq": "mcq", "mcq_circular": "mcq", "scienceqa": "mcq",
-    "vqa": "short", "anls": "short", "relaxed_accuracy": "short", "exact_match": "short",
+    "vqa": "short", "anls": "short", "relaxed_accuracy": "short", "exact_match": "short", "first_word": "plain",
     "yes_no": "short", "pope": "short", "mme": "short",
     "grounding": "grounding", "cider": "caption",
 }

@@ -15,7 +15,8 @@ the group verdicts make ``overall`` and ``details.failed_groups``.
 
 Metrics (the benchmark's ``metric``; prompt style in ``prompts.STYLE_FOR_METRIC``):
 ``mcq`` (VLMEvalKit single pass), ``mcq_circular`` (MMBench CircularEval), ``vqa`` (official VQA
-accuracy), ``anls``, ``relaxed_accuracy``, ``exact_match``, ``scienceqa``, ``yes_no`` (VLMEvalKit
+accuracy), ``anls``, ``relaxed_accuracy``, ``exact_match``, ``first_word`` (this project's
+closed-vocabulary match, the demo's), ``scienceqa``, ``yes_no`` (VLMEvalKit
 yes/no accuracy), ``pope``, ``mme``, ``grounding`` (Acc@IoU>=0.5), ``cider``.
 """
 
@@ -30,7 +31,7 @@ from actors.eval import choice, cider, grounding, open_answer, vqa_accuracy, yes
 from actors.eval.benchmark_file import Question
 from models.errors import UserError
 
-METRICS = ("mcq", "mcq_circular", "vqa", "anls", "relaxed_accuracy", "exact_match", "scienceqa",
+METRICS = ("mcq", "mcq_circular", "vqa", "anls", "relaxed_accuracy", "exact_match", "first_word", "scienceqa",
            "yes_no", "pope", "mme", "grounding", "cider")
 Record = tuple[Question, str]
 
@@ -111,6 +112,8 @@ def _per_sample(metric: str, q: Question, raw: str, judge, frame: str) -> tuple[
         return raw.strip(), open_answer.relaxed_accuracy(raw, q.answers)
     if metric == "exact_match":
         return open_answer.normalize_exact(raw), open_answer.exact_match(raw, q.answers)
+    if metric == "first_word":
+        return open_answer.first_word(raw), open_answer.first_word_match(raw, q.answers)
     if metric == "scienceqa":
         return raw.strip(), open_answer.scienceqa_match(raw, q.answer)
     if metric in ("yes_no", "pope", "mme"):

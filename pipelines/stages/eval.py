@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -108,7 +109,8 @@ def load(b: EvalBenchmark, uri: str, storage: Any, *, image_root: Optional[str] 
     style = b.prompt or STYLE_FOR_METRIC[metric]
     if style not in STYLES:
         raise UserError(f"eval benchmark {b.name!r}: prompt {style!r} is not one of {STYLES}")
-    parsed = read_benchmark(uri, FILE_FORMAT[b.format], reader=storage.read_bytes, image_root=image_root)
+    parsed = read_benchmark(uri, FILE_FORMAT[b.format], reader=storage.read_bytes, image_root=image_root,
+                            text_only=b.text_only)
     # a VLMEvalKit circular file already holds the rotations (their group is another row's index)
     rotated = any(q.group != q.id for q in parsed.questions)
     questions = expand_circular(parsed.questions) if b.circular and not rotated else list(parsed.questions)
@@ -128,8 +130,20 @@ def score(one: Loaded, answers: dict) -> tuple[list[dict], dict]:
         result = score_benchmark(one.metric, [(q, got[q.id].text) for q in one.questions])
     except ValueError as err:
         raise UserError(f"eval benchmark {one.benchmark.name!r}: {err}") from None
-    rows = [{**r.to_dict(), "error": got[r.id].error} for r in result.rows]
+    rows = [{**r.to_dict(), "error": got[r.id].error, **got[r.id].extras()} for r in result.rows]
     return rows, result.scores
+
+
+def answer_timing(answers: list) -> Optional[dict]:
+    """Latency percentiles (nearest rank, s) of the answered requests, when the engine timed them
+    (the endpoint engine): ``{"p50", "p99", "mean", "answered"}``; None otherwise."""
+    import math
+
+    times = sorted(a.latency_s for a in answers if a.latency_s is not None and not a.error)
+    if not times:
+        return None
+    rank = lambda q: times[max(0, math.ceil(q / 100 * len(times)) - 1)]  # noqa: E731
+    return {"p50": rank(50), "p99": rank(99), "mean": sum(times) / len(times), "answered": len(times)}
 
 
 def main_score(scores: dict) -> float:
@@ -170,7 +184,7 @@ def _engine(ctx: RunContext, identity: dict[str, str]):
 
         e = ev.endpoint
         return EndpointEngine(EndpointOptions(url=e.url, model=e.model, api_key_env=e.api_key_env,
-                                              concurrency=e.concurrency))
+                                              concurrency=e.concurrency, logprobs=e.logprobs))
     from actors.eval.batch_engine import BatchEngine, BatchOptions
     from actors.serve.model_loader import MemberWeights
     from actors.serve.vllm.engine import EngineOptions
@@ -272,7 +286,9 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
               for b in ev.benchmarks]
     requests = [r for one in loaded for r in one.requests]
     log.info("eval: %d prompts over %d benchmarks, model %s", len(requests), len(loaded), identity["uri"])
+    t0 = time.perf_counter()
     answers = {a.id: a for a in _engine(ctx, identity).answer(requests)}
+    wall_s = time.perf_counter() - t0
     results: dict[str, dict] = {}
     for one in loaded:
         rows, scores = score(one, answers)
@@ -280,7 +296,8 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
         record = {"version": SCORES_VERSION, "benchmark": one.benchmark.name, "model": identity,
                   "metric": one.metric, "score": main_score(scores), "scores": scores,
                   "samples": len(one.requests), "errors": sum(1 for r in one.requests if answers[r.id].error),
-                  "bad_rows": len(one.bad_rows), "bad_row_examples": one.bad_rows[:20]}
+                  "bad_rows": len(one.bad_rows), "bad_row_examples": one.bad_rows[:20],
+                  "latency_s": answer_timing([answers[r.id] for r in one.requests])}
         ctx.storage.write_bytes(ctx.layout.eval_scores(one.benchmark.name), json.dumps(record, indent=2).encode())
         results[one.benchmark.name] = record
         if one.bad_rows:
@@ -291,7 +308,8 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     scores = {n: r["score"] for n, r in results.items()}
     summary = {"scores": scores, "output": ctx.layout.evals, "model": identity["uri"],
                "bad_rows": {n: r["bad_rows"] for n, r in results.items() if r["bad_rows"]},
-               "table": summary_table(results)}
+               "table": summary_table(results), "wall_s": round(wall_s, 2),
+               "prompts_per_s": round(len(requests) / wall_s, 2) if wall_s else None}
     check_gate(ctx.spec, scores)
     return summary
 

@@ -72,7 +72,9 @@ def test_greedy_requests_bounded_concurrency_and_order(monkeypatch):
                                             concurrency=3), transport=httpx.MockTransport(handler))
     reqs = [_req(i, images=[_png()] if i % 2 else []) for i in range(10)]
     out = engine.answer(reqs)
-    assert out == [Answer(f"q{i}", f"QUESTION {i}") for i in range(10)]
+    assert [(a.id, a.text, a.error) for a in out] == [(f"q{i}", f"QUESTION {i}", None) for i in range(10)]
+    assert all(a.latency_s >= 0.01 and a.finish_reason == "stop" and a.prompt_tokens == 1 and a.tokens is None
+               for a in out)
     assert peak[0] == 3
     assert all(b["temperature"] == 0 and b["max_tokens"] == 4 and b["model"] == "m" for b in seen)
     with_image = [b for b in seen if b["messages"][0]["content"][0]["type"] == "image_url"]
@@ -99,11 +101,34 @@ def test_429_and_503_are_retried_with_backoff_other_errors_are_the_answer():
     engine = EndpointEngine(EndpointOptions(url="http://fake:1/v1", model="m", retries=2, backoff_s=0.05),
                             transport=httpx.MockTransport(handler))
     out = engine.answer([_req(0), _req(1), _req(2), _req(3)])
-    assert out[0] == Answer("q0", "ok") and calls["question 0"] == 3
+    assert (out[0].text, out[0].error) == ("ok", None) and calls["question 0"] == 3
+    assert out[0].latency_s >= 0.05  # the answered request's time, its retries included
     assert stamps[1] - stamps[0] >= 0.05
     assert out[1].text == "" and "400" in out[1].error and "image too large" in out[1].error
     assert out[2].error and "503" in out[2].error and calls["question 2"] == 3  # 1 + 2 retries
-    assert out[3] == Answer("q3", "ok")
+    assert (out[3].id, out[3].text, out[3].error) == ("q3", "ok", None)
+    assert out[1].latency_s is None and out[1].extras() == {}
+
+
+def test_logprobs_ask_for_and_keep_the_answer_tokens():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        completion = _completion(" 3\n")
+        completion["choices"][0]["logprobs"] = {"content": [
+            {"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []} for t in (" 3", "\n", "###")]}
+        completion["choices"][0]["finish_reason"] = "length"
+        completion["usage"]["prompt_tokens"] = 37
+        return httpx.Response(200, json=completion)
+
+    engine = EndpointEngine(EndpointOptions(url="http://fake:1", model="m", logprobs=True),
+                            transport=httpx.MockTransport(handler))
+    (a,) = engine.answer([_req(0)])
+    assert seen[0]["logprobs"] is True
+    assert a.tokens == (" 3", "\n", "###") and a.prompt_tokens == 37 and a.finish_reason == "length"
+    assert set(a.extras()) == {"latency_s", "finish_reason", "prompt_tokens", "tokens"}
 
 
 def test_a_missing_key_or_unknown_model_is_a_user_error(monkeypatch):

@@ -129,6 +129,24 @@ def test_jsonl_and_s3_reader():
     assert "not JSON" in f.bad_rows[2].reason
 
 
+def test_text_only_rows_are_questions_only_when_asked():
+    # a language benchmark / the demo's chat turns: no image cell; the field's files refuse such a row
+    lines = [{"question_id": 1, "text": "Say cat.", "answer": "cat"},
+             {"question_id": 2, "image": "a.jpg", "text": "What colour?", "answer": "red"},
+             {"question_id": 3, "image": "", "text": "Say dog.", "answer": "dog"}]
+    body = "\n".join(json.dumps(x) for x in lines).encode()
+    f = read_benchmark("q.jsonl", reader=lambda _: body, text_only=True)
+    assert [(q.id, q.images) for q in f.questions] == [("1", ()), ("2", ("./a.jpg",)), ("3", ())]
+    assert not f.bad_rows
+    f = read_benchmark("q.jsonl", reader=lambda _: body)
+    assert [q.id for q in f.questions] == ["2"] and [b.reason for b in f.bad_rows] == ["no 'image' path"] * 2
+    tsv = "index\timage\tquestion\tanswer\n1\t\tSay cat.\tcat\n".encode()
+    (q,) = read_benchmark("t.tsv", reader=lambda _: tsv, text_only=True).questions
+    assert q.images == () and q.answers == ("cat",)
+    with pytest.raises(UserError, match="no image"):
+        read_benchmark("t.tsv", reader=lambda _: tsv)
+
+
 def test_accessory_json_array(tmp_path):
     # LLaMA2-Accessory accessory/eval_mm/annotations/*.json: a JSON array, image_path + gt_answers
     items = [{"image_path": "data/x.png", "question": "Q?", "question_id": "x.png-1", "gt_answers": "decrease"}]

@@ -53,3 +53,15 @@ def test_scienceqa_match():
     assert scienceqa_match("B. a magnet", "B") == 1.0
     assert scienceqa_match("C. a magnet", "B") == 0.0
     assert scienceqa_match("The answer is B", "B") == 0.0
+
+
+def test_first_word_the_demo_key():
+    # this project's closed-vocabulary match (pipelines.demo): the first word, lowercased,
+    # "###" separators and surrounding punctuation stripped
+    from actors.eval import open_answer
+
+    assert open_answer.first_word(" Red.\n###") == "red"
+    assert open_answer.first_word("3###") == "3" and open_answer.first_word("") == ""
+    assert open_answer.first_word("'circle', I think") == "circle"
+    assert open_answer.first_word_match("Circle square", ["circle"]) == 1.0
+    assert open_answer.first_word_match("a circle", ["circle"]) == 0.0  # not exact match's "contains"
