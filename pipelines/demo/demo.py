@@ -8,9 +8,10 @@
 3. runs the stages through their ``run_stage``: preprocess (Ray Data: tiles + tokens ->
    Parquet shards) -> train (Ray Train, 2 workers, DeepSpeed ZeRO-2, gloo on CPU) -> export
    -> serve (Ray Serve, OpenAI-compatible, autoscaled);
-4. asks the endpoint every held-out question with the official ``openai`` client (a few
-   threads at once) and scores exact-match answers per question type next to the
-   majority-class baseline;
+4. has the eval harness (``pipelines.stages.eval``) ask the endpoint every held-out question,
+   written as a VLMEvalKit TSV (pipelines.demo.benchmark), with the official ``openai`` client
+   (a few at once); its per-category scores are the report's accuracies per question type,
+   next to the majority-class baseline;
 5. reruns every question greedily on the PyTorch model (``models.sphinx``, fp32, CPU) from the
    served export and counts the answers identical token for token (pipelines.demo.parity);
 6. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png`` and
@@ -25,20 +26,17 @@ runs on 2 CPU cores in about 13 minutes (BENCHMARKS.md, "sphinx-x demo"); ``--qu
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
-import math
 import os
 import socket
 import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -47,7 +45,7 @@ from actors.train.summaries import TrainSummary
 from cluster.layout import Layout
 from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
 from models.errors import UserError
-from pipelines.demo import synthetic
+from pipelines.demo import benchmark, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -118,94 +116,36 @@ def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 2,
                                "target_ongoing_requests": 2},
         "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8}]}
+    data["eval"] = benchmark.eval_section(f"{uri}/{DATA_DIR}/{benchmark.FILE}", f"http://127.0.0.1:{port}", MODEL_NAME,
+                                          concurrency=cfg.eval_threads, max_tokens=cfg.max_tokens)
     return parse_spec(data, "demo-spec")
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _question_messages(row: dict, image: Optional[bytes]) -> list[dict]:
-    """A held-out row as OpenAI messages: the image part first, then the text.
+def ask_heldout(spec: ClusterSpec, ds: synthetic.Dataset) -> tuple[dict, dict]:
+    """Write the held-out questions as the benchmark file, run the eval stage on the served
+    endpoint, and read its outputs back: (the demo's evaluation, the questions as sent, for
+    parity: id -> (OpenAI messages, image bytes))."""
+    from actors.eval.endpoint_engine import openai_messages
+    from cluster.run_context import RunContext
+    from pipelines.stages import eval as eval_stage
 
-    The text keeps what follows ``<image>`` in the row ("\\nWhat colour ...") so the prompt the
-    server builds is token for token the training template.
-    """
-    text = row["conversations"][0]["value"]
-    if image is None:
-        return [{"role": "user", "content": text}]
-    url = "data:image/png;base64," + base64.b64encode(image).decode()
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text.replace("<image>", "", 1)}]}]
-
-
-def _row_image(row: dict, images: dict[str, bytes]) -> Optional[bytes]:
-    """The image bytes of a held-out row (None for a text-only row)."""
-    return images.get(row.get("image", "")) if "image" in row else None
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (q in [0, 100]); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def evaluate(base_url: str, rows: list[dict], images: dict[str, bytes], *, model: str = MODEL_NAME,
-             threads: int = 4, max_tokens: int = 4, api_key: str = "none") -> dict:
-    """Ask the endpoint every held-out row (``threads`` at once); exact-match accuracy per type.
-
-    Returns ``{"types": {type: {"correct", "total", "accuracy"}}, "latency_s": {p50, p99, mean},
-    "requests", "errors", "wall_s", "samples": [a few (question, answer, expected)], "answers"}``;
-    ``answers`` holds every answered row by id: ``{"text", "finish_reason", "prompt_tokens",
-    "tokens"}``, ``tokens`` the per-token strings of OpenAI ``logprobs.content`` (asked with
-    ``logprobs=True``), for pipelines.demo.parity.
-    """
-    from openai import OpenAI
-
-    for name in ("httpx", "httpx2", "openai"):  # one INFO line per request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
-    client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=2, timeout=120)
-
-    def ask(row: dict) -> tuple[dict, Optional[dict], float, Optional[str]]:
-        msgs = _question_messages(row, _row_image(row, images))
-        t0 = time.perf_counter()
-        try:
-            out = client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens, temperature=0,
-                                                 logprobs=True)
-            choice = out.choices[0]
-            answer = {"text": choice.message.content or "", "finish_reason": choice.finish_reason,
-                      "tokens": [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []],
-                      "prompt_tokens": out.usage.prompt_tokens if out.usage else None}
-            return row, answer, time.perf_counter() - t0, None
-        except Exception as err:  # noqa: BLE001 - counted and reported, never silently dropped
-            return row, None, time.perf_counter() - t0, f"{type(err).__name__}: {err}"[:300]
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(ask, rows))
-    wall = time.perf_counter() - t0
-    types: dict[str, dict] = {}
-    latencies, errors, samples, answers = [], [], [], {}
-    for row, answer, latency, error in results:
-        t = types.setdefault(row["type"], {"correct": 0, "total": 0})
-        t["total"] += 1
-        if error is not None:
-            errors.append({"id": row["id"], "error": error})
-            continue
-        latencies.append(latency)
-        answers[row["id"]] = answer
-        t["correct"] += synthetic.normalise_answer(answer["text"]) == row["answer"]
-        if len(samples) < 8:
-            samples.append({"id": row["id"], "question": row["conversations"][0]["value"].replace("<image>\n", ""),
-                            "answer": answer["text"], "expected": row["answer"]})
-    for t in types.values():
-        t["accuracy"] = t["correct"] / t["total"]
-    return {"types": types, "requests": len(rows), "errors": errors, "wall_s": round(wall, 2),
-            "latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-                          "mean": sum(latencies) / len(latencies) if latencies else None},
-            "requests_per_s": round(len(rows) / wall, 2) if wall else None, "samples": samples,
-            "answers": answers}
+    rows = ds.heldout_rows()
+    images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
+    ctx = RunContext.build(spec, force=True)
+    (bench,) = spec.eval.benchmarks
+    ctx.storage.write_bytes(ctx.layout.path(bench.path), benchmark.heldout_tsv(rows, images))
+    summary = eval_stage.run_stage(spec, force=True)
+    scores = eval_stage.read_scores(ctx, bench.name)
+    predictions = benchmark.read_jsonl(ctx.storage.read_bytes(ctx.layout.eval_predictions(bench.name)))
+    texts = {r["id"]: (r["conversations"][0]["value"].replace("<image>\n", ""), r["answer"]) for r in rows}
+    result = benchmark.evaluation(scores, predictions, texts, summary.get("wall_s"))
+    result["output"] = str(ctx.layout.evals)
+    loaded = eval_stage.load(bench, ctx.layout.path(bench.path), ctx.storage)
+    sent = {r.id.split("/", 1)[1]: (openai_messages(r.messages, r.images), list(r.images)) for r in loaded.requests}
+    return result, sent
 
 
 def _check_page(url: str) -> str:
@@ -366,15 +306,8 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
                                          where="the train stage's summary")
         served = _stage("serve", lambda: serve.run_stage(spec), timings)
         served["web_page"] = _check_page(served["url"])
-        rows = ds.heldout_rows()
-        images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
-        evaluation = _stage(f"ask {len(rows)} held-out questions",
-                            lambda: evaluate(served["url"], rows, images, threads=cfg.eval_threads,
-                                             max_tokens=cfg.max_tokens), timings)
-        questions = {}
-        for r in rows:
-            image = _row_image(r, images)
-            questions[r["id"]] = (_question_messages(r, image), [image] if image is not None else [])
+        evaluation, questions = _stage(f"eval: {len(ds.heldout_rows())} held-out questions through the endpoint",
+                                       lambda: ask_heldout(spec, ds), timings)
         parity_report = _stage("parity: the served answers vs the PyTorch model",
                                lambda: parity.compare(spec, MODEL_NAME, questions, evaluation["answers"],
                                                       max_tokens=cfg.max_tokens), timings)
@@ -426,6 +359,8 @@ def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_re
                     "errors": len(evaluation["errors"]), "latency_s": evaluation["latency_s"],
                     "requests_per_s": evaluation["requests_per_s"], "concurrency": cfg.eval_threads},
         "parity": parity_report,
+        "eval": {"benchmark": benchmark.BENCHMARK, "metric": evaluation["metric"], "score": evaluation["score"],
+                 "output": evaluation["output"]},
         "samples": evaluation["samples"],
         "errors": evaluation["errors"][:10],
         "data": {"train_samples": len(ds.train), "heldout_questions": evaluation["requests"],
@@ -460,6 +395,8 @@ def format_report(r: dict, *, serving: bool = False) -> str:
         f"  serving     {v['requests']} requests, {v['concurrency']} at a time: p50 {fmt(lat['p50'])}, "
         f"p99 {fmt(lat['p99'])}, {v['errors']} errors",
         f"  parity      vLLM vs PyTorch greedy (fp32, CPU): {p['identical']}/{p['total']} identical",
+        f"  eval        {r['eval']['benchmark']} ({r['eval']['metric']}): {r['eval']['score']:.1f} % overall, "
+        f"scored by the eval harness: {r['eval']['output']}",
         f"  web page    {v['web_page']}" if serving else
         "  web page    served while the demo ran (sphinx-x demo --keep-serving keeps it up)",
         f"  loss curve  {r['files']['loss_png']}",

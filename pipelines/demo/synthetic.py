@@ -384,6 +384,8 @@ def load_heldout(data: bytes) -> list[dict]:
 
 
 def normalise_answer(text: str) -> str:
-    """The exact-match key: lowercase first word, punctuation stripped ("Red." -> "red")."""
-    words = text.strip().lower().replace("###", " ").split()
-    return words[0].strip(".,!?;:'\"") if words else ""
+    """The exact-match key: lowercase first word, punctuation stripped ("Red." -> "red"); the eval
+    harness's ``first_word`` metric, which scores the demo."""
+    from actors.eval.open_answer import first_word
+
+    return first_word(text)

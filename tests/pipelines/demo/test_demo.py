@@ -11,12 +11,13 @@ The small pure functions of the demo are tested on their own at the bottom.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import replace
 
 import pytest
 
-from pipelines.demo import demo, synthetic
+from pipelines.demo import benchmark, demo, synthetic
 
 # 200 steps: in a bare loop this data reaches colour 0.61 vs a 0.19 majority baseline
 CI = replace(demo.QUICK, n_train=240, n_heldout=30, steps=200, eval_threads=3)
@@ -67,6 +68,11 @@ def test_short_demo_end_to_end(ray_local, tmp_path, monkeypatch):
     for t in q.values():
         assert 0 <= t["accuracy"] <= 1 and 0 <= t["baseline"] <= 1 and t["total"] > 0
     assert any(t["accuracy"] > t["baseline"] for t in q.values()), demo.format_report(report)
+    # the figures are the eval harness's (issue #23): its scores.json, per category = per type
+    scores = json.loads(storage.read_bytes(f"{report['eval']['output']}/{benchmark.BENCHMARK}/scores.json"))
+    assert scores["metric"] == "first_word" and scores["samples"] == serving["requests"]
+    for qtype, t in q.items():
+        assert t["accuracy"] == pytest.approx(scores["scores"]["categories"][qtype] / 100)
     # parity (issue #14): the served greedy answers are the PyTorch model's, token for token
     parity = report["parity"]
     assert parity["total"] == serving["requests"]
@@ -89,24 +95,61 @@ def test_spec_is_the_local_example_with_the_demo_budget():
     assert spec.train.lr == demo.FULL.lr  # random init: not the paper's fine-tuning 2e-5
     (m,) = spec.serve.models
     assert m.checkpoint == "@train" and spec.serve.http.port == 8765
+    # the held-out questions are asked by the eval harness through the served endpoint
+    (b,) = spec.eval.benchmarks
+    assert b.path == "s3://sphinx-x/demo/r1/demo-data/heldout.tsv" and b.metric == "first_word" and b.text_only
+    assert spec.eval.endpoint.url == "http://127.0.0.1:8765/v1" and spec.eval.endpoint.model == m.name
+    assert spec.eval.endpoint.logprobs and spec.eval.endpoint.concurrency == demo.FULL.eval_threads
 
 
-def test_question_messages_rebuild_the_training_prompt():
+def test_heldout_questions_are_a_vlmevalkit_tsv_the_harness_reads():
+    from actors.eval.benchmark_file import read_benchmark
+    from actors.eval.prompts import build_messages
     from models.conversation import IMAGE
 
-    row = {"conversations": [{"from": "human", "value": "<image>\nWhat shape is shown?"}], "image": "images/a.png"}
-    (msg,) = demo._question_messages(row, b"\x89PNG")
-    image, text = msg["content"]
-    assert image["image_url"]["url"].startswith("data:image/png;base64,")
-    assert IMAGE + text["text"] == row["conversations"][0]["value"]  # what build_prompt reassembles
-    (plain,) = demo._question_messages({"conversations": [{"from": "human", "value": "Say cat."}]}, None)
-    assert plain == {"role": "user", "content": "Say cat."}
+    ds = synthetic.generate(20, 6, seed=3)
+    rows = ds.heldout_rows()
+    images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
+    data = benchmark.heldout_tsv(rows, images)
+    parsed = read_benchmark("held.tsv", "tsv", reader=lambda _: data, text_only=True)
+    assert not parsed.bad_rows and [q.id for q in parsed.questions] == [r["id"] for r in rows]
+    with pytest.raises(Exception, match="no usable question|no image"):  # the field's rule without text_only
+        bad = benchmark.heldout_tsv([r for r in rows if "image" not in r], images)
+        read_benchmark("held.tsv", "tsv", reader=lambda _: bad)
+    for q, r in zip(parsed.questions, rows):
+        assert q.category == r["type"] and q.answers == (r["answer"],)
+        assert q.images == ((images[r["image"]],) if "image" in r else ())
+        # the plain prompt puts the image first and "\n" + text: the training turn, token for token
+        (msg,) = build_messages(q, "plain")
+        text = msg["content"][-1]["text"]
+        assert (IMAGE + text if q.images else text) == r["conversations"][0]["value"]
+    # a sample's later questions refer to its first row (VLMEvalKit's space saver), so each image is stored once
+    assert data.count(base64.b64encode(next(iter(images.values()))).decode().encode()) == 1
 
 
-def test_percentile_and_training_figures():
-    assert demo.percentile([], 50) is None
-    assert demo.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
-    assert demo.percentile([1.0, 2.0, 3.0], 99) == 3.0
+def test_evaluation_reads_the_harness_outputs():
+    predictions = [
+        {"id": "a-colour", "raw": "red\n", "right": True, "category": "colour", "error": None, "latency_s": 0.1,
+         "finish_reason": "stop", "prompt_tokens": 40, "tokens": ["red", "\n"]},
+        {"id": "a-shape", "raw": "", "right": False, "category": "shape", "error": "HTTP 503: busy"},
+        {"id": "b-shape", "raw": "circle", "right": True, "category": "shape", "error": None,
+         "finish_reason": "length", "prompt_tokens": 41, "tokens": ["circle"]},
+    ]
+    scores = {"score": 66.7, "metric": "first_word", "latency_s": {"p50": 0.1, "p99": 0.2, "mean": 0.15},
+              "scores": {"categories": {"colour": 100.0, "shape": 50.0}}}
+    questions = {p["id"]: (f"q {p['id']}", "x") for p in predictions}
+    ev = benchmark.evaluation(scores, predictions, questions, wall_s=2.0)
+    assert ev["types"] == {"colour": {"correct": 1, "total": 1, "accuracy": 1.0},
+                           "shape": {"correct": 1, "total": 2, "accuracy": 0.5}}
+    assert ev["errors"] == [{"id": "a-shape", "error": "HTTP 503: busy"}] and ev["requests"] == 3
+    assert ev["answers"]["a-colour"] == {"text": "red\n", "finish_reason": "stop", "prompt_tokens": 40,
+                                         "tokens": ["red", "\n"]}
+    assert set(ev["answers"]) == {"a-colour", "b-shape"} and ev["requests_per_s"] == 1.5
+    assert ev["latency_s"] == {"p50": 0.1, "p99": 0.2, "mean": 0.15}
+    assert [s["id"] for s in ev["samples"]] == ["a-colour", "b-shape"]
+
+
+def test_training_figures():
     history = [{"step": i + 1, "loss": 5.0 - i, "tokens": 100, "saved_tokens": 7, "step_time_s": 2.0 if i else 9.0}
                for i in range(4)]
     f = demo.training_figures(history)
