@@ -301,10 +301,10 @@ class ModelSection(_Strict):
 
 
 def _known_flavour(name: str) -> str:
-    from models.flavours import FLAVOURS
+    from models.flavours import FLAVOURS, unknown_flavour
 
     if name not in FLAVOURS:
-        raise ValueError(f"unknown flavour {name!r}; known: {sorted(FLAVOURS)}")
+        raise ValueError(unknown_flavour(name))
     return name
 
 

@@ -67,6 +67,9 @@ class Flavour:
     freeze_vision: bool = True
     # "sdpa" or "eager"; both handle left padding on CPU
     attn_implementation: str = "sdpa"
+    # the LLaMA2-Accessory llama_type this flavour loads (models.weights.accessory), None for the paper's
+    # flavours; models.geometry cites that release's code for the flavour's figures
+    release: str | None = None
     notes: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +176,7 @@ FLAVOURS: dict[str, Flavour] = {
             rms_norm_eps=1e-5, rope_theta=1e6,
         ), notes="InternLM2-7B, bilingual"),
         _real("plus", "llama", _LLAMA2_13B, notes="LLaMA2-13B"),
-        _real("plus-2k", "llama", _LLAMA2_13B, grid=3, notes="LLaMA2-13B, high resolution"),
+        _real("plus-3x3", "llama", _LLAMA2_13B, grid=3, notes="LLaMA2-13B, 3x3 tiles of 224 (a 672 px canvas)"),
         _real("moe", "mixtral", dict(
             hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
             intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
@@ -186,22 +189,36 @@ FLAVOURS: dict[str, Flavour] = {
             _DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01,
         ), tile_size=48, max_seq_len=1024, convnext_final_norm=False, notes="tests and demo, MoE",
             **_DEBUG_VISION),
-        _real("sphinx-tiny", "llama", _TINYLLAMA, grid=1, tile_size=512, **_RELEASE,
+        _real("sphinx-tiny", "llama", _TINYLLAMA, grid=1, tile_size=512, **_RELEASE, release="llama_ens_light",
               notes="the official SPHINX-Tiny (llama_ens_light): one 512 px view"),
-        _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE,
+        _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE, release="llama_ens5_light",
               notes="the official SPHINX-Tiny-1k (llama_ens5_light): global view + 2x2 tiles of 512"),
         Flavour(name="debug-sphinx-tiny", llm_arch="llama", llm=_DEBUG_LLM, grid=1, tile_size=64,
-                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny in miniature (tests)", **_TOY_RELEASE_VISION),
+                max_seq_len=1024, **_RELEASE, release="llama_ens_light", notes="sphinx-tiny in miniature (tests)",
+                **_TOY_RELEASE_VISION),
         Flavour(name="debug-sphinx-tiny-1k", llm_arch="llama", llm=_DEBUG_LLM, grid=2, tile_size=64,
-                max_seq_len=1024, **_RELEASE, notes="sphinx-tiny-1k in miniature (tests)", **_TOY_RELEASE_VISION),
+                max_seq_len=1024, **_RELEASE, release="llama_ens5_light",
+                notes="sphinx-tiny-1k in miniature (tests)", **_TOY_RELEASE_VISION),
     ]
 }
+
+
+# names no longer given out, and why (a clear error instead of a misleading flavour)
+RETIRED = {
+    "plus-2k": "flavour 'plus-2k' is now 'plus-3x3': its canvas is 3x3 tiles of 224 = 672 px, never 2k "
+               "(sphinx-x info --flavour plus-3x3)",
+}
+
+
+def unknown_flavour(name: str) -> str:
+    """The one message for a name that is not a flavour (a retired name says what replaced it)."""
+    return RETIRED.get(name) or f"unknown flavour {name!r}; known: {', '.join(sorted(FLAVOURS))}"
 
 
 def from_name(name: str, **overrides: Any) -> Flavour:
     """A flavour by name; overrides replace top-level fields, or LLM keys via ``llm={...}``."""
     if name not in FLAVOURS:
-        raise KeyError(f"unknown flavour {name!r}; known: {sorted(FLAVOURS)}")
+        raise KeyError(unknown_flavour(name))
     base = FLAVOURS[name]
     known = {f.name for f in fields(Flavour)}
     unknown = sorted(set(overrides) - known)

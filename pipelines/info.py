@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from models.flavours import FLAVOURS, Flavour, from_name
+from models.flavours import FLAVOURS, Flavour, from_name, unknown_flavour
 from models.errors import UserError
 from models.tiling import TileSpec, image_token_count, kept_mask, tokens_saved
 
@@ -82,6 +82,8 @@ def token_budget(flavour: Flavour) -> dict[str, Any]:
 
 
 def info(flavour: Flavour) -> dict[str, Any]:
+    from models.geometry import describe, to_json
+
     return {
         "flavour": flavour.name,
         "llm_arch": flavour.llm_arch,
@@ -89,6 +91,7 @@ def info(flavour: Flavour) -> dict[str, Any]:
         "notes": flavour.notes,
         "params": param_counts(flavour),
         "tokens": token_budget(flavour),
+        "geometry": to_json(describe(flavour)),
     }
 
 
@@ -118,6 +121,13 @@ def render(report: dict[str, Any]) -> str:
     for ex in t["examples"][1:]:
         lines.append(f"  {ex['aspect']:>4} {ex['size'][0]}x{ex['size'][1]}: {ex['kept']} kept, {ex['skipped']} skipped "
                      f"-> {ex['image_tokens']} tokens ({ex['tokens_saved']} saved)")
+    g = report["geometry"]
+    lines.append("geometry (value, then where it comes from):")
+    rows = [("canvas", g["canvas"], "px"), ("tile", g["tile_size"], "px")]
+    rows += [(f"{name} input", fig, "px") for name, fig in g["encoders"].items()]
+    rows += [("per view", g["tokens_per_view"], "tokens"), ("per image", g["tokens_per_image"], "tokens")]
+    for label, fig, unit in rows:
+        lines.append(f"  {label:<15} {fig['value']:>5} {unit:<6}  {fig['source']}")
     return "\n".join(lines)
 
 
@@ -127,7 +137,7 @@ def command(args: argparse.Namespace) -> int:
 
         return weights_command(args)
     if args.flavour not in FLAVOURS:
-        raise UserError(f"unknown flavour {args.flavour!r}; known: {', '.join(sorted(FLAVOURS))}")
+        raise UserError(unknown_flavour(args.flavour))
     report = info(from_name(args.flavour))
     print(json.dumps(report) if args.json else render(report))
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from models.errors import UserError
-from models.flavours import FLAVOURS, from_name
+from models.flavours import FLAVOURS, from_name, unknown_flavour
 from models.tiling import DEFAULT_MAX_PIXELS, TiledImage, TileSpec, image_token_count, load_and_tile, tokens_saved
 
 _PANEL = 480  # display side of the canvas and of the global view in the PNG
@@ -131,7 +131,7 @@ def render_png(tiled: TiledImage, spec: TileSpec, info: dict[str, Any]) -> Image
 
 def command(args: argparse.Namespace) -> int:
     if args.flavour not in FLAVOURS:
-        raise UserError(f"unknown flavour {args.flavour!r}; known: {', '.join(sorted(FLAVOURS))}")
+        raise UserError(unknown_flavour(args.flavour))
     flavour = from_name(args.flavour)
     spec = TileSpec.from_flavour(flavour)
     path = Path(args.image)

@@ -20,7 +20,7 @@ def _llm_params(f: Flavour) -> int:
 
 
 @pytest.mark.parametrize("name,billions", [("tiny", 1.100), ("intern2", 7.738), ("plus", 13.016),
-                                           ("plus-2k", 13.016), ("moe", 46.703)])
+                                           ("plus-3x3", 13.016), ("moe", 46.703)])
 def test_llm_params_match_design_table(name, billions):
     assert _llm_params(FLAVOURS[name]) / 1e9 == pytest.approx(billions, rel=0.01)
 
@@ -36,7 +36,7 @@ def test_vision_encoders_are_convnext_xxl_and_dinov2_g():
 
 def test_token_grid_and_grids():
     assert all(f.tokens_per_view == 257 for n, f in FLAVOURS.items() if not n.startswith("debug"))
-    assert FLAVOURS["plus-2k"].grid == 3 and FLAVOURS["plus"].grid == 2
+    assert FLAVOURS["plus-3x3"].grid == 3 and FLAVOURS["plus"].grid == 2
     assert FLAVOURS["moe"].is_moe and FLAVOURS["debug-moe"].is_moe and not FLAVOURS["debug"].is_moe
     assert FLAVOURS["moe"].llm["rope_theta"] == 1e6 and FLAVOURS["moe"].llm["num_experts_per_tok"] == 2
     # the debug encoders land on the same grid: ConvNeXt stride 16 at 64 px, DINOv2 48/12

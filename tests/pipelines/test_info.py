@@ -29,8 +29,26 @@ def test_json_fields_plus(capsys):
 
 def test_json_moe_and_high_resolution(capsys):
     assert _info(capsys, "moe")["params"]["llm"] / 1e9 == pytest.approx(46.703, rel=0.01)
-    t = _info(capsys, "plus-2k")["tokens"]
-    assert t["grid"] == [3, 3] and t["max_image_tokens"] == 10 * 259
+    t = _info(capsys, "plus-3x3")["tokens"]
+    assert t["grid"] == [3, 3] and t["max_image_tokens"] == 10 * 259 and t["canvas"] == 672
+
+
+def test_retired_name_says_what_replaced_it(capsys):
+    assert main(["info", "--flavour", "plus-2k"]) == 1
+    err = capsys.readouterr().err
+    assert "now 'plus-3x3'" in err and "672" in err and err.count("\n") == 1
+
+
+def test_geometry_with_sources(capsys):
+    g = _info(capsys, "sphinx-tiny-1k")["geometry"]
+    assert g["canvas"]["value"] == 1024 and g["canvas"]["source"].startswith("release: accessory/model/LLM/")
+    assert g["encoders"]["dino"]["value"] == 224 and g["tokens_per_image"]["value"] == 1295
+    g = _info(capsys, "tiny")["geometry"]
+    assert g["tile_size"]["source"].startswith("project: ") and g["encoders"]["convnext"]["source"].startswith("paper")
+    assert main(["info", "--flavour", "sphinx-tiny"]) == 0
+    text = capsys.readouterr().out
+    assert "geometry (value, then where it comes from):" in text
+    assert "per image         259 tokens  release: accessory/model/LLM/llama_ens_light.py:310" in text
 
 
 def test_human_output_and_unknown_flavour(capsys):

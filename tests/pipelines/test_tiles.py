@@ -28,10 +28,10 @@ def test_json_fields(wide, capsys):
 
 
 def test_grid_three_and_summary(wide, capsys):
-    assert main(["tiles", str(wide), "--flavour", "plus-2k"]) == 0
+    assert main(["tiles", str(wide), "--flavour", "plus-3x3"]) == 0
     out = capsys.readouterr().out
     assert "grid 3x3" in out and "kept 6:" in out and "skipped 3:" in out
-    assert main(["tiles", str(wide), "--flavour", "plus-2k", "--json"]) == 0
+    assert main(["tiles", str(wide), "--flavour", "plus-3x3", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["skipped"] == [[2, 0], [2, 1], [2, 2]] and info["image_tokens"] == 7 * 259 + 3
 
