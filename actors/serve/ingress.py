@@ -19,7 +19,10 @@ What it sends a replica (plain data, one dict per request)::
      "images": [b"\\x89PNG..."], "max_tokens": 16 | None, "temperature": 0.0, "top_p": 1.0,
      "stop": ["Q:"], "seed": 0 | None, "n": 1, "logprobs": False, "top_logprobs": 0}
 
-(the replica adds the template's turn separator ``###`` to every request's stops).
+(the replica adds the template's turn separator ``###`` to every request's stops). With an
+image, each choice comes back with its answer's ``boxes`` in pixels of the first image: the
+JSON answer's ``message.boxes``, a stream's finish chunk ``delta.boxes`` (docs/interfaces.md
+"Boxes in answers").
 
 Status codes: 400 bad input, 401 bad key, 404 unknown model, 413 body too large, 415 not JSON,
 429 the ingress's or the member's queue is full, 503 no replica can take it. The body is always
@@ -335,8 +338,9 @@ class Ingress:
                 if item.get("delta") or item.get("logprobs"):
                     yield oa.chunk(cid, model, {"content": item["delta"]}, index=item["index"],
                                    logprobs=item.get("logprobs"))
-                if "finish_reason" in item:
-                    yield oa.chunk(cid, model, {}, finish_reason=item["finish_reason"], index=item["index"])
+                if "finish_reason" in item:  # the answer's boxes ride on its finish chunk
+                    delta = {"boxes": item["boxes"]} if item.get("boxes") is not None else {}
+                    yield oa.chunk(cid, model, delta, finish_reason=item["finish_reason"], index=item["index"])
         except ApiError as err:
             yield oa.sse_error(err)
             return

@@ -239,12 +239,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def answer_boxes(text: str, size: tuple[int, int], spec: Any) -> list[dict]:
+    """The boxes of an answer in pixels of the W×H image (``message.boxes``, docs/interfaces.md
+    "Boxes in answers"): ``models.boxes.parse_boxes`` then ``from_canvas`` with the member's
+    ``models.tiling.TileSpec``, rounded to 0.01 px.
+
+    Before: ``"<p>the cat</p> [0.10,0.30,0.60,0.70]"``, 1000×500, a 1024 canvas padded ``centre``.
+    After: ``[{"phrase": "the cat", "boxes": [[100.0, 50.0, 600.0, 450.0]]}]``.
+    """
+    from models.boxes import from_canvas, parse_boxes
+
+    return [{"phrase": g.phrase, "boxes": [[round(v, 2) for v in from_canvas(b, size, spec)] for b in g.boxes]}
+            for g in parse_boxes(text)]
+
+
+def _message(c: dict) -> dict:
+    message = {"role": "assistant", "content": c["text"]}
+    if c.get("boxes") is not None:
+        message["boxes"] = c["boxes"]
+    return message
+
+
 def completion(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     """A whole completion; ``choices`` as the replica returns them (``text``, ``finish_reason``,
-    ``logprobs``: OpenAI's ``content`` list or None)."""
+    ``logprobs``: OpenAI's ``content`` list or None, ``boxes`` when the request had an image:
+    :func:`answer_boxes`, the message's extra field)."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+        "choices": [{"index": i, "message": _message(c),
                      "finish_reason": c.get("finish_reason", "stop"),
                      "logprobs": None if c.get("logprobs") is None else {"content": c["logprobs"]}}
                     for i, c in enumerate(choices)],

@@ -11,13 +11,15 @@ other request in the replica (paged KV cache, continuous batching, chunked prefi
     {"prompt_tokens": 137}                                        # accepted (image tokens counted)
     {"index": 0, "delta": "The", "logprobs": [...] | None}        # streams: text as decoded, per choice
     ...
-    {"index": 0, "delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9}   # per choice
+    {"index": 0, "delta": "", "finish_reason": "stop" | "length", "completion_tokens": 9,
+     "boxes": [{"phrase": "the cat", "boxes": [[100.0, 50.0, 600.0, 450.0]]}]}   # per choice
     {"done": True, "completion_tokens": 9, "batch_size": 4}
 
 or a single ``{"error": {"status": 400, "message", "code", "param"}}`` for a bad request
 (undecodable image, prompt over the context, ...). ``complete(payload)`` is the same request in
 one reply, ``{"prompt_tokens", "choices": [{"text", "finish_reason", "completion_tokens",
-"logprobs"}], "completion_tokens", "batch_size"}``. ``batch_size`` is the most requests the
+"logprobs", "boxes"}], "completion_tokens", "batch_size"}``. ``boxes`` (only when the request has
+an image) are the boxes of the whole answer in pixels of its first image (:func:`answer_boxes`). ``batch_size`` is the most requests the
 replica's engine held at once while this one ran (Serve metric ``sphinx_x_batch_size``,
 :meth:`ModelReplica.stats`). A client gone mid-stream aborts its vLLM request.
 """
@@ -29,12 +31,13 @@ import io
 import logging
 import shutil
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
+from actors.serve import openai_api as oa
 from actors.serve.model_loader import MemberWeights, member_model_dir
 from actors.serve.vllm.engine import EngineOptions, context_length, sampling_params, start_engine
 from cluster.spec import StorageSection
@@ -71,6 +74,17 @@ def prompt_ids(messages: list[dict], images: list[bytes], tokenizer: Any, flavou
     sizes = [image_size(d) for d in images]
     expanded = len(ids) + sum(image_token_count(*s, spec, flavour.tokens_per_view) - 1 for s in sizes if s)
     return ids, expanded
+
+
+def answer_boxes(text: str, images: list[bytes], flavour: Any) -> Optional[list[dict]]:
+    """The boxes an answer names, in pixels of the request's first image, through the member's
+    own padding and resize (``actors.serve.openai_api.answer_boxes``); None without an image."""
+    from models.tiling import TileSpec
+
+    size = image_size(images[0]) if images else None
+    if size is None:
+        return None
+    return oa.answer_boxes(text, size, TileSpec.from_flavour(flavour))
 
 
 def _user_error(err: UserError, status: int = 400) -> dict:
@@ -209,6 +223,7 @@ class ModelReplica:
         for other in self._peaks:
             self._peaks[other] = max(self._peaks[other], self._active)
         counts: Counter = Counter()
+        texts: defaultdict = defaultdict(str)  # each choice's answer so far, for its boxes
         started = finished = False
         try:
             async for out in self.engine.generate(prompt, params, request_id=rid):
@@ -217,11 +232,15 @@ class ModelReplica:
                     yield {"prompt_tokens": len(out.prompt_token_ids)}
                 for choice in out.outputs:
                     counts[choice.index] += len(choice.token_ids)
+                    texts[choice.index] += choice.text
                     item = {"index": choice.index, "delta": choice.text,
                             "logprobs": openai_logprobs(choice, self.tokenizer, top)}
                     if choice.finish_reason is not None:
                         item.update(finish_reason="length" if choice.finish_reason == "length" else "stop",
                                     completion_tokens=counts[choice.index])
+                        boxes = answer_boxes(texts[choice.index], payload["images"], self.flavour)
+                        if boxes is not None:
+                            item["boxes"] = boxes
                     if item["delta"] or "finish_reason" in item or item["logprobs"]:
                         yield item
             finished = True
@@ -264,6 +283,8 @@ class ModelReplica:
                         c["logprobs"] = (c["logprobs"] or []) + item["logprobs"]
                     if "finish_reason" in item:
                         c.update(finish_reason=item["finish_reason"], completion_tokens=item["completion_tokens"])
+                    if "boxes" in item:
+                        c["boxes"] = item["boxes"]
         finally:
             await items.aclose()
         out["choices"] = [choices[i] for i in sorted(choices)]

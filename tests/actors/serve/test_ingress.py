@@ -128,3 +128,20 @@ def test_loopback_hosts():
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "my-head", "::"))
+
+
+def test_answer_boxes_are_pixels_of_the_image_and_ride_on_the_message():
+    from models.tiling import TileSpec
+
+    text = "<p>the cat</p> [0.10,0.30,0.60,0.70] and [0.00,0.00,1.00,1.00]"
+    release = TileSpec(grid=2, tile_size=512, pad="centre", skip_tokens=False)  # 1000×500 -> 1024×512 at y0 256
+    assert oa.answer_boxes(text, (1000, 500), release) == [
+        {"phrase": "the cat", "boxes": [[100.0, 50.0, 600.0, 450.0]]},
+        {"phrase": None, "boxes": [[0.0, 0.0, 1000.0, 500.0]]}]        # the padding is clipped away
+    paper = TileSpec(grid=2, tile_size=224)                             # 1000×500 -> 448×224 at (0, 0)
+    # y1 = 0.3·448·500/224 = 300; y2 = 0.7·448·500/224 = 700, below the image: clipped to 500
+    assert oa.answer_boxes(text, (1000, 500), paper)[0]["boxes"] == [[100.0, 300.0, 600.0, 500.0]]
+    body = oa.completion("c1", "m", [{"text": text, "boxes": [{"phrase": None, "boxes": [[1.0, 2.0, 3.0, 4.0]]}]},
+                                     {"text": "no image"}], 7, 3)
+    assert body["choices"][0]["message"]["boxes"] == [{"phrase": None, "boxes": [[1.0, 2.0, 3.0, 4.0]]}]
+    assert "boxes" not in body["choices"][1]["message"]

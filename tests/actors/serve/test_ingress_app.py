@@ -184,3 +184,35 @@ def test_open_endpoint_warns(caplog):
         make_ingress({"http": {"host": "0.0.0.0"}}, keys=[KEY])
         make_ingress({"http": {"host": "127.0.0.1"}})
     assert "NO API keys" not in caplog.text
+
+
+def test_boxes_ride_on_the_message_and_on_the_finish_chunk(served):
+    """The replica's ``boxes`` reach the client unchanged: ``message.boxes`` in a JSON answer,
+    ``delta.boxes`` in the choice's finish chunk of a stream (docs/interfaces.md "Boxes in answers")."""
+    import json
+
+    client, use = served
+    _, handle = use()
+    boxes = [{"phrase": "the cat", "boxes": [[10.0, 5.0, 60.0, 20.0]]}]
+
+    async def complete(payload):
+        return {"prompt_tokens": 3, "completion_tokens": 1, "batch_size": 1, "choices": [
+            {"text": "<p>the cat</p> [0.10,0.30,0.60,0.45]", "finish_reason": "stop", "logprobs": None,
+             "boxes": boxes}]}
+
+    async def chat(payload):
+        yield {"prompt_tokens": 3}
+        yield {"index": 0, "delta": "<p>the cat</p> [0.10,0.30,0.60,0.45]", "logprobs": None}
+        yield {"index": 0, "delta": "", "logprobs": None, "finish_reason": "stop", "completion_tokens": 1,
+               "boxes": boxes}
+        yield {"done": True, "completion_tokens": 1, "batch_size": 1}
+
+    handle.complete, handle.chat = _Method(complete), _Method(chat)
+    ask = _chat([{"type": "image_url", "image_url": {"url": _png(100, 50)}}, {"type": "text", "text": "where?"}])
+    message = client.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]
+    assert message["boxes"] == boxes and message["content"].startswith("<p>the cat</p>")
+    events = [json.loads(line[6:]) for line in client.post("/v1/chat/completions", json={**ask, "stream": True})
+              .text.splitlines() if line.startswith("data: {")]
+    (finish,) = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finish["delta"] == {"boxes": boxes}
+    assert all("boxes" not in e["choices"][0]["delta"] for e in events if e["choices"] and e["choices"][0] is not finish)

@@ -142,3 +142,48 @@ def test_sampling_errors_are_400_and_tokenisation_runs_off_the_event_loop(tok, m
     items = asyncio.run(collect())
     assert items[0]["error"]["status"] == 400 and "greedy" in items[0]["error"]["message"]
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_answers_carry_their_boxes_in_pixels_of_the_first_image(tok):
+    """A fake engine streams "<p>the cat</p> [0.10,0.30,0.60,0.45]" in two deltas; the finish item
+    (and ``complete``'s choice) has the box on the 100×50 image, through each flavour's canvas:
+    debug (C 96, top_left: 100×50 -> 96×48 at (0, 0)) and debug-sphinx-tiny-1k (C 128, centre:
+    128×64 at (0, 32), so y = (0.3·128 - 32)·50/64 = 5 and (0.45·128 - 32)·50/64 = 20)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import actors.serve.replica as rep
+
+    class FakeEngine:
+        async def generate(self, prompt, params, request_id):
+            pieces = [("<p>the cat</p> [0.10,", None), ("0.30,0.60,0.45]", "stop")]
+            for text, finish in pieces:
+                yield SimpleNamespace(prompt_token_ids=[1, 2, 3], outputs=[SimpleNamespace(
+                    index=0, text=text, token_ids=[7], logprobs=None, finish_reason=finish)])
+
+    def replica(flavour: str):
+        r = object.__new__(rep.ModelReplica.func_or_class)
+        r.tokenizer, r.flavour, r.context, r.engine = tok, from_name(flavour), 8192, FakeEngine()
+        r._active, r._peaks, r.aborted, r.batch_sizes = 0, {}, 0, __import__("collections").Counter()
+        r._batch_metric = SimpleNamespace(observe=lambda v: None)
+        return r
+
+    def payload(images):
+        content = [{"type": "image", "index": 0}] if images else []
+        return {"messages": [{"role": "user", "content": content + [{"type": "text", "text": "where?"}]}],
+                "images": images, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "n": 1, "stop": [],
+                "seed": None}
+
+    async def run(r, p):
+        return [item async for item in r.chat(p)], await r.complete(p)
+
+    for flavour, expected in [("debug", [10.0, 30.0, 60.0, 45.0]), ("debug-sphinx-tiny-1k", [10.0, 5.0, 60.0, 20.0])]:
+        items, whole = asyncio.run(run(replica(flavour), payload([_png(100, 50)])))
+        boxes = [{"phrase": "the cat", "boxes": [expected]}]
+        (finish,) = [i for i in items if "finish_reason" in i]
+        assert finish["boxes"] == boxes and "boxes" not in items[1]
+        assert whole["choices"][0]["text"] == "<p>the cat</p> [0.10,0.30,0.60,0.45]"
+        assert whole["choices"][0]["boxes"] == boxes
+    items, whole = asyncio.run(run(replica("debug"), payload([])))
+    assert all("boxes" not in i for i in items) and "boxes" not in whole["choices"][0]
+    assert rep.answer_boxes("no box", [_png(100, 50)], from_name("debug")) == []
