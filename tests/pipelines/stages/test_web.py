@@ -4,7 +4,8 @@ The page is served by a small stand-in for the endpoint (stdlib HTTP server on 1
 that speaks the two OpenAI routes the page uses — GET /v1/models and a streamed POST
 /v1/chat/completions — and records what the page sent. Chromium is driven over the Chrome
 DevTools protocol (websockets): pick the model, choose an image file, ask, watch the
-streamed answer arrive, take a screenshot. The real endpoint serving this page at "/" is
+streamed answer arrive, see the answer's boxes (its finish chunk's ``delta.boxes``) drawn over
+the image with their phrases, take a screenshot. The real endpoint serving this page at "/" is
 checked by tests/pipelines/demo/test_demo.py.
 """
 
@@ -29,6 +30,8 @@ from PIL import Image
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PAGE = Path(__file__).resolve().parents[3] / "actors" / "serve" / "static" / "index.html"
 PIECES = ["The ", "shapes ", "are ", "red"]
+# pixels of the 96×48 image, as the endpoint sends them (docs/interfaces.md "Boxes in answers")
+BOXES = [{"phrase": "the red square", "boxes": [[24, 12, 72, 36]]}, {"phrase": None, "boxes": [[60, 30, 90, 45]]}]
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
@@ -70,6 +73,9 @@ class _FakeEndpoint(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
             time.sleep(0.05)
+        finish = {"object": "chat.completion.chunk",
+                  "choices": [{"index": 0, "delta": {"boxes": BOXES}, "finish_reason": "stop"}]}
+        self.wfile.write(f"data: {json.dumps(finish)}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
 
 
@@ -175,9 +181,22 @@ def test_pick_image_ask_and_watch_the_answer_stream(endpoint, tmp_path):
         assert "The shapes are red".startswith(partial)
         browser.wait_for("document.getElementById('status').textContent.startsWith('done')")
         assert browser.js("document.getElementById('answer').textContent") == "The shapes are red"
+        # the boxes, over the image at its pixels (shown at its natural 96×48), labelled and listed
+        placed = browser.js("(i => [...document.querySelectorAll('#stage .box')].map(b => { const r = "
+                            "b.getBoundingClientRect(); return [r.left - i.left, r.top - i.top, r.width, r.height, "
+                            "b.textContent]; }))(document.getElementById('preview').getBoundingClientRect())")
+        assert placed == [[24, 12, 48, 24, "the red square"], [60, 30, 30, 15, ""]]
+        assert browser.js("[...document.querySelectorAll('#boxes li')].map(li => li.textContent)") == [
+            "the red square: 24, 12, 72, 36", "60, 30, 90, 45"]
+        left, top = browser.js("(r => [r.left, r.top])(document.getElementById('preview').getBoundingClientRect())")
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     finally:
         browser.close()
+
+    drawn = Image.open(io.BytesIO(shot)).convert("RGB")
+    at = lambda x, y: drawn.getpixel((int(left + x), int(top + y)))  # noqa: E731 - a CSS pixel of the image
+    assert at(25, 24) == (255, 0, 0) and at(61, 38) == (0, 0, 255)    # the boxes' 2 px borders
+    assert at(48, 24) == (220, 30, 30) and at(10, 40) == (220, 30, 30)  # inside and outside: the image
 
     (tmp_path / "page.png").write_bytes(shot)
     img = Image.open(io.BytesIO(shot)).convert("L")
