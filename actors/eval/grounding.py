@@ -3,7 +3,9 @@
 As LLaMA2-Accessory ``accessory/eval_mm/evaluate.py`` (metric ``miou0.5``) scores SPHINX: the
 predicted box is the first ``[x1, y1, x2, y2]`` in the answer (else the text before the first
 ``]``), four numbers normalised to the square the model saw, anything else is the empty box (IoU
-0); the ground-truth pixel box of a W x H image is moved onto that square and a prediction is right
+0). Answers are read by the project's one box parser, ``models.boxes.parse_boxes`` (SPHINX's text
+form: ``<p>phrase</p>`` tags and ``;``-joined boxes are understood, key points ``[x, y]`` are not
+boxes); the ground-truth pixel box of a W x H image is moved onto that square and a prediction is right
 when IoU >= 0.5. ``frame`` says which square: ``center`` (the released models' centred padding,
 Accessory's ``box_xyxy_expand2square``), ``topleft`` (the paper's top-left canvas) or ``image``
 (normalised by W and H, no padding). A ground truth already in [0, 1] is taken as is.
@@ -14,27 +16,21 @@ so the gt becomes [0.25, 0.25, 0.75, 0.75]; the prediction "[0.25, 0.25, 0.75, 0
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
+
+from models.boxes import parse_boxes
 
 FRAMES = ("center", "topleft", "image")
 IOU_THRESHOLD = 0.5
-_BRACKETS = re.compile(r"\[(.*?)\]")
 
 Box = tuple[float, float, float, float]
 
 
 def parse_box(text: str) -> Optional[Box]:
-    found = _BRACKETS.findall(text)
-    first = found[0] if found else text.split("]")[0]
-    parts = first.split(",")
-    if len(parts) != 4:
-        return None
-    try:
-        x1, y1, x2, y2 = (float(p) for p in parts)
-    except ValueError:
-        return None
-    return (x1, y1, x2, y2)
+    """The first box ``text`` names (as written: fractions for an answer, pixels for a ground
+    truth), or None."""
+    found = parse_boxes(text)
+    return found[0].boxes[0] if found else None
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:

@@ -14,6 +14,10 @@ def test_parse_box():
     assert parse_box("0.1, 0.2, 0.3, 0.4]") == (0.1, 0.2, 0.3, 0.4)
     assert parse_box("[0.1, 0.2]") is None
     assert parse_box("no box") is None
+    # SPHINX's own answer forms, through the one parser (models.boxes.parse_boxes)
+    assert parse_box("<p>the man</p> [0.10,0.20,0.30,0.40;0.5,0.5,0.6,0.6]") == (0.1, 0.2, 0.3, 0.4)
+    assert parse_box("nose [0.51,0.32], body [0.1,0.2,0.3,0.4]") == (0.1, 0.2, 0.3, 0.4)
+    assert parse_box("[3.24, 159.31, 159.64, 472.12]") == (3.24, 159.31, 159.64, 472.12)  # a pixel ground truth
 
 
 def test_iou_by_hand():
