@@ -244,6 +244,12 @@ class StorageSection(_Strict):
 # ---------------------------------------------------------------- data
 
 
+# actors.data.layouts.LAYOUTS and actors.data.prompts.TEMPLATES (tests keep them equal)
+LAYOUTS = ("llava", "sharegpt", "messages", "ultrachat")
+PROMPT_KINDS = ("short_answer", "multiple_choice", "caption", "referring", "region_caption", "grounded_caption",
+                "ocr")
+
+
 class SourceSpec(_Strict):
     """One dataset source. ``ratio`` < 1 subsamples deterministically, > 1 repeats.
 
@@ -261,6 +267,25 @@ class SourceSpec(_Strict):
     dedup: Literal["samples", "images", "off"] = "samples"
     # where a record's image may be read from (actors.data.rows.resolve_image); None: image_root only
     allowed_image_prefixes: Optional[list[str]] = None
+    # how a record is laid out (actors.data.layouts; docs/interfaces.md "Source layouts"), beside the
+    # container ``format``: llava (today's rows), chat sets, and the annotation files of public datasets
+    layout: Literal[LAYOUTS] = "llava"
+    # the layout's second file: VQA answers, RefCOCO instances.json, Visual Genome image_data.json
+    annotations: Optional[str] = None
+    # the layout's names -> this dataset's own (LLaMA-Factory's dataset_info columns / tags)
+    columns: dict[str, str] = Field(default_factory=dict)
+    # the prompt templates the layout asks its questions with (actors.data.prompts); None: the layout's
+    prompt: Optional[Literal[PROMPT_KINDS]] = None
+    # sampling weight on top of ``ratio`` (and data.mixture_temperature): records are written
+    # ratio x weight x the temperature factor times on average (the manifest's ``epochs``)
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _layout_fits_format(self) -> "SourceSpec":
+        if self.layout != "llava" and self.format == "webdataset":
+            raise ValueError(f"layout {self.layout!r} is read from JSON, JSONL or Parquet files; WebDataset "
+                             "sources have the llava layout")
+        return self
 
 
 class DataSection(_Strict):
@@ -278,6 +303,9 @@ class DataSection(_Strict):
     image_codec: Literal["webp", "png"] = Field(
         "webp", description="lossless codec of the scaled images in the shards (models.stored_image)")
     group: Optional[str] = None
+    # p_i ~ n_i^(1/T) over the sources' record counts n_i (on top of ratio x weight); None: off
+    mixture_temperature: Optional[float] = Field(None, gt=0)
+    prompt_seed: int = Field(0, description="seeds the per-row choice of prompt template (actors.data.prompts)")
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "DataSection":

@@ -12,6 +12,7 @@ shard writer never see the format again:
 | ``image_paths`` | list<string> | full image paths (JSON sources), else empty |
 | ``image_bytes`` | list<binary> | image bytes (WebDataset / Parquet sources), else empty |
 | ``reason``, ``stage``, ``detail`` | string | null while the row is good; set once it is quarantined |
+| ``boxes`` | string | region layouts: JSON ``[[image, x1, y1, x2, y2], ...]`` in pixels, named ``<box:k>`` in the text; else null |
 
 Before (one JSONL line of source ``vqa`` with ``image_root: s3://b/img``)::
 
@@ -32,6 +33,11 @@ loses the broken record and, when its end cannot be found, the unreadable remain
 ``invalid_json`` row; lone surrogates are ``invalid_text``, nesting deeper than Python's recursion
 limit ``too_deep``, integers over 4300 digits ``invalid_number``; anything else a record raises is
 ``unexpected_error`` with the exception type (docs/security.md lists what was tried).
+
+Layouts (``data.sources[].layout``, ``actors.data.layouts``): ``llava`` records are read as above;
+any other layout turns a record (or, for annotation files, the whole file) into samples first, and
+each sample becomes a row here: its images resolved like a record's, its bad records quarantined
+with the layout's reason, a leading ``system`` turn kept as the conversation's first turn.
 
 Ids: a record's ``id`` (string or int) is kept; otherwise ``source:index`` (index of the
 record in its file; ``source:file_no:index`` when the source has several files; WebDataset
@@ -55,6 +61,8 @@ from typing import Any, Iterable, Optional, Sequence
 import pyarrow as pa
 
 from actors.data.json_records import Broken, array_items, error_detail, quarantine_reason
+from actors.data.layouts import Context, Reading, Rejected, Sample
+from actors.data.layouts import get as get_layout
 from cluster.location import Location
 from models.conversation import IMAGE
 from models.errors import UserError
@@ -69,9 +77,12 @@ RAW_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("stage", pa.string()),
     ("detail", pa.string()),
+    ("boxes", pa.string()),
 ])
 
 ROLES = {"human", "gpt"}
+SYSTEM_ROLE = "system"  # a layout's leading turn: the conversation's system prompt (actors.data.tiler)
+_REJECTED_MAX = 2000  # characters of a rejected record kept in errors/
 IMAGE_PLACEHOLDER = IMAGE
 _DETAIL_MAX = 300
 
@@ -88,7 +99,7 @@ def copies_for(ratio: float, key: str) -> int:
 
 def raw_row(source: str, row_id: str, ratio: float, *, conversations: Any = None,
             image_paths: Iterable[str] = (), image_bytes: Iterable[bytes] = (),
-            reason: Optional[str] = None, detail: Optional[str] = None) -> dict:
+            reason: Optional[str] = None, detail: Optional[str] = None, boxes: Optional[list] = None) -> dict:
     """One raw row; ``conversations`` is stored as JSON text (the raw text when invalid).
 
     A good row whose id, conversations or image paths are not valid Unicode (a lone surrogate,
@@ -110,6 +121,7 @@ def raw_row(source: str, row_id: str, ratio: float, *, conversations: Any = None
         "conversations": text, "image_paths": paths, "image_bytes": list(image_bytes),
         "reason": reason, "stage": "parse" if reason else None,
         "detail": _text(detail[:_DETAIL_MAX]) if detail else None,
+        "boxes": json.dumps(boxes) if boxes and not reason else None,
     }
 
 
@@ -243,12 +255,96 @@ def _guarded_row(source: str, row_id: str, ratio: float, where: str, raw_text: s
                        detail=error_detail(where, err))
 
 
+# ----------------------------------------------------------------------------- layouts
+
+
+def check_turns(conversations: list, n_images: int) -> tuple[Optional[str], str]:
+    """A layout's turns: an optional leading ``system`` turn, then ``human`` / ``gpt`` turns of
+    strings, ``<image>`` placeholders that match the images."""
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return "bad_field", f"turn {i} has no text"
+        if turn.get("from") not in ROLES and not (i == 0 and turn.get("from") == SYSTEM_ROLE):
+            return "unknown_role", f"turn {i} has role {turn.get('from')!r}"
+    if not any(t["from"] != SYSTEM_ROLE for t in conversations):
+        return "bad_field", "no human or gpt turn"
+    return check_placeholders(conversations, n_images)
+
+
+def _clip(raw: Any) -> str:
+    """A rejected record as short JSON text for ``errors/``."""
+    try:
+        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError, TypeError):
+        text = repr(type(raw))
+    return text[:_REJECTED_MAX]
+
+
+def _sample_row(source: str, item: Any, ratio: float, image_root: Optional[str], allowed: Sequence[str]) -> dict:
+    """A layout's :class:`Sample` or :class:`Rejected` -> a raw row (images resolved as a record's)."""
+    if isinstance(item, Rejected):
+        return raw_row(source, item.id, ratio, conversations=_clip(item.raw), reason=item.reason, detail=item.detail)
+    conv = item.conversations
+    reason, detail = check_turns(conv, len(item.images))
+    if reason:
+        return raw_row(source, item.id, ratio, conversations=conv, reason=reason, detail=detail)
+    paths, blobs = [], []
+    for ref in item.images:
+        if isinstance(ref, bytes):
+            blobs.append(ref)
+        elif image_root is None:  # the tokenizer's text pass: images are never read
+            paths.append(ref)
+        else:
+            uri, reason, detail = resolve_image(ref, image_root, allowed)
+            if reason:
+                return raw_row(source, item.id, ratio, conversations=conv, reason=reason, detail=detail)
+            paths.append(uri)
+    if paths and blobs:
+        return raw_row(source, item.id, ratio, conversations=conv, reason="bad_field",
+                       detail="a sample mixes image paths and inline image bytes")
+    return raw_row(source, item.id, 0.0 if item.left_out else ratio, conversations=conv, image_paths=paths,
+                   image_bytes=blobs, boxes=[list(b) for b in item.boxes] or None)
+
+
+def layout_rows(data: Any, index: int, *, source: str, ratio: float, reading: Reading, image_root: Optional[str],
+                allowed: Sequence[str] = (), side: Any = None, prefix: str = "", where: str = "") -> list[dict]:
+    """One record (record layouts) or one whole document (annotation layouts) -> raw rows.
+
+    A layout that raises part-way loses the rest of what it was reading as ONE row (id
+    ``prefix:index``, or ``prefix:file`` for a document) with the reason of what it raised."""
+    layout = get_layout(reading.layout)
+    ctx = Context(source, layout, reading, side, prefix or source)
+    rows: list[dict] = []
+    try:
+        for item in layout.read(data, index, ctx):
+            rows.append(_guarded_row(source, item.id, ratio, where, "",
+                                     lambda: _sample_row(source, item, ratio, image_root, allowed)))
+    except Exception as err:  # noqa: BLE001 - a record (or document) never aborts the stage
+        rid = f"{ctx.prefix}:file" if layout.document else ctx.fallback(index)
+        rows.append(raw_row(source, rid, ratio, conversations=_clip(data if not layout.document else ""),
+                            reason=quarantine_reason(err), detail=error_detail(where, err)))
+    return rows
+
+
+def _document_rows(data: bytes, path: str, *, source: str, ratio: float, reading: Reading,
+                   image_root: Optional[str], allowed: Sequence[str], side: Any, prefix: str) -> list[dict]:
+    """An annotation file (one JSON document, or RefCOCO's refs pickle) -> raw rows; a file that
+    does not decode is ONE ``invalid_json`` row (``prefix:file``)."""
+    try:
+        doc = get_layout(reading.layout).decode(data)
+    except Exception as err:  # noqa: BLE001 - the file is lost as one row, the other files are read
+        return [raw_row(source, f"{prefix}:file", ratio, conversations=data[:_DETAIL_MAX].decode("utf-8", "replace"),
+                        reason=quarantine_reason(err), detail=error_detail(path, err))]
+    return layout_rows(doc, 0, source=source, ratio=ratio, reading=reading, image_root=image_root, allowed=allowed,
+                       side=side, prefix=prefix, where=path)
+
+
 # ----------------------------------------------------------------------------- JSON / JSONL
 
 
 def parse_json_file(data: bytes, path: str, *, source: str, ratio: float, image_root: Optional[str],
                     fmt: str = "auto", file_no: Optional[int] = None,
-                    image_prefixes: Sequence[str] = ()) -> list[dict]:
+                    image_prefixes: Sequence[str] = (), reading: Reading = Reading(), side: Any = None) -> list[dict]:
     """A JSON array or JSONL file -> raw rows, one per record (bad records become quarantined rows).
 
     ``image_root`` None keeps image references as given (the tokenizer's text pass, which reads
@@ -257,15 +353,26 @@ def parse_json_file(data: bytes, path: str, *, source: str, ratio: float, image_
     record when it does not parse whole: a record that fails is lost alone, and when its end
     cannot be found (a file cut short) the rest of the file becomes ONE ``invalid_json`` row
     (id ``source:file``) naming the byte offset and line where reading stopped.
+
+    ``reading`` names the source's layout (``actors.data.layouts``): a record layout reads each
+    record as above; an annotation layout reads the file as one document (``side``: its parsed
+    annotations file).
     """
     prefix = source if file_no is None else f"{source}:{file_no}"
     data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte order mark
+    layout = None if reading.layout == "llava" else get_layout(reading.layout)
+    if layout is not None and layout.document:
+        return _document_rows(data, path, source=source, ratio=ratio, reading=reading, image_root=image_root,
+                              allowed=image_prefixes, side=side, prefix=prefix)
     if fmt == "auto":
         fmt = "jsonl" if path.endswith(".jsonl") else ("json" if data.lstrip()[:1] == b"[" else "jsonl")
 
-    def record(rec: Any, i: int, raw_text: str, where: str) -> dict:
-        return _guarded_row(source, f"{prefix}:{i}", ratio, where, raw_text,
-                            lambda: _record_row(source, rec, f"{prefix}:{i}", ratio, image_root, image_prefixes))
+    def record(rec: Any, i: int, raw_text: str, where: str) -> list[dict]:
+        if layout is not None:
+            return layout_rows(rec, i, source=source, ratio=ratio, reading=reading, image_root=image_root,
+                               allowed=image_prefixes, prefix=prefix, where=where)
+        return [_guarded_row(source, f"{prefix}:{i}", ratio, where, raw_text,
+                             lambda: _record_row(source, rec, f"{prefix}:{i}", ratio, image_root, image_prefixes))]
 
     if fmt == "json":
         rows = []
@@ -275,7 +382,7 @@ def parse_json_file(data: bytes, path: str, *, source: str, ratio: float, image_
                 rows.append(raw_row(source, row_id, ratio, conversations=item.text[:_DETAIL_MAX],
                                     reason=item.reason, detail=f"{path}: {item.detail}"))
             else:
-                rows.append(record(item, i, "", f"{path} record {i}"))
+                rows += record(item, i, "", f"{path} record {i}")
         return rows
     rows = []
     for i, line_bytes in enumerate(data.split(b"\n")):
@@ -290,7 +397,7 @@ def parse_json_file(data: bytes, path: str, *, source: str, ratio: float, image_
             rows.append(raw_row(source, f"{prefix}:{i}", ratio, conversations=text, reason=quarantine_reason(err),
                                 detail=error_detail(where, err)))
             continue
-        rows.append(record(rec, i, line[:_DETAIL_MAX], where))
+        rows += record(rec, i, line[:_DETAIL_MAX], where)
     return rows
 
 
@@ -345,6 +452,18 @@ def _blob(value: Any) -> Optional[bytes]:
 
 
 # ----------------------------------------------------------------------------- Parquet
+
+
+def parquet_rows(rec: dict, index: int, *, source: str, ratio: float, reading: Reading = Reading(),
+                 image_root: Optional[str] = None, image_prefixes: Sequence[str] = ()) -> list[dict]:
+    """One Parquet row -> raw rows: the llava layout's :func:`parquet_row`, or a record layout's
+    samples (``index``: the row's place in its file, for ids; ``image_root`` resolves image paths)."""
+    if reading.layout == "llava":
+        return [parquet_row(rec, source=source, ratio=ratio)]
+    # ids of rows without one: a content hash (row numbers restart with every batch)
+    digest = hashlib.sha1(_dumps_sorted(rec).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return layout_rows(rec, 0, source=source, ratio=ratio, reading=reading, image_root=image_root,
+                       allowed=image_prefixes, prefix=f"{source}:{digest}", where=f"parquet row {index}")
 
 
 def parquet_row(rec: dict, *, source: str, ratio: float) -> dict:

@@ -30,7 +30,8 @@ shard columns. Stages: ``fetch`` (``missing_image``, ``fetch_error``, ``too_larg
 ``max_image_bytes``, found by the size before reading, and never more than that many bytes plus
 one read), ``decode`` (``corrupt_image``, ``too_many_pixels``, ``unsupported_mode``; any other
 exception of the decoder is ``corrupt_image`` with its type), ``tokenize`` (the reasons of
-``models.conversation.ConversationError``, e.g. ``too_long``, ``image_mismatch``); anything else
+``models.conversation.ConversationError``, e.g. ``too_long``, ``image_mismatch``), ``boxes``
+(``bad_box``: a region's box outside its decoded image, ``actors.data.regions``); anything else
 one row raises is ``unexpected_error`` (stage ``tile``) with the exception type.
 Image bytes are fetched with a small thread pool (parallel S3 GETs); decoding is sequential
 so that one actor uses one CPU.
@@ -62,9 +63,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from actors.data.manifest import SHARD_SCHEMA
+from actors.data.regions import fill
 from actors.data.shards import ShardWriter
 from cluster.storage import Storage
-from models.conversation import ConversationError, tokenize_conversation
+from models.conversation import SYSTEM_PROMPT, ConversationError, tokenize_conversation
+from models.boxes import BoxError
 from models.errors import UserError
 from models.stored_image import store
 from models.tiling import ImageError, TileSpec, image_token_count, tokens_saved
@@ -288,8 +291,17 @@ class Tiler:
                 raise _Quarantine("decode", "corrupt_image", f"{name}: {type(err).__name__}: {err}") from None
         counts = [image_token_count(*t.original_size, self.spec, cfg.tokens_per_view) for t in stored]
         conversation = json.loads(row["conversations"])
+        if row.get("boxes"):  # region tasks: pixel boxes -> the canvas frame of these very images
+            try:
+                conversation = fill(conversation, json.loads(row["boxes"]), [t.original_size for t in stored],
+                                    self.spec)
+            except BoxError as err:
+                raise _Quarantine("boxes", err.reason, err.detail) from None
+        turns, system = conversation, SYSTEM_PROMPT
+        if turns and turns[0].get("from") == "system":  # a layout's system turn (actors.data.rows)
+            turns, system = turns[1:], turns[0]["value"]
         try:
-            tok = tokenize_conversation(conversation, self.tokenizer, image_tokens=counts,
+            tok = tokenize_conversation(turns, self.tokenizer, image_tokens=counts, system=system,
                                         max_seq_len=cfg.max_seq_len, overflow=cfg.overflow,
                                         image_position=cfg.image_position)
         except ConversationError as err:
@@ -326,7 +338,7 @@ def block_key(batch: pa.Table) -> str:
     """A name for a block of raw rows that only its content decides (sources, ids, copies,
     conversations, image references and inline image bytes, quarantine reasons)."""
     h = hashlib.blake2b(digest_size=16)
-    for name in ("source", "id", "copies", "conversations", "image_paths", "image_bytes", "reason"):
+    for name in ("source", "id", "copies", "conversations", "image_paths", "image_bytes", "reason", "boxes"):
         h.update(name.encode())
         col = batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows)
         for value in col.to_pylist():

@@ -87,6 +87,7 @@ import pyarrow.fs as pafs
 
 from actors.data import rows as raw
 from actors.data.dedup import KEEP, duplicates
+from actors.data.layouts import Reading, load_side
 from actors.data.manifest import SHARD_FORMAT, Manifest, QuarantineGate, Tiling, TokenizerFacts
 from actors.data.shards import ShardWriter
 from actors.data.tally import Tally, take
@@ -185,7 +186,7 @@ def _run(ctx: RunContext) -> dict:
     from ray.data import DataContext
 
     flavour = from_name(spec.model.flavour, **spec.model.overrides)
-    sources = [resolve_source(storage, lay, i, s) for i, s in enumerate(spec.data.sources)]
+    sources = [resolve_source(storage, lay, i, s, spec.data.prompt_seed) for i, s in enumerate(spec.data.sources)]
     t0 = time.time()
     _clear_output(storage, lay, keep_finished_blocks=not force, spec=spec)
     tokenizer = prepare_tokenizer(spec, flavour, storage, lay, sources)
@@ -216,11 +217,14 @@ def _run(ctx: RunContext) -> dict:
 
 
 def _parse_json_batch(batch: pa.Table, *, source: str, ratio: float, image_root: Optional[str],
-                      image_prefixes: tuple[str, ...], fmt: str, file_nos: dict) -> pa.Table:
+                      image_prefixes: tuple[str, ...], fmt: str, file_nos: dict, reading: Reading,
+                      side_fs: Optional[pafs.FileSystem]) -> pa.Table:
+    side = load_side(side_fs, reading)
     out = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         out += raw.parse_json_file(data, path, source=source, ratio=ratio, image_root=image_root,
-                                   image_prefixes=image_prefixes, fmt=fmt, file_no=file_nos.get(path))
+                                   image_prefixes=image_prefixes, fmt=fmt, file_no=file_nos.get(path),
+                                   reading=reading, side=side)
     return raw.to_table(out)
 
 
@@ -228,8 +232,11 @@ def _parse_wds_batch(batch: pa.Table, *, source: str, ratio: float) -> pa.Table:
     return raw.to_table([raw.wds_row(s, source=source, ratio=ratio) for s in batch.to_pylist()])
 
 
-def _parse_parquet_batch(batch: pa.Table, *, source: str, ratio: float) -> pa.Table:
-    return raw.to_table([raw.parquet_row(r, source=source, ratio=ratio) for r in batch.to_pylist()])
+def _parse_parquet_batch(batch: pa.Table, *, source: str, ratio: float, reading: Reading,
+                         image_root: Optional[str], image_prefixes: tuple[str, ...]) -> pa.Table:
+    return raw.to_table([row for i, r in enumerate(batch.to_pylist())
+                         for row in raw.parquet_rows(r, i, source=source, ratio=ratio, reading=reading,
+                                                     image_root=image_root, image_prefixes=image_prefixes)])
 
 
 def _raw_dataset(src: Source):
@@ -250,12 +257,14 @@ def _raw_dataset(src: Source):
     if src.format == "parquet":
         ds = ray.data.read_parquet(files, filesystem=src.filesystem, num_cpus=0)
         return ds.map_batches(_parse_parquet_batch, batch_size=_BATCH_ROWS,
-                              fn_kwargs=dict(source=name, ratio=ratio), **light)
+                              fn_kwargs=dict(source=name, ratio=ratio, reading=src.reading, image_root=src.image_root,
+                                             image_prefixes=src.image_prefixes), **light)
     ds = ray.data.read_binary_files(files, filesystem=src.filesystem, include_paths=True, num_cpus=0)
     file_nos = {p: i for i, p in enumerate(files)} if len(files) > 1 else {}
     return ds.map_batches(_parse_json_batch, batch_size=1, **light,
                           fn_kwargs=dict(source=name, ratio=ratio, image_root=src.image_root,
-                                         image_prefixes=src.image_prefixes, fmt=src.format, file_nos=file_nos))
+                                         image_prefixes=src.image_prefixes, fmt=src.format, file_nos=file_nos,
+                                         reading=src.reading, side_fs=src.side_filesystem))
 
 
 def _shard_blocks(ds, rows: int):

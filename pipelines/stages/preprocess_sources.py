@@ -14,6 +14,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
+from actors.data.layouts import LAYOUTS, Reading
 from cluster.layout import Layout
 from cluster.location import Location
 from cluster.spec import SourceSpec
@@ -31,6 +32,8 @@ class Source:
     files: tuple[str, ...]  # filesystem paths, sorted
     image_root: Optional[str]  # a URI: s3://bucket/key or an absolute local path
     image_prefixes: tuple[str, ...] = ()  # URIs images may be read from; () = image_root alone
+    reading: Reading = Reading()  # the layout and how it reads (actors.data.layouts)
+    side_filesystem: Optional[pafs.FileSystem] = None  # where reading.annotations is
 
 
 def _locate(storage: Storage, lay: Layout, path: str) -> tuple[pafs.FileSystem, str, str]:
@@ -43,7 +46,7 @@ def _locate(storage: Storage, lay: Layout, path: str) -> tuple[pafs.FileSystem, 
 _EXT_FORMAT = {".json": "json", ".jsonl": "jsonl", ".tar": "webdataset", ".parquet": "parquet"}
 
 
-def resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec) -> Source:
+def resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec, seed: int = 0) -> Source:
     """``data.sources[i]`` -> its format (``auto`` decided by extension) and files (sorted; under a
     directory or prefix every .json, .jsonl, .tar and .parquet file not under a ``_`` folder)."""
     fs, path, uri = _locate(storage, lay, src.path)
@@ -71,11 +74,40 @@ def resolve_source(storage: Storage, lay: Layout, i: int, src: SourceSpec) -> So
         fmt = kinds.pop()
         fmt = "auto" if fmt == "json" else fmt  # json vs jsonl decided per file
     image_root = lay.path(src.image_root) if src.image_root else None
-    if image_root is None and fmt in ("auto", "json", "jsonl"):
+    if image_root is None and (fmt in ("auto", "json", "jsonl") or src.layout != "llava"):
         image_root = Location.parse(uri).parent.uri if info.type != pafs.FileType.Directory else uri
     prefixes = tuple(lay.path(p) for p in src.allowed_image_prefixes or ())
     if src.allowed_image_prefixes is not None and not prefixes:
         raise UserError(f"data.sources[{i}] ({src.name}): allowed_image_prefixes is empty; leave it out to read "
                         "images under image_root only")
     return Source(spec=src, format=fmt, filesystem=fs, files=tuple(files), image_root=image_root,
-                  image_prefixes=prefixes)
+                  image_prefixes=prefixes, reading=_reading(storage, lay, i, src, seed),
+                  side_filesystem=_locate(storage, lay, src.annotations)[0] if src.annotations else None)
+
+
+def _reading(storage: Storage, lay: Layout, i: int, src: SourceSpec, seed: int) -> Reading:
+    """The source's layout settings, checked: ``columns`` names the layout's own names only, and
+    ``annotations`` is given (and exists) where the layout reads one."""
+    where = f"data.sources[{i}] ({src.name})"
+    if src.layout == "llava":
+        if src.columns or src.annotations:
+            raise UserError(f"{where}: columns and annotations belong to the other layouts; layout llava reads "
+                            "LLaVA records as they are")
+        return Reading(seed=seed)
+    layout = LAYOUTS[src.layout]
+    unknown = sorted(set(src.columns) - set(layout.columns))
+    if unknown:
+        raise UserError(f"{where}: columns {unknown} are not names of layout {src.layout!r}; it has "
+                        f"{sorted(layout.columns)}")
+    side = None
+    if src.annotations:
+        if layout.annotations == "none":
+            raise UserError(f"{where}: layout {src.layout!r} reads no annotations file")
+        fs, side, uri = _locate(storage, lay, src.annotations)
+        if fs.get_file_info(side).type != pafs.FileType.File:
+            raise UserError(f"{where}: annotations {uri}: no such file")
+    elif layout.annotations == "required":
+        raise UserError(f"{where}: layout {src.layout!r} needs annotations (its second file, see "
+                        "docs/interfaces.md \"Source layouts\")")
+    return Reading(layout=src.layout, columns=tuple(sorted(src.columns.items())), prompt=src.prompt, seed=seed,
+                   annotations=side)

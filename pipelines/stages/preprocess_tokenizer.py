@@ -17,6 +17,8 @@ from collections import defaultdict
 import pyarrow.parquet as pq
 
 from actors.data import rows as raw
+from actors.data.layouts import load_side
+from actors.data.regions import text_of
 from cluster import layout as run_layout
 from cluster.layout import Layout
 from cluster.location import Location
@@ -91,8 +93,10 @@ def _source_texts(sources: list[Source]) -> list[str]:
         name, ratio = src.spec.name, src.spec.ratio
         for path in src.files:
             if src.format == "parquet":
-                table = pq.read_table(path, filesystem=src.filesystem, columns=["conversations"])
-                rows = [raw.parquet_row(r, source=name, ratio=ratio) for r in table.to_pylist()]
+                columns = ["conversations"] if src.reading.layout == "llava" else None  # a layout's own names
+                table = pq.read_table(path, filesystem=src.filesystem, columns=columns)
+                rows = [row for i, r in enumerate(table.to_pylist())
+                        for row in raw.parquet_rows(r, i, source=name, ratio=ratio, reading=src.reading)]
             elif src.format == "webdataset":
                 with src.filesystem.open_input_file(path) as f, tarfile.open(fileobj=f) as tar:
                     samples: dict[str, dict] = defaultdict(dict)
@@ -104,10 +108,12 @@ def _source_texts(sources: list[Source]) -> list[str]:
             else:
                 with src.filesystem.open_input_file(path) as f:
                     rows = raw.parse_json_file(f.read(), path, source=name, ratio=ratio, image_root=None,
-                                               fmt=src.format)
+                                               fmt=src.format, reading=src.reading,
+                                               side=load_side(src.side_filesystem, src.reading))
             for r in rows:
                 if r["reason"] is None:
-                    texts += [t["value"].replace(raw.IMAGE_PLACEHOLDER, " ") for t in json.loads(r["conversations"])]
+                    texts += [text_of(t["value"]).replace(raw.IMAGE_PLACEHOLDER, " ")
+                              for t in json.loads(r["conversations"])]
             if len(texts) >= _TOKENIZER_TEXT_ROWS:
                 return texts
     return texts or ["(no text)"]

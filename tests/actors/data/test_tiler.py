@@ -162,3 +162,33 @@ def test_shard_mode_resumes_a_finished_block_without_redoing_it(tokenizer, tmp_p
     os.remove(path)
     redo = Tiler(cfg, tokenizer, shard_dir=str(tmp_path / "out"))(rows)
     assert redo.column("reused").to_pylist() == [False] * 3 and redo.column("reason").to_pylist() == ["missing_image"] * 3
+
+
+def test_layout_rows_system_turns_and_region_boxes(tokenizer, tmp_path):
+    """A layout's leading system turn becomes the system prompt; a region row's <box:k> slots are
+    filled in the canvas frame of the decoded image (debug: canvas 96, top_left), or the row is
+    quarantined as bad_box when the box leaves the image."""
+    from models.boxes import parse_boxes
+    from models.conversation import SYSTEM_PROMPT
+
+    (tmp_path / "wide.png").write_bytes(_png(100, 40))
+    img = str(tmp_path / "wide.png")
+    system = [{"from": "system", "value": "Be terse."}, *_turns("hello", "hello there")]
+    rows = [
+        raw.raw_row("s", "sys", 1.0, conversations=system),
+        raw.raw_row("s", "plain", 1.0, conversations=system[1:]),
+        raw.raw_row("s", "box", 1.0, conversations=_turns("<image>\nWhere is the cat?", "<box:0>"),
+                    image_paths=[img], boxes=[[0, 10, 4, 60, 36]]),
+        raw.raw_row("s", "bad", 1.0, conversations=_turns("<image>\nWhere?", "<box:0>"),
+                    image_paths=[img], boxes=[[0, 10, 4, 160, 36]]),
+    ]
+    tiler, cfg = _tiler(tokenizer)
+    got = {r["id"]: r for r in tiler(raw.to_table(rows)).to_pylist()}
+    assert got["sys"]["reason"] is None and got["plain"]["reason"] is None
+    assert got["sys"]["num_tokens"] != got["plain"]["num_tokens"]  # another system prompt
+    assert tokenizer.decode(got["plain"]["input_ids"]).count(SYSTEM_PROMPT[:20]) == 1
+    assert got["box"]["reason"] is None
+    answer = tokenizer.decode([t for t, lab in zip(got["box"]["input_ids"], got["box"]["labels"]) if lab != -100])
+    # 100x40 -> 96x38 at (0, 0): x 10 -> 0.10, y 4 -> 3.8/96 = 0.04, 60 -> 0.60, 36 -> 34.2/96 = 0.36
+    assert parse_boxes(answer.replace(" ", ""))[0].boxes == [(0.10, 0.04, 0.60, 0.36)]
+    assert (got["bad"]["reason"], got["bad"]["stage"]) == ("bad_box", "boxes")
