@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the report")
     d.add_argument("--quick", action="store_true", help="smaller data and fewer steps (CI)")
     d.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    d.add_argument("--samples", type=int, nargs=2, default=None, metavar=("TRAIN", "HELDOUT"),
+                   help="override how many training and held-out samples are drawn (a quicker smoke run)")
 
     r = verb("run", "pipelines.run", "run the spec's stages in order, locally or as Ray Jobs")
     r.add_argument("spec")
@@ -55,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in registry.STAGES:
         sp = verb(stage.name, "pipelines.stage", stage.help)
         sp.set_defaults(stage=stage.name)
+        stage.add_arguments(sp)  # first: a stage's own positionals come before SPEC (`curate som SPEC`)
         # a stage with a one-off form (`eval --data ...`) builds its spec from its flags when none is given
         sp.add_argument("spec", nargs="?" if stage.spec_optional else None)
         if not stage.service:  # a deploy always replaces the app
             sp.add_argument("--force", action="store_true", help="ignore complete outputs and redo the stage")
-        stage.add_arguments(sp)
 
     rd = verb("render", "pipelines.render", "render KubeRay / cluster-launcher / Serve YAML from the spec")
     rd.add_argument("spec")

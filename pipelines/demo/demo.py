@@ -1,6 +1,6 @@
 """`sphinx-x demo`: the main job, end to end on the embedded default, and it visibly learns.
 
-    sphinx-x demo [--run-dir DIR] [--keep-serving] [--quick] [--steps N]
+    sphinx-x demo [--run-dir DIR] [--keep-serving] [--quick] [--steps N] [--samples TRAIN HELDOUT]
 
 1. starts the embedded default: an S3 server on 127.0.0.1 (moto) and a local Ray;
 2. draws the synthetic dataset (pipelines.demo.synthetic) into S3: rendered scenes and words in
@@ -414,6 +414,13 @@ def command(args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise UserError(f"--steps must be >= 1, got {args.steps}")
         cfg = replace(cfg, steps=args.steps)
+    if getattr(args, "samples", None) is not None:
+        n_train, n_heldout = args.samples
+        batch = 2 * cfg.micro_batch  # one global batch: two workers' micro-batches
+        if n_train < batch or n_heldout < 1:
+            raise UserError(f"--samples needs at least {batch} training samples (one global batch) and 1 held-out "
+                            f"sample, got {n_train} {n_heldout}")
+        cfg = replace(cfg, n_train=n_train, n_heldout=n_heldout)
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     report = run(cfg, run_dir, keep_serving=args.keep_serving)
     return 0 if not report["serving"]["errors"] else 1

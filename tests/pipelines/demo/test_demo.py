@@ -163,3 +163,5 @@ def test_bad_steps_is_a_user_error():
 
     with pytest.raises(UserError, match="--steps"):
         demo.command(argparse.Namespace(quick=True, steps=0, run_dir=None, keep_serving=False))
+    with pytest.raises(UserError, match="--samples needs at least 16"):
+        demo.command(argparse.Namespace(quick=True, steps=None, samples=[4, 2], run_dir=None, keep_serving=False))
