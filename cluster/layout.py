@@ -28,6 +28,12 @@ path is under ``storage.uri``; an ``s3://`` URI or an absolute local path is tak
         <benchmark>/predictions.jsonl, scores.json   per sample; scores.json written last
         summary.txt, summary.png     one table across benchmarks
         _answers/<model key>/block-*.jsonl           the batch engine's finished blocks
+    <curate.som.output>/, <curate.ocr.output>/   curate
+        data.jsonl, images/          the curated LLaVA source (data.sources reads it)
+        errors.jsonl                 quarantined items: id, reason, detail
+        previews/                    a few pictures of curated samples
+        _blocks/<key>.jsonl          finished blocks, reused by a rerun
+        _manifest.json               written last: counts per reason
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ MANIFEST = "_manifest.json"
 SHARD_PREFIX = "part-"
 CHECKPOINT_RUN = "checkpoints"  # the Ray Train run name under train.output
 SUCCESS = "_SUCCESS"
+CURATED_DEFAULTS = {"som": "curated/som", "ocr": "curated/ocr"}  # cluster.spec's curate.*.output defaults
 
 
 def resolve(base_uri: str, setting: str) -> Location:
@@ -73,12 +80,17 @@ class Layout:
     shards: Location
     train: Location
     evals: Location  # eval.output
+    curated_som: Location  # curate.som.output (its default when the spec has no curate.som)
+    curated_ocr: Location  # curate.ocr.output
 
     @classmethod
     def from_spec(cls, spec: ClusterSpec, storage_uri: Optional[str] = None) -> "Layout":
         root = Location.parse(storage_uri) if storage_uri else storage_root(spec)
+        cur = spec.curate
         return cls(root=root, shards=resolve(root, spec.data.output), train=resolve(root, spec.train.output),
-                   evals=resolve(root, spec.eval.output))
+                   evals=resolve(root, spec.eval.output),
+                   curated_som=resolve(root, cur.som.output if cur.som else CURATED_DEFAULTS["som"]),
+                   curated_ocr=resolve(root, cur.ocr.output if cur.ocr else CURATED_DEFAULTS["ocr"]))
 
     def path(self, setting: str) -> Location:
         """Any other path setting of the spec, by the one rule."""
@@ -164,6 +176,30 @@ class Layout:
     def eval_answers(self) -> Location:
         """The batch engine's finished blocks (reused by a rerun on the same model)."""
         return join(self.evals, "_answers")
+
+    # -- curate (kind: "som" | "ocr")
+    def curated(self, kind: str) -> Location:
+        return {"som": self.curated_som, "ocr": self.curated_ocr}[kind]
+
+    def curated_records(self, kind: str) -> Location:
+        """The LLaVA JSONL source ``data.sources`` reads (images under ``images/`` beside it)."""
+        return join(self.curated(kind), "data.jsonl")
+
+    def curated_images(self, kind: str) -> Location:
+        return join(self.curated(kind), "images")
+
+    def curated_errors(self, kind: str) -> Location:
+        return join(self.curated(kind), "errors.jsonl")
+
+    def curated_manifest(self, kind: str) -> Location:
+        return join(self.curated(kind), MANIFEST)
+
+    def curated_previews(self, kind: str) -> Location:
+        return join(self.curated(kind), "previews")
+
+    def curated_blocks(self, kind: str) -> Location:
+        """Finished blocks (records + errors of one task), reused by a rerun without --force."""
+        return join(self.curated(kind), "_blocks")
 
 
 def shard_name(k: int) -> str:

@@ -245,7 +245,8 @@ class StorageSection(_Strict):
 
 
 # actors.data.layouts.LAYOUTS and actors.data.prompts.TEMPLATES (tests keep them equal)
-LAYOUTS = ("llava", "sharegpt", "messages", "ultrachat")
+LAYOUTS = ("llava", "sharegpt", "messages", "ultrachat", "coco_captions", "vqa", "textvqa", "ocrvqa", "docvqa",
+           "refcoco", "vg_regions")
 PROMPT_KINDS = ("short_answer", "multiple_choice", "caption", "referring", "region_caption", "grounded_caption",
                 "ocr")
 
@@ -563,6 +564,76 @@ def _benchmark_name(value: str) -> str:
     return value
 
 
+# ---------------------------------------------------------------- curate
+
+
+class TeacherSection(_Strict):
+    """An OpenAI-compatible chat endpoint that writes free-form descriptions of marked images
+    (``actors.curate.teacher``): ``url`` is the API base (``http://host:8000/v1``), ``model`` the
+    name sent and recorded per sample."""
+
+    url: str
+    model: str
+    api_key_env: Optional[str] = None
+    prompt: str = ("Describe every numbered mark in this image: for each mark, say its number and what it "
+                   "shows, one line per mark.")
+    max_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(60, gt=0)
+
+    _env = field_validator("api_key_env")(classmethod(lambda cls, v: _env_name(v)))
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"must be an http(s) URL like http://host:8000/v1, got {v!r}")
+        return v.rstrip("/")
+
+
+class SomCurate(_Strict):
+    """Set-of-Mark curation (``sphinx-x curate som``): COCO instances ``annotations`` (a JSON file)
+    over the images under ``images``; paths by the layout rule."""
+
+    annotations: str
+    images: str
+    output: str = "curated/som"
+    contours: bool = True  # draw each region's mask outline too
+    max_marks: int = Field(20, ge=1)  # regions per image beyond this (the smallest) are left unmarked
+    min_area: float = Field(16, ge=0)  # pixels; a smaller region is left unmarked (counted)
+    teacher: Optional[TeacherSection] = None
+
+
+class OcrCurate(_Strict):
+    """OCR-intensive curation (``sphinx-x curate ocr``): PDFs and page images under ``input``.
+
+    ``engine``: pages without a usable text layer (and page images) are read by ``tesseract``
+    (Debian's ``tesseract-ocr``; an error naming it when absent) or, with ``none``, quarantined
+    ``no_text``. ``languages``: ISO 639-1 codes kept (langdetect); empty keeps every language."""
+
+    input: str
+    output: str = "curated/ocr"
+    dpi: float = Field(96, ge=24, le=600)
+    engine: Literal["none", "tesseract"] = "none"
+    engine_languages: str = "eng"  # tesseract's -l
+    min_chars: int = Field(16, ge=0)  # near_empty below this many non-space characters
+    min_text_fraction: float = Field(0.5, ge=0, le=1)  # non_text: fewer letters/digits among the characters
+    languages: list[str] = Field(default_factory=list)
+    max_pages_per_file: int = Field(64, ge=1)
+
+
+class CurateSection(_Strict):
+    """The curate stage (pipelines.stages.curate): ``som`` and/or ``ocr``, each writing a LLaVA JSONL
+    source (``<output>/data.jsonl`` + ``images/``) that ``data.sources`` reads directly."""
+
+    som: Optional[SomCurate] = None
+    ocr: Optional[OcrCurate] = None
+    block_size: int = Field(8, ge=1)  # items per resumable block (one Ray Data task)
+    concurrency: int = Field(2, ge=1)  # curate tasks at once
+    num_cpus_per_worker: float = Field(1, gt=0)
+    previews: int = Field(4, ge=0)  # pictures next to the manifest
+    group: Optional[str] = None
+
+
 # ---------------------------------------------------------------- the spec
 
 
@@ -575,6 +646,7 @@ class ClusterSpec(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    curate: CurateSection = Field(default_factory=CurateSection)
 
     @field_validator("name")
     @classmethod
@@ -589,7 +661,8 @@ class ClusterSpec(_Strict):
             raise _at("train.expert_parallel", f"expert parallel {self.train.expert_parallel} > 1 "
                       f"needs an MoE flavour, but model.flavour is dense ({self.model.flavour!r})")
         groups = {g.name for g in self.cluster.worker_groups}
-        for path, group in [("data.group", self.data.group), ("train.group", self.train.group)] + [
+        for path, group in [("data.group", self.data.group), ("train.group", self.train.group),
+                            ("curate.group", self.curate.group)] + [
             (f"serve.models.{i}.group", m.group) for i, m in enumerate(self.serve.models)
         ]:
             if group is not None and group not in groups:

@@ -1,0 +1,66 @@
+"""What curating one input gives back, and the resumable block of inputs (one Ray Data task).
+
+An :class:`Outcome` is one curated sample (LLaVA records + the image files they name) or one
+quarantined input (``reason`` + ``detail``), plus counts (``regions_small``: 2, ...). A block
+runs a worker function over its items, writes their images, then ``_blocks/<key>.jsonl`` last
+(one JSON line per outcome, without image bytes): a block whose file is there is finished, and a
+rerun reads it back instead of redoing the work (:func:`run_block`).
+
+Block line (before the driver assembles ``data.jsonl``)::
+
+    {"id": "coco:42", "records": [{"id": "coco:42", "image": "images/coco-42.png", "conversations": [...]}],
+     "reason": null, "detail": "", "counts": {"regions_marked": 3}, "key": null, "preview": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from cluster.layout import join
+from cluster.storage import Storage
+
+
+@dataclass
+class Outcome:
+    id: str
+    records: list[dict] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)  # path relative to the output dir -> bytes
+    reason: Optional[str] = None
+    detail: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    key: Optional[str] = None  # content hash for the driver's duplicate filter (OCR pages)
+    preview: dict[str, Any] = field(default_factory=dict)  # what a preview picture draws
+
+    @classmethod
+    def quarantined(cls, id: str, reason: str, detail: str, **counts: int) -> "Outcome":
+        return cls(id=id, reason=reason, detail=detail[:300], counts=dict(counts))
+
+    def line(self) -> str:
+        d = asdict(self)
+        d.pop("images")
+        return json.dumps(d, ensure_ascii=False)
+
+
+def run_block(row: dict, *, storage: Storage, out_dir: str, blocks_dir: str,
+              work: Callable[[dict], list[Outcome]]) -> dict:
+    """One Ray Data row ``{"key", "items"}`` (items: JSON text of a list) -> ``{"key", "outcomes", "reused"}``.
+
+    Skips the work when ``<blocks_dir>/<key>.jsonl`` exists (a finished block of an earlier run)."""
+    done = join(blocks_dir, f"{row['key']}.jsonl")
+    if storage.exists(done):
+        return {"key": row["key"], "outcomes": storage.read_bytes(done).decode().count("\n"), "reused": True}
+    lines = []
+    for item in json.loads(row["items"]):
+        for outcome in work(item):
+            for rel, data in outcome.images.items():
+                storage.write_bytes(join(out_dir, rel), data)
+            lines.append(outcome.line())
+    storage.write_bytes(done, "".join(line + "\n" for line in lines).encode())
+    return {"key": row["key"], "outcomes": len(lines), "reused": False}
+
+
+def read_block(storage: Storage, blocks_dir: str, key: str) -> list[dict]:
+    text = storage.read_bytes(join(blocks_dir, f"{key}.jsonl")).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
