@@ -14,6 +14,9 @@ Samples (one image each, or none):
   tall on the debug flavour's 64 px canvas). Question: ``text`` (OCR-style).
 - **chat**: text only, "Repeat the word: X" -> "X" (the paper mixes text-only data into
   its one training stage; these keep the LLM's text path exercised).
+- **where** (with ``regions=True``): a scene of ONE shape is also asked where it is, in
+  SPHINX's referring form ("Please provide the bounding box coordinate of the region this
+  sentence describes: the red square.") and answered with its box (see "Region samples").
 
 Images come in a spread of aspect ratios (:data:`ASPECTS`: square, 3:2, 2:1, 4:1
 panoramas, 1:2 and 1:3 tall images) so that skip tokens matter: a 4:1 panorama keeps only
@@ -37,6 +40,21 @@ image is encoded once for several answers); held-out rows carry one question eac
                    "conversations": [{"from": "human", "value": "<image>\\nHow many shapes are there?"}],
                    "type": "count", "answer": "3"}
     stats.json    per question type: training answer counts, majority answer, baseline accuracy
+
+Region samples (``regions=True``) follow the region layouts' convention (``actors.data.layouts.base``):
+the answer is the slot ``<box:0>`` and the row carries ``boxes`` ``[[image, x1, y1, x2, y2]]`` in
+pixels of its image; preprocess writes the slot as SPHINX's ``[x1,y1,x2,y2]`` in the flavour's
+canvas frame (``actors.data.regions``, ``models.boxes``), so one file trains either padding::
+
+    train.jsonl   {..., "conversations": [..., {"from": "human", "value": "Please provide the bounding box
+                   coordinate of the region this sentence describes: the red square."},
+                   {"from": "gpt", "value": "<box:0>"}], "boxes": [[0, 40.5, 12.25, 98.0, 69.75]]}
+    heldout.jsonl {"id": "heldout-00004-where", ..., "type": "where", "answer": "[40.5, 12.25, 98.0, 69.75]",
+                   "boxes": [[0, 40.5, 12.25, 98.0, 69.75]]}
+
+A held-out ``where`` answer is the pixel box (``actors.eval.grounding`` scores a predicted box by
+IoU >= 0.5 against it); its baseline in ``stats.json`` is the Acc@IoU>=0.5 of one fixed guess,
+the mean training box (in fractions of the image) placed on each held-out image.
 
 Written to a local directory or to storage (``cluster.storage.Storage``) by :func:`write`.
 """
@@ -70,14 +88,23 @@ ASPECTS: tuple[tuple[int, int], ...] = (
     (128, 128), (192, 128), (192, 96), (192, 48), (96, 192), (64, 192),
 )
 QUESTION_TYPES = ("colour", "shape", "count", "text", "chat")
+REGION_TYPE = "where"  # with regions=True: a one-shape scene's box
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "colour": ("What colour are the shapes?", "Which colour do the shapes have?"),
     "shape": ("What shape is shown?", "Which kind of shape is in the picture?"),
     "count": ("How many shapes are there?", "Count the shapes."),
     "text": ("What word is written?", "Read the word in the image."),
     "chat": ("Repeat the word: {w}", "Say the word {w}."),
+    # SPHINX's referring prompt (LLaMA2-Accessory accessory/eval_mm/annotations/annotation_config.json, refcoco)
+    REGION_TYPE: ("Please provide the bounding box coordinate of the region this sentence describes: the {c} {s}.",
+                  "Where is the {c} {s}?"),
 }
 ANSWER_HINT = " Answer with one word."
+BOX_SLOT = "<box:0>"  # actors.data.regions.slot(0): the answer of a region question
+
+
+def _hint(qtype: str) -> str:
+    return "" if qtype == REGION_TYPE else ANSWER_HINT
 
 
 @dataclass
@@ -90,6 +117,7 @@ class Sample:
     image: bytes | None = None
     size: tuple[int, int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    boxes: list[list[float]] = field(default_factory=list)  # [image, x1, y1, x2, y2] pixels, for region questions
 
     @property
     def image_path(self) -> str | None:
@@ -107,12 +135,14 @@ class Dataset:
         rows = []
         for s in self.train:
             conv = []
-            for i, (_, q, a) in enumerate(s.qa):
+            for i, (qtype, q, a) in enumerate(s.qa):
                 prefix = "<image>\n" if (i == 0 and s.image is not None) else ""
-                conv += [{"from": "human", "value": prefix + q + ANSWER_HINT}, {"from": "gpt", "value": a}]
+                conv += [{"from": "human", "value": prefix + q + _hint(qtype)}, {"from": "gpt", "value": a}]
             row = {"id": s.id, "conversations": conv}
             if s.image is not None:
                 row["image"] = s.image_path
+            if s.boxes:
+                row["boxes"] = s.boxes
             rows.append(row)
         return rows
 
@@ -123,10 +153,12 @@ class Dataset:
             for qtype, q, a in s.qa:
                 prefix = "<image>\n" if s.image is not None else ""
                 row = {"id": f"{s.id}-{qtype}",
-                       "conversations": [{"from": "human", "value": prefix + q + ANSWER_HINT}],
+                       "conversations": [{"from": "human", "value": prefix + q + _hint(qtype)}],
                        "type": qtype, "answer": a}
                 if s.image is not None:
                     row["image"] = s.image_path
+                if qtype == REGION_TYPE:  # the pixel box to score against (IoU), not the slot
+                    row["answer"], row["boxes"] = json.dumps(s.boxes[0][1:]), s.boxes
                 rows.append(row)
         return rows
 
@@ -153,7 +185,25 @@ class Dataset:
                 "baseline": (sum(a == majority for a in h) / len(h)) if h else None,
                 "heldout": len(h),
             }
+        if any(s.boxes for s in self.train):
+            out["types"][REGION_TYPE] = self._region_stats()
         return out
+
+    def _region_stats(self) -> dict:
+        """The fixed-guess baseline of ``where``: the mean training box, in fractions of each
+        image, scored on the held-out boxes at IoU >= 0.5."""
+        from actors.eval.grounding import IOU_THRESHOLD, box_iou
+
+        def fractions(s: Sample) -> list[float]:
+            w, h = s.size
+            return [v / d for v, d in zip(s.boxes[0][1:], (w, h, w, h))]
+
+        train = [fractions(s) for s in self.train if s.boxes]
+        mean = [round(sum(c) / len(train), 4) for c in zip(*train)]
+        held = [s for s in self.heldout if s.boxes]
+        hits = sum(box_iou(mean, fractions(s)) >= IOU_THRESHOLD for s in held)
+        return {"train_answers": len(train), "majority": mean, "baseline_train": None,
+                "baseline": hits / len(held) if held else None, "heldout": len(held)}
 
 
 def _answers(samples: list[Sample]) -> dict[str, list[str]]:
@@ -192,7 +242,8 @@ def render_scene(rng: random.Random, size: tuple[int, int], kind: str, colour: s
     """Draw ``count`` non-overlapping shapes, one per cell of a grid laid along the long side.
 
     Shapes are large (about 70-90 % of a cell) so they survive the 2x2 tiling of the debug
-    flavour (canvas 96 px, global view 48 px). Returns the image and the shape boxes.
+    flavour (canvas 96 px, global view 48 px). Returns the image and the shapes' boxes
+    ``(x1, y1, x2, y2)`` in pixels.
     """
     w, h = size
     img = _background(rng, size)
@@ -211,7 +262,7 @@ def render_scene(rng: random.Random, size: tuple[int, int], kind: str, colour: s
         y0 = r * ch + rng.uniform(0, ch - side)
         box = (x0, y0, x0 + side, y0 + side)
         _draw_shape(draw, kind, box, COLOURS[colour])
-        boxes.append([round(v / s, 3) for v, s in zip(box, (w, h, w, h))])
+        boxes.append(box)
     return img, boxes
 
 
@@ -261,8 +312,9 @@ def _png(img: Image.Image) -> bytes:
 # ---------------------------------------------------------------- sampling
 
 
-def _make_sample(rng: random.Random, sid: str, kind: str, all_questions: bool) -> Sample:
-    """One sample; training samples ask every question, held-out ones too (split later)."""
+def _make_sample(rng: random.Random, sid: str, kind: str, all_questions: bool, regions: bool = False) -> Sample:
+    """One sample; training samples ask every question, held-out ones too (split later). With
+    ``regions``, a scene of one shape is also asked where it is (its answer the slot ``<box:0>``)."""
     def q(qtype: str, **kw: str) -> str:
         return rng.choice(QUESTIONS[qtype]).format(**kw)
 
@@ -278,8 +330,14 @@ def _make_sample(rng: random.Random, sid: str, kind: str, all_questions: bool) -
     shape, colour, count = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(COUNTS)
     img, boxes = render_scene(rng, size, shape, colour, count)
     qa = [("colour", q("colour"), colour), ("shape", q("shape"), shape), ("count", q("count"), str(count))]
+    where = []
+    if regions and count == 1:
+        qa.append((REGION_TYPE, q(REGION_TYPE, c=colour, s=shape), BOX_SLOT))
+        where = [[0] + [round(v, 2) for v in boxes[0]]]
     rng.shuffle(qa)
-    return Sample(sid, kind, qa, _png(img), size, {"shape": shape, "colour": colour, "count": count, "boxes": boxes})
+    meta = {"shape": shape, "colour": colour, "count": count,
+            "boxes": [[round(v / s, 3) for v, s in zip(b, (*size, *size))] for b in boxes]}
+    return Sample(sid, kind, qa, _png(img), size, meta, where)
 
 
 def _kinds(rng: random.Random, n: int, mix: tuple[float, float, float]) -> list[str]:
@@ -292,10 +350,11 @@ def _kinds(rng: random.Random, n: int, mix: tuple[float, float, float]) -> list[
 
 
 def generate(n_train: int, n_heldout: int, seed: int = 0,
-             mix: tuple[float, float, float] = (0.6, 0.3, 0.1)) -> Dataset:
+             mix: tuple[float, float, float] = (0.6, 0.3, 0.1), *, regions: bool = False) -> Dataset:
     """Draw ``n_train`` training samples and ``n_heldout`` held-out samples.
 
-    ``mix`` is the share of (scene, word, chat) samples. The two splits use independent
+    ``mix`` is the share of (scene, word, chat) samples; ``regions`` adds the ``where`` question
+    to every one-shape scene (without it the files are exactly those of earlier versions). The two splits use independent
     random streams; any held-out image that happens to equal a training image is redrawn,
     so no held-out image was seen in training.
     """
@@ -304,14 +363,14 @@ def generate(n_train: int, n_heldout: int, seed: int = 0,
     if abs(sum(mix) - 1) > 1e-6 or min(mix) < 0:
         raise UserError(f"synthetic: mix must be three non-negative shares summing to 1, got {mix}")
     rng = random.Random(f"sphinx-x-synthetic:{seed}:train")
-    train = [_make_sample(rng, f"train-{i:05d}", k, True) for i, k in enumerate(_kinds(rng, n_train, mix))]
+    train = [_make_sample(rng, f"train-{i:05d}", k, True, regions) for i, k in enumerate(_kinds(rng, n_train, mix))]
     seen = {s.image for s in train if s.image is not None}
     rng = random.Random(f"sphinx-x-synthetic:{seed}:heldout")
     heldout = []
     for i, k in enumerate(_kinds(rng, n_heldout, mix)):
-        s = _make_sample(rng, f"heldout-{i:05d}", k, True)
+        s = _make_sample(rng, f"heldout-{i:05d}", k, True, regions)
         while s.image is not None and s.image in seen:  # vanishingly rare; redraw
-            s = _make_sample(rng, s.id, k, True)
+            s = _make_sample(rng, s.id, k, True, regions)
         heldout.append(s)
     return Dataset(train, heldout, seed)
 

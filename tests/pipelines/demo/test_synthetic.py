@@ -105,3 +105,63 @@ def test_bad_arguments_and_bad_heldout_are_clear():
 @pytest.mark.parametrize("text, key", [("Red.", "red"), ("  3\n###", "3"), ("circle square", "circle"), ("", "")])
 def test_normalise_answer(text, key):
     assert S.normalise_answer(text) == key
+
+
+@pytest.fixture(scope="module")
+def regions():
+    return S.generate(120, 60, seed=5, regions=True)
+
+
+def test_region_questions_name_the_shape_by_slot_with_its_pixel_box(regions, ds):
+    assert not any("boxes" in r for r in ds.train_rows())  # off by default (same files as before)
+    one = [s for s in regions.train if s.kind == "scene" and s.meta["count"] == 1]
+    assert one and all(s.boxes for s in one)
+    assert not any(s.boxes for s in regions.train if s not in one)
+    for s in one:
+        (image, x1, y1, x2, y2), = s.boxes
+        w, h = s.size
+        assert image == 0 and 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        (q, a), = [(q, a) for t, q, a in s.qa if t == S.REGION_TYPE]
+        assert a == S.BOX_SLOT and f"the {s.meta['colour']} {s.meta['shape']}" in q
+    row = next(r for r in regions.train_rows() if "boxes" in r)
+    turns = row["conversations"]
+    i = next(i for i, t in enumerate(turns) if t["value"] == S.BOX_SLOT)
+    assert turns[i]["from"] == "gpt" and not turns[i - 1]["value"].endswith(S.ANSWER_HINT)
+    held = [r for r in regions.heldout_rows() if r["type"] == S.REGION_TYPE]
+    assert held and all(json.loads(r["answer"]) == r["boxes"][0][1:] for r in held)
+
+
+@pytest.mark.parametrize("pad, frame", [("top_left", "topleft"), ("centre", "center")])
+def test_region_boxes_hold_their_shape_on_the_model_canvas(regions, pad, frame):
+    """The pixel box, moved onto the canvas the model sees (models.boxes.to_canvas), encloses
+    the shape's pixels there; the eval scores that box as right (IoU >= 0.5 in its frame)."""
+    import numpy as np
+
+    from actors.eval.grounding import grounding_iou
+    from models.boxes import format_box, to_canvas
+    from models.tiling import TileSpec, load_and_tile
+
+    spec = TileSpec(grid=2, tile_size=128, pad=pad)
+    c = spec.canvas
+    for s in [s for s in regions.heldout if s.boxes][:8]:
+        box = to_canvas(s.boxes[0][1:], s.size, spec)
+        canvas = load_and_tile(s.image, spec).canvas(spec.mean_u8).astype(int)
+        near = np.abs(canvas - np.array(S.COLOURS[s.meta["colour"]])).sum(-1) < 60
+        ys, xs = np.nonzero(near)
+        seen = (xs.min() / c, ys.min() / c, (xs.max() + 1) / c, (ys.max() + 1) / c)
+        assert seen == pytest.approx(box, abs=4 / c), (s.id, s.size)
+        row = next(r for r in regions.heldout_rows() if r["id"] == f"{s.id}-{S.REGION_TYPE}")
+        iou, _ = grounding_iou(format_box(box), json.loads(row["answer"]), *s.size, frame=frame)
+        assert iou >= 0.9
+
+
+def test_region_baseline_is_the_mean_box_and_weak(regions):
+    from actors.eval.grounding import box_iou
+
+    st = regions.stats()["types"][S.REGION_TYPE]
+    frac = lambda s: [v / d for v, d in zip(s.boxes[0][1:], (*s.size, *s.size))]  # noqa: E731
+    train = [frac(s) for s in regions.train if s.boxes]
+    assert st["majority"] == pytest.approx([sum(c) / len(train) for c in zip(*train)], abs=1e-4)
+    held = [s for s in regions.heldout if s.boxes]
+    assert st["heldout"] == len(held)
+    assert st["baseline"] == sum(box_iou(st["majority"], frac(s)) >= 0.5 for s in held) / len(held) < 0.5
