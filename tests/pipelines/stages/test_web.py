@@ -31,7 +31,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PAGE = Path(__file__).resolve().parents[3] / "actors" / "serve" / "static" / "index.html"
 PIECES = ["The ", "shapes ", "are ", "red"]
 # pixels of the 96×48 image, as the endpoint sends them (docs/interfaces.md "Boxes in answers")
-BOXES = [{"phrase": "the red square", "boxes": [[24, 12, 72, 36]]}, {"phrase": None, "boxes": [[60, 30, 90, 45]]}]
+BOXES = [{"phrase": "the red square", "boxes": [[24, 12, 72, 36]]}, {"phrase": None, "boxes": [[60, 30, 90, 45]]},
+         {"phrase": "upside down", "boxes": [[90, 40, 80, 10]]}]  # as a model may write it: drawn corner to corner
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
@@ -185,9 +186,9 @@ def test_pick_image_ask_and_watch_the_answer_stream(endpoint, tmp_path):
         placed = browser.js("(i => [...document.querySelectorAll('#stage .box')].map(b => { const r = "
                             "b.getBoundingClientRect(); return [r.left - i.left, r.top - i.top, r.width, r.height, "
                             "b.textContent]; }))(document.getElementById('preview').getBoundingClientRect())")
-        assert placed == [[24, 12, 48, 24, "the red square"], [60, 30, 30, 15, ""]]
+        assert placed == [[24, 12, 48, 24, "the red square"], [60, 30, 30, 15, ""], [80, 10, 10, 30, "upside down"]]
         assert browser.js("[...document.querySelectorAll('#boxes li')].map(li => li.textContent)") == [
-            "the red square: 24, 12, 72, 36", "60, 30, 90, 45"]
+            "the red square: 24, 12, 72, 36", "60, 30, 90, 45", "upside down: 80, 10, 90, 40"]
         left, top = browser.js("(r => [r.left, r.top])(document.getElementById('preview').getBoundingClientRect())")
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     finally:
