@@ -99,6 +99,10 @@ def _reading(storage: Storage, lay: Layout, i: int, src: SourceSpec, seed: int) 
     if unknown:
         raise UserError(f"{where}: columns {unknown} are not names of layout {src.layout!r}; it has "
                         f"{sorted(layout.columns)}")
+    if src.prompt is not None and src.prompt not in layout.prompt_kinds():
+        raise UserError(f"{where}: prompt {src.prompt!r} does not fit layout {src.layout!r}; it asks "
+                        + (f"one of {list(layout.prompt_kinds())}" if layout.prompt_kinds()
+                           else "nothing (its records hold their questions)"))
     side = None
     if src.annotations:
         if layout.annotations == "none":

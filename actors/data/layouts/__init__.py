@@ -10,12 +10,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from actors.data.layouts.base import Context, Layout, Reading, Rejected, Sample
+from actors.data.layouts.coco_captions import CocoCaptions
+from actors.data.layouts.docvqa import DocVqa
 from actors.data.layouts.messages import Messages
+from actors.data.layouts.ocrvqa import OcrVqa
+from actors.data.layouts.refcoco import RefCoco
 from actors.data.layouts.sharegpt import ShareGPT
+from actors.data.layouts.textvqa import TextVqa
 from actors.data.layouts.ultrachat import UltraChat
+from actors.data.layouts.vg_regions import VgRegions
+from actors.data.layouts.vqa import Vqa
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
-    ShareGPT(), Messages(), UltraChat(),
+    ShareGPT(), Messages(), UltraChat(),  # conversations
+    CocoCaptions(), Vqa(), TextVqa(), OcrVqa(), DocVqa(),  # annotation files: captions, questions
+    RefCoco(), VgRegions(),  # regions: boxes
 )}
 NAMES = ("llava", *LAYOUTS)
 

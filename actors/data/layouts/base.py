@@ -100,8 +100,12 @@ class Layout:
     name: str = ""
     document: bool = False  # True: ``read`` gets the whole file
     prompt: Optional[str] = None  # the default prompt kind (None: the records hold their questions)
+    prompts: tuple[str, ...] = ()  # the kinds data.sources[].prompt may pick (default: the prompt alone)
     columns: dict[str, str] = {}  # the layout's names -> the published names (what ``columns`` remaps)
     annotations: str = "none"  # the side file: "none" | "optional" | "required"
+
+    def prompt_kinds(self) -> tuple[str, ...]:
+        return self.prompts or ((self.prompt,) if self.prompt else ())
 
     def decode(self, data: bytes) -> Any:
         """A document layout's file -> the parsed document (JSON; ``refcoco`` also reads pickles)."""
