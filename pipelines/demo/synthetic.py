@@ -44,7 +44,9 @@ image is encoded once for several answers); held-out rows carry one question eac
 Region samples (``regions=True``) follow the region layouts' convention (``actors.data.layouts.base``):
 the answer is the slot ``<box:0>`` and the row carries ``boxes`` ``[[image, x1, y1, x2, y2]]`` in
 pixels of its image; preprocess writes the slot as SPHINX's ``[x1,y1,x2,y2]`` in the flavour's
-canvas frame (``actors.data.regions``, ``models.boxes``), so one file trains either padding::
+canvas frame (``actors.data.regions``, ``models.boxes``), so one file trains either padding.
+NOTE: the ``llava`` reader (``actors.data.rows``) does not carry a record's ``boxes`` yet, so these
+rows train only once it does; until then ``regions`` stays off in the demo::
 
     train.jsonl   {..., "conversations": [..., {"from": "human", "value": "Please provide the bounding box
                    coordinate of the region this sentence describes: the red square."},
