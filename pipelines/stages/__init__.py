@@ -4,7 +4,7 @@ Each entry is a :class:`pipelines.stage.Stage`; the CLI's stage verbs, `sphinx-x
 and the rendered manifests all read this list. Adding a stage: one module here, one line below.
 
     >>> [s.name for s in STAGES]
-    ['preprocess', 'train', 'eval', 'serve']
+    ['curate', 'preprocess', 'train', 'eval', 'serve']
     >>> ordered(["serve", "preprocess"])
     ['preprocess', 'serve']
 """
@@ -15,9 +15,9 @@ from cluster.render import StagePlan
 from cluster.spec import ClusterSpec
 from models.errors import UserError
 from pipelines.stage import Stage, entrypoint
-from pipelines.stages import eval, preprocess, serve, train  # noqa: A004 - the stage module, not the builtin
+from pipelines.stages import curate, eval, preprocess, serve, train  # noqa: A004 - the stage module, not the builtin
 
-STAGES: tuple[Stage, ...] = (preprocess.STAGE, train.STAGE, eval.STAGE, serve.STAGE)
+STAGES: tuple[Stage, ...] = (curate.STAGE, preprocess.STAGE, train.STAGE, eval.STAGE, serve.STAGE)
 
 
 def names() -> list[str]:
@@ -42,4 +42,4 @@ def ordered(stages: list[str]) -> list[str]:
 def plans(spec: ClusterSpec, spec_path: str) -> list[StagePlan]:
     """What the cluster renderers get for every stage: its entry point, demand and service, as data."""
     return [StagePlan(name=s.name, entrypoint=entrypoint(s, spec_path), demand=s.demand(spec), service=s.service)
-            for s in STAGES if s.used(spec)]  # eval: only with eval.benchmarks
+            for s in STAGES if s.used(spec)]  # eval: only with eval.benchmarks; curate: with curate.som/ocr

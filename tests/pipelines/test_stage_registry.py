@@ -14,11 +14,11 @@ from pipelines.stage import entrypoint
 
 
 def test_registry_lists_every_stage_in_pipeline_order():
-    assert stages.names() == ["preprocess", "train", "eval", "serve"]
+    assert stages.names() == ["curate", "preprocess", "train", "eval", "serve"]
     assert stages.ordered(["serve", "preprocess"]) == ["preprocess", "serve"]
     with pytest.raises(UserError, match="unknown stage"):
         stages.ordered(["tune"])
-    with pytest.raises(UserError, match="stages are preprocess, train, eval, serve"):
+    with pytest.raises(UserError, match="stages are curate, preprocess, train, eval, serve"):
         stages.get("tune")
 
 
