@@ -187,3 +187,21 @@ def test_answers_carry_their_boxes_in_pixels_of_the_first_image(tok):
     items, whole = asyncio.run(run(replica("debug"), payload([])))
     assert all("boxes" not in i for i in items) and "boxes" not in whole["choices"][0]
     assert rep.answer_boxes("no box", [_png(100, 50)], from_name("debug")) == []
+
+
+@pytest.mark.parametrize("flavour, canvas_text", [
+    ("debug", "[0.25,0.25,0.75,0.50]"),                  # C 96, top_left: 100×50 -> 96×48 at (0, 0)
+    ("debug-sphinx-tiny-1k", "[0.25,0.50,0.75,0.75]"),   # C 128, centre: 100×50 -> 128×64 at (0, 32)
+])
+def test_a_region_box_survives_preprocess_text_and_serving_in_both_pads(flavour, canvas_text):
+    """A region row's pixel box -> the text preprocess trains on (actors.data.regions.fill) -> the
+    same text as an answer -> the pixel box the endpoint returns, exactly."""
+    from actors.data.regions import fill
+    from actors.serve.replica import answer_boxes
+
+    spec = TileSpec.from_flavour(from_name(flavour))
+    conv = [{"from": "human", "value": "<image>\nWhere is the cat?"}, {"from": "gpt", "value": "<p>the cat</p> <box:0>"}]
+    trained = fill(conv, [[0, 25, 25, 75, 50]], [(100, 50)], spec)[1]["value"]
+    assert trained == f"<p>the cat</p> {canvas_text}"
+    assert answer_boxes(trained, [_png(100, 50)], from_name(flavour)) == [
+        {"phrase": "the cat", "boxes": [[25.0, 25.0, 75.0, 50.0]]}]
