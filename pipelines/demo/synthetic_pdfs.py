@@ -1,4 +1,4 @@
-"""Small PDFs written by hand for the OCR curation tests and benchmarks/curate.py (no PDF library).
+"""Small PDFs written by hand (no PDF library), for the OCR curation tests and benchmarks/curate.py.
 
 ``text_pdf([["Hello world", "second line"], [...]])``: one page per list, each line drawn with the
 standard Helvetica font (a real text layer). ``scanned_pdf(image)``: one page holding only a

@@ -1,4 +1,4 @@
-"""actors.curate.ocr / pages / ocr_engine on PDFs written here (tests/actors/curate/pdfs.py): the
+"""actors.curate.ocr / pages / ocr_engine on PDFs written here (pipelines/demo/synthetic_pdfs.py): the
 transcription equals the PDF's text, the boxes land on the words (checked on the rendered page),
 and every filter quarantines with its reason. No Ray."""
 
@@ -19,7 +19,7 @@ from cluster.storage import open_storage
 from models.boxes import from_canvas, parse_boxes
 from models.flavours import from_name
 from models.tiling import TileSpec
-from tests.actors.curate.pdfs import figure_pdf, scanned_pdf, text_pdf
+from pipelines.demo.synthetic_pdfs import figure_pdf, scanned_pdf, text_pdf
 
 PAGE_1 = ["Quarterly report 2024", "Revenue: 41 million", "Costs were lower than planned", "Total: 12 units"]
 PAGE_2 = ["The second page has its own words", "and a closing line"]

@@ -16,7 +16,7 @@ from cluster.spec import dump_spec, parse_spec
 from models.errors import UserError
 from pipelines.cli import build_parser
 from pipelines.stages import curate
-from tests.actors.curate.pdfs import scanned_pdf, text_pdf
+from pipelines.demo.synthetic_pdfs import scanned_pdf, text_pdf
 
 
 def _jpeg(im: Image.Image) -> bytes:
