@@ -59,3 +59,35 @@ def test_a_failing_or_absent_teacher_is_a_teacher_error(stub):
         describe(TeacherSection(url=url, model="broken"), b"png", "images/a.png")
     with pytest.raises(TeacherError, match="unreachable"):
         describe(TeacherSection(url="http://127.0.0.1:9/v1", model="m", timeout_s=2), b"png", "images/a.png")
+
+
+def test_a_som_sample_carries_the_teachers_answer_and_request(stub, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from actors.curate.som import TEACHER_QUESTION, SomConfig, curate_image
+    from cluster.spec import SomCurate, StorageSection
+    from cluster.storage import open_storage
+
+    url, seen = stub
+    storage = open_storage(StorageSection(uri=str(tmp_path), endpoint_url=None))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(buf, format="PNG")
+    storage.write_bytes(storage.path("s.png"), buf.getvalue())
+    item = {"id": "s:1", "image": storage.path("s.png"), "width": 64, "height": 48,
+            "annotations": [{"id": 1, "category_id": 1, "bbox": [8, 8, 30, 30]}]}
+
+    def config(model):
+        return SomConfig(section=SomCurate(annotations="a.json", images=".", teacher={"url": url, "model": model}),
+                         categories={1: "dog"}, max_image_bytes=2**20, max_image_pixels=10**7)
+
+    (out,) = curate_image(item, config("teacher"), storage)
+    record = out.records[0]
+    assert record["teacher"]["model"] == "teacher" and record["teacher"]["request"]["model"] == "teacher"
+    assert record["conversations"][-2:] == [{"from": "human", "value": TEACHER_QUESTION},
+                                            {"from": "gpt", "value": "Mark 1: a dog."}]
+    sent = seen[-1]["body"]["messages"][0]["content"][1]["image_url"]["url"]
+    assert sent.startswith("data:image/png;base64,")  # the marked picture, not the source
+    (out,) = curate_image(item, config("broken"), storage)
+    assert out.reason == "teacher_error" and "500" in out.detail
