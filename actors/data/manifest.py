@@ -12,7 +12,12 @@ On disk the keys are flat as they always were (``rows_written``, ``tiling``, ``v
 ``sources``…) plus ``version``. A file without ``version`` is version 1 (written before the key
 existed). Version 2 adds ``quarantine_gate`` (``{"max_quarantine_fraction": 0.05, "passed":
 false}``, or null where no gate ran: the synthetic shards); a version-1 file has no gate recorded
-and is judged by its counts alone (:meth:`Manifest.gate_failure`). Reading a newer version, or a
+and is judged by its counts alone (:meth:`Manifest.gate_failure`). Version 3 adds the mix: per
+source its ``layout``, ``prompt`` (the kind, null for conversations) and ``prompt_templates`` (every
+template its rows may have been asked with), ``weight`` and ``epochs`` (how often each record is
+written on average: ratio x weight x the temperature factor), and ``mixture_temperature`` at the
+top (null: off); older files read as layout ``llava``, no prompt, weight 1, epochs = ratio.
+Reading a newer version, or a
 file with a key missing or of the wrong type, raises ``UserError`` naming the key; keys this
 version does not know are ignored.
 """
@@ -28,7 +33,7 @@ import pyarrow as pa
 from models.errors import UserError
 from models.tiling import TileSpec
 
-VERSION = 2  # the manifest layout this code writes (it reads 1 and 2; see from_dict)
+VERSION = 3  # the manifest layout this code writes (it reads 1 to 3; see from_dict)
 
 # What the shards hold: 1 = raw views (before 2026-12); 2 = compressed scaled images + plans.
 SHARD_FORMAT = 2
@@ -201,7 +206,10 @@ class Counts:
 
 @dataclass(frozen=True)
 class SourceCounts(Counts):
-    """One source's counts, its tokens and image bytes, and the spec's ``ratio`` and ``dedup``."""
+    """One source's counts, its tokens and image bytes, the spec's ``ratio`` and ``dedup``, and
+    (version 3) its place in the mix: ``layout``, ``prompt`` kind and the ``prompt_templates`` its
+    rows were asked with, ``weight``, and ``epochs``: how often a record is written on average
+    before dedup and quarantine (left out: ``ratio``)."""
 
     text_tokens: int
     image_tokens: int
@@ -210,17 +218,33 @@ class SourceCounts(Counts):
     stored_bytes: int
     ratio: float
     dedup: str
+    layout: str = "llava"
+    prompt: Optional[str] = None
+    prompt_templates: tuple[str, ...] = ()
+    weight: float = 1.0
+    epochs: Optional[float] = None
 
     _MORE = ("text_tokens", "image_tokens", "saved_tokens", "source_bytes", "stored_bytes")
 
+    def __post_init__(self) -> None:
+        if self.epochs is None:  # before version 3 (and the synthetic shards): ratio alone
+            object.__setattr__(self, "epochs", float(self.ratio))
+
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), **{f: getattr(self, f) for f in self._MORE}, "ratio": self.ratio,
-                "dedup": self.dedup}
+                "dedup": self.dedup, "layout": self.layout, "prompt": self.prompt,
+                "prompt_templates": list(self.prompt_templates), "weight": self.weight,
+                "epochs": self.epochs}
 
     @classmethod
-    def _read(cls, k: _Keys) -> "SourceCounts":
+    def _read(cls, k: _Keys, version: int = VERSION) -> "SourceCounts":
+        mix: dict[str, Any] = {}
+        if version >= 3:
+            prompt = None if k.data.get("prompt", ...) is None else k.text("prompt")
+            mix = dict(layout=k.text("layout"), prompt=prompt, prompt_templates=k.texts("prompt_templates"),
+                       weight=k.number("weight"), epochs=k.number("epochs"))
         return cls(**cls._fields(k), **{f: k.integer(f) for f in cls._MORE}, ratio=k.number("ratio"),
-                   dedup=k.text("dedup"))
+                   dedup=k.text("dedup"), **mix)
 
 
 @dataclass(frozen=True)
@@ -285,6 +309,7 @@ class Manifest:
     seconds: float
     # None: no gate ran (the synthetic shards) or a version-1 file; see gate_failure
     quarantine_gate: Optional[QuarantineGate] = None
+    mixture_temperature: Optional[float] = None  # data.mixture_temperature (version 3)
     version: int = VERSION
 
     def gate_failure(self, limit: float) -> Optional[str]:
@@ -330,6 +355,7 @@ class Manifest:
             "quarantine_gate": None if self.quarantine_gate is None else {
                 "max_quarantine_fraction": self.quarantine_gate.max_quarantine_fraction,
                 "passed": self.quarantine_gate.passed},
+            "mixture_temperature": self.mixture_temperature,
         }
 
     def to_json(self) -> str:
@@ -360,9 +386,11 @@ class Manifest:
             tokens=Tokens(text=tokens.integer("text"), image=tokens.integer("image"), saved=tokens.integer("saved")),
             image_bytes=ImageBytes(source=images.integer("source"), stored=images.integer("stored"),
                                    codec=images.text("codec")),
-            sources={name: SourceCounts._read(sources.obj(name)) for name in sources.data},
+            sources={name: SourceCounts._read(sources.obj(name), version) for name in sources.data},
             code_version=k.text("code_version"), seconds=k.number("seconds"),
             quarantine_gate=_gate(k) if version >= 2 else None,
+            mixture_temperature=None if version < 3 or k.data.get("mixture_temperature", ...) is None
+            else k.number("mixture_temperature"),
         )
 
     @classmethod

@@ -13,7 +13,7 @@ Pure Arrow logic: it runs on the driver of ``pipelines.stages.preprocess``.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -59,12 +59,14 @@ class Tally:
                     c[k] += n * (r[k] or 0)
         return take(book, idx_bad)
 
-    def counts(self, sources: list[Any]) -> tuple[Counts, dict[str, SourceCounts]]:
+    def counts(self, sources: list[Any], mix: Optional[dict[str, dict[str, Any]]] = None,
+               ) -> tuple[Counts, dict[str, SourceCounts]]:
         """(the totals, per source in ``sources`` order); ``sources``: the spec's (``name``,
-        ``ratio``, ``dedup``)."""
+        ``ratio``, ``dedup``); ``mix``: per source name, its ``SourceCounts`` mix fields (``layout``,
+        ``prompt``, ``prompt_templates``, ``weight``, ``epochs``)."""
         per = {s.name: SourceCounts(**self._counts(self.per_source[s.name], self.reasons[s.name]),
                                     **{k: int(self.per_source[s.name][k]) for k in _SUMMED},
-                                    ratio=s.ratio, dedup=s.dedup)
+                                    ratio=s.ratio, dedup=s.dedup, **(mix or {}).get(s.name, {}))
                for s in sources}
         return Counts(**self._counts(self._total(), sum(self.reasons.values(), Counter()))), per
 

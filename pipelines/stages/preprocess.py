@@ -87,7 +87,8 @@ import pyarrow.fs as pafs
 
 from actors.data import rows as raw
 from actors.data.dedup import KEEP, duplicates
-from actors.data.layouts import Reading, load_side
+from actors.data import mixture, prompts
+from actors.data.layouts import LAYOUTS, Reading, load_side
 from actors.data.manifest import SHARD_FORMAT, Manifest, QuarantineGate, Tiling, TokenizerFacts
 from actors.data.shards import ShardWriter
 from actors.data.tally import Tally, take
@@ -198,7 +199,8 @@ def _run(ctx: RunContext) -> dict:
     old_order, options.preserve_order = options.preserve_order, True  # determinism (see module doc)
     try:
         with stall_watch("preprocess"):
-            manifest = _run_graph(spec, flavour, storage, lay, sources, tokenizer, config, tmp_uri)
+            epochs = _epochs(spec, sources)
+            manifest = _run_graph(spec, flavour, storage, lay, sources, tokenizer, config, tmp_uri, epochs)
     finally:
         options.preserve_order = old_order
     limit = spec.data.max_quarantine_fraction
@@ -239,15 +241,28 @@ def _parse_parquet_batch(batch: pa.Table, *, source: str, ratio: float, reading:
                                                      image_root=image_root, image_prefixes=image_prefixes)])
 
 
-def _raw_dataset(src: Source):
-    """The raw rows of one source (a lazy Ray Dataset in record order).
+def _epochs(spec: ClusterSpec, sources: list[Source]) -> dict[str, float]:
+    """Each source's ``epochs`` (``actors.data.mixture``): ratio x weight, times the temperature
+    factor when ``data.mixture_temperature`` is set, for which every source is parsed once first to
+    count its records (the parse step only: no image is read)."""
+    temperature = spec.data.mixture_temperature
+    sizes = None
+    if temperature is not None:
+        sizes = {s.spec.name: _raw_dataset(s, 1.0).count() for s in sources}
+        log.info("preprocess: source sizes for data.mixture_temperature=%g: %s", temperature, sizes)
+    return mixture.plan([(s.spec.name, s.spec.ratio, s.spec.weight) for s in sources], sizes, temperature)
+
+
+def _raw_dataset(src: Source, ratio: float):
+    """The raw rows of one source (a lazy Ray Dataset in record order); each record written
+    ``ratio`` times on average (its ``epochs``).
 
     Reading and parsing reserve no CPU: they are I/O-bound and light next to decoding, and an
     actor pool as large as the CPUs would otherwise leave them none (Ray Data would stall).
     """
     import ray.data
 
-    name, ratio = src.spec.name, src.spec.ratio
+    name = src.spec.name
     files = list(src.files)
     light = dict(num_cpus=0, batch_format="pyarrow")
     if src.format == "webdataset":
@@ -277,13 +292,13 @@ def _shard_blocks(ds, rows: int):
     return repartition_without_cpus(ds.repartition(target_num_rows_per_block=rows))
 
 
-def _all_raw(sources: list[Source], rows_per_shard: int):
-    datasets = [_shard_blocks(_raw_dataset(s), rows_per_shard) for s in sources]
+def _all_raw(sources: list[Source], rows_per_shard: int, epochs: dict[str, float]):
+    datasets = [_shard_blocks(_raw_dataset(s, epochs[s.spec.name]), rows_per_shard) for s in sources]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
 def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layout, sources: list[Source],
-               tokenizer, config: TilerConfig, tmp_uri: str) -> Manifest:
+               tokenizer, config: TilerConfig, tmp_uri: str, epochs: dict[str, float]) -> Manifest:
     remote: dict[str, Any] = {}
     if spec.data.group is not None:
         remote["resources"] = placement(spec, spec.data.group)
@@ -291,7 +306,7 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layou
 
     fs, out_dir = storage.resolve(lay.shards)
     _, tmp_dir = storage.resolve(tmp_uri)
-    ds = _all_raw(sources, spec.data.rows_per_shard).map_batches(
+    ds = _all_raw(sources, spec.data.rows_per_shard, epochs).map_batches(
         Tiler, batch_format="pyarrow", batch_size=None,  # one block = one shard
         compute=ray.data.ActorPoolStrategy(size=spec.data.concurrency),
         num_cpus=spec.data.num_cpus_per_worker,
@@ -322,7 +337,7 @@ def _run_graph(spec: ClusterSpec, flavour: Flavour, storage: Storage, lay: Layou
     errors.close()
     names = _finish_shards(fs, out_dir, tmp_dir, books, kinds)
     storage.delete(lay.shards_tmp)
-    return _manifest(spec, flavour, tokenizer, config, tally, names, errors.names)
+    return _manifest(spec, flavour, tokenizer, config, tally, names, errors.names, _mix(sources, epochs))
 
 
 def _finish_shards(fs: pafs.FileSystem, out_dir: str, tmp_dir: str, books: list[pa.Table],
@@ -367,16 +382,27 @@ def _finish_shards(fs: pafs.FileSystem, out_dir: str, tmp_dir: str, books: list[
     return names
 
 
+def _mix(sources: list[Source], epochs: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per source, what the manifest says of its place in the mix (``SourceCounts``' version-3 fields)."""
+    out = {}
+    for s in sources:
+        kind = s.reading.prompt or (LAYOUTS[s.reading.layout].prompt if s.reading.layout in LAYOUTS else None)
+        out[s.spec.name] = dict(layout=s.reading.layout, prompt=kind,
+                                prompt_templates=prompts.templates_of(kind) if kind else (),
+                                weight=s.spec.weight, epochs=round(epochs[s.spec.name], 6))
+    return out
+
+
 def _manifest(spec: ClusterSpec, flavour: Flavour, tokenizer, config: TilerConfig, tally: Tally,
-              shards: list[str], errors: list[str]) -> Manifest:
-    counts, per_source = tally.counts(spec.data.sources)
+              shards: list[str], errors: list[str], mix: dict[str, dict[str, Any]]) -> Manifest:
+    counts, per_source = tally.counts(spec.data.sources, mix)
     return Manifest(
         flavour=flavour.name, shard_format=SHARD_FORMAT, shards=tuple(shards),
         error_shards=tuple(f"errors/{n}" for n in errors), tiling=Tiling.from_flavour(flavour),
         tokenizer=TokenizerFacts.of(tokenizer), max_seq_len=spec.data.max_seq_len, overflow=spec.data.overflow,
         max_image_pixels=spec.data.max_image_pixels, counts=counts, rows_reused=tally.rows_reused(),
         tokens=tally.tokens(), image_bytes=tally.image_bytes(config.codec), sources=per_source,
-        code_version=code_version(), seconds=0.0,
+        code_version=code_version(), seconds=0.0, mixture_temperature=spec.data.mixture_temperature,
     )
 
 

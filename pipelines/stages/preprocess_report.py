@@ -47,10 +47,14 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  duplicates dropped: {c.duplicate_samples} samples, {c.duplicate_images} by image")
     if m.rows_reused:
         lines.append(f"  resumed: {m.rows_reused} of {c.rows_read} rows came from blocks an earlier run finished")
-    lines.append(f"  {'source':<20} {'in':>8} {'written':>8} {'quarantined':>11} {'duplicates':>10} {'ratio':>6}")
+    if m.mixture_temperature is not None:
+        lines.append(f"  mixture temperature {m.mixture_temperature:g} (epochs scaled over the sources' sizes)")
+    lines.append(f"  {'source':<20} {'in':>8} {'written':>8} {'quarantined':>11} {'duplicates':>10} {'ratio':>6} "
+                 f"{'weight':>6} {'epochs':>7}  layout / prompt")
     for name, s in m.sources.items():
         lines.append(f"  {name:<20} {s.rows_in:>8} {s.rows_written:>8} {s.rows_quarantined:>11} "
-                     f"{s.duplicate_samples + s.duplicate_images:>10} {s.ratio:>6g}")
+                     f"{s.duplicate_samples + s.duplicate_images:>10} {s.ratio:>6g} {s.weight:>6g} {s.epochs:>7.3g}"
+                     f"  {s.layout}" + (f" / {s.prompt} ({len(s.prompt_templates)} templates)" if s.prompt else ""))
     errors_uri = summary.get("errors_uri")
     lines.append(f"  {len(m.shards)} shard(s), {len(m.error_shards)} error shard(s)"
                  + (f" -> {errors_uri}" if errors_uri and m.error_shards else ""))

@@ -36,7 +36,8 @@ def _manifest(gate: QuarantineGate | None = QuarantineGate(0.5, True)) -> Manife
 def test_json_round_trip_keeps_todays_key_names():
     m = _manifest()
     data = json.loads(m.to_json())
-    assert set(data) == TODAYS_KEYS | {"version", "quarantine_gate"} and data["version"] == VERSION == 2
+    assert set(data) == TODAYS_KEYS | {"version", "quarantine_gate", "mixture_temperature"}
+    assert data["version"] == VERSION == 3
     assert data["quarantine_gate"] == {"max_quarantine_fraction": 0.5, "passed": True}
     assert data["tokens"]["total"] == 97 and data["tiling"]["canvas"] == 96
     assert Manifest.from_json(m.to_json()) == m
@@ -119,3 +120,29 @@ def test_the_shard_schema_is_defined_once():
     assert "views" in old.names and not {"images", "plans"} & set(old.names)
     with pytest.raises(UserError):
         shard_schema(3)
+
+
+def test_version_3_records_the_mix_and_version_2_reads_without_it():
+    """Per source: layout, prompt kind and templates, weight and epochs; a version-2 file (no mix)
+    reads as layout llava, no prompt, weight 1 and epochs = ratio."""
+    from dataclasses import replace
+
+    m = _manifest()
+    src = replace(m.sources["vqa"], layout="vqa", prompt="short_answer", prompt_templates=("{question}\nA?",),
+                  weight=2.0, epochs=3.5, ratio=1.5)
+    mixed = replace(m, sources={"vqa": src}, mixture_temperature=2.0)
+    data = json.loads(mixed.to_json())
+    assert data["mixture_temperature"] == 2.0
+    assert {k: data["sources"]["vqa"][k] for k in ("layout", "prompt", "prompt_templates", "weight", "epochs")} == \
+        {"layout": "vqa", "prompt": "short_answer", "prompt_templates": ["{question}\nA?"], "weight": 2.0, "epochs": 3.5}
+    assert Manifest.from_json(mixed.to_json()) == mixed
+    v2 = json.loads(mixed.to_json())
+    v2["version"] = 2
+    del v2["mixture_temperature"]
+    for key in ("layout", "prompt", "prompt_templates", "weight", "epochs"):
+        del v2["sources"]["vqa"][key]
+    old = Manifest.from_dict(v2).sources["vqa"]
+    assert (old.layout, old.prompt, old.prompt_templates, old.weight, old.epochs) == ("llava", None, (), 1.0, 1.5)
+    del data["sources"]["vqa"]["weight"]
+    with pytest.raises(UserError, match="'sources.vqa.weight' is missing"):
+        Manifest.from_dict(data)

@@ -39,3 +39,14 @@ def test_the_quarantine_error_names_share_reasons_and_where():
                           0.1)
     assert "3 of 10 rows (30.0%) were quarantined" in str(err) and "corrupt_image=3" in str(err)
     assert "see s3://b/shards/errors" in str(err)
+
+
+def test_the_summary_shows_each_sources_weight_epochs_layout_and_prompt():
+    data = _summary()
+    data["sources"]["vqa"].update(layout="vqa", prompt="short_answer", prompt_templates=["{question}"], weight=1.5,
+                                  epochs=3.0)
+    data["mixture_temperature"] = 2.0
+    text = format_summary(data)
+    assert "mixture temperature 2" in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("vqa"))
+    assert line.split()[-8:] == ["2", "1.5", "3", "vqa", "/", "short_answer", "(1", "templates)"]
