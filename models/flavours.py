@@ -67,6 +67,21 @@ class Flavour:
     freeze_vision: bool = True
     # "sdpa" or "eager"; both handle left padding on CPU
     attn_implementation: str = "sdpa"
+    # the two more branches of the four-branch releases (SPHINX, -1k, -v2-1k, -MoE, -MoE-1k; models.vision):
+    # CLIP ViT-L/14 (CLIPVisionConfig kwargs; its N tokens join the channel concat, first) and BLIP-2's
+    # Q-Former ({"vision": Blip2VisionConfig kwargs, "qformer": Blip2QFormerConfig kwargs, "queries": 32};
+    # its query tokens lead each view through their own Linear → LayerNorm). None: no such branch
+    clip: dict[str, Any] | None = None
+    clip_input: int = 224
+    qformer: dict[str, Any] | None = None
+    qformer_input: int = 224
+    # how a view reaches the ConvNeXt's side: "bicubic" (antialiased when shrinking) or "nearest_fp16", the
+    # release's F.interpolate(x.half(), size) (nearest) in llama_ens*.py / mixtral_sparse_ens.py
+    convnext_resize: Literal["bicubic", "nearest_fp16"] = "bicubic"
+    # how a view reaches DINOv2, CLIP and the Q-Former: "bicubic" (antialiased when shrinking, untouched at
+    # the same size) or "bicubic_fp16", the release's F.interpolate(x.half(), size, mode="bicubic") then back,
+    # always (mixtral_sparse_ens.py:669)
+    encoder_resize: Literal["bicubic", "bicubic_fp16"] = "bicubic"
     # the LLaMA2-Accessory llama_type this flavour loads (models.weights.accessory), None for the paper's
     # flavours; models.geometry cites that release's code for the flavour's figures
     release: str | None = None
@@ -108,9 +123,10 @@ class Flavour:
 
     @property
     def tokens_per_view(self) -> int:
-        """N: patch tokens + 1 CLS of the DINOv2 branch (the grid both branches share)."""
+        """N: patch tokens + 1 CLS of the DINOv2 branch (the grid the channel-mixed branches share), plus
+        the Q-Former's query tokens when the flavour has one."""
         side = self.dino_input // self.dino["patch_size"]
-        return side * side + 1
+        return side * side + 1 + (int(self.qformer["queries"]) if self.qformer else 0)
 
 
 # open_clip's convnext_xxlarge (a timm trunk) uses LayerNorm eps 1e-5 everywhere; transformers
@@ -166,6 +182,59 @@ _RELEASE = dict(pad="centre", skip_tokens=False, image_position="after_bos", pix
 # (DINOv2 with 16 px patches): 4×4 maps, N = 17
 _TOY_RELEASE_VISION = dict(_DEBUG_VISION, dino=dict(_DEBUG_VISION["dino"], patch_size=16, image_size=64), dino_input=64)
 
+# The four-branch releases (LLaMA2-Accessory llama_ens / llama_ens5 / mixtral_sparse_ens[5]): CLIP ViT-L/14 as
+# open_clip builds it without pretrained weights (GELU, as MetaModel.from_pretrained runs the release) and
+# BLIP-2 opt-2.7b's Q-Former (accessory/resources/hf/Salesforce/blip2-opt-2.7b/config.json: 32 queries)
+_CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+_QFORMER = dict(
+    vision=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu"),
+    qformer=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 cross_attention_frequency=2, layer_norm_eps=1e-12, hidden_act="gelu"),
+    queries=32,
+)
+_MIXTRAL = dict(
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
+    num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5,
+    router_aux_loss_coef=0.01,
+)
+_FOUR = dict(_RELEASE, clip=_CLIP_L14, qformer=_QFORMER)
+
+
+def _four(name: str, arch: str, llm: dict[str, Any], release: str, *, grid: int, tile: int, convnext_input: int,
+          **kw: Any) -> Flavour:
+    """A four-branch release: tokens per view = 32 queries + 257 + start/end = 291."""
+    return Flavour(name=name, llm_arch=arch, llm=llm, convnext=_CONVNEXT_XXL, convnext_input=convnext_input,
+                   dino=_DINOV2_G, dino_input=224, grid=grid, tile_size=tile, release=release, **_FOUR, **kw)
+
+
+# Their toys: 4 queries, N = 4 + 17. llama_ens*: 56 px views (DINOv2, CLIP and the Q-Former's ViT take them
+# as they are, patch 14) and a 4-stage ConvNeXt (stride 32) nearest-resized to 64: a 2x2 map repeated onto
+# the 4x4 grid, as the release's 224 -> 256 gives 8x8 onto 16x16. mixtral_sparse_ens*: 64 px views, every
+# encoder at 64 (patch 16; the 3-stage ConvNeXt's 4x4 map)
+_TOY_QFORMER = dict(
+    vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
+                layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu"),
+    qformer=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 cross_attention_frequency=2, layer_norm_eps=1e-12, hidden_act="gelu"),
+    queries=4,
+)
+_TOY_CLIP = dict(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
+                 hidden_act="gelu", layer_norm_eps=1e-5)
+_TOY_ENS = dict(
+    convnext=dict(num_stages=4, hidden_sizes=[16, 24, 32, 96], depths=[1, 1, 1, 1]), convnext_input=64,
+    dino=dict(_DEBUG_VISION["dino"], patch_size=14, image_size=56), dino_input=56,
+    clip=_TOY_CLIP, clip_input=56, qformer=_TOY_QFORMER, qformer_input=56, tile_size=56,
+    convnext_resize="nearest_fp16",
+)
+_TOY_MOE_ENS = dict(
+    _TOY_RELEASE_VISION, clip=dict(_TOY_CLIP, patch_size=16), clip_input=64,
+    qformer=dict(_TOY_QFORMER, vision=dict(_TOY_QFORMER["vision"], patch_size=16)), qformer_input=64, tile_size=64,
+)
+_TOY_MIXTRAL = dict(_DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01)
+
 FLAVOURS: dict[str, Flavour] = {
     f.name: f
     for f in [
@@ -193,6 +262,30 @@ FLAVOURS: dict[str, Flavour] = {
               notes="the official SPHINX-Tiny (llama_ens_light): one 512 px view"),
         _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE, release="llama_ens5_light",
               notes="the official SPHINX-Tiny-1k (llama_ens5_light): global view + 2x2 tiles of 512"),
+        _four("sphinx", "llama", _LLAMA2_13B, "llama_ens", grid=1, tile=224, convnext_input=256,
+              convnext_resize="nearest_fp16", notes="the official SPHINX (llama_ens): one 224 px view, 291 tokens"),
+        _four("sphinx-1k", "llama", _LLAMA2_13B, "llama_ens5", grid=2, tile=224, convnext_input=256,
+              convnext_resize="nearest_fp16",
+              notes="the official SPHINX-1k (llama_ens5): a 448 canvas, global view + 2x2 tiles of 224, 1455 tokens"),
+        _four("sphinx-v2-1k", "llama", _LLAMA2_13B, "llama_ens5", grid=2, tile=224, convnext_input=256,
+              convnext_resize="nearest_fp16", notes="the official SPHINX-v2-1k (llama_ens5): as sphinx-1k"),
+        _four("sphinx-moe", "mixtral", _MIXTRAL, "mixtral_sparse_ens", grid=1, tile=512, convnext_input=512,
+              convnext_resize="nearest_fp16", encoder_resize="bicubic_fp16",
+              notes="the official SPHINX-MoE (mixtral_sparse_ens): one 512 px view, 291 tokens"),
+        _four("sphinx-moe-1k", "mixtral", _MIXTRAL, "mixtral_sparse_ens5", grid=2, tile=512, convnext_input=512,
+              encoder_resize="bicubic_fp16",
+              notes="the official SPHINX-MoE-1k (mixtral_sparse_ens5): a 1024 canvas, global + 2x2 tiles of 512, "
+                    "1455 tokens"),
+        Flavour(name="debug-sphinx", llm_arch="llama", llm=_DEBUG_LLM, grid=1, max_seq_len=1024, **_RELEASE,
+                release="llama_ens", notes="sphinx in miniature (tests)", **_TOY_ENS),
+        Flavour(name="debug-sphinx-1k", llm_arch="llama", llm=_DEBUG_LLM, grid=2, max_seq_len=1024, **_RELEASE,
+                release="llama_ens5", notes="sphinx-1k in miniature (tests)", **_TOY_ENS),
+        Flavour(name="debug-sphinx-moe", llm_arch="mixtral", llm=_TOY_MIXTRAL, grid=1, max_seq_len=1024,
+                **_RELEASE, release="mixtral_sparse_ens", convnext_resize="nearest_fp16",
+                encoder_resize="bicubic_fp16", notes="sphinx-moe in miniature (tests)", **_TOY_MOE_ENS),
+        Flavour(name="debug-sphinx-moe-1k", llm_arch="mixtral", llm=_TOY_MIXTRAL, grid=2, max_seq_len=1024,
+                **_RELEASE, release="mixtral_sparse_ens5", encoder_resize="bicubic_fp16",
+                notes="sphinx-moe-1k in miniature (tests)", **_TOY_MOE_ENS),
         Flavour(name="debug-sphinx-tiny", llm_arch="llama", llm=_DEBUG_LLM, grid=1, tile_size=64,
                 max_seq_len=1024, **_RELEASE, release="llama_ens_light", notes="sphinx-tiny in miniature (tests)",
                 **_TOY_RELEASE_VISION),

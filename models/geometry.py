@@ -21,7 +21,7 @@ Figures (S: the view side, C = G·S, N: tokens per view from the encoders):
     canvas            C, the padded square the image is scaled onto
     tile_size         S, the side of every view (the global view and each tile)
     encoders[name]    the side each encoder sees a view at (it resizes S to it)
-    tokens_per_view   N + 2 (start/end)
+    tokens_per_view   N + 2 (start/end); N counts the Q-Former's queries where there is one
     tokens_per_image  the most one image takes: (1 + G²)·(N + 2), or N + 2 when G = 1
 """
 
@@ -55,6 +55,8 @@ _DEBUG = {
     "tile_size": "project: a miniature for tests",
     "convnext": "project: a miniature for tests",
     "dino": "project: a miniature for tests",
+    "clip": "project: a miniature for tests",
+    "qformer": "project: a miniature for tests",
     "tokens_per_view": "project: the miniature encoders' grid + CLS, plus start/end",
     "tokens_per_image": "project: the paper's rule on the miniature's grid",
 }
@@ -83,6 +85,47 @@ _RELEASES = {
         "tokens_per_view": "310 (image_words = (257 + 2) * 5)",
         "tokens_per_image": "310 (image_words = (257 + 2) * 5)",
     }),
+    # the four-branch releases: 32 Q-Former queries + 257 (CLIP | ConvNeXt | DINOv2, channel-mixed) + start/end
+    "llama_ens": _release("llama_ens.py", {
+        "canvas": "336 (image_size = 224)",
+        "tile_size": "336 (one view: the whole 224 canvas)",
+        "convnext": "399-407 (F.interpolate(x.half(), 256), nearest: an 8x8 map, repeat_interleave 2 onto 16x16)",
+        "dino": "422-424 (the 224 view as it is)",
+        "clip": "398 (the 224 view as it is)",
+        "qformer": "393 (the 224 view as it is)",
+        "tokens_per_view": "335 (image_words = 32 + 257 + 2)",
+        "tokens_per_image": "335 (image_words = 32 + 257 + 2)",
+    }),
+    "llama_ens5": _release("llama_ens5.py", {
+        "canvas": "336 (image_size = 448)",
+        "tile_size": "383-385 (global view bicubic fp16 to 224, then the 2x2 tiles of 224 of the 448 canvas)",
+        "convnext": "406-414 (each 224 view nearest fp16 to 256: 8x8 repeated onto 16x16)",
+        "dino": "429-431 (the 224 views as they are)",
+        "clip": "405 (the 224 views as they are)",
+        "qformer": "400 (the 224 views as they are)",
+        "tokens_per_view": "335 (image_words = (32 + 257 + 2) * 5)",
+        "tokens_per_image": "335 (image_words = (32 + 257 + 2) * 5)",
+    }),
+    "mixtral_sparse_ens": _release("mixtral_sparse_ens.py", {
+        "canvas": "612 (image_size = 512)",
+        "tile_size": "612 (one view: the whole 512 canvas)",
+        "convnext": "676-678 (F.interpolate(x.half(), 512), nearest: the view, fp16-rounded)",
+        "dino": "669, 692-694 (bicubic fp16 interpolate to 224)",
+        "clip": "669, 675 (bicubic fp16 interpolate to 224)",
+        "qformer": "669-670 (bicubic fp16 interpolate to 224)",
+        "tokens_per_view": "611 (image_words = 32 + 257 + 2)",
+        "tokens_per_image": "611 (image_words = 32 + 257 + 2)",
+    }),
+    "mixtral_sparse_ens5": _release("mixtral_sparse_ens5.py", {
+        "canvas": "614 (image_size = 1024)",
+        "tile_size": "691-697 (global view bicubic fp16 to 512, then the 2x2 tiles of 512 of the 1024 canvas)",
+        "convnext": "705 (the 512 views as they are)",
+        "dino": "682-689, 719-721 (global view bicubic fp16 to 224; tiles cut from a bicubic 448 resize)",
+        "clip": "682-689, 704 (as DINOv2)",
+        "qformer": "682-689, 699 (as DINOv2)",
+        "tokens_per_view": "613 (image_words = (32 + 257 + 2) * 5)",
+        "tokens_per_image": "613 (image_words = (32 + 257 + 2) * 5)",
+    }),
 }
 
 
@@ -95,6 +138,8 @@ def describe(flavour: Flavour) -> dict[str, Any]:
         "tile_size": s,
         "convnext": flavour.convnext_input,
         "dino": flavour.dino_input,
+        **({"clip": flavour.clip_input} if flavour.clip else {}),
+        **({"qformer": flavour.qformer_input} if flavour.qformer else {}),
         "tokens_per_view": n + 2,
         "tokens_per_image": (1 + (g * g if g > 1 else 0)) * (n + 2),
     }
@@ -108,7 +153,7 @@ def describe(flavour: Flavour) -> dict[str, Any]:
         figures[key] = Figure(int(value), source)
     return {
         "canvas": figures["canvas"], "tile_size": figures["tile_size"],
-        "encoders": {"convnext": figures["convnext"], "dino": figures["dino"]},
+        "encoders": {k: figures[k] for k in ("convnext", "dino", "clip", "qformer") if k in figures},
         "tokens_per_view": figures["tokens_per_view"], "tokens_per_image": figures["tokens_per_image"],
     }
 
@@ -142,8 +187,10 @@ _DEPENDS = {
     "tile_size": ("tile_size",),
     "convnext": ("convnext_input",),
     "dino": ("dino_input",),
-    "tokens_per_view": ("dino", "dino_input"),
-    "tokens_per_image": ("grid", "dino", "dino_input"),
+    "clip": ("clip_input",),
+    "qformer": ("qformer_input",),
+    "tokens_per_view": ("dino", "dino_input", "qformer"),
+    "tokens_per_image": ("grid", "dino", "dino_input", "qformer"),
 }
 
 

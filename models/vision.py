@@ -11,6 +11,17 @@ Every view (the global view, then the kept tiles of each image) is seen by both 
       │  resize to dino_input    → Dinov2Model   → CLS + patches [V, N, Cd]
       └─ concat channels [V, N, Cc + Cd] → Linear → LayerNorm → [V, N, d_llm]
 
+The four-branch releases (``flavour.clip`` / ``flavour.qformer`` set; LLaMA2-Accessory llama_ens.py:377-449)
+add two more on the CLIP-normalised view:
+
+      ├─ resize to clip_input → CLIPVisionModel → post_layernorm at every token → [V, N, Ck]; it joins the
+      │  concat first: [V, N, Ck + Cc + Cd] → Linear → LayerNorm  (5632 = 1024 + 3072 + 1536 at full size)
+      └─ resize to qformer_input → QFormerBranch (models.qformer) → [V, Q, 768] → Linear → LayerNorm
+         → the Q query tokens lead the view: [V, Q + N, d_llm]  (N counts them: flavour.tokens_per_view)
+
+and their ConvNeXt sees the view nearest-resized in fp16 (``convnext_resize``; 224 → 256 gives an 8×8
+map, repeated 2×2 onto the 16×16 grid, llama_ens.py:399-407).
+
 Each image then becomes one sequence of LLM embeddings, laid out as
 
     [start, N view tokens, end]               the global view
@@ -38,11 +49,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model
+from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, Dinov2Config, Dinov2Model
 from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
 
 from models.errors import UserError
 from models.flavours import Flavour
+from models.qformer import QFormerBranch
 
 
 def build_convnext(flavour: Flavour) -> ConvNextModel:
@@ -71,6 +83,19 @@ def build_dino(flavour: Flavour) -> Dinov2Model:
     return Dinov2Model(Dinov2Config(**{**flavour.dino, "image_size": flavour.dino_input}))
 
 
+def build_clip(flavour: Flavour) -> Optional[CLIPVisionModel]:
+    if flavour.clip is None:
+        return None
+    return CLIPVisionModel(CLIPVisionConfig(**{**flavour.clip, "image_size": flavour.clip_input}))
+
+
+def clip_tokens(clip: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """pixel_values [V, 3, H, W] → every token through the final LayerNorm [V, 1 + patches, Ck] (the release's
+    ``clip_encode_image``: ``ln_post`` on all tokens, no projection)."""
+    hidden = clip(pixel_values=pixel_values).last_hidden_state  # before post_layernorm
+    return clip.post_layernorm(hidden)
+
+
 class MixtureOfVisualExperts(nn.Module):
     """uint8 views + kept masks → the images' embedding sequences, concatenated (see module docstring)."""
 
@@ -82,9 +107,14 @@ class MixtureOfVisualExperts(nn.Module):
         self.patch_grid = flavour.dino_input // flavour.dino["patch_size"]  # g, N = 1 + g·g
         self.convnext = build_convnext(flavour)
         self.dino = build_dino(flavour)
+        self.clip = build_clip(flavour)
+        self.qformer = QFormerBranch(flavour.qformer, flavour.qformer_input) if flavour.qformer else None
         c_conv = self.convnext.config.hidden_sizes[-1]
         c_dino = self.dino.config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(c_conv + c_dino, d_llm), nn.LayerNorm(d_llm))
+        c_clip = self.clip.config.hidden_size if self.clip is not None else 0
+        self.projector = nn.Sequential(nn.Linear(c_clip + c_conv + c_dino, d_llm), nn.LayerNorm(d_llm))
+        if self.qformer is not None:
+            self.qformer_proj = nn.Sequential(nn.Linear(self.qformer.hidden_size, d_llm), nn.LayerNorm(d_llm))
         # small random init, as in SPHINX (torch.rand · 0.02 keeps them near the text scale)
         self.start = nn.Parameter(torch.randn(d_llm) * 0.02)
         self.end = nn.Parameter(torch.randn(d_llm) * 0.02)
@@ -107,15 +137,19 @@ class MixtureOfVisualExperts(nn.Module):
     def set_encoders_trainable(self, trainable: bool) -> None:
         """Frozen encoders have requires_grad False and stay in eval mode through .train()."""
         self.encoders_trainable = trainable
-        for enc in (self.convnext, self.dino):
+        for enc in self.encoders():
             enc.requires_grad_(trainable)
             enc.train(self.training and trainable)
+
+    def encoders(self) -> list[nn.Module]:
+        """The frozen-by-default towers: ConvNeXt, DINOv2, and CLIP / the Q-Former where the flavour has them."""
+        return [m for m in (self.convnext, self.dino, self.clip, self.qformer) if m is not None]
 
     def train(self, mode: bool = True) -> "MixtureOfVisualExperts":
         super().train(mode)
         if not getattr(self, "encoders_trainable", True):
-            self.convnext.eval()
-            self.dino.eval()
+            for enc in self.encoders():
+                enc.eval()
         return self
 
     # ------------------------------------------------------------------ encoding
@@ -138,22 +172,34 @@ class MixtureOfVisualExperts(nn.Module):
         """uint8 [V, S, S, 3] → projected view tokens [V, N, d_llm]."""
         x = self.normalise(views)
         dtype = self.projector[0].weight.dtype
+        f = self.flavour
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoders_trainable):
-            conv_in = _resize(x, self.flavour.convnext_input).to(self.convnext.embeddings.patch_embeddings.weight.dtype)
-            fmap = convnext_feature_map(self.convnext, conv_in, final_norm=self.flavour.convnext_final_norm)
+            conv_in = _resize(x, f.convnext_input, f.convnext_resize)
+            conv_in = conv_in.to(self.convnext.embeddings.patch_embeddings.weight.dtype)
+            fmap = convnext_feature_map(self.convnext, conv_in, final_norm=f.convnext_final_norm)
             g = self.patch_grid
             if fmap.shape[-1] != g or fmap.shape[-2] != g:
                 if fmap.shape[-1] % g == 0 and fmap.shape[-2] % g == 0:
                     fmap = F.adaptive_avg_pool2d(fmap, g)
+                elif g % fmap.shape[-1] == 0 and g % fmap.shape[-2] == 0:  # the release's repeat_interleave
+                    fmap = fmap.repeat_interleave(g // fmap.shape[-2], dim=-2).repeat_interleave(g // fmap.shape[-1], -1)
                 else:
                     fmap = F.interpolate(fmap, size=(g, g), mode="bilinear", align_corners=False)
             conv_tokens = fmap.flatten(2).transpose(1, 2)  # [V, g·g, Cc]
-            conv_tokens = torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)  # [V, N, Cc]
-            x = self.normalise_dino(views)
-            dino_in = _resize(x, self.flavour.dino_input).to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
-            dino_tokens = self.dino(pixel_values=dino_in).last_hidden_state  # [V, N, Cd]
-        feats = torch.cat([conv_tokens.to(dtype), dino_tokens.to(dtype)], dim=-1)  # [V, N, Cc + Cd]
-        return self.projector(feats)
+            branches = [torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)]  # [V, 1 + g·g, Cc]
+            if self.clip is not None:
+                clip_in = _resize(x, f.clip_input, f.encoder_resize).to(self.clip.embeddings.patch_embedding.weight.dtype)
+                branches.insert(0, clip_tokens(self.clip, clip_in))  # [V, 1 + g·g, Ck], first in the concat
+            if self.qformer is not None:
+                q_in = _resize(x, f.qformer_input, f.encoder_resize)
+                queries = self.qformer(q_in.to(self.qformer.query_tokens.dtype))  # [V, Q, 768]
+            dino_in = _resize(self.normalise_dino(views), f.dino_input, f.encoder_resize)
+            dino_in = dino_in.to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
+            branches.append(self.dino(pixel_values=dino_in).last_hidden_state)  # [V, 1 + g·g, Cd]
+        tokens = self.projector(torch.cat([b.to(dtype) for b in branches], dim=-1))  # [V, 1 + g·g, d]
+        if self.qformer is None:
+            return tokens
+        return torch.cat([self.qformer_proj(queries.to(dtype)), tokens], dim=1)  # [V, N = Q + 1 + g·g, d]
 
     def token_counts(self, kept: torch.Tensor) -> list[int]:
         """kept bool [I, G·G] → each image's sequence length, (1 + kept)·(N + 2) + skipped."""
@@ -203,7 +249,14 @@ class MixtureOfVisualExperts(nn.Module):
         return torch.cat(parts, dim=0)
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """[V, 3, S, S] → [V, 3, size, size]. ``bicubic``: antialiased when shrinking, untouched at the same size;
+    the release's ``nearest_fp16`` / ``bicubic_fp16`` (F.interpolate on x.half(), then back) always run, as
+    the release runs them whatever the sizes (the fp16 round trip is part of its pixels)."""
+    if mode == "nearest_fp16":
+        return F.interpolate(x.half(), size=(size, size)).to(x.dtype)
+    if mode == "bicubic_fp16":
+        return F.interpolate(x.half(), size=(size, size), mode="bicubic").to(x.dtype)
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=x.shape[-1] > size)

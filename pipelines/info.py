@@ -47,6 +47,11 @@ def param_counts(flavour: Flavour) -> dict[str, Any]:
     v = model.vision
     encoders = {"convnext": _count(v.convnext), "dino": _count(v.dino)}
     projector = _count(v.projector) + v.start.numel() + v.end.numel() + v.skip.numel()
+    if v.clip is not None:  # the four-branch releases
+        encoders["clip"] = _count(v.clip)
+    if v.qformer is not None:
+        encoders["qformer"] = _count(v.qformer)
+        projector += _count(v.qformer_proj)
     total = _count(model)
     return {
         "llm": _count(model.llm),
@@ -109,8 +114,8 @@ def render(report: dict[str, Any]) -> str:
         + (f" — {report['notes']}" if report["notes"] else ""),
         "parameters (meta device):",
         f"  llm        {_human(p['llm']):>12}",
-        f"  vision     {_human(p['vision']):>12}  (convnext {_human(p['vision_encoders']['convnext'])}, "
-        f"dino {_human(p['vision_encoders']['dino'])})",
+        f"  vision     {_human(p['vision']):>12}  ("
+        + ", ".join(f"{k} {_human(n)}" for k, n in p["vision_encoders"].items()) + ")",
         f"  projector  {_human(p['projector']):>12}  (incl. start/end/skip)",
         f"  total      {_human(p['total']):>12}  (trainable {_human(p['trainable'])})",
         "token budget:",

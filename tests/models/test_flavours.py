@@ -35,7 +35,7 @@ def test_vision_encoders_are_convnext_xxl_and_dinov2_g():
 
 
 def test_token_grid_and_grids():
-    assert all(f.tokens_per_view == 257 for n, f in FLAVOURS.items() if not n.startswith("debug"))
+    assert all(f.tokens_per_view == (289 if f.qformer else 257) for n, f in FLAVOURS.items() if not n.startswith("debug"))
     assert FLAVOURS["plus-3x3"].grid == 3 and FLAVOURS["plus"].grid == 2
     assert FLAVOURS["moe"].is_moe and FLAVOURS["debug-moe"].is_moe and not FLAVOURS["debug"].is_moe
     assert FLAVOURS["moe"].llm["rope_theta"] == 1e6 and FLAVOURS["moe"].llm["num_experts_per_tok"] == 2

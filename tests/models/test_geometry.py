@@ -9,7 +9,7 @@ from models.flavours import FLAVOURS, from_name
 from models.geometry import describe, to_json
 from models.tiling import TileSpec, image_token_count
 
-_SOURCE = re.compile(r"^(release: accessory/model/LLM/[a-z0-9_]+\.py:\d+(-\d+)? \(.+\)|paper|project|override)")
+_SOURCE = re.compile(r"^(release: accessory/model/LLM/[a-z0-9_]+\.py:\d+[-, 0-9]* \(.+\)|paper|project|override)")
 
 
 @pytest.mark.parametrize("name", sorted(FLAVOURS))
@@ -32,6 +32,21 @@ def test_release_figures_cite_the_release_code():
     g = describe(FLAVOURS["sphinx-tiny-1k"])
     assert (g["canvas"].value, g["encoders"]["convnext"].value, g["encoders"]["dino"].value) == (1024, 512, 224)
     assert g["tokens_per_image"].value == 5 * 259 and "llama_ens5_light.py:310" in g["tokens_per_image"].source
+
+
+@pytest.mark.parametrize("name,canvas,tile,per_image", [
+    ("sphinx", 224, 224, 291), ("sphinx-1k", 448, 224, 5 * 291), ("sphinx-v2-1k", 448, 224, 5 * 291),
+    ("sphinx-moe", 512, 512, 291), ("sphinx-moe-1k", 1024, 512, 5 * 291)])
+def test_four_branch_releases(name, canvas, tile, per_image):
+    """The issue's figures as the release code has them: 32 queries + 257 + start/end = 291 per view at every
+    size; 1455 per image for the 1k members, whose canvas is 448 (SPHINX-1k, -v2-1k) or 1024 (MoE-1k)."""
+    g = describe(FLAVOURS[name])
+    assert (g["canvas"].value, g["tile_size"].value, g["tokens_per_view"].value) == (canvas, tile, 291)
+    assert g["tokens_per_image"].value == per_image
+    assert {k: f.value for k, f in g["encoders"].items()} == {
+        "convnext": 256 if tile == 224 else 512, "dino": 224, "clip": 224, "qformer": 224}
+    assert all(f.source.startswith(f"release: accessory/model/LLM/{FLAVOURS[name].release}.py:")
+               for f in g["encoders"].values())
 
 
 def test_paper_flavours_say_which_numbers_are_the_projects():

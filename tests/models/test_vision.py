@@ -155,3 +155,24 @@ def test_the_final_convnext_norm_is_the_flavours_choice():
         normed = convnext_feature_map(tower, x)
         assert torch.equal(convnext_feature_map(tower, x, final_norm=False), raw)
     torch.testing.assert_close(normed, tower.layernorm(raw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_four_branch_views():
+    """The four-branch releases' view: Q query tokens first, then N - Q channel-mixed tokens (CLIP | ConvNeXt |
+    DINOv2); the ConvNeXt's 2x2 map is repeated onto the 4x4 grid (the release's repeat_interleave)."""
+    f = from_name("debug-sphinx-1k")
+    torch.manual_seed(0)
+    vision = MixtureOfVisualExperts(f, 128).eval()
+    assert len(vision.encoders()) == 4 and not any(p.requires_grad for e in vision.encoders() for p in e.parameters())
+    assert vision.projector[0].in_features == 40 + 96 + 64  # CLIP, ConvNeXt, DINOv2 channels, in the release's order
+    views = torch.randint(0, 256, (5, 56, 56, 3), dtype=torch.uint8)
+    kept = torch.ones(1, 4, dtype=torch.bool)
+    seen = {}
+    vision.convnext.register_forward_hook(lambda m, i, o: seen.update(fmap=o.last_hidden_state))
+    with torch.no_grad():
+        out = vision(views, kept)
+        tokens = vision.encode_views(views)
+    assert seen["fmap"].shape[-2:] == (2, 2)  # 56 -> nearest 64 -> stride 32
+    assert out.shape == (5 * (4 + 17 + 2), 128) and vision.token_counts(kept) == [115]
+    assert tokens.shape == (5, 21, 128)
+    assert torch.equal(out[1:22], tokens[0])  # start, then the view's Q + N tokens
