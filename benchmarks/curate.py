@@ -4,7 +4,7 @@
 
 Inputs are generated into a temporary local storage folder (not timed): ``--pdfs`` PDFs of
 ``--pages`` born-digital pages (30 lines of Helvetica each, pipelines/demo/synthetic_pdfs.py) and
-``--images`` 640×480 scenes with 6 polygon regions in a COCO instances file. Measured:
+``--images`` of the demo's scenes with 2-5 shapes each as COCO (``pipelines.demo.synthetic_coco``). Measured:
 
 - OCR (a) a plain single-process loop of the same library: pypdfium2 opens each PDF, renders
   each page at the stage's dpi and reads its text and every character box (the library's floor);
@@ -20,7 +20,6 @@ Inputs are generated into a temporary local storage folder (not timed): ``--pdfs
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,24 +50,11 @@ def _pdfs(folder: Path, n: int, pages: int) -> list[Path]:
 
 
 def _coco(folder: Path, n: int) -> None:
-    rng = np.random.default_rng(1)
-    images, anns = [], []
-    (folder / "coco" / "images").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        a = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "JPEG", quality=85)
-        (folder / "coco" / "images" / f"{i}.jpg").write_bytes(buf.getvalue())
-        images.append({"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480})
-        for k in range(6):
-            x, y = float(rng.uniform(0, 500)), float(rng.uniform(0, 360))
-            w, h = float(rng.uniform(40, 140)), float(rng.uniform(40, 120))
-            poly = [x, y, x + w, y, x + w * 0.7, y + h, x, y + h * 0.8]
-            anns.append({"id": i * 10 + k, "image_id": i, "category_id": 1 + k % 3, "iscrowd": 0,
-                         "bbox": [x, y, w, h], "segmentation": [poly]})
-    coco = {"images": images, "annotations": anns,
-            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "car"}]}
-    (folder / "coco" / "instances.json").write_text(json.dumps(coco))
+    from pipelines.demo.synthetic_coco import coco_scenes
+
+    for name, data in coco_scenes(n).items():
+        (folder / "coco" / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "coco" / name).write_bytes(data)
 
 
 def _plain_pdfium(paths: list[Path], dpi: float) -> int:

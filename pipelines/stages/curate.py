@@ -39,7 +39,7 @@ import json
 import logging
 import time
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from cluster.capacity import Demand, Work, check_capacity
 from cluster.connect import connect
