@@ -21,7 +21,7 @@ Filters, in order, each a quarantine reason with its count:
 A kept page gives its picture ``images/<id>.png`` and LLaVA records (boxes in the model's
 canvas frame, ``models.boxes``: ``[x1,y1,x2,y2]`` fractions with two decimals)::
 
-    {"id": "a.pdf#1:text", "image": "images/a.pdf-1.png", "conversations": [
+    {"id": "a.pdf#1:text", "image": "images/a.pdf-1-<hash>.png", "conversations": [
         {"from": "human", "value": "<image>\\nTranscribe the text on this page in reading order."},
         {"from": "gpt", "value": "Invoice 2024\\nTotal: 31 EUR"}]}
     {"id": "a.pdf#1:regions", "image": ..., "conversations": [
@@ -47,7 +47,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from actors.curate.outcome import Outcome
+from actors.curate.outcome import Outcome, image_name
 from actors.curate.pages import Line, reading_order, render_page, row_text, text_layer, transcription, union
 from cluster.spec import ClusterSpec, OcrCurate
 from cluster.storage import Storage
@@ -91,10 +91,6 @@ class OcrConfig:
 def input_kind(name: str) -> Optional[str]:
     low = name.lower()
     return "pdf" if low.endswith(PDF_EXTS) else "image" if low.endswith(IMAGE_EXTS) else None
-
-
-def image_name(page_id: str) -> str:
-    return "images/" + re.sub(r"[^A-Za-z0-9_.-]+", "-", page_id).strip("-") + ".png"
 
 
 # ----------------------------------------------------------------------------- a file

@@ -8,13 +8,15 @@ rerun reads it back instead of redoing the work (:func:`run_block`).
 
 Block line (before the driver assembles ``data.jsonl``)::
 
-    {"id": "coco:42", "records": [{"id": "coco:42", "image": "images/coco-42.png", "conversations": [...]}],
+    {"id": "coco:42", "records": [{"id": "coco:42", "image": "images/coco-42-<hash>.png", "conversations": [...]}],
      "reason": null, "detail": "", "counts": {"regions_marked": 3}, "key": null, "preview": {...}}
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -41,6 +43,13 @@ class Outcome:
         d = asdict(self)
         d.pop("images")
         return json.dumps(d, ensure_ascii=False)
+
+
+def image_name(sample_id: str) -> str:
+    """``"sub/a b.pdf#2"`` -> ``"images/sub-a-b.pdf-2-<8 hex>.png"``: readable, and unique per id (the
+    hash keeps two ids that clean to the same text apart)."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", sample_id).strip("-")[:80]
+    return f"images/{clean}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}.png"
 
 
 def run_block(row: dict, *, storage: Storage, out_dir: str, blocks_dir: str,

@@ -5,9 +5,9 @@ Item (built on the driver from the COCO file, ``pipelines.stages.curate``)::
     {"id": "coco:42", "image": "s3://b/coco/000042.jpg", "width": 640, "height": 480,
      "annotations": [{"id": 7, "category_id": 18, "bbox": [...], "segmentation": ..., "iscrowd": 0}, ...]}
 
-Sample: the marked image ``images/<name>.png`` and one LLaVA record::
+Sample: the marked image ``images/<id>-<hash>.png`` (``outcome.image_name``) and one LLaVA record::
 
-    {"id": "coco:42", "image": "images/coco-42.png", "conversations": [...],        (actors.curate.som_questions)
+    {"id": "coco:42", "image": "images/coco-42-<hash>.png", "conversations": [...],        (actors.curate.som_questions)
      "marks": [{"mark": 1, "category": "dog", "ann_id": 7, "point": [x, y], "label": [x1, y1, x2, y2],
                 "bbox": [x1, y1, x2, y2]}, ...],
      "teacher": {"model", "url", "request", "answer"}}                             (with curate.som.teacher)
@@ -22,14 +22,13 @@ Regions left unmarked are counted, never hidden: ``regions_crowd`` (``iscrowd``)
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from PIL import Image
 
 from actors.curate.marks import draw_marks, place_marks
-from actors.curate.outcome import Outcome
+from actors.curate.outcome import Outcome, image_name
 from actors.curate.regions import Region, RegionError, region_of
 from actors.curate.som_questions import som_conversation
 from cluster.spec import SomCurate
@@ -45,10 +44,6 @@ class SomConfig:
     categories: dict  # category id -> name
     max_image_bytes: int
     max_image_pixels: int
-
-
-def image_name(sample_id: str) -> str:
-    return "images/" + re.sub(r"[^A-Za-z0-9_.-]+", "-", sample_id).strip("-") + ".png"
 
 
 def curate_image(item: dict, config: SomConfig, storage: Storage) -> list[Outcome]:
