@@ -27,7 +27,13 @@ canvas frame, ``models.boxes``: ``[x1,y1,x2,y2]`` fractions with two decimals)::
     {"id": "a.pdf#1:regions", "image": ..., "conversations": [
         {"from": "human", "value": "<image>\\nWhat does the text in [0.06,0.12,0.33,0.17] say?"}, {"from": "gpt", "value": "Invoice 2024"},
         {"from": "human", "value": "Where is the text \\"Total: 31 EUR\\" on the page?"}, {"from": "gpt", "value": "[0.06,0.19,0.35,0.24]"},
-        {"from": "human", "value": "What is the Total on this page?"}, {"from": "gpt", "value": "31 EUR"}]}
+        {"from": "human", "value": "What is the Total on this page?"}, {"from": "gpt", "value": "31 EUR"},
+        {"from": "human", "value": "Read the table row inside [0.06,0.30,0.80,0.34], cell by cell."},
+        {"from": "gpt", "value": "Paper | 2 | 4 EUR"}]}
+
+Key-value turns come from lines ``Key: value``; table turns from rows whose words fall into two or
+more cells (``actors.curate.pages.cells``: a gap wider than 1.5 line heights) next to another such
+row.
 
 A page whose transcription does not fit ``data.max_seq_len`` (its image tokens, the template and
 the text, counted as UTF-8 bytes: never fewer than a byte-level BPE's tokens) is split into
@@ -48,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from actors.curate.outcome import Outcome, image_name
-from actors.curate.pages import Line, reading_order, render_page, row_text, text_layer, transcription, union
+from actors.curate.pages import Line, cells, reading_order, render_page, row_text, text_layer, transcription, union
 from cluster.spec import ClusterSpec, OcrCurate
 from cluster.storage import Storage
 from models.boxes import BoxError, format_box, to_canvas
@@ -62,6 +68,7 @@ TEMPLATE_BYTES = 64  # the system prompt's share is not counted in max_seq_len b
 TURN_BYTES = 24  # " Human: ", " Assistant: ", "\n###" per question-answer pair
 INK = 128  # a pixel darker than this (grey level) is ink
 REGION_TURNS = 3  # text-of-region and where-is questions per page (each)
+TABLE_TURNS = 2  # table rows asked cell by cell per page
 KEY_VALUE = re.compile(r"^([A-Za-z][\w .()/-]{0,40}?)\s*:\s*(\S.{0,200})$")
 
 
@@ -250,6 +257,7 @@ def page_records(pid: str, image_ref: str, size: tuple[int, int], rows: list[lis
     qa += [(f'Where is the text "{ln.text}" on the page?', box(ln.box)) for ln in where]
     qa += [(f"What is the {m.group(1).strip()} on this page?", m.group(2).strip())
            for m in (KEY_VALUE.match(t) for t in texts) if m][:2]
+    qa += _table_turns(rows, box)
     kept, used = [], 0
     for q, a in qa:
         cost = TURN_BYTES + _bytes(q) + _bytes(a)
@@ -259,6 +267,19 @@ def page_records(pid: str, image_ref: str, size: tuple[int, int], rows: list[lis
     if kept:
         out.append(record(f"{pid}:regions", kept))
     return out
+
+
+def _table_turns(rows: list[list[Line]], box) -> list[tuple[str, str]]:
+    """Table rows (two or more consecutive rows of two or more cells, ``pages.cells``): the first
+    ``TABLE_TURNS`` are asked cell by cell, the answer the cells joined by `` | ``."""
+    split = [cells(r) for r in rows]
+    turns: list[tuple[str, str]] = []
+    for k, row_cells in enumerate(split):
+        in_table = len(row_cells) >= 2 and any(len(split[j]) >= 2 for j in (k - 1, k + 1) if 0 <= j < len(split))
+        if in_table and len(turns) < TABLE_TURNS:
+            region = union([b for _, b in row_cells])
+            turns.append((f"Read the table row inside {box(region)}, cell by cell.", " | ".join(t for t, _ in row_cells)))
+    return turns
 
 
 def _chunks(rows: list[list[Line]], budget: int, box) -> list[list[list[Line]]]:

@@ -104,6 +104,23 @@ def reading_order(lines: list[Line]) -> list[list[Line]]:
     return [sorted(row, key=lambda ln: ln.box[0]) for row in rows]
 
 
+def cells(row: list[Line], gap: float = 1.5) -> list[tuple[str, Box]]:
+    """A row's words grouped into cells: a new cell where the space between two words is wider
+    than ``gap`` line heights (a table's column gap; a word space is about a third of one).
+
+    Before: ``Name    Qty    Price`` on one baseline. After: ``[("Name", box), ("Qty", box), ("Price", box)]``."""
+    words = sorted((w for line in row for w in line.words), key=lambda w: w[1][0])
+    if not words:
+        return []
+    height = max(line.box[3] - line.box[1] for line in row)
+    out: list[list[tuple[str, Box]]] = [[words[0]]]
+    for word in words[1:]:
+        if word[1][0] - out[-1][-1][1][2] > gap * height:
+            out.append([])
+        out[-1].append(word)
+    return [(" ".join(t for t, _ in cell), union([b for _, b in cell])) for cell in out]
+
+
 def row_text(row: list[Line]) -> str:
     return " ".join(line.text for line in row)
 

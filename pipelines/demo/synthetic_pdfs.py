@@ -76,3 +76,19 @@ def figure_pdf(caption: str) -> bytes:
                _stream(content),
                b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"]
     return _pdf(objects)
+
+
+def table_pdf(title: str, rows: list[list[str]], column_pt: float = 110) -> bytes:
+    """One page: ``title``, then ``rows`` of cells, each cell at its own x (``column_pt`` apart)
+    on the row's baseline, as a table is typeset."""
+    ops = [f"BT /F1 {FONT_PT} Tf {LEFT} {TOP} Td ({_escape(title)}) Tj ET"]
+    for r, row in enumerate(rows):
+        y = TOP - LEADING * (r + 1)
+        for c, cell in enumerate(row):
+            ops.append(f"BT /F1 {FONT_PT} Tf {LEFT + c * column_pt} {y} Td ({_escape(cell)}) Tj ET")
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {PAGE_W} {PAGE_H}] /Contents 4 0 R "
+               f"/Resources << /Font << /F1 5 0 R >> >> >>".encode(),
+               _stream("\n".join(ops).encode("latin-1")),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"]
+    return _pdf(objects)

@@ -19,7 +19,7 @@ from cluster.storage import open_storage
 from models.boxes import from_canvas, parse_boxes
 from models.flavours import from_name
 from models.tiling import TileSpec
-from pipelines.demo.synthetic_pdfs import figure_pdf, scanned_pdf, text_pdf
+from pipelines.demo.synthetic_pdfs import figure_pdf, scanned_pdf, table_pdf, text_pdf
 
 PAGE_1 = ["Quarterly report 2024", "Revenue: 41 million", "Costs were lower than planned", "Total: 12 units"]
 PAGE_2 = ["The second page has its own words", "and a closing line"]
@@ -78,6 +78,7 @@ def test_transcription_is_the_pdfs_text_and_boxes_land_on_the_words(storage):
             checked += 1
         assert checked >= 2
     kv = [t["value"] for t in pages[0].records[1]["conversations"]]
+    assert not any("cell by cell" in t for t in kv)  # prose is no table
     assert "What is the Revenue on this page?" in kv and kv[kv.index("What is the Revenue on this page?") + 1] == "41 million"
 
 
@@ -162,3 +163,17 @@ def test_same_text_gives_the_same_key_for_the_duplicate_filter(storage):
     b = curate_file(_put(storage, "b.pdf", text_pdf([PAGE_1])), _config(), storage)[0]
     c = curate_file(_put(storage, "c.pdf", text_pdf([PAGE_2])), _config(), storage)[0]
     assert a.key == b.key != c.key
+
+
+def test_table_rows_are_read_cell_by_cell(storage):
+    rows = [["Item", "Qty", "Price"], ["Paper", "2", "4 EUR"], ["Ink", "1", "9 EUR"]]
+    (page,) = curate_file(_put(storage, "t.pdf", table_pdf("Order 7", rows)), _config(), storage)
+    assert page.reason is None, page.detail
+    assert page.records[0]["conversations"][1]["value"] == "Order 7\n" + "\n".join(" ".join(r) for r in rows)
+    turns = page.records[-1]["conversations"]
+    asked = [(q["value"], a["value"]) for q, a in zip(turns[0::2], turns[1::2]) if "cell by cell" in q["value"]]
+    assert [a for _, a in asked] == ["Item | Qty | Price", "Paper | 2 | 4 EUR"]
+    image = Image.open(io.BytesIO(page.images[page.records[0]["image"]]))
+    (g,) = parse_boxes(asked[1][0])
+    x1, y1, x2, y2 = from_canvas(g.boxes[0], image.size, _config().tile)
+    assert _ink(image)[int(y1):int(y2) + 1, int(x1):int(x2) + 1].sum() > 50  # on the row "Paper 2 4 EUR"
