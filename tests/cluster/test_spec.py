@@ -140,3 +140,18 @@ def test_cli_show_prints_the_full_spec(capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert parse_spec(shown) == load_spec(example_path("local"))
     assert shown["train"]["betas"] == [0.9, 0.95]  # defaults filled in
+
+
+def test_curate_section_checks_its_keys_urls_and_group():
+    spec = parse_spec({"curate": {"som": {"annotations": "a.json", "images": "img", "teacher": {"url": "http://t:8000/v1/",
+                                                                                             "model": "m"}},
+                                  "ocr": {"input": "s3://b/docs", "engine": "tesseract", "languages": ["en"]}}})
+    assert spec.curate.som.teacher.url == "http://t:8000/v1" and spec.curate.som.output == "curated/som"
+    assert spec.curate.ocr.output == "curated/ocr" and spec.curate.block_size >= 1
+    for bad, where in ((({"som": {"annotations": "a", "images": "b", "bogus": 1}}), "curate.som.bogus"),
+                       (({"som": {"annotations": "a", "images": "b", "teacher": {"url": "ftp://x", "model": "m"}}}),
+                        "curate.som.teacher.url"),
+                       (({"ocr": {"input": "d", "engine": "paddle"}}), "curate.ocr.engine"),
+                       (({"group": "nope"}), "curate.group")):
+        with pytest.raises(SpecError, match=where.replace(".", r"\.")):
+            parse_spec({"curate": bad})
