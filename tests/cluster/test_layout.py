@@ -30,3 +30,12 @@ def test_every_run_path_derives_from_the_spec():
     assert lay.checkpoint("@train") == lay.export and lay.checkpoint("models/x") == "s3://bkt/run/models/x"
 
 
+
+
+def test_curated_sets_by_the_one_rule():
+    spec = parse_spec({"storage": {"uri": "s3://b/run"},
+                       "curate": {"ocr": {"input": "docs", "output": "/data/ocr"}}})
+    lay = Layout.from_spec(spec)
+    assert lay.curated_records("som") == "s3://b/run/curated/som/data.jsonl"  # the default, section or not
+    assert lay.curated_manifest("ocr") == "/data/ocr/_manifest.json"
+    assert lay.curated_images("ocr") == "/data/ocr/images" and lay.curated_blocks("som") == "s3://b/run/curated/som/_blocks"
