@@ -33,9 +33,9 @@ def test_every_run_path_derives_from_the_spec():
 
 
 def test_curated_sets_by_the_one_rule():
-    spec = parse_spec({"storage": {"uri": "s3://b/run"},
+    spec = parse_spec({"storage": {"uri": "s3://bkt/run"},
                        "curate": {"ocr": {"input": "docs", "output": "/data/ocr"}}})
     lay = Layout.from_spec(spec)
-    assert lay.curated_records("som") == "s3://b/run/curated/som/data.jsonl"  # the default, section or not
+    assert lay.curated_records("som") == "s3://bkt/run/curated/som/data.jsonl"  # the default, section or not
     assert lay.curated_manifest("ocr") == "/data/ocr/_manifest.json"
-    assert lay.curated_images("ocr") == "/data/ocr/images" and lay.curated_blocks("som") == "s3://b/run/curated/som/_blocks"
+    assert lay.curated_images("ocr") == "/data/ocr/images" and lay.curated_blocks("som") == "s3://bkt/run/curated/som/_blocks"
