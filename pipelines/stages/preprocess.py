@@ -28,6 +28,15 @@ are under ``storage.uri``; ``image_root`` likewise):
 - ``parquet``: columns ``conversations`` (JSON text or list of ``{from, value}``), ``image``
   (binary, or ``{bytes: binary}`` as HF datasets write it; null = text-only), ``id`` optional.
 
+Layouts (``data.sources[].layout``, docs/interfaces.md "Source layouts"): beside the container
+format, how a record is laid out: ``llava`` (the records above, the default), chat sets
+(``sharegpt``, ``messages``, ``ultrachat``) and the annotation files of public datasets
+(``coco_captions``, ``vqa``, ``textvqa``, ``ocrvqa``, ``docvqa``, ``refcoco``, ``vg_regions``, read
+whole, with their ``annotations`` file), asked with per-task prompts (``actors.data.prompts``).
+Mixture: each record is written ``epochs`` = ratio x weight (x the temperature factor of
+``data.mixture_temperature``, for which every source is parsed once more to count it) times on
+average (``actors.data.mixture``); the manifest records each source's layout, prompts, weight, epochs.
+
 Shards are written by the tiler actors, never by the driver: the raw rows of each source are
 cut (in order, streaming) into blocks of at most ``data.rows_per_shard`` rows; one block is one
 tiler call, which writes the block's good rows (copies repeated, fixed row groups) to one file

@@ -4,7 +4,9 @@ The formats (``auto`` decides by extension) and the path rules are those of
 ``pipelines.stages.preprocess`` (module doc); a source that cannot be read, holds no data files
 or mixes formats is a ``UserError`` naming ``data.sources[i]``. Image references must resolve
 inside ``image_root`` or, when the spec lists them, ``allowed_image_prefixes`` (each by the same
-path rule); others are quarantined as ``outside_root`` (``actors.data.rows.resolve_image``).
+path rule); others are quarantined as ``outside_root`` (``actors.data.rows.resolve_image``). The source's
+``layout`` settings become its :class:`actors.data.layouts.Reading` here, checked against the layout
+(its column names, its ``annotations`` file, the prompt kinds it can ask).
 """
 
 from __future__ import annotations
@@ -90,9 +92,9 @@ def _reading(storage: Storage, lay: Layout, i: int, src: SourceSpec, seed: int) 
     ``annotations`` is given (and exists) where the layout reads one."""
     where = f"data.sources[{i}] ({src.name})"
     if src.layout == "llava":
-        if src.columns or src.annotations:
-            raise UserError(f"{where}: columns and annotations belong to the other layouts; layout llava reads "
-                            "LLaVA records as they are")
+        if src.columns or src.annotations or src.prompt:
+            raise UserError(f"{where}: columns, annotations and prompt belong to the other layouts; layout llava "
+                            "reads LLaVA records as they are")
         return Reading(seed=seed)
     layout = LAYOUTS[src.layout]
     unknown = sorted(set(src.columns) - set(layout.columns))

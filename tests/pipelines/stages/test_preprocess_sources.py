@@ -43,6 +43,7 @@ def test_layout_settings_become_the_sources_reading(source, tmp_path):
     ({"layout": "coco_captions", "prompt": "referring"}, "prompt 'referring' does not fit layout 'coco_captions'"),
     ({"layout": "messages", "prompt": "caption"}, "its records hold their questions"),
     ({"columns": {"messages": "m"}}, "layout llava reads LLaVA records as they are"),
+    ({"prompt": "caption"}, "columns, annotations and prompt belong to the other layouts"),
 ])
 def test_bad_layout_settings_name_the_source(source, kw, message):
     with pytest.raises(UserError, match=r"data.sources\[0\] \(s\)"):
