@@ -35,7 +35,8 @@ def union(boxes: list[Box]) -> Box:
 
 
 def render_page(page, dpi: float) -> Image.Image:
-    return page.render(scale=dpi / 72.0).to_pil().convert("RGB")
+    image = page.render(scale=dpi / 72.0).to_pil()
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def text_layer(page, dpi: float) -> list[Line]:
