@@ -94,6 +94,9 @@ class CurateStage(StageBase):
                 summary[kind] = {**read_manifest(ctx.storage, ctx.layout, kind), "skipped": True}
                 continue
             summary[kind] = curate(ctx, kind)
+        # the totals `run` prints in its one line per stage (pipelines.stage.short_summary)
+        summary["rows_written"] = sum(summary[k]["records"] for k in kinds)
+        summary["rows_quarantined"] = sum(sum(summary[k]["quarantined"].values()) for k in kinds)
         return summary
 
     def report(self, ctx: RunContext, summary: dict[str, Any]) -> None:
