@@ -14,8 +14,12 @@ A model directory (format_version 2)::
                                 AutoModelForCausalLM / AutoTokenizer load it unchanged
     convnext/                   ConvNextModel.save_pretrained (config.json + safetensors)
     dinov2/                     Dinov2Model.save_pretrained
+    clip/                       CLIPVisionModel.save_pretrained          } only the four-branch releases
+    blip2_vision/               Blip2VisionModel.save_pretrained         } (flavour.clip / flavour.qformer:
+    qformer/                    Blip2QFormerModel.save_pretrained        }  models.vision, models.qformer)
     mm_projector.safetensors    projector.0.{weight,bias} (Linear), projector.1.{weight,bias} (LayerNorm),
-                                start, end, skip [d_llm] — models.vision's own parameters
+                                start, end, skip [d_llm] — models.vision's own parameters (four-branch:
+                                also qformer_proj.0/1 and qformer.query_tokens [1, Q, 768])
 
     >>> save_model_dir(model, tokenizer, "out/export", dtype=torch.bfloat16)   # a model in memory
     >>> writer = ModelDirWriter("out/export", skeleton(flavour, token_ids), tokenizer, dtype=torch.bfloat16)
@@ -72,10 +76,15 @@ FORMAT_VERSION = 2
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LLM_DIR, CONVNEXT_DIR, DINO_DIR = "llm", "convnext", "dinov2"
+CLIP_DIR, BLIP2_VISION_DIR, QFORMER_DIR = "clip", "blip2_vision", "qformer"
 PROJECTOR_FILE = "mm_projector.safetensors"
-# each part → (where it lives in the directory, its prefix in SphinxX.state_dict())
+# each part → (where it lives in the directory, its prefix in SphinxX.state_dict()); the last three only
+# where the flavour has the branch (parts_of)
 PARTS = {"llm": (LLM_DIR, "llm."), "convnext": (CONVNEXT_DIR, "vision.convnext."),
-         "dinov2": (DINO_DIR, "vision.dino."), "mm_projector": (PROJECTOR_FILE, "vision.")}
+         "dinov2": (DINO_DIR, "vision.dino."), "mm_projector": (PROJECTOR_FILE, "vision."),
+         "clip": (CLIP_DIR, "vision.clip."), "blip2_vision": (BLIP2_VISION_DIR, "vision.qformer.vision_model."),
+         "qformer": (QFORMER_DIR, "vision.qformer.qformer.")}
+_BRANCH_PARTS = {"clip": ("clip",), "qformer": ("blip2_vision", "qformer")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
 _NUMBERED = re.compile(r"^(.*\.\d+\.)")  # greedy: the prefix through the last numbered component
 
@@ -97,9 +106,20 @@ def geometry(flavour: Flavour) -> dict[str, Any]:
     return {**spec.to_dict(), "tokens_per_view": n, "max_image_tokens": image_token_count(1, 1, spec, n)}
 
 
+def parts_of(flavour: Flavour) -> dict[str, tuple[str, str]]:
+    """The ``PARTS`` a flavour's model directory holds (CLIP and the Q-Former only where it has them)."""
+    absent = {p for branch, names in _BRANCH_PARTS.items() if getattr(flavour, branch) is None for p in names}
+    return {name: where for name, where in PARTS.items() if name not in absent}
+
+
+_TOWERS = tuple(prefix[len("vision."):] for name, (_, prefix) in PARTS.items()
+                if prefix.startswith("vision.") and name != "mm_projector")
+
+
 def _own_vision_state(vision: nn.Module) -> dict[str, torch.Tensor]:
-    """models.vision's parameters outside the two towers: projector, start, end, skip."""
-    return {k: v for k, v in vision.state_dict().items() if not k.startswith(("convnext.", "dino."))}
+    """models.vision's parameters outside the towers: projector, start, end, skip (and the Q-Former's
+    projection and query tokens)."""
+    return {k: v for k, v in vision.state_dict().items() if not k.startswith(_TOWERS)}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -198,7 +218,8 @@ class ModelDirWriter:
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, source: Optional[dict[str, Any]] = None):
         self.out = Path(directory)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in [self.out / LLM_DIR, self.out / CONVNEXT_DIR, self.out / DINO_DIR]:
+        for stale in [self.out / LLM_DIR, self.out / CONVNEXT_DIR, self.out / DINO_DIR, self.out / CLIP_DIR,
+                      self.out / BLIP2_VISION_DIR, self.out / QFORMER_DIR]:
             if stale.is_dir():
                 shutil.rmtree(stale)
         for stale in [self.out / PROJECTOR_FILE, self.out / "config.json", self.out / SINGLE_FILE,
@@ -207,13 +228,13 @@ class ModelDirWriter:
         self.model, self.tokenizer, self.dtype, self.source = model, tokenizer, dtype, source
         vision = model.vision
         self.parts = {name: _PartWriter(self.out / PARTS[name][0], module, dtype, max_shard_bytes)
-                      for name, module in (("llm", model.llm), ("convnext", vision.convnext), ("dinov2", vision.dino))}
+                      for name, module in _hf_parts(model)}
         self.own_keys = {f"vision.{k}" for k in _own_vision_state(vision)}
         self.own: dict[str, torch.Tensor] = {}  # projector, start, end, skip: small, written at close
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         for part, (_, prefix) in PARTS.items():
-            if part != "mm_projector" and name.startswith(prefix):
+            if part in self.parts and name.startswith(prefix):
                 return self.parts[part].add(name[len(prefix):], tensor)
         if name not in self.own_keys or name in self.own:
             raise CheckpointError(f"{name}: " + ("given twice" if name in self.own else "the model has no such key"))
@@ -349,11 +370,18 @@ def read_weights(directory: PathLike, flavour: Optional[Flavour] = None) -> Mode
     src = Path(directory)
     saved = read_config(src)["flavour"]
     part_files(src)  # every file each part names is there
-    flavour = saved if flavour is None else replace(flavour, **{k: getattr(saved, k) for k in ("llm", "convnext", "dino")})
+    flavour = saved if flavour is None else replace(
+        flavour, **{k: getattr(saved, k) for k in ("llm", "convnext", "dino", "clip", "qformer")})
     llm = load_pretrained_llm(src / LLM_DIR, flavour)
     parts = {"llm": llm.state, "convnext": load_convnext_weights(src / CONVNEXT_DIR, flavour).state,
              "dinov2": load_dino_weights(src / DINO_DIR, flavour).state,
              "mm_projector": LazyTensors.open([src / PROJECTOR_FILE]).recipes()}
+    if flavour.clip is not None or flavour.qformer is not None:  # written by this version only: names as saved
+        model = skeleton(flavour, read_config(src)["token_ids"])
+        for part, module in _hf_parts(model)[3:]:
+            recipes = LazyTensors.open(safetensors_files(src / PARTS[part][0])).recipes()
+            _check_keys(module.state_dict(), recipes, str(src / PARTS[part][0]))
+            parts[part] = recipes
     return ModelDirWeights(flavour, llm.tokenizer, parts)
 
 
@@ -390,7 +418,15 @@ def skeleton(flavour: Flavour, token_ids: dict[str, int]) -> SphinxX:
 
 
 def _hf_parts(model: SphinxX) -> list[tuple[str, nn.Module]]:
-    return [("llm", model.llm), ("convnext", model.vision.convnext), ("dinov2", model.vision.dino)]
+    """(part, module) of each Hugging Face part the model has: llm, convnext, dinov2, then CLIP and the
+    Q-Former's two where the flavour has them."""
+    v = model.vision
+    parts = [("llm", model.llm), ("convnext", v.convnext), ("dinov2", v.dino)]
+    if v.clip is not None:
+        parts.append(("clip", v.clip))
+    if v.qformer is not None:
+        parts += [("blip2_vision", v.qformer.vision_model), ("qformer", v.qformer.qformer)]
+    return parts
 
 
 def _hf_state(part_dir: Path, module: nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -467,9 +503,9 @@ def safetensors_files(directory: PathLike) -> list[Path]:
 def part_files(directory: PathLike) -> dict[str, list[Path]]:
     """Each part's weight files (``PARTS`` gives its prefix in SphinxX names); for streaming readers."""
     src = Path(directory)
-    read_config(src)
+    flavour = read_config(src)["flavour"]
     return {name: ([src / path] if path.endswith(".safetensors") else safetensors_files(src / path))
-            for name, (path, _) in PARTS.items()}
+            for name, (path, _) in parts_of(flavour).items()}
 
 
 def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, Any], what: str) -> None:
@@ -535,7 +571,7 @@ def inspect_model_dir(directory: PathLike) -> dict[str, Any]:
             if value != ids[name]:
                 raise CheckpointError(f"{llm_dir}: the tokenizer's {name} is {value}, "
                                       f"{src / 'config.json'} says {ids[name]}")
-    vision = parts["convnext"]["params"] + parts["dinov2"]["params"]
+    vision = sum(parts[p]["params"] for p in parts if p not in ("llm", "mm_projector"))
     return {"path": str(src), "format_version": config["format_version"], "flavour": flavour.name,
             "geometry": config["geometry"], "token_ids": ids, "dtype": config["dtype"], "tokenizer": tok,
             "parts": parts, "source": config.get("source"),

@@ -187,3 +187,33 @@ def test_mismatches_name_the_file_and_the_key(tokenizer, tmp_path):
     llm_config.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"llm/config.json: rms_norm_eps is 0.001 but flavour 'debug' has 1e-05"):
         load_model_dir(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["debug-sphinx", "debug-sphinx-moe-1k"])
+def test_four_branch_round_trip(tokenizer, tmp_path, name):
+    """CLIP and the Q-Former's two towers are Hugging Face parts of their own; its query tokens and
+    projection go with the projector. Saved, inspected, loaded and streamed: the same logits."""
+    from models.weights.model_dir import read_weights
+    from models.weights.stream import stream
+
+    model = _model(tokenizer, name)
+    save_model_dir(model, tokenizer, tmp_path / "m")
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == ["blip2_vision", "clip", "config.json", "convnext", "dinov2", "llm", "mm_projector.safetensors",
+                     "qformer"]
+    report = inspect_model_dir(tmp_path / "m")
+    assert set(report["parts"]) == {"llm", "convnext", "dinov2", "clip", "blip2_vision", "qformer", "mm_projector"}
+    assert "qformer.query_tokens" in load_file(str(tmp_path / "m" / "mm_projector.safetensors"))
+    assert report["params"]["total"] == sum(p.numel() for p in model.parameters())
+    loaded, _ = load_model_dir(tmp_path / "m")
+    g = model.flavour.grid
+    gg = g * g if g > 1 else 0
+    kept = torch.ones(1, gg, dtype=torch.bool)
+    n = (1 + gg) * (model.flavour.tokens_per_view + 2)
+    views = torch.randint(0, 256, (1 + gg, model.flavour.tile_size, model.flavour.tile_size, 3), dtype=torch.uint8)
+    ids = torch.tensor([[1] + [model.image_token_id] * n + [10, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids, views=views, kept=kept).logits, loaded(ids, views=views, kept=kept).logits)
+    streamed = dict(stream(read_weights(tmp_path / "m").recipes()))
+    assert set(streamed) == set(model.state_dict())
+    assert all(torch.equal(streamed[k], v) for k, v in model.state_dict().items())
