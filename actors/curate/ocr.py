@@ -16,7 +16,9 @@ Filters, in order, each a quarantine reason with its count:
 - ``language``: ``languages`` given and the text's language (langdetect, seeded) not among them;
 - ``duplicate``: the same normalised text as an earlier page (decided on the driver, in order,
   from ``Outcome.key``);
-- and per file: ``bad_pdf`` (pdfium cannot open it), ``bad_image``, ``too_large``, ``ocr_error``.
+- and per file or page: ``bad_pdf`` (pdfium cannot open it or a page), ``rotated_page`` (a
+  ``/Rotate`` page: pdfium's character boxes would not match its render), ``bad_image``,
+  ``too_large``, ``missing_file``, ``ocr_error``.
 
 A kept page gives its picture ``images/<id>.png`` and LLaVA records (boxes in the model's
 canvas frame, ``models.boxes``: ``[x1,y1,x2,y2]`` fractions with two decimals)::
@@ -131,6 +133,11 @@ def curate_file(item: dict, config: OcrConfig, storage: Storage) -> list[Outcome
         pages = len(pdf)
         for i in range(min(pages, config.section.max_pages_per_file)):
             page = pdf[i]
+            if page.get_rotation() % 360:  # pdfium's character boxes ignore /Rotate; the render does not
+                out.append(Outcome.quarantined(f"{fid}#{i + 1}", "rotated_page",
+                                               f"page {i + 1} is rotated {page.get_rotation()} degrees"))
+                page.close()
+                continue
             try:
                 image, lines = render_page(page, config.section.dpi), text_layer(page, config.section.dpi)
             except Exception as err:  # one broken page loses that page only

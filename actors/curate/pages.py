@@ -49,6 +49,8 @@ def text_layer(page, dpi: float) -> list[Line]:
     textpage = page.get_textpage()
     n = textpage.count_chars()
     text = textpage.get_text_range(0, n) if n else ""
+    if len(text) != n:  # characters beyond the BMP take two of pdfium's indices: read one index at a time
+        text = "".join(textpage.get_text_range(i, 1)[:1] or " " for i in range(n))
     lines: list[Line] = []
     chars: list[tuple[str, Box | None]] = []
 

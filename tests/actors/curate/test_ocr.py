@@ -155,6 +155,9 @@ def test_filters_quarantine_with_reasons(storage):
     assert page.reason is None
     (page,) = curate_file(_put(storage, "broken.pdf", b"%PDF-1.4 nothing"), _config(), storage)
     assert page.reason == "bad_pdf"
+    rotated = text_pdf([PAGE_1]).replace(b"/Type /Page /Parent", b"/Type /Page /Rotate 90 /Parent")
+    (page,) = curate_file(_put(storage, "rotated.pdf", rotated), _config(), storage)
+    assert page.reason == "rotated_page"
     assert detect_language("") == "unknown"
 
 
