@@ -33,7 +33,9 @@ from actors.curate.regions import Region, RegionError, region_of
 from actors.curate.som_questions import som_conversation
 from cluster.spec import SomCurate
 from cluster.storage import Storage
+from models.boxes import format_box, to_canvas
 from models.errors import UserError
+from models.tiling import TileSpec
 
 TEACHER_QUESTION = "Describe each marked region in detail."
 
@@ -44,6 +46,7 @@ class SomConfig:
     categories: dict  # category id -> name
     max_image_bytes: int
     max_image_pixels: int
+    tile: Optional[TileSpec] = None  # the model's canvas: "where is mark k" answers a box in its frame
 
 
 def curate_image(item: dict, config: SomConfig, storage: Storage) -> list[Outcome]:
@@ -93,8 +96,10 @@ def curate_image(item: dict, config: SomConfig, storage: Storage) -> list[Outcom
         except TeacherError as err:
             return [Outcome.quarantined(sid, "teacher_error", str(err), **counts)]
         teacher = (TEACHER_QUESTION, record["teacher"]["answer"])
+    boxes = ({n: format_box(to_canvas(regions[m.index].bbox, image.size, config.tile)) for n, m in zip(numbers, placed)}
+             if config.tile is not None else None)
     record["conversations"] = som_conversation([(n, regions[m.index].category) for n, m in zip(numbers, placed)],
-                                               sid, teacher=teacher)
+                                               sid, teacher=teacher, boxes=boxes)
     record["marks"] = [{"mark": n, "category": regions[m.index].category, "ann_id": regions[m.index].ann_id,
                         "point": list(m.point), "label": list(m.label),
                         "bbox": [round(v, 2) for v in regions[m.index].bbox]} for n, m in zip(numbers, placed)]

@@ -7,6 +7,8 @@ Input: the marks in number order as ``(number, category)`` pairs, e.g.
 - what is mark k              -> "A dog."                      (k drawn from the marks)
 - which mark is the <c>       -> "Mark 2." / "Marks 1 and 3."  (c a category present)
 - how many marks show a <c>   -> "2."                          (c a category present; a count)
+- where is mark k             -> "[0.10,0.20,0.45,0.80]"         (with ``boxes``: the region's box in
+                                                                  ``models.boxes``' text form)
 - describe every mark         -> "Mark 1: person. Mark 2: dog. Mark 3: person."
 
 The choices are deterministic per sample (seeded by the sample id), so a rerun writes the same
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from models.conversation import IMAGE
 
@@ -33,8 +35,9 @@ def _numbers(ns: Sequence[int]) -> str:
 
 
 def som_conversation(marks: Sequence[tuple[int, str]], sample_id: str,
-                     teacher: Optional[tuple[str, str]] = None) -> list[dict]:
-    """The turns for one marked image; ``teacher`` = (question, the teacher's answer) adds a last turn."""
+                     teacher: Optional[tuple[str, str]] = None, boxes: Optional[Mapping[int, str]] = None) -> list[dict]:
+    """The turns for one marked image; ``boxes`` {mark number: box text} adds "where is mark k";
+    ``teacher`` = (question, the teacher's answer) adds a last turn."""
     if not marks:
         raise ValueError("som_conversation needs at least one mark")
     rng = random.Random(int(hashlib.sha1(sample_id.encode()).hexdigest()[:12], 16))
@@ -50,8 +53,11 @@ def som_conversation(marks: Sequence[tuple[int, str]], sample_id: str,
         (f"Which mark is the {asked}?",
          f"Mark {which[0]}." if len(which) == 1 else f"Marks {_numbers(which)}."),
         (f"How many marks show {_article(counted)} {counted}?", f"{len(by_cat[counted])}."),
-        ("Describe every mark.", " ".join(f"Mark {k}: {c}." for k, c in marks)),
     ]
+    if boxes:
+        k = rng.choice(sorted(boxes))
+        qa.append((f"Where is mark {k}?", boxes[k]))
+    qa.append(("Describe every mark.", " ".join(f"Mark {k}: {c}." for k, c in marks)))
     if teacher is not None:
         qa.append(teacher)
     turns: list[dict] = []

@@ -319,12 +319,16 @@ def _som_inputs(ctx: RunContext) -> dict:
             continue
         items.append({"id": sid, "image": uri.uri, "width": w, "height": h,
                       "annotations": coco["by_image"].get(img.get("id"), [])})
+    from models.flavours import from_name
+    from models.tiling import TileSpec
+
+    tile = TileSpec.from_flavour(from_name(ctx.spec.model.flavour, **ctx.spec.model.overrides))
     config = SomConfig(section=section, categories=coco["categories"], max_image_bytes=ctx.spec.data.max_image_bytes,
-                       max_image_pixels=ctx.spec.data.max_image_pixels)
+                       max_image_pixels=ctx.spec.data.max_image_pixels, tile=tile)
     return {"items": items, "quarantined": early, "other_files": 0,
             "work": partial(curate_image, config=config, storage=storage),
             "fingerprint": {"categories": {str(k): v for k, v in sorted(coco["categories"].items(), key=str)},
-                            "max_image_bytes": config.max_image_bytes}}
+                            "max_image_bytes": config.max_image_bytes, "tile": repr(tile)}}
 
 
 def _ocr_inputs(ctx: RunContext) -> dict:

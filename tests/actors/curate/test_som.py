@@ -20,6 +20,9 @@ from actors.curate.som import SomConfig, curate_image
 from actors.curate.som_questions import som_conversation
 from cluster.spec import SomCurate, StorageSection
 from cluster.storage import open_storage
+from models.boxes import from_canvas, parse_boxes
+from models.flavours import from_name
+from models.tiling import TileSpec
 
 CATS = {1: "person", 2: "dog", 3: "cup"}
 W, H = 160, 120
@@ -65,9 +68,12 @@ def storage(tmp_path):
     return open_storage(StorageSection(uri=str(tmp_path), endpoint_url=None))
 
 
+TILE = TileSpec.from_flavour(from_name("debug"))
+
+
 def _config(**kw) -> SomConfig:
     return SomConfig(section=SomCurate(annotations="a.json", images="img", **kw), categories=CATS,
-                     max_image_bytes=2**20, max_image_pixels=10**7)
+                     max_image_bytes=2**20, max_image_pixels=10**7, tile=TILE)
 
 
 def _item(storage, anns=ANNS, **kw) -> dict:
@@ -99,14 +105,18 @@ def test_marks_sit_inside_their_regions_and_questions_agree_with_annotations(sto
     text = " ".join(t["value"] for t in record["conversations"])
     assert {int(n) for n in re.findall(r"[Mm]arks? (\d+)", text)} <= set(numbers)
     turns = record["conversations"]
-    assert turns[0]["value"].startswith("<image>\n") and [t["from"] for t in turns] == ["human", "gpt"] * 4
+    assert turns[0]["value"].startswith("<image>\n") and [t["from"] for t in turns] == ["human", "gpt"] * 5
     k = int(re.search(r"What is mark (\d+)\?", turns[0]["value"]).group(1))
     assert numbers[k] in turns[1]["value"]
     cat = re.search(r"Which mark is the (\w+)\?", turns[2]["value"]).group(1)
     assert {int(n) for n in re.findall(r"\d+", turns[3]["value"])} == {n for n, c in numbers.items() if c == cat}
     cat = re.search(r"How many marks show an? (\w+)\?", turns[4]["value"]).group(1)
     assert turns[5]["value"] == f"{sum(c == cat for c in numbers.values())}."
-    assert turns[7]["value"] == " ".join(f"Mark {n}: {numbers[n]}." for n in sorted(numbers))
+    k = int(re.search(r"Where is mark (\d+)\?", turns[6]["value"]).group(1))
+    (g,) = parse_boxes(turns[7]["value"])
+    (mark,) = [m for m in record["marks"] if m["mark"] == k]
+    assert np.allclose(from_canvas(g.boxes[0], (W, H), TILE), mark["bbox"], atol=1.5)  # the region's box
+    assert turns[9]["value"] == " ".join(f"Mark {n}: {numbers[n]}." for n in sorted(numbers))
 
 
 def test_the_anchor_of_a_ring_is_on_the_ring_not_in_its_hole():
