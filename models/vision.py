@@ -193,7 +193,12 @@ class MixtureOfVisualExperts(nn.Module):
             if self.qformer is not None:
                 q_in = _resize(x, f.qformer_input, f.encoder_resize)
                 queries = self.qformer(q_in.to(self.qformer.query_tokens.dtype))  # [V, Q, 768]
-            dino_in = _resize(self.normalise_dino(views), f.dino_input, f.encoder_resize)
+            if f.encoder_resize == "bicubic_fp16":  # the release re-normalises its resized CLIP input
+                # (mixtral_sparse_ens.py:692-694), so the fp16 rounding happens before the re-normalisation
+                x224 = _resize(x, f.dino_input, f.encoder_resize)
+                dino_in = (x224 * self.std_u8 + self.mean_u8 - self.dino_mean_u8) / self.dino_std_u8
+            else:
+                dino_in = _resize(self.normalise_dino(views), f.dino_input, f.encoder_resize)
             dino_in = dino_in.to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
             branches.append(self.dino(pixel_values=dino_in).last_hidden_state)  # [V, 1 + g·g, Cd]
         tokens = self.projector(torch.cat([b.to(dtype) for b in branches], dim=-1))  # [V, 1 + g·g, d]

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--weights", default=None, metavar="DIR",
                    help="check a model directory instead: parts, dtypes, parameter counts, tokenizer, keys")
 
-    cv = verb("convert", "pipelines.convert", "published weights (LLaMA2-Accessory SPHINX-Tiny) -> a model directory")
+    cv = verb("convert", "pipelines.convert", "published weights (LLaMA2-Accessory SPHINX releases) -> a model directory")
     cv.add_argument("src", help="the release directory (consolidated.NN-of-MM.model.pth, tokenizer.model, ...)")
     cv.add_argument("--from", dest="source_format", required=True, choices=["accessory"])
     cv.add_argument("-o", "--output", required=True, metavar="OUT", help="the model directory to write")

@@ -1,8 +1,9 @@
 """`sphinx-x convert --from accessory SRC -o OUT` and `sphinx-x info --weights DIR`: weights in and out.
 
-``convert`` reads the official LLaMA2-Accessory SPHINX-Tiny / Tiny-1k release (models.weights.accessory)
-and writes one sphinx-x model directory (models.weights.model_dir), then reads that directory back the
-way serving and training will and prints both: what the source held and what was written.
+``convert`` reads an official LLaMA2-Accessory SPHINX release (models.weights.accessory: SPHINX, -1k,
+-v2-1k, -MoE, -MoE-1k, -Tiny, -Tiny-1k) and writes one sphinx-x model directory (models.weights.model_dir),
+then reads that directory back the way serving and training will and prints both: what the source held
+and what was written.
 
     $ sphinx-x convert --from accessory SPHINX-Tiny-1k/ -o models/sphinx-tiny-1k
     source  SPHINX-Tiny-1k/ (llama_ens5_light, 2 model-parallel shard(s), bfloat16, 1152 tensors)

@@ -1,4 +1,12 @@
-"""Reading LLaMA2-Accessory checkpoints: the official SPHINX-Tiny / Tiny-1k release → a model directory.
+"""Reading LLaMA2-Accessory checkpoints: the official SPHINX releases → a model directory.
+
+    llama_type            release                      flavour
+    llama_ens_light       SPHINX-Tiny                  sphinx-tiny
+    llama_ens5_light      SPHINX-Tiny-1k               sphinx-tiny-1k
+    llama_ens             SPHINX                       sphinx
+    llama_ens5            SPHINX-1k, SPHINX-v2-1k      sphinx-1k (--flavour sphinx-v2-1k: the same model)
+    mixtral_sparse_ens    SPHINX-MoE                   sphinx-moe
+    mixtral_sparse_ens5   SPHINX-MoE-1k                sphinx-moe-1k
 
     >>> ckpt = read_accessory("SPHINX-Tiny-1k/")        # merges the model-parallel shards
     >>> ckpt.llama_type, ckpt.mp_size, ckpt.flavour.name
@@ -12,14 +20,18 @@ A release directory (as ``MetaModel.from_pretrained`` reads it)::
     tokenizer.model                   sentencepiece (TinyLlama's; n_words = the embedding rows)
     config.json                       the LLM's ModelArgs: dim, n_layers, n_heads, n_kv_heads,
                                       multiple_of, ffn_dim_multiplier, norm_eps, rope_theta, ...
-    meta.json                         {"llama_type": "llama_ens_light" | "llama_ens5_light"}
+    meta.json                         {"llama_type": one of the table above}
 
 Model-parallel merge (accessory/util/tensor_parallel.py: ColumnParallelLinear weight/bias on
 dim 0, RowParallelLinear weight on dim 1 (bias replicated), ParallelEmbedding on dim 1): in
-``llama_ens*_light`` the column-parallel layers are ``attention.wq/wk/wv``,
+``llama_ens*`` the column-parallel layers are ``attention.wq/wk/wv``,
 ``feed_forward.w1/w3`` and ``output``; the row-parallel ones ``attention.wo`` and
-``feed_forward.w2``; ``tok_embeddings`` is the parallel embedding. Everything else (norms, both
-encoders, ``visual_proj``, ``start_img``/``end_img``) is replicated: shard 0's copy is taken and
+``feed_forward.w2``; ``tok_embeddings`` is the parallel embedding. In ``mixtral_sparse_ens*`` the
+experts are three parameters per layer, ``feed_forward.w1/w2/w3`` [E·f/mp, d] on each rank, each
+expert's rows split over the ranks: merged as the release's ``_sparse_expert_merge``
+(mixtral_sparse_ens.py:214-218: view [E, f/mp, d], concatenate on dim 1); the router
+``feed_forward.gate`` is replicated. Everything else (norms, the encoders, ``visual_proj``,
+``qformer_proj``, ``start_img``/``end_img``) is replicated: shard 0's copy is taken and
 the largest difference between replicas is reported.
 
 Weights:
@@ -27,18 +39,25 @@ Weights:
     (``layers.N.attention.wq`` → ``model.layers.N.self_attn.q_proj``, ``feed_forward.w1`` →
     ``mlp.gate_proj``, ``output`` → ``lm_head``, ...), ``wq/wk`` permuted from Meta's interleaved
     rotary pairs to transformers' rotate-half halves.
+    The Mixtral LLM (``mixtral_sparse_ens*``) → ``MixtralForCausalLM``: attention and norms by the same
+    table, ``feed_forward.gate`` → ``mlp.gate``, each expert e's ``w1[e]`` [f, d] and ``w3[e]`` →
+    ``mlp.experts.gate_up_proj[e]`` = [w1[e]; w3[e]] [2f, d], ``w2[e]`` [f, d] (the release multiplies by it
+    untransposed) → ``mlp.experts.down_proj[e]`` = w2[e]ᵀ [d, f].
     ``<image>`` joins the tokenizer: one more row in ``embed_tokens`` / ``lm_head`` (the mean row;
     the image token's embedding is always replaced, so only its logit is new).
   - ``openclip_convnext_xxl.*``: open_clip's timm trunk (``head.norm`` included; SPHINX sets
     ``head.global_pool`` / ``head.flatten`` to Identity) → models.weights.encoders.convnext_from_timm.
   - ``dinov2_vitg14.*``: the torch.hub layout → models.weights.encoders.dino_from_hub (positions
     resampled once to the flavour's grid, as the hub model does at its input size).
+  - four-branch releases: ``clip.*`` and ``qformer.*`` → models.weights.four_branch (CLIPVisionModel and
+    the Q-Former's towers); ``qformer_proj.0/1`` → ``qformer_proj.0/1``; ``visual_proj.0`` takes
+    [CLIP | ConvNeXt | DINOv2] channels (5632 at full size) in the release's order.
   - ``visual_proj.0/1`` (Linear, LayerNorm) → ``projector.0/1``; ``start_img`` / ``end_img``
     [1, 1, d] → ``start`` / ``end`` [d]. The release has no skip token: ``skip`` is zeros, and the
     flavour has ``skip_tokens`` false, so it is never used.
 
-The flavour is the release's (models.flavours ``sphinx-tiny`` / ``sphinx-tiny-1k``: centred
-padding, no skip tokens, image after <s>) with the LLM's keys from config.json. Any key left
+The flavour is the release's (models.flavours, the table above: centred padding, no skip tokens, image
+after <s>) with the LLM's keys from config.json. Any key left
 unread, missing, or of a shape the flavour does not take is an error naming the file and the key.
 """
 
@@ -58,7 +77,13 @@ from models.weights.meta_llama import from_meta
 
 PathLike = Union[str, Path]
 PREFIX = "llma."
-LLAMA_TYPES = {"llama_ens_light": "sphinx-tiny", "llama_ens5_light": "sphinx-tiny-1k"}
+LLAMA_TYPES = {"llama_ens_light": "sphinx-tiny", "llama_ens5_light": "sphinx-tiny-1k", "llama_ens": "sphinx",
+               "llama_ens5": "sphinx-1k", "mixtral_sparse_ens": "sphinx-moe", "mixtral_sparse_ens5": "sphinx-moe-1k"}
+RELEASES = {"llama_ens_light": "SPHINX-Tiny", "llama_ens5_light": "SPHINX-Tiny-1k", "llama_ens": "SPHINX",
+            "llama_ens5": "SPHINX-1k, SPHINX-v2-1k", "mixtral_sparse_ens": "SPHINX-MoE",
+            "mixtral_sparse_ens5": "SPHINX-MoE-1k"}
+MOE_TYPES = ("mixtral_sparse_ens", "mixtral_sparse_ens5")
+_EXPERTS = re.compile(r"^layers\.\d+\.feed_forward\.w[123]$")  # mixtral_sparse_ens*'s MoE parameters
 _SHARD = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")
 # fairscale model-parallel layers of llama_ens*_light → the dim their shards are concatenated on;
 # every other key is replicated
@@ -71,8 +96,9 @@ MODEL_PARALLEL_SPLIT = [
 ]
 _MODEL_ARGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "max_batch_size", "max_seq_len", "rope_scaling",
-               "load_pretrained_visual_encoder", "trainable_mode"}
-_ENCODERS = {"convnext": "openclip_convnext_xxl.", "dino": "dinov2_vitg14."}
+               "load_pretrained_visual_encoder", "trainable_mode",
+               "hidden_dim", "head_dim", "moe", "load_balancing_weight"}  # the last four: mixtral_sparse_ens*
+_ENCODERS = {"convnext": "openclip_convnext_xxl.", "dino": "dinov2_vitg14.", "clip": "clip.", "qformer": "qformer."}
 
 
 class AccessoryError(UserError):
@@ -116,8 +142,8 @@ def read_accessory(directory: PathLike) -> AccessoryCheckpoint:
     meta = _read_json(src / "meta.json")
     llama_type = meta.get("llama_type")
     if llama_type not in LLAMA_TYPES:
-        raise AccessoryError(f"{src / 'meta.json'}: llama_type {llama_type!r} is not supported; supported: "
-                             f"{', '.join(sorted(LLAMA_TYPES))} (SPHINX-Tiny, SPHINX-Tiny-1k)")
+        known = "; ".join(f"{t} ({RELEASES[t]})" for t in LLAMA_TYPES)
+        raise AccessoryError(f"{src / 'meta.json'}: llama_type {llama_type!r} is not supported; supported: {known}")
     args = _read_json(src / "config.json")
     unknown = sorted(set(args) - _MODEL_ARGS)
     if unknown:
@@ -131,7 +157,8 @@ def read_accessory(directory: PathLike) -> AccessoryCheckpoint:
         if foreign:
             raise AccessoryError(f"{f}: keys without the {PREFIX!r} prefix: {_shown(foreign)}")
         shards.append({k[len(PREFIX):]: v for k, v in state.items()})
-    state, where, diffs = _merge(shards, files)
+    experts = int((args.get("moe") or {}).get("num_experts", 8)) if llama_type in MOE_TYPES else 0
+    state, where, diffs = _merge(shards, files, experts)
     return AccessoryCheckpoint(src, llama_type, args, files, state, where, diffs)
 
 
@@ -170,9 +197,10 @@ def _shard_files(src: Path) -> list[Path]:
     return [by_rank[r] for r in range(size)]
 
 
-def _merge(shards: list[dict[str, torch.Tensor]], files: list[Path]
+def _merge(shards: list[dict[str, torch.Tensor]], files: list[Path], experts: int = 0
            ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, float]]:
-    """Model-parallel shards → one state dict (split weights concatenated, replicas checked)."""
+    """Model-parallel shards → one state dict (split weights concatenated, replicas checked); ``experts``:
+    E of a mixtral_sparse_ens* checkpoint, whose expert parameters merge per expert."""
     keys = set(shards[0])
     for shard, f in zip(shards[1:], files[1:]):
         if set(shard) != keys:
@@ -183,6 +211,9 @@ def _merge(shards: list[dict[str, torch.Tensor]], files: list[Path]
         parts = [s.pop(key) for s in shards]
         dim = split_dim(key)
         where[key] = str(files[0])
+        if experts and _EXPERTS.match(key):
+            merged[key] = merge_experts(parts, experts, f"{files[0]}: {PREFIX}{key}")
+            continue
         if dim is not None:
             merged[key] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
             continue
@@ -195,6 +226,14 @@ def _merge(shards: list[dict[str, torch.Tensor]], files: list[Path]
             diffs[key] = diff
         merged[key] = parts[0]
     return merged, where, diffs
+
+
+def merge_experts(parts: list[torch.Tensor], experts: int, what: str) -> torch.Tensor:
+    """Each rank's [E·f/mp, d] → [E·f, d], expert by expert (the release's _sparse_expert_merge)."""
+    if any(p.dim() != 2 or p.shape[0] % experts for p in parts):
+        raise AccessoryError(f"{what} {list(parts[0].shape)} is not {experts} experts' rows (moe.num_experts "
+                             "in config.json)")
+    return torch.cat([p.view(experts, -1, p.shape[-1]) for p in parts], dim=1).reshape(-1, parts[0].shape[-1])
 
 
 def _shown(keys: list[str], n: int = 8) -> str:
@@ -227,6 +266,75 @@ def llm_config(args: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     if args.get("rope_scaling") is not None:  # positions · s in Accessory = positions / factor in transformers
         out["rope_scaling"] = {"rope_type": "linear", "factor": 1.0 / float(args["rope_scaling"])}
     return out
+
+
+def mixtral_config(args: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """mixtral_sparse_ens* ModelArgs → MixtralConfig keyword arguments (their defaults: mixtral_sparse_ens.py:50-72;
+    the head size is dim / n_heads there, :87)."""
+    heads = int(args.get("n_heads", 32))
+    moe = args.get("moe") or {}
+    out = dict(hidden_size=int(args.get("dim", 4096)), num_hidden_layers=int(args.get("n_layers", 32)),
+               num_attention_heads=heads, num_key_value_heads=int(args.get("n_kv_heads") or heads),
+               intermediate_size=int(args.get("hidden_dim", 16384)), vocab_size=vocab_size,
+               num_local_experts=int(moe.get("num_experts", 8)), num_experts_per_tok=int(moe.get("num_experts_per_tok", 2)),
+               rms_norm_eps=float(args.get("norm_eps", 1e-5)), rope_theta=float(args.get("rope_theta", 1e6)),
+               max_position_embeddings=int(args.get("max_seq_len") or 4096), tie_word_embeddings=False)
+    if args.get("rope_scaling") is not None:
+        out["rope_scaling"] = {"rope_type": "linear", "factor": 1.0 / float(args["rope_scaling"])}
+    return out
+
+
+def mixtral_to_hf(ckpt: AccessoryCheckpoint, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The Meta-layout Mixtral (taken out of ``ckpt.state``) → MixtralForCausalLM keys: attention, norms,
+    embeddings and head by models.weights.meta_llama's table; the router and the experts fused as
+    transformers holds them (see the module docstring)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from models.weights.meta_llama import meta_name, permute_rotary
+
+    vocab = ckpt.state.get("tok_embeddings.weight", torch.empty(0)).shape[0]  # the release's rows (resized later)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(MixtralConfig(**dict(config, vocab_size=vocab)))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    d, f, e = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    cfg_file = ckpt.directory / "config.json"
+
+    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in ckpt.state:
+            raise AccessoryError(f"{ckpt.files[0]}: {PREFIX}{key} is missing")
+        value = ckpt.state.pop(key)
+        if tuple(value.shape) != tuple(shape):
+            raise AccessoryError(f"{ckpt.where[key]}: {PREFIX}{key} is {list(value.shape)}, {cfg_file} gives "
+                                 f"{list(shape)} (dim {d}, hidden_dim {f}, {e} experts, n_heads {heads}, "
+                                 f"n_kv_heads {kv})")
+        return value
+
+    out: dict[str, torch.Tensor] = {}
+    for hf, shape in shapes.items():
+        m = re.match(r"^model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)$", hf)
+        if m is None:
+            meta = meta_name(hf)
+            value = take(meta, shape)
+            if meta.endswith("attention.wq.weight"):
+                value = permute_rotary(value, heads)
+            elif meta.endswith("attention.wk.weight"):
+                value = permute_rotary(value, kv)
+            out[hf] = value
+            continue
+        p = f"layers.{m[1]}.feed_forward."
+        if m[2] == "gate.weight":
+            out[hf] = take(p + "gate.weight", shape)
+        elif m[2] == "experts.gate_up_proj":
+            w1, w3 = take(p + "w1", (e * f, d)).view(e, f, d), take(p + "w3", (e * f, d)).view(e, f, d)
+            out[hf] = torch.cat([w1, w3], dim=1)  # [E, 2f, d]: gate rows, then up rows
+        else:
+            out[hf] = take(p + "w2", (e * f, d)).view(e, f, d).transpose(1, 2)  # [E, d, f]
+    extra = sorted(k for k in ckpt.state if k.startswith("layers."))
+    if extra:
+        raise AccessoryError(f"{ckpt.where[extra[0]]}: LLM weights beyond n_layers {config['num_hidden_layers']} "
+                             f"of {cfg_file} or not in {ckpt.llama_type}: {_shown([PREFIX + k for k in extra])}")
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def llama_to_hf(ckpt: AccessoryCheckpoint, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -262,12 +370,13 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
     """Read a release directory and write it as a model directory (models.weights.model_dir); returns
     ``{"source": what was read, "model_dir": models.weights.model_dir.inspect_model_dir(out)}``.
 
-    ``flavour``: the base flavour (default by llama_type: ``sphinx-tiny`` / ``sphinx-tiny-1k``;
-    its encoders and geometry; the LLM's keys come from config.json). ``dtype``: default the
+    ``flavour``: the base flavour (default by llama_type, ``LLAMA_TYPES``; its encoders and geometry; the
+    LLM's keys come from config.json). ``dtype``: default the
     checkpoint's own (its LLM weights')."""
     from models.weights.model_dir import DEFAULT_MAX_SHARD_BYTES, inspect_model_dir, save_model_dir, skeleton
     from models.weights.hf_llm import load_llm_tokenizer, resize_vocab
     from models.weights.encoders import convnext_from_timm, dino_from_hub, with_encoder_overrides
+    from models.weights.four_branch import clip_from_open_clip, qformer_from_blip2
 
     ckpt = read_accessory(directory)
     src = ckpt.directory
@@ -281,8 +390,17 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
               "files": [str(f) for f in ckpt.files], "dtype": str(stored).replace("torch.", ""),
               "tensors": len(ckpt.state), "tokenizer_words": n_words, "tokenizer_size": len(tokenizer),
               "replica_max_diff": ckpt.replica_max_diff}
-    config = llm_config(ckpt.args, vocab)
-    llm_state = resize_vocab(llama_to_hf(ckpt, config), vocab)
+    if base.is_moe != (ckpt.llama_type in MOE_TYPES):
+        llm = "a Mixtral" if ckpt.llama_type in MOE_TYPES else "a Llama"
+        raise AccessoryError(f"{src / 'meta.json'}: {ckpt.llama_type} ({RELEASES[ckpt.llama_type]}) has {llm} LLM but "
+                             f"flavour {base.name!r} is {'MoE' if base.is_moe else 'dense'}; use "
+                             f"--flavour {LLAMA_TYPES[ckpt.llama_type]}")
+    if ckpt.llama_type in MOE_TYPES:
+        config = mixtral_config(ckpt.args, vocab)
+        llm_state = resize_vocab(mixtral_to_hf(ckpt, config), vocab)
+    else:
+        config = llm_config(ckpt.args, vocab)
+        llm_state = resize_vocab(llama_to_hf(ckpt, config), vocab)
     # the encoders, through the published-layout readers (they check every key and shape)
     where = {name: next((ckpt.where[k] for k in ckpt.where if k.startswith(p)), str(ckpt.files[0]))
              for name, p in _ENCODERS.items()}
@@ -290,11 +408,20 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
                               source=f"{where['convnext']} ({PREFIX}{_ENCODERS['convnext']}*)")
     dino = dino_from_hub(ckpt.take(_ENCODERS["dino"]), base,
                          source=f"{where['dino']} ({PREFIX}{_ENCODERS['dino']}*)")
+    towers = {"convnext": conv, "dino": dino}
+    if base.clip is not None:
+        towers["clip"] = clip_from_open_clip(ckpt.take(_ENCODERS["clip"]), base,
+                                             source=f"{where['clip']} ({PREFIX}{_ENCODERS['clip']}*)")
+    if base.qformer is not None:
+        towers["qformer"] = qformer_from_blip2(ckpt.take(_ENCODERS["qformer"]), base,
+                                               source=f"{where['qformer']} ({PREFIX}{_ENCODERS['qformer']}*)")
     flav = replace(with_encoder_overrides(base, conv, dino), llm={**base.llm, **config})
     d = config["hidden_size"]
     own = {"projector.0.weight": ("visual_proj.0.weight", None), "projector.0.bias": ("visual_proj.0.bias", None),
            "projector.1.weight": ("visual_proj.1.weight", None), "projector.1.bias": ("visual_proj.1.bias", None),
            "start": ("start_img", (1, 1, d)), "end": ("end_img", (1, 1, d))}
+    if base.qformer is not None:  # the query tokens came with the Q-Former's tower
+        own.update({f"qformer_proj.{i}.{w}": (f"qformer_proj.{i}.{w}", None) for i in (0, 1) for w in ("weight", "bias")})
     if ckpt.state:
         left = sorted(k for k in ckpt.state if k not in {v[0] for v in own.values()})
         if left:
@@ -317,11 +444,10 @@ def convert_accessory(directory: PathLike, out: PathLike, *, flavour: Union[str,
     vision_state["skip"] = torch.zeros(d, dtype=stored)  # the release has none; skip_tokens is false
     with torch.no_grad():
         model.llm.load_state_dict(llm_state, strict=True, assign=True)
-        conv_state = {f"convnext.{k}": v for k, v in conv.tensors().items()}
-        dino_state = {f"dino.{k}": v for k, v in dino.tensors().items()}
-        model.vision.load_state_dict({**vision_state, **conv_state, **dino_state}, strict=True, assign=True)
-    source["encoders"] = {"convnext": {"ignored": list(conv.ignored), "notes": list(conv.notes)},
-                          "dino": {"ignored": list(dino.ignored), "notes": list(dino.notes)}}
+        for name, tower in towers.items():
+            vision_state.update({f"{name}.{k}": v for k, v in tower.tensors().items()})
+        model.vision.load_state_dict(vision_state, strict=True, assign=True)
+    source["encoders"] = {name: {"ignored": list(t.ignored), "notes": list(t.notes)} for name, t in towers.items()}
     save_model_dir(model, tokenizer, out, dtype=dtype, source=source,
                    max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     return {"source": source, "model_dir": inspect_model_dir(out)}

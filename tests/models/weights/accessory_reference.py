@@ -172,8 +172,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def meta_llama(state: dict[str, torch.Tensor], h: torch.Tensor, args: dict = ARGS) -> torch.Tensor:
-    """Embeddings [B, T, d] → logits [B, T, V]: accessory's Transformer (Meta layout, complex rotary)."""
+def meta_llama(state: dict[str, torch.Tensor], h: torch.Tensor, args: dict = ARGS, ffn: dict | None = None) -> torch.Tensor:
+    """Embeddings [B, T, d] → logits [B, T, V]: accessory's Transformer (Meta layout, complex rotary);
+    ``ffn``: {layer: its feed-forward} in place of the dense SwiGLU (the MoE releases)."""
     d, H = args["dim"], args["n_heads"]
     K = args.get("n_kv_heads") or H
     hd, eps, (B, T, _) = d // H, args["norm_eps"], h.shape
@@ -195,6 +196,9 @@ def meta_llama(state: dict[str, torch.Tensor], h: torch.Tensor, args: dict = ARG
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         h = h + att.transpose(1, 2).reshape(B, T, d) @ state[p + "attention.wo.weight"].T
         x = _rms(h, state[p + "ffn_norm.weight"], eps)
+        if ffn is not None:
+            h = h + ffn[i](x)
+            continue
         ff = F.silu(x @ state[p + "feed_forward.w1.weight"].T) * (x @ state[p + "feed_forward.w3.weight"].T)
         h = h + ff @ state[p + "feed_forward.w2.weight"].T
     return _rms(h, state["norm.weight"], eps) @ state["output.weight"].T
@@ -204,12 +208,14 @@ def _ln2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torc
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, b, eps).permute(0, 3, 1, 2)
 
 
-def timm_convnext(state: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """open_clip's trunk with head.global_pool / head.flatten = Identity: [V, 3, H, W] → [V, C, H/16, W/16]."""
+def timm_convnext(state: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-6,
+                  depths: list[int] | None = None) -> torch.Tensor:
+    """open_clip's trunk with head.global_pool / head.flatten = Identity: [V, 3, H, W] → [V, C, H/16, W/16]
+    (``depths``: the stages' depths, default the toy's three)."""
     c = "openclip_convnext_xxl."
     x = F.conv2d(x, state[c + "stem.0.weight"], state[c + "stem.0.bias"], stride=CONVNEXT["patch"])
     x = _ln2d(x, state[c + "stem.1.weight"], state[c + "stem.1.bias"], eps)
-    for st, depth in enumerate(CONVNEXT["depths"]):
+    for st, depth in enumerate(depths or CONVNEXT["depths"]):
         if st:
             q = f"{c}stages.{st}.downsample."
             x = _ln2d(x, state[q + "0.weight"], state[q + "0.bias"], eps)
@@ -225,10 +231,10 @@ def timm_convnext(state: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 
     return _ln2d(x, state[c + "head.norm.weight"], state[c + "head.norm.bias"], eps)
 
 
-def hub_dino(state: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def hub_dino(state: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-6, patch: int | None = None) -> torch.Tensor:
     """facebookresearch/dinov2 forward_features: [V, 3, H, W] → norm([CLS, patches]) [V, 1 + n, C]."""
     v = "dinov2_vitg14."
-    heads, p = DINO["heads"], DINO["patch"]
+    heads, p = DINO["heads"], patch or DINO["patch"]
     B = x.shape[0]
     w0, h0 = x.shape[-1] // p, x.shape[-2] // p
     x = F.conv2d(x, state[v + "patch_embed.proj.weight"], state[v + "patch_embed.proj.bias"], stride=p)

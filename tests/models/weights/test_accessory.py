@@ -209,8 +209,9 @@ def test_bad_checkpoints_name_the_file_and_the_key(release, tmp_path):
             "hidden_sizes": [32, 64, 128]}))
 
     src = _copy(release, tmp_path / "type")
-    (src / "meta.json").write_text(json.dumps({"llama_type": "mixtral_sparse_ens"}))
-    with pytest.raises(AccessoryError, match=r"llama_type 'mixtral_sparse_ens' is not supported"):
+    (src / "meta.json").write_text(json.dumps({"llama_type": "llama_qformerv2"}))
+    with pytest.raises(AccessoryError, match=r"llama_type 'llama_qformerv2' is not supported; supported: "
+                                             r"llama_ens_light \(SPHINX-Tiny\); .*mixtral_sparse_ens5 \(SPHINX-MoE-1k\)"):
         read_accessory(src)
     (src / "meta.json").write_text(json.dumps({"llama_type": "llama_ens_light"}))
     (src / "config.json").write_text(json.dumps({**ARGS, "n_expert": 8}))
