@@ -38,7 +38,9 @@ def _human(n: int) -> str:  # as pipelines.info's (which imports this module: no
 def render_model_dir(report: dict[str, Any]) -> str:
     """models.weights.model_dir.inspect_model_dir's report as text."""
     g, ids, tok = report["geometry"], report["token_ids"], report["tokenizer"]
-    lines = [f"model directory {report['path']} (flavour {report['flavour']}, {report['dtype']})"]
+    kind = f"release {report['release']}, " if report.get("release") else ""
+    lines = [f"model directory {report['path']} (flavour {report['flavour']}, {kind}{report['dtype']}; "
+             f"{len(report.get('encoders', []))} visual towers: {', '.join(report.get('encoders', []))})"]
     for name, part in report["parts"].items():
         lines.append(f"  {name:<13} {_human(part['params']):>11}  {','.join(part['dtypes']):<9} "
                      f"{len(part['files'])} file(s)  keys: all {part['tensors']} placed, none missing or unexpected")

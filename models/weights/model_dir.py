@@ -573,6 +573,7 @@ def inspect_model_dir(directory: PathLike) -> dict[str, Any]:
                                       f"{src / 'config.json'} says {ids[name]}")
     vision = sum(parts[p]["params"] for p in parts if p not in ("llm", "mm_projector"))
     return {"path": str(src), "format_version": config["format_version"], "flavour": flavour.name,
+            "release": flavour.release, "encoders": [p for p in parts if p not in ("llm", "mm_projector")],
             "geometry": config["geometry"], "token_ids": ids, "dtype": config["dtype"], "tokenizer": tok,
             "parts": parts, "source": config.get("source"),
             "params": {"llm": parts["llm"]["params"], "vision": vision,

@@ -34,7 +34,8 @@ def test_convert_then_info(release, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "llama_ens5_light, 2 model-parallel shard(s), float32" in text
     assert f"tokenizer.model: {release.n_words} words -> {release.n_words + 1} tokens with <image>" in text
-    assert "(flavour debug-sphinx-tiny-1k, bfloat16)" in text and "pad centre, skip tokens off" in text
+    assert ("(flavour debug-sphinx-tiny-1k, release llama_ens5_light, bfloat16; 2 visual towers: convnext, dinov2)"
+            in text and "pad centre, skip tokens off" in text)
     assert "none missing or unexpected" in text
 
     assert main(["info", "--weights", str(out), "--json"]) == 0

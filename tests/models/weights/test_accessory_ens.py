@@ -47,6 +47,12 @@ def test_merge_and_report(converted):
     assert "clip.text_projection" in encoders["clip"]["ignored"] and "clip.visual.proj" in encoders["clip"]["ignored"]
     assert "qformer.qformer.encoder.layer.0.intermediate.dense.weight" in encoders["qformer"]["ignored"]
     assert encoders["qformer"]["notes"] == ["vision qkv bias built as [q_bias, 0, v_bias] in 2 layer(s)"]
+    assert report["model_dir"]["release"] == release.llama_type
+    assert report["model_dir"]["encoders"] == ["convnext", "dinov2", "clip", "blip2_vision", "qformer"]
+    from pipelines.convert import render_model_dir
+
+    assert (f"release {release.llama_type}, float32; 5 visual towers: convnext, dinov2, clip, blip2_vision, qformer)"
+            in render_model_dir(report["model_dir"]))
     parts = report["model_dir"]["parts"]
     assert {"clip", "blip2_vision", "qformer"} <= set(parts) and model.flavour.release == release.llama_type
     assert model.is_moe == (release.llama_type in MOE_TYPES)
