@@ -82,6 +82,11 @@ class Flavour:
     # the same size) or "bicubic_fp16", the release's F.interpolate(x.half(), size, mode="bicubic") then back,
     # always (mixtral_sparse_ens.py:669)
     encoder_resize: Literal["bicubic", "bicubic_fp16"] = "bicubic"
+    # "project": each view is resized per encoder as above; "release": the canvas is made as the release
+    # makes it (PadToSquare at the image's size, then one PIL bicubic resize: models.tiling) and every
+    # encoder's views come from it by the release's own fp16 resize-then-crop (models.release_pixels);
+    # needs ``release`` and every tile kept
+    resample: Literal["project", "release"] = "project"
     # the LLaMA2-Accessory llama_type this flavour loads (models.weights.accessory), None for the paper's
     # flavours; models.geometry cites that release's code for the flavour's figures
     release: str | None = None
@@ -207,7 +212,8 @@ def _four(name: str, arch: str, llm: dict[str, Any], release: str, *, grid: int,
           **kw: Any) -> Flavour:
     """A four-branch release: tokens per view = 32 queries + 257 + start/end = 291."""
     return Flavour(name=name, llm_arch=arch, llm=llm, convnext=_CONVNEXT_XXL, convnext_input=convnext_input,
-                   dino=_DINOV2_G, dino_input=224, grid=grid, tile_size=tile, release=release, **_FOUR, **kw)
+                   dino=_DINOV2_G, dino_input=224, grid=grid, tile_size=tile, release=release, resample="release",
+                   **_FOUR, **kw)
 
 
 # Their toys: 4 queries, N = 4 + 17. llama_ens*: 56 px views (DINOv2, CLIP and the Q-Former's ViT take them
@@ -259,8 +265,10 @@ FLAVOURS: dict[str, Flavour] = {
         ), tile_size=48, max_seq_len=1024, convnext_final_norm=False, notes="tests and demo, MoE",
             **_DEBUG_VISION),
         _real("sphinx-tiny", "llama", _TINYLLAMA, grid=1, tile_size=512, **_RELEASE, release="llama_ens_light",
+              resample="release",
               notes="the official SPHINX-Tiny (llama_ens_light): one 512 px view"),
         _real("sphinx-tiny-1k", "llama", _TINYLLAMA, grid=2, tile_size=512, **_RELEASE, release="llama_ens5_light",
+              resample="release",
               notes="the official SPHINX-Tiny-1k (llama_ens5_light): global view + 2x2 tiles of 512"),
         _four("sphinx", "llama", _LLAMA2_13B, "llama_ens", grid=1, tile=224, convnext_input=256,
               convnext_resize="nearest_fp16", notes="the official SPHINX (llama_ens): one 224 px view, 291 tokens"),

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from models.tiling import (DEFAULT_MAX_PIXELS, ImageError, ImageInput, TilePlan, TileSpec, cut_views, load_image,
-                           scale_image)
+from models.tiling import (DEFAULT_MAX_PIXELS, ImageError, ImageInput, TilePlan, TileSpec, cut_views, draft_canvas,
+                           load_image, scale_image)
 
 CODECS = ("webp", "png")
 _SAVE = {"webp": dict(format="WEBP", lossless=True, method=0, quality=0, exact=True),
@@ -57,7 +57,7 @@ def store(data: ImageInput, spec: TileSpec, *, max_pixels: int = DEFAULT_MAX_PIX
     if codec not in CODECS:
         raise ValueError(f"image codec must be one of {CODECS}, got {codec!r}")
     scaled, layout, original = scale_image(
-        load_image(data, max_pixels=max_pixels, mean_u8=spec.mean_u8, canvas=spec.canvas), spec)
+        load_image(data, max_pixels=max_pixels, mean_u8=spec.mean_u8, canvas=draft_canvas(spec)), spec)
     buf = io.BytesIO()
     scaled.save(buf, **_SAVE[codec])
     (w, h), (x0, y0) = layout.scaled_size, layout.offset

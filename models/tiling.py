@@ -12,6 +12,13 @@ trained with) choose between the paper's rule and the official release's:
 - ``skip_tokens``: True (the paper) keeps a tile iff it holds at least one image pixel; the
   others are skipped (not encoded, one learnable skip token each). False (the release) keeps
   every tile: ``(1 + G²)·(N + 2)`` tokens for every image.
+- ``resample``: ``"project"`` (the default) scales the image to w'×h' and pastes it on the canvas;
+  ``"release"`` makes the canvas as the released models' transform does (``PadToSquare`` centres the
+  image on a square of the padding colour at its own size, then ONE PIL bicubic resize of that square
+  to C×C: SPHINX/sphinx.py:33-34, accessory/data/transform.py:57-65), so the padding's edge is
+  resampled with the image; needs ``pad="centre"`` and ``skip_tokens=False``. JPEGs are then decoded
+  at full size (no DCT-scaled draft), as the release decodes them. The scaled image of
+  :func:`scale_image` is then the whole canvas (offset 0).
 
     >>> spec = TileSpec(grid=2, tile_size=224)
     >>> kept_mask(1000, 500, spec)                 # 2:1 wide -> scaled to 448×224
@@ -79,6 +86,7 @@ class TileSpec:
     mean_u8: tuple[int, int, int] = DEFAULT_MEAN_U8
     pad: Pad = "top_left"
     skip_tokens: bool = True
+    resample: Literal["project", "release"] = "project"
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.tile_size < 1:
@@ -89,6 +97,10 @@ class TileSpec:
             raise ValueError(f"pad must be one of {PADS}, got {self.pad!r}")
         if not isinstance(self.skip_tokens, bool):
             raise ValueError(f"skip_tokens must be a bool, got {self.skip_tokens!r}")
+        if self.resample not in ("project", "release"):
+            raise ValueError(f"resample must be 'project' or 'release', got {self.resample!r}")
+        if self.resample == "release" and (self.pad != "centre" or self.skip_tokens):
+            raise ValueError("resample 'release' needs pad 'centre' and skip_tokens False (the release's geometry)")
 
     @property
     def canvas(self) -> int:
@@ -98,19 +110,22 @@ class TileSpec:
     @classmethod
     def from_flavour(cls, flavour: Any) -> "TileSpec":
         return cls(grid=flavour.grid, tile_size=flavour.tile_size, mean_u8=tuple(flavour.mean_u8),
-                   pad=flavour.pad, skip_tokens=flavour.skip_tokens)
+                   pad=flavour.pad, skip_tokens=flavour.skip_tokens, resample=getattr(flavour, "resample", "project"))
 
     @classmethod
     def from_dict(cls, facts: dict[str, Any]) -> "TileSpec":
         """The inverse of :meth:`to_dict` (a manifest's ``tiling``; extra keys are ignored)."""
         return cls(grid=int(facts["grid"]), tile_size=int(facts["tile_size"]),
                    mean_u8=tuple(int(v) for v in facts.get("mean_u8", DEFAULT_MEAN_U8)),
-                   pad=facts.get("pad", "top_left"), skip_tokens=bool(facts.get("skip_tokens", True)))
+                   pad=facts.get("pad", "top_left"), skip_tokens=bool(facts.get("skip_tokens", True)),
+                   resample=facts.get("resample", "project"))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: what a shard manifest or a model directory records of the geometry."""
-        return {"grid": self.grid, "tile_size": self.tile_size, "canvas": self.canvas,
-                "mean_u8": [int(v) for v in self.mean_u8], "pad": self.pad, "skip_tokens": self.skip_tokens}
+        """JSON-ready: what a shard manifest or a model directory records of the geometry (``resample``
+        only when it is the release's, so earlier records read the same)."""
+        out = {"grid": self.grid, "tile_size": self.tile_size, "canvas": self.canvas,
+               "mean_u8": [int(v) for v in self.mean_u8], "pad": self.pad, "skip_tokens": self.skip_tokens}
+        return {**out, "resample": self.resample} if self.resample != "project" else out
 
 
 @dataclass(frozen=True)
@@ -350,10 +365,24 @@ def scale_image(image: Image.Image, spec: TileSpec) -> tuple[Image.Image, TilePl
         raise ImageError("unsupported_mode", f"tiling needs an RGB image (use load_image), got {image.mode!r}")
     original = tuple(image.info.get(_ORIGINAL_SIZE, image.size))
     layout = plan(original[0], original[1], spec)
+    if spec.resample == "release":
+        return _release_canvas(image, spec), TilePlan((spec.canvas,) * 2, (0, 0), layout.kept), original
     w, h = layout.scaled_size
     if image.size != (w, h):
         image = image.resize((w, h), _RESAMPLE, reducing_gap=_REDUCING_GAP if image.width > w else None)
     return image, layout, original
+
+
+def _release_canvas(image: Image.Image, spec: TileSpec) -> Image.Image:
+    """The release's canvas: PadToSquare (centred at the image's own size, (side - w) // 2), then one PIL
+    bicubic resize to C×C (torchvision's Resize on a PIL image)."""
+    w, h = image.size
+    if w != h:
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(int(v) for v in spec.mean_u8))
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = square
+    return image.resize((spec.canvas, spec.canvas), _RESAMPLE)
 
 
 def cut_views(scaled: Image.Image, layout: TilePlan, spec: TileSpec) -> np.ndarray:
@@ -382,10 +411,16 @@ def tile_image(image: Image.Image, spec: TileSpec) -> TiledImage:
     Before: a W×H RGB image. After: ``views`` uint8 [1 + kept, S, S, 3], ``kept`` bool [G*G].
     """
     scaled, layout, original = scale_image(image, spec)
-    return TiledImage(views=cut_views(scaled, layout, spec), kept=layout.kept, scaled_size=layout.scaled_size,
-                      original_size=original, offset=layout.offset, pad=spec.pad, skip_tokens=spec.skip_tokens)
+    where = plan(original[0], original[1], spec) if spec.resample == "release" else layout  # the image on the canvas
+    return TiledImage(views=cut_views(scaled, layout, spec), kept=layout.kept, scaled_size=where.scaled_size,
+                      original_size=original, offset=where.offset, pad=spec.pad, skip_tokens=spec.skip_tokens)
 
 
 def load_and_tile(data: ImageInput, spec: TileSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> TiledImage:
     """The one path from bytes to views; preprocess and serving both call it."""
-    return tile_image(load_image(data, max_pixels=max_pixels, mean_u8=spec.mean_u8, canvas=spec.canvas), spec)
+    return tile_image(load_image(data, max_pixels=max_pixels, mean_u8=spec.mean_u8, canvas=draft_canvas(spec)), spec)
+
+
+def draft_canvas(spec: TileSpec) -> int | None:
+    """``load_image``'s ``canvas`` for this spec: None (decode at full size) for the release's resampling."""
+    return spec.canvas if spec.resample == "project" else None

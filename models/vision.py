@@ -55,6 +55,7 @@ from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
 from models.errors import UserError
 from models.flavours import Flavour
 from models.qformer import QFormerBranch
+from models.release_pixels import release_inputs
 
 
 def build_convnext(flavour: Flavour) -> ConvNextModel:
@@ -168,14 +169,34 @@ class MixtureOfVisualExperts(nn.Module):
             raise UserError(f"views must be uint8 [V, S, S, 3], got {views.dtype} {list(views.shape)}")
         return views.permute(0, 3, 1, 2).float()
 
+    def encoder_inputs(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 [V, S, S, 3] → {encoder: float input [V, 3, side, side]}: each view normalised and resized
+        to the encoder's side (``convnext_resize`` / ``encoder_resize``), or, with ``flavour.resample ==
+        "release"``, the release's own resize-then-crop from the whole canvas (models.release_pixels)."""
+        f = self.flavour
+        if f.resample == "release":
+            return release_inputs(views, f)
+        x = self.normalise(views)
+        out = {"convnext": _resize(x, f.convnext_input, f.convnext_resize)}
+        if self.clip is not None:
+            out["clip"] = _resize(x, f.clip_input, f.encoder_resize)
+        if self.qformer is not None:
+            out["qformer"] = _resize(x, f.qformer_input, f.encoder_resize)
+        if f.encoder_resize == "bicubic_fp16":  # the release re-normalises its resized CLIP input
+            # (mixtral_sparse_ens.py:692-694), so the fp16 rounding happens before the re-normalisation
+            x224 = _resize(x, f.dino_input, f.encoder_resize)
+            out["dino"] = (x224 * self.std_u8 + self.mean_u8 - self.dino_mean_u8) / self.dino_std_u8
+        else:
+            out["dino"] = _resize(self.normalise_dino(views), f.dino_input, f.encoder_resize)
+        return out
+
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 [V, S, S, 3] → projected view tokens [V, N, d_llm]."""
-        x = self.normalise(views)
         dtype = self.projector[0].weight.dtype
         f = self.flavour
+        inputs = self.encoder_inputs(views)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoders_trainable):
-            conv_in = _resize(x, f.convnext_input, f.convnext_resize)
-            conv_in = conv_in.to(self.convnext.embeddings.patch_embeddings.weight.dtype)
+            conv_in = inputs["convnext"].to(self.convnext.embeddings.patch_embeddings.weight.dtype)
             fmap = convnext_feature_map(self.convnext, conv_in, final_norm=f.convnext_final_norm)
             g = self.patch_grid
             if fmap.shape[-1] != g or fmap.shape[-2] != g:
@@ -188,18 +209,11 @@ class MixtureOfVisualExperts(nn.Module):
             conv_tokens = fmap.flatten(2).transpose(1, 2)  # [V, g·g, Cc]
             branches = [torch.cat([conv_tokens.mean(1, keepdim=True), conv_tokens], dim=1)]  # [V, 1 + g·g, Cc]
             if self.clip is not None:
-                clip_in = _resize(x, f.clip_input, f.encoder_resize).to(self.clip.embeddings.patch_embedding.weight.dtype)
+                clip_in = inputs["clip"].to(self.clip.embeddings.patch_embedding.weight.dtype)
                 branches.insert(0, clip_tokens(self.clip, clip_in))  # [V, 1 + g·g, Ck], first in the concat
             if self.qformer is not None:
-                q_in = _resize(x, f.qformer_input, f.encoder_resize)
-                queries = self.qformer(q_in.to(self.qformer.query_tokens.dtype))  # [V, Q, 768]
-            if f.encoder_resize == "bicubic_fp16":  # the release re-normalises its resized CLIP input
-                # (mixtral_sparse_ens.py:692-694), so the fp16 rounding happens before the re-normalisation
-                x224 = _resize(x, f.dino_input, f.encoder_resize)
-                dino_in = (x224 * self.std_u8 + self.mean_u8 - self.dino_mean_u8) / self.dino_std_u8
-            else:
-                dino_in = _resize(self.normalise_dino(views), f.dino_input, f.encoder_resize)
-            dino_in = dino_in.to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
+                queries = self.qformer(inputs["qformer"].to(self.qformer.query_tokens.dtype))  # [V, Q, 768]
+            dino_in = inputs["dino"].to(self.dino.embeddings.patch_embeddings.projection.weight.dtype)
             branches.append(self.dino(pixel_values=dino_in).last_hidden_state)  # [V, 1 + g·g, Cd]
         tokens = self.projector(torch.cat([b.to(dtype) for b in branches], dim=-1))  # [V, 1 + g·g, d]
         if self.qformer is None:

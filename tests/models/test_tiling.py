@@ -324,7 +324,9 @@ def test_spec_from_flavour_carries_the_geometry():
         spec = TileSpec.from_flavour(f)
         assert (spec.pad, spec.skip_tokens, spec.canvas) == ("centre", False, 512 * f.grid)
         assert spec.to_dict() == {"grid": f.grid, "tile_size": 512, "canvas": 512 * f.grid,
-                                  "mean_u8": list(f.mean_u8), "pad": "centre", "skip_tokens": False}
+                                  "mean_u8": list(f.mean_u8), "pad": "centre", "skip_tokens": False,
+                                  "resample": "release"}
+        assert TileSpec.from_dict(spec.to_dict()) == spec
         for W, H in [(1000, 1000), (1000, 500), (30, 900)]:
             assert image_token_count(W, H, spec, f.tokens_per_view) == tokens
         # the release pads with PadToSquare's int(mean·255) and normalises with the mean itself
@@ -338,3 +340,17 @@ def test_spec_from_flavour_carries_the_geometry():
     assert from_name("tiny").normalise_mean_u8 == (123.0, 117.0, 104.0)  # padding normalises to exactly 0
     with pytest.raises(ValueError, match="pad must be one of"):
         TileSpec(grid=2, tile_size=32, pad="center")
+
+
+def test_release_resampling_pads_then_resizes():
+    """resample "release": PadToSquare at the image's own size, then one bicubic resize of the square (the
+    release's transform); the scaled image is the whole canvas, so stored images keep it whole."""
+    spec = TileSpec(grid=2, tile_size=32, mean_u8=MEAN, pad="centre", skip_tokens=False, resample="release")
+    im = Image.new("RGB", (90, 30), (255, 0, 0))
+    square = Image.new("RGB", (90, 90), MEAN)
+    square.paste(im, (0, 30))
+    t = tile_image(load_image(im), spec)
+    assert t.views.shape == (5, 32, 32, 3) and (t.scaled_size, t.offset) == ((64, 21), (0, 21))  # where it lies
+    assert np.array_equal(t.canvas(MEAN), np.asarray(square.resize((64, 64), Image.Resampling.BICUBIC)))
+    with pytest.raises(ValueError, match="resample 'release' needs pad 'centre' and skip_tokens False"):
+        TileSpec(grid=2, tile_size=32, resample="release")
