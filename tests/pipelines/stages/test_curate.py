@@ -99,7 +99,8 @@ def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_sou
     put("in/docs/notes.txt", b"not a document")
     put("in/plain/p.jpg", _scene(9))
     put("in/plain/data.jsonl", "".join(json.dumps({"id": f"plain-{k}", "image": "p.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nWhat colour is the background?"}, {"from": "gpt", "value": "Grey."}]}) + "\n"
+        {"from": "human", "value": f"<image>\nQuestion {k}: what colour is the background?"},
+        {"from": "gpt", "value": "Grey."}]}) + "\n"
         for k in range(2)).encode())
 
     summaries = run_local(spec, ["curate", "preprocess", "train"])
