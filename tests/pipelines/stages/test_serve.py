@@ -166,6 +166,9 @@ def test_image_request_counts_image_tokens(live):
     n_image = image_token_count(60, 30, TileSpec.from_flavour(flavour), flavour.tokens_per_view)
     expected = len(build_prompt([{"role": "user", "content": parts}], debug_tokenizer(1024), [n_image]))
     assert out.usage.prompt_tokens == expected
+    from actors.serve.openai_api import answer_boxes  # docs/interfaces.md "Boxes in answers"
+    assert out.choices[0].message.model_extra["boxes"] == answer_boxes(out.choices[0].message.content, (60, 30),
+                                                                       TileSpec.from_flavour(flavour))
     jpeg = io.BytesIO()
     Image.new("RGB", (40, 40), (0, 0, 255)).save(jpeg, "JPEG")
     out = _ask(live["client"], model="debug-moe", content=[
