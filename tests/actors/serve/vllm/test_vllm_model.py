@@ -1,6 +1,8 @@
 """Parity: vLLM serving SPHINX-X (actors.serve.vllm.model) == the PyTorch model (models.sphinx), greedy, fp32, CPU.
 
-For the debug (Llama) and debug-moe (Mixtral) flavours: one engine per flavour, 32 requests —
+For the debug (Llama) and debug-moe (Mixtral) flavours and the four-branch release geometry in miniature
+(debug-sphinx-moe-1k: Q-Former + CLIP + ConvNeXt + DINOv2, Mixtral, every tile kept, images right after
+<s>): one engine per flavour, 32 requests —
 images of many aspect ratios (so kept/skipped tiles vary), as PNG/JPEG bytes, RGBA and PIL
 images, two-image prompts and text-only prompts. Each request must get
 
@@ -102,7 +104,7 @@ def _flask_proxies_resolvable():
         yield
 
 
-@pytest.fixture(scope="module", params=["debug", "debug-moe"])
+@pytest.fixture(scope="module", params=["debug", "debug-moe", "debug-sphinx-moe-1k"])
 def served(request, tokenizer, tmp_path_factory):
     """(PyTorch model, vLLM LLM, engine start seconds) for one flavour; the engine is shut down after."""
     from actors.serve.vllm.plugin import engine_args, register
@@ -144,7 +146,7 @@ def _inputs(model: SphinxX, tokenizer, messages, images):
     counts = [image_token_count(*t.original_size, spec, model.flavour.tokens_per_view) for t in tiled]
     views = torch.from_numpy(np.concatenate([t.views for t in tiled])) if tiled else None
     kept = torch.from_numpy(np.stack([t.kept for t in tiled])) if tiled else None
-    return build_prompt(messages, tokenizer, counts), views, kept
+    return build_prompt(messages, tokenizer, counts, image_position=model.flavour.image_position), views, kept
 
 
 def _logprobs(model: SphinxX, ids: list[int], views, kept, new: list[int]) -> torch.Tensor:
@@ -160,7 +162,8 @@ def _logprobs(model: SphinxX, ids: list[int], views, kept, new: list[int]) -> to
 def test_greedy_token_ids_match_the_pytorch_model(served, tokenizer):
     model, llm, started = served
     requests = _requests()
-    prompts = [{"prompt_token_ids": build_prompt(m, tokenizer, [1] * len(images)),  # one <image> per image
+    position = model.flavour.image_position  # one <image> per image, expanded by the processor
+    prompts = [{"prompt_token_ids": build_prompt(m, tokenizer, [1] * len(images), image_position=position),
                 **({"multi_modal_data": {"image": images}} if images else {})} for m, images in requests]
     params = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1)
     outputs = llm.generate(prompts, params, use_tqdm=False)
