@@ -11,12 +11,16 @@ several boxes of one phrase share one bracket pair, joined by ``;``::
     <p>two dogs</p> [0.05,0.40,0.30,0.90;0.55,0.42,0.80,0.88]
     [0.10,0.30,0.60,0.70]                              a bare box (a referring answer)
 
-The frame is the canvas of :func:`models.tiling.plan`: the W×H image scaled to w'×h' (long
-side C = G·S) and pasted at ``offset`` (0, 0 for ``pad="top_left"``, the paper; centred for
-``pad="centre"``, the release). A pixel x on the image is ``(x0 + x·w'/W) / C`` on the canvas.
+The frame is the canvas the model sees (``models.tiling``). With ``resample="project"`` it is
+:func:`models.tiling.plan`'s: the W×H image scaled to w'×h' (long side C = G·S) and pasted at
+``offset`` (0, 0 for ``pad="top_left"``, the paper; centred for ``pad="centre"``), so a pixel x is
+``(x0 + x·w'/W) / C``. With ``resample="release"`` (the released models) it is the release's
+``PadToSquare``: the image centred on a square of side M = max(W, H) at ``((M - W) // 2,
+(M - H) // 2)``, then resized whole, so x is ``(x0 + x) / M`` (Accessory's
+``box_xyxy_expand2square`` in ``accessory/eval_mm/evaluate.py``).
 
     >>> release = TileSpec(grid=2, tile_size=512, pad="centre", skip_tokens=False)
-    >>> to_canvas((100, 50, 600, 450), (1000, 500), release)   # 1024×512 pasted at y0 = 256
+    >>> to_canvas((100, 50, 600, 450), (1000, 500), release)   # 1024×512 pasted at y0 = 256 (of 1024)
     (0.1, 0.3, 0.6, 0.7)
     >>> format_box(_)
     '[0.10,0.30,0.60,0.70]'
@@ -98,10 +102,19 @@ def to_canvas(box_px: Sequence[float], size: tuple[int, int], spec: TileSpec) ->
     y1, y2 = max(0.0, y1), min(float(h_img), y2)
     if x2 <= x1 or y2 <= y1:
         raise BoxError(f"box {list(box_px)} is empty (needs x1 < x2 and y1 < y2)")
-    layout = plan(w_img, h_img, spec)
-    (w, h), (x0, y0), c = layout.scaled_size, layout.offset, spec.canvas
+    x0, y0, w, h, c = _placement(w_img, h_img, spec)
     return ((x0 + x1 * w / w_img) / c, (y0 + y1 * h / h_img) / c,
             (x0 + x2 * w / w_img) / c, (y0 + y2 * h / h_img) / c)
+
+
+def _placement(w_img: int, h_img: int, spec: TileSpec) -> tuple[int, int, int, int, int]:
+    """(x0, y0, w, h, side): the image fills [x0, x0 + w] × [y0, y0 + h] of a square of ``side``
+    that is the canvas up to one uniform scale (see the module docstring)."""
+    if getattr(spec, "resample", "project") == "release":  # PadToSquare at the image's size, one resize
+        side = max(w_img, h_img)
+        return (side - w_img) // 2, (side - h_img) // 2, w_img, h_img, side
+    layout = plan(w_img, h_img, spec)
+    return (*layout.offset, *layout.scaled_size, spec.canvas)
 
 
 def from_canvas(box_norm: Sequence[float], size: tuple[int, int], spec: TileSpec) -> Box:
@@ -112,8 +125,7 @@ def from_canvas(box_norm: Sequence[float], size: tuple[int, int], spec: TileSpec
     """
     w_img, h_img = int(size[0]), int(size[1])
     xs1, ys1, xs2, ys2 = _four(box_norm, "a canvas box")
-    layout = plan(w_img, h_img, spec)
-    (w, h), (x0, y0), c = layout.scaled_size, layout.offset, spec.canvas
+    x0, y0, w, h, c = _placement(w_img, h_img, spec)
 
     def px(v: float, origin: int, scaled: int, full: int) -> float:
         return min(float(full), max(0.0, (v * c - origin) * full / scaled))

@@ -1,6 +1,7 @@
-"""models/boxes.py: pixel boxes <-> SPHINX's canvas fractions for both pads, on wide, tall,
-square and tiny images, with the expected coordinates worked out from ``models.tiling.plan``;
-the text form as LLaMA2-Accessory writes and reads it (accessory/demos/multi_turn_mm_box.py)."""
+"""models/boxes.py: pixel boxes <-> SPHINX's canvas fractions for both pads (and the release's
+PadToSquare resampling), on wide, tall, square and tiny images, with the expected coordinates
+worked out from ``models.tiling.plan``; the text form as LLaMA2-Accessory writes and reads it
+(accessory/demos/multi_turn_mm_box.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from models.errors import UserError
 from models.flavours import from_name
 from models.tiling import TileSpec, plan
 
-RELEASE = TileSpec.from_flavour(from_name("sphinx-tiny-1k"))  # G 2, S 512: C 1024, pad centre
-PAPER = TileSpec.from_flavour(from_name("plus"))              # G 2, S 224: C 448, pad top_left
+RELEASE = TileSpec(grid=2, tile_size=512, pad="centre", skip_tokens=False)  # C 1024, pad centre, project resample
+PAPER = TileSpec.from_flavour(from_name("plus"))                            # G 2, S 224: C 448, pad top_left
+PADDED = TileSpec.from_flavour(from_name("sphinx-tiny-1k"))                 # the release's PadToSquare + resize
 
 
 def test_the_flavours_carry_the_two_pads():
-    assert (RELEASE.canvas, RELEASE.pad) == (1024, "centre")
+    assert (RELEASE.canvas, RELEASE.pad, RELEASE.resample) == (1024, "centre", "project")
+    assert TileSpec.from_flavour(from_name("debug-sphinx-tiny-1k")).pad == "centre"
     assert (PAPER.canvas, PAPER.pad) == (448, "top_left")
+    assert (PADDED.canvas, PADDED.pad, PADDED.resample) == (1024, "centre", "release")
 
 
 # (size, spec, the plan's (scaled, offset), pixel box, canvas box worked out by hand)
@@ -48,6 +52,24 @@ CASES = [
 ]
 
 
+# the release's canvas: PadToSquare on a max(W, H) square at ((M - W) // 2, (M - H) // 2), then resized
+# whole, so x -> (x0 + x) / M (Accessory's box_xyxy_expand2square), whatever the canvas side
+PADDED_CASES = [
+    ((1000, 500), (100, 50, 600, 450), (0.1, 0.3, 0.6, 0.7)),                    # M 1000, y0 250
+    ((512, 1024), (64, 128, 448, 896), (0.3125, 0.125, 0.6875, 0.875)),          # M 1024, x0 256
+    ((300, 900), (0, 0, 300, 900), (1 / 3, 0.0, 2 / 3, 1.0)),                    # M 900, x0 300 (plan: 341/1024)
+    ((640, 640), (160, 320, 480, 640), (0.25, 0.5, 0.75, 1.0)),
+    ((3, 2), (1, 0, 2, 2), (1 / 3, 0.0, 2 / 3, 2 / 3)),                          # M 3, y0 (3 - 2) // 2 = 0
+]
+
+
+@pytest.mark.parametrize("size, box_px, expected", PADDED_CASES)
+def test_the_release_resampling_frame_by_hand(size, box_px, expected):
+    got = to_canvas(box_px, size, PADDED)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert from_canvas(got, size, PADDED) == pytest.approx(box_px, abs=1e-9)
+
+
 @pytest.mark.parametrize("size, spec, placed, box_px, expected", CASES)
 def test_pixel_box_to_canvas_and_back_by_hand(size, spec, placed, box_px, expected):
     layout = plan(*size, spec)
@@ -58,8 +80,9 @@ def test_pixel_box_to_canvas_and_back_by_hand(size, spec, placed, box_px, expect
     assert from_canvas(expected, size, spec) == pytest.approx(box_px, abs=1e-9)
 
 
-@pytest.mark.parametrize("spec", [RELEASE, PAPER, TileSpec.from_flavour(from_name("debug-sphinx-tiny")),
-                                  TileSpec.from_flavour(from_name("debug"))], ids=["centre", "top_left", "centre-g1", "top_left-48"])
+@pytest.mark.parametrize("spec", [RELEASE, PAPER, PADDED, TileSpec.from_flavour(from_name("debug-sphinx-tiny")),
+                                  TileSpec.from_flavour(from_name("debug"))],
+                         ids=["centre", "top_left", "release", "centre-g1", "top_left-48"])
 @pytest.mark.parametrize("size", [(1000, 500), (300, 900), (640, 640), (3, 2), (1, 7), (4000, 31)])
 def test_round_trip_through_the_text_form(spec, size):
     """pixels -> canvas -> "[..]" (two decimals) -> parse -> pixels: off by at most half a
@@ -68,6 +91,8 @@ def test_round_trip_through_the_text_form(spec, size):
     w, h = size
     sw, sh = plan(w, h, spec).scaled_size
     tol_x, tol_y = 0.005 * spec.canvas * w / sw + 1e-9, 0.005 * spec.canvas * h / sh + 1e-9
+    if spec.resample == "release":  # the canvas is a max(W, H) square scaled whole
+        tol_x = tol_y = 0.005 * max(w, h) + 1e-9
     for _ in range(20):
         x1, x2 = sorted(rng.uniform(0, w) for _ in range(2))
         y1, y2 = sorted(rng.uniform(0, h) for _ in range(2))
