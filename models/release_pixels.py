@@ -8,17 +8,17 @@ inside the model, builds every encoder's views from the whole canvas with ``F.in
 models.tiling are the canvas's G×G tiles (every tile is kept in the releases), so the canvas is put back
 together from them here and each encoder's input is made as the release makes it:
 
-    llama_type            global view                          tiles                              file:lines
-    llama_ens_light       DINOv2: bicubic fp16 C -> 224;        (none)                             llama_ens_light.py:370-374
-                          ConvNeXt: nearest fp16 C -> 512
-    llama_ens5_light      DINOv2: bicubic fp16 C -> 224         crops of bicubic fp16 C -> 448     llama_ens5_light.py:370-385
-                          ConvNeXt: bicubic fp16 C -> 512       crops of the canvas itself
-    llama_ens             every encoder: the 224 canvas; ConvNeXt then nearest fp16 -> 256       llama_ens.py:393-424
-    llama_ens5            bicubic fp16 C -> 224                 crops of the canvas (224)          llama_ens5.py:383-385
-                          then per view as llama_ens
-    mixtral_sparse_ens    Q-Former, CLIP, DINOv2: bicubic fp16 C -> 224; ConvNeXt: nearest fp16 C -> 512
-                                                                                                 mixtral_sparse_ens.py:669-694
-    mixtral_sparse_ens5   as llama_ens5_light, the Q-Former and CLIP beside DINOv2              mixtral_sparse_ens5.py:682-721
+    llama_type (file:lines)                 global view                        tiles
+    llama_ens_light (:370-374)              DINOv2: bicubic fp16 C -> 224;     (none)
+                                            ConvNeXt: nearest fp16 C -> 512
+    llama_ens5_light (:370-385)             DINOv2: bicubic fp16 C -> 224      crops of bicubic fp16 C -> 448
+                                            ConvNeXt: bicubic fp16 C -> 512    crops of the canvas itself
+    llama_ens (:393-424)                    every encoder: the 224 canvas; the ConvNeXt's then nearest fp16 -> 256
+    llama_ens5 (:383-385)                   bicubic fp16 C -> 224              crops of the canvas (224)
+                                            then each view as llama_ens
+    mixtral_sparse_ens (:669-694)           Q-Former, CLIP, DINOv2: bicubic fp16 C -> 224;
+                                            ConvNeXt: nearest fp16 C -> 512
+    mixtral_sparse_ens5 (:682-721)          as llama_ens5_light; the Q-Former and CLIP as DINOv2
 
 DINOv2's input is the release's re-normalisation of the CLIP-normalised view:
 ``(x·clip_std + clip_mean - dino_mean) / dino_std``. Sizes come from the flavour (``dino_input``,

@@ -79,7 +79,8 @@ def clip_from_open_clip(state: dict[str, Union[torch.Tensor, Recipe]], flavour: 
         expected = _meta_state(build_clip(flavour))
     check_fits(expected, out, f"CLIP weights {source} (open_clip layout)", f"flavour {flavour.name!r}",
                unexpected_extra=foreign + [f"visual.{k}" for k in unmatched])
-    return EncoderWeights("clip", "open_clip", out, {}, source, tuple(f"clip.{k}" for k in ignored))  # type: ignore[arg-type]
+    ignored = tuple(f"clip.{k}" for k in ignored)
+    return EncoderWeights("clip", "open_clip", out, {}, source, ignored)  # type: ignore[arg-type]
 
 
 def qformer_from_blip2(state: dict[str, Union[torch.Tensor, Recipe]], flavour: Flavour, *,
@@ -101,5 +102,5 @@ def qformer_from_blip2(state: dict[str, Union[torch.Tensor, Recipe]], flavour: F
     with torch.device("meta"):
         expected = _meta_state(QFormerBranch(flavour.qformer, flavour.qformer_input))
     check_fits(expected, out, f"Q-Former weights {source} (Blip2Model layout)", f"flavour {flavour.name!r}")
-    return EncoderWeights("qformer", "blip2", out, {}, source, tuple(f"qformer.{k}" for k in ignored),  # type: ignore[arg-type]
-                          tuple(notes))
+    ignored = tuple(f"qformer.{k}" for k in ignored)
+    return EncoderWeights("qformer", "blip2", out, {}, source, ignored, tuple(notes))  # type: ignore[arg-type]
