@@ -109,3 +109,16 @@ def test_flavour_must_match_the_llm(converted, tmp_path):
     with pytest.raises(AccessoryError, match=rf"has a {'Mixtral' if release.llama_type in MOE_TYPES else 'Llama'} "
                                              rf"LLM but flavour '{wrong}'"):
         convert_accessory(release.directory, tmp_path / "x", flavour=from_name(wrong))
+
+
+def test_expert_merge_undoes_the_release_split():
+    """_sparse_expert_split (mixtral_sparse_ens.py:220-223): each expert's rows chunked over the ranks."""
+    from models.weights.accessory import merge_experts
+
+    e, f, d = 4, 96, 8
+    full = torch.randn(e * f, d)
+    for mp in (1, 2, 4, 8):
+        parts = [p.reshape(-1, d) for p in full.view(e, -1, d).chunk(mp, dim=1)]
+        assert torch.equal(merge_experts(parts, e, "w1"), full)
+    with pytest.raises(AccessoryError, match=r"w1 \[10, 8\] is not 4 experts' rows"):
+        merge_experts([torch.zeros(10, d)], e, "w1")
