@@ -75,12 +75,14 @@ def release_inputs(views: torch.Tensor, flavour: Flavour) -> dict[str, torch.Ten
         raise UserError(f"flavour {flavour.name!r}: resample 'release' needs a release (llama_type), got "
                         f"{flavour.release!r}; known: {', '.join(_RELEASES)}")
     g = flavour.grid
-    mean = torch.tensor(flavour.mean).view(1, 3, 1, 1)
-    std = torch.tensor(flavour.std).view(1, 3, 1, 1)
+
+    def stat(values) -> torch.Tensor:  # on the views' device (a GPU replica's)
+        return torch.tensor(values, device=views.device).view(1, 3, 1, 1)
+
+    mean, std = stat(flavour.mean), stat(flavour.std)
     x = (canvas(views, g).float().div(255) - mean) / std  # ToTensor, then Normalize (its order)
     out = _RELEASES[flavour.release](x, flavour)
-    dino_mean, dino_std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out["dino"] = (out.pop("vit") * std + mean - dino_mean) / dino_std
+    out["dino"] = (out.pop("vit") * std + mean - stat(IMAGENET_MEAN)) / stat(IMAGENET_STD)
     return out
 
 
