@@ -148,8 +148,10 @@ class Tiling:
     @classmethod
     def _read(cls, k: _Keys) -> "Tiling":
         try:
+            # resample: recorded only when it is the release's (models.tiling.TileSpec.to_dict)
+            resample = k.text("resample") if "resample" in k.data else "project"
             tile = TileSpec(grid=k.integer("grid"), tile_size=k.integer("tile_size"), mean_u8=k.integers("mean_u8"),
-                            pad=k.text("pad"), skip_tokens=k.flag("skip_tokens"))
+                            pad=k.text("pad"), skip_tokens=k.flag("skip_tokens"), resample=resample)
         except ValueError as err:
             raise k._error(f"{k.path.rstrip('.')}: {err}") from None
         return cls(tile=tile, tokens_per_view=k.integer("tokens_per_view"), image_position=k.text("image_position"))

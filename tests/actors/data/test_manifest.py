@@ -44,6 +44,16 @@ def test_json_round_trip_keeps_todays_key_names():
     assert m.shard_schema == SHARD_SCHEMA
 
 
+def test_release_resampling_round_trips():
+    """A release flavour's tiling records its resampling; training compares it with the model's."""
+    m = Manifest.from_json(_manifest().to_json())
+    release = Tiling.from_flavour(from_name("sphinx-moe-1k"))
+    assert release.to_dict()["resample"] == "release" and "resample" not in m.tiling.to_dict()
+    data = json.loads(_manifest().to_json())
+    data["tiling"] = release.to_dict()
+    assert Manifest.from_json(json.dumps(data)).tiling == release
+
+
 def test_todays_unversioned_file_loads_as_version_1():
     data = _manifest().to_dict()
     del data["version"], data["quarantine_gate"]
