@@ -106,7 +106,7 @@ def check_manifest(manifest: Manifest, flavour: Flavour, where: str, *, weights:
         raise UserError(f"the shards at {where} failed the quarantine gate ({failure}): not training on them. "
                         "Fix the data or raise data.max_quarantine_fraction, then run `sphinx-x preprocess SPEC`.")
     mine, theirs = Tiling.from_flavour(flavour).to_dict(), manifest.tiling.to_dict()
-    diffs = [f"{k}: shards {theirs[k]!r} vs model {v!r}" for k, v in mine.items() if theirs[k] != v]
+    diffs = [f"{k}: shards {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     if diffs:
         raise UserError(f"the shards at {where} were tiled for another model (flavour "
                         f"{manifest.flavour!r}) than {flavour.name!r}: " + "; ".join(diffs)

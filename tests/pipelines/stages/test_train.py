@@ -211,3 +211,32 @@ def test_absolute_and_s3_outputs_are_taken_as_given_through_preprocess_and_train
     assert trained["step"] == 2 and trained["export"] == f"{elsewhere}/export"
     assert storage.exists(f"{elsewhere}/export/_SUCCESS") and storage.exists(f"{elsewhere}/summary.json")
     assert storage.list("") == []  # nothing under the storage root itself
+
+
+def test_shards_without_the_release_resampling_are_refused_by_name():
+    """Shards tiled before a release flavour resampled as the release does carry no ``resample``: training
+    names the difference instead of failing on the missing key (no Ray)."""
+    from dataclasses import replace
+
+    from actors.data.manifest import Manifest, Tiling
+    from models.flavours import from_name
+    from pipelines.stages.train import check_manifest
+
+    release = from_name("sphinx-moe-1k")
+    m = Manifest.from_json(_manifest_json(Tiling.from_flavour(replace(release, resample="project"))))
+    with pytest.raises(UserError, match=r"tiled for another model .*resample: shards None vs model 'release'"):
+        check_manifest(m, release, "s3://b/shards", weights=True)
+
+
+def _manifest_json(tiling) -> str:
+    from actors.data.manifest import (SHARD_FORMAT, Counts, ImageBytes, Manifest, QuarantineGate, TokenizerFacts,
+                                      Tokens)
+
+    counts = Counts(rows_read=1, subsampled_out=0, duplicate_samples=0, duplicate_images=0, rows_in=1, rows_written=1,
+                    rows_quarantined=0, rows_truncated=0, quarantined_by_reason={})
+    return Manifest(flavour="sphinx-moe-1k", shard_format=SHARD_FORMAT, shards=("part-00000.parquet",),
+                    error_shards=(), tiling=tiling, tokenizer=TokenizerFacts(path="tokenizer", vocab_size=400,
+                                                                              image_token_id=4),
+                    max_seq_len=4096, overflow="truncate", max_image_pixels=64_000_000, counts=counts, rows_reused=0,
+                    tokens=Tokens(text=1, image=1, saved=0), image_bytes=ImageBytes(source=1, stored=1, codec="webp"),
+                    sources={}, code_version="0", seconds=0.0, quarantine_gate=QuarantineGate(0.5, True)).to_json()
