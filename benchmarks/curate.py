@@ -58,7 +58,7 @@ def _coco(folder: Path, n: int) -> None:
 
 
 def _plain_pdfium(paths: list[Path], dpi: float) -> int:
-    import pypdfium2 as pdfium
+    import pypdfium2 as pdfium  # imported before the clock starts (main)
 
     pages = 0
     for path in paths:
@@ -84,7 +84,6 @@ def main() -> None:
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     from cluster.connect import storage_for
-    from cluster.run_context import RunContext
     from cluster.spec import parse_spec
     from pipelines.stages import curate
 
@@ -101,6 +100,10 @@ def main() -> None:
         out: dict = {"machine": f"{cores} CPUs", "pdfs": args.pdfs, "pages_per_pdf": args.pages, "dpi": dpi,
                      "images": args.images}
 
+        import pypdfium2  # noqa: F401 - the import is not part of either loop's time
+
+        from actors.curate import ocr as _warm  # noqa: F401
+
         t = time.perf_counter()
         pages = _plain_pdfium(paths, dpi)
         plain = pages / (time.perf_counter() - t)
@@ -108,7 +111,6 @@ def main() -> None:
         from actors.curate.ocr import OcrConfig, curate_file
         from actors.curate.som import SomConfig, curate_image
 
-        ctx = RunContext.build(spec, options={"kind": "ocr"})
         storage = storage_for(spec)
         config = OcrConfig.from_spec(spec)
         t = time.perf_counter()
@@ -119,10 +121,10 @@ def main() -> None:
         ours_one = pages / (time.perf_counter() - t)
 
         t = time.perf_counter()
-        m = curate.run_stage(spec, kind="ocr", force=True)  # Ray starts inside: subtract its start below
+        curate.run_stage(spec, kind="ocr", force=True)  # Ray starts inside (reported, not used for the rate)
         wall_first = time.perf_counter() - t
         t = time.perf_counter()
-        m = curate.run_stage(spec, kind="ocr", force=True)  # Ray already up: the stage alone
+        m = curate.run_stage(spec, kind="ocr", force=True)["ocr"]  # Ray already up: the stage alone
         stage = m["items"] / (time.perf_counter() - t)
         out["ocr"] = {
             "pages": pages, "samples": m["samples"], "quarantined": m["quarantined"],
@@ -147,14 +149,13 @@ def main() -> None:
                          som_config, storage)
         som_one = len(idx["images"]) / (time.perf_counter() - t)
         t = time.perf_counter()
-        m = curate.run_stage(spec, kind="som", force=True)
+        m = curate.run_stage(spec, kind="som", force=True)["som"]
         som_stage = m["samples"] / (time.perf_counter() - t)
         out["som"] = {"images": m["items"], "marked": m["samples"], "marks": m["counts"].get("regions_marked"),
                       "d_curate_image_one_process_images_s": round(som_one, 1),
                       "e_stage_marked_images_s": round(som_stage, 1),
                       "e_stage_per_core": round(som_stage / cores, 1),
                       "ratio_e_per_core_vs_d": round(som_stage / cores / som_one, 2)}
-        del ctx
     print(json.dumps(out))
 
 

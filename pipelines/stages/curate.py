@@ -190,7 +190,7 @@ def _run_blocks(spec: ClusterSpec, storage: Storage, kind: str, rows: list[dict]
     remote: dict[str, Any] = {"resources": placement(spec, c.group)} if c.group else {}
     fn = partial(run_block, storage=storage, out_dir=out_dir, blocks_dir=blocks_dir, work=work)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-        fn, num_cpus=c.num_cpus_per_worker, concurrency=c.concurrency, **remote)
+        fn, num_cpus=c.num_cpus_per_worker, compute=ray.data.TaskPoolStrategy(size=c.concurrency), **remote)
     options = DataContext.get_current().execution_options
     old, options.preserve_order = options.preserve_order, True
     done = reused = 0

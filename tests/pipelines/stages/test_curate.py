@@ -72,7 +72,8 @@ def test_the_verb_takes_the_kind_before_the_spec_and_runs_only_configured_kinds(
 
 
 @pytest.mark.slow
-def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_source(ray_local, make_spec, tmp_path):
+def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_source(ray_local, make_spec, tmp_path,
+                                                                                      monkeypatch):
     from cluster.connect import storage_for
     from cluster.layout import Layout
     from pipelines.cli import main
@@ -103,6 +104,8 @@ def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_sou
         {"from": "gpt", "value": "Grey."}]}) + "\n"
         for k in range(2)).encode())
 
+    # the blocks' key holds the code version (git HEAD): others committing mid-test must not change it
+    monkeypatch.setattr(curate, "code_version", lambda: "test")
     summaries = run_local(spec, ["curate", "preprocess", "train"])
 
     som, ocr = summaries["curate"]["som"], summaries["curate"]["ocr"]
