@@ -55,6 +55,7 @@ def render_model_dir(report: dict[str, Any]) -> str:
         lines.append("  tokenizer     none in llm/")
     lines.append(f"  geometry      grid {g['grid']}x{g['grid']} of {g['tile_size']} px (canvas {g['canvas']}), "
                  f"pad {g['pad']}, skip tokens {'on' if g['skip_tokens'] else 'off'}, "
+                 f"{'the release' if g.get('resample') == 'release' else 'this project'}'s resampling, "
                  f"{g['tokens_per_view']} tokens per view, up to {g['max_image_tokens']} per image")
     return "\n".join(lines)
 

@@ -53,6 +53,9 @@ def test_merge_and_report(converted):
 
     assert (f"release {release.llama_type}, float32; 5 visual towers: convnext, dinov2, clip, blip2_vision, qformer)"
             in render_model_dir(report["model_dir"]))
+    assert "skip tokens off, this project's resampling" in render_model_dir(report["model_dir"])  # the toys'
+    released = {**report["model_dir"], "geometry": {**report["model_dir"]["geometry"], "resample": "release"}}
+    assert "the release's resampling" in render_model_dir(released)
     parts = report["model_dir"]["parts"]
     assert {"clip", "blip2_vision", "qformer"} <= set(parts) and model.flavour.release == release.llama_type
     assert model.is_moe == (release.llama_type in MOE_TYPES)
