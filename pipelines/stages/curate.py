@@ -10,7 +10,7 @@ JSONL source that ``data.sources`` reads as it is (``format: jsonl``; images bes
     <output>/data.jsonl        {"id", "image": "images/<id>.png", "conversations": [...], ...}  the source
     <output>/images/           the images data.jsonl names
     <output>/errors.jsonl      quarantined inputs: {"id", "reason", "detail"}
-    <output>/previews/         a few curated samples drawn with their boxes, for a person to look at
+    <output>/previews/         a few curated samples drawn with their boxes beside their tiles, for a person
     <output>/_blocks/<k>.jsonl finished blocks (reused by a rerun without --force)
     <output>/_manifest.json    counts per reason, written last: the kind is complete
 
@@ -238,7 +238,7 @@ def _assemble(ctx: RunContext, kind: str, outcomes: list[dict], other_files: int
     storage.write_bytes(lay.curated_records(kind), "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                            for r in records).encode())
     storage.write_bytes(lay.curated_errors(kind), "".join(json.dumps(e) + "\n" for e in errors).encode())
-    _write_previews(storage, lay, kind, previews)
+    _write_previews(ctx, kind, previews)
     _drop_unused_images(storage, lay, kind, {r["image"] for r in records if isinstance(r.get("image"), str)})
     section = getattr(ctx.spec.curate, kind)
     return {"version": MANIFEST_VERSION, "kind": kind, "items": len(outcomes), "samples": samples,
@@ -249,18 +249,35 @@ def _assemble(ctx: RunContext, kind: str, outcomes: list[dict], other_files: int
             "errors": lay.curated_errors(kind).uri, "previews": lay.curated_previews(kind).uri}
 
 
-def _write_previews(storage: Storage, lay: Layout, kind: str, previews: list[tuple[str, dict]]) -> None:
-    """``previews/NN.png``: the sample's image with its boxes (marks' regions, text lines) in red."""
+def _write_previews(ctx: RunContext, kind: str, previews: list[tuple[str, dict]]) -> None:
+    """``previews/NN.png``, as `sphinx-x tiles` draws: the sample's image with its boxes (marks'
+    regions, text lines) in red, beside the canvas the model sees (kept and skipped tiles)."""
     from PIL import Image, ImageDraw
 
+    from models.flavours import from_name
+    from models.tiling import TileSpec, load_and_tile
+    from pipelines.tiles import describe, render_png
+
+    storage, lay = ctx.storage, ctx.layout
+    flavour = from_name(ctx.spec.model.flavour, **ctx.spec.model.overrides)
+    tile = TileSpec.from_flavour(flavour)
     for n, (sid, p) in enumerate(previews):
-        image = Image.open(io.BytesIO(storage.read_bytes(join(lay.curated(kind), p["image"])))).convert("RGB")
+        data = storage.read_bytes(join(lay.curated(kind), p["image"]))
+        image = Image.open(io.BytesIO(data)).convert("RGB")
         draw = ImageDraw.Draw(image)
         width = max(1, round(min(image.size) / 300))
         for box in p.get("boxes", []):
             draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 0, 0), width=width)
+        tiled = load_and_tile(data, tile)
+        tiles = render_png(tiled, tile, {**describe(tiled, tile, flavour.tokens_per_view), "image": sid,
+                                         "flavour": flavour.name})
+        scale = tiles.height / image.height
+        shown = image.resize((max(1, round(image.width * scale)), tiles.height))
+        out = Image.new("RGB", (shown.width + tiles.width, tiles.height), (255, 255, 255))
+        out.paste(shown, (0, 0))
+        out.paste(tiles, (shown.width, 0))
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        out.save(buf, format="PNG")
         storage.write_bytes(join(lay.curated_previews(kind), f"{n:02d}.png"), buf.getvalue())
 
 
