@@ -87,6 +87,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -256,8 +257,13 @@ def _epochs(spec: ClusterSpec, sources: list[Source]) -> dict[str, float]:
     count its records (the parse step only: no image is read)."""
     temperature = spec.data.mixture_temperature
     sizes = None
-    if temperature is not None:
-        sizes = {s.spec.name: _raw_dataset(s, 1.0).count() for s in sources}
+    if temperature is not None:  # one pass over every source's parse step, its source column alone
+        datasets = [_raw_dataset(s, 1.0).select_columns(["source"]) for s in sources]
+        sizes = {s.spec.name: 0 for s in sources}
+        every = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        for batch in every.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name, n in Counter(batch.column("source").to_pylist()).items():
+                sizes[name] += n
         log.info("preprocess: source sizes for data.mixture_temperature=%g: %s", temperature, sizes)
     return mixture.plan([(s.spec.name, s.spec.ratio, s.spec.weight) for s in sources], sizes, temperature)
 
