@@ -131,7 +131,8 @@ def main() -> None:
             "a_plain_pypdfium2_loop_pages_s": round(plain, 1),
             "b_curate_file_one_process_pages_s": round(ours_one, 1),
             "c_stage_pages_s": round(stage, 1), "c_stage_pages_s_per_core": round(stage / cores, 1),
-            "c_first_run_incl_ray_start_s": round(wall_first, 1),
+            "c_first_run_incl_ray_start_s": round(wall_first, 1), "c_phases_s": m["phases"],
+            "c_blocks_phase_pages_s_per_core": round(m["items"] / m["phases"]["blocks"] / cores, 1),
             "ratio_c_per_core_vs_a": round(stage / cores / plain, 2),
             "ratio_c_per_core_vs_b": round(stage / cores / ours_one, 2),
         }
@@ -154,7 +155,7 @@ def main() -> None:
         out["som"] = {"images": m["items"], "marked": m["samples"], "marks": m["counts"].get("regions_marked"),
                       "d_curate_image_one_process_images_s": round(som_one, 1),
                       "e_stage_marked_images_s": round(som_stage, 1),
-                      "e_stage_per_core": round(som_stage / cores, 1),
+                      "e_stage_per_core": round(som_stage / cores, 1), "e_phases_s": m["phases"],
                       "ratio_e_per_core_vs_d": round(som_stage / cores / som_one, 2)}
     print(json.dumps(out))
 

@@ -159,11 +159,14 @@ def curate(ctx: RunContext, kind: str) -> dict:
     for uri in storage.list(blocks_dir):  # blocks of other settings or inputs: never reused
         if uri.rsplit("/", 1)[-1].removesuffix(".jsonl") not in set(keys):
             storage.delete(uri)
+    t1 = time.time()
     reused = _run_blocks(spec, storage, kind, [{"key": k, "items": json.dumps(b)} for k, b in zip(keys, blocks)],
                          inputs["work"], lay.curated(kind), blocks_dir)
+    t2 = time.time()
     outcomes = list(early) + [o for k in keys for o in _read_block(storage, blocks_dir, k)]
     manifest = _assemble(ctx, kind, outcomes, inputs["other_files"])
     manifest.update(seconds=round(time.time() - t0, 2), blocks=len(blocks), blocks_reused=reused,
+                    phases={"inputs": round(t1 - t0, 2), "blocks": round(t2 - t1, 2), "assemble": round(time.time() - t2, 2)},
                     code_version=code_version())
     storage.write_bytes(lay.curated_manifest(kind), json.dumps(manifest, indent=1).encode())
     return manifest
