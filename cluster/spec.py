@@ -627,8 +627,8 @@ class CurateSection(_Strict):
 
     som: Optional[SomCurate] = None
     ocr: Optional[OcrCurate] = None
-    block_size: int = Field(8, ge=1)  # items per resumable block (one Ray Data task)
-    concurrency: int = Field(2, ge=1)  # curate tasks at once
+    block_size: int = Field(8, ge=1)  # items per resumable block (one call of a curate actor)
+    concurrency: int = Field(2, ge=1)  # curate actors (one block at a time each)
     num_cpus_per_worker: float = Field(1, gt=0)
     previews: int = Field(4, ge=0)  # pictures next to the manifest
     group: Optional[str] = None

@@ -70,6 +70,17 @@ def run_block(row: dict, *, storage: Storage, out_dir: str, blocks_dir: str,
     return {"key": row["key"], "outcomes": len(lines), "reused": False}
 
 
+class BlockRunner:
+    """:func:`run_block` as a Ray Data actor (``ActorPoolStrategy``): one process per CPU slot
+    keeps its imports and configuration for every block it is given."""
+
+    def __init__(self, *, storage: Storage, out_dir: str, blocks_dir: str, work: Callable[[dict], list[Outcome]]):
+        self.kwargs = dict(storage=storage, out_dir=out_dir, blocks_dir=blocks_dir, work=work)
+
+    def __call__(self, row: dict) -> dict:
+        return run_block(row, **self.kwargs)
+
+
 def read_block(storage: Storage, blocks_dir: str, key: str) -> list[dict]:
     text = storage.read_bytes(join(blocks_dir, f"{key}.jsonl")).decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]

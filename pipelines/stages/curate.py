@@ -17,7 +17,7 @@ JSONL source that ``data.sources`` reads as it is (``format: jsonl``; images bes
 The graph: the driver lists the inputs (the COCO images; the files under ``curate.ocr.input``)
 and cuts them into blocks of ``curate.block_size``, each keyed by a hash of its items, the
 section's settings and the code version; Ray Data maps the blocks over ``curate.concurrency``
-tasks of ``curate.num_cpus_per_worker`` CPUs (``actors.curate.outcome.run_block``): a block
+actors of ``curate.num_cpus_per_worker`` CPUs (``actors.curate.outcome.BlockRunner``): a block
 writes its images, then its block file last, so a rerun after a crash redoes only unfinished
 blocks. The driver then reads the block files in order (``preserve_order``): quarantined inputs
 go to ``errors.jsonl``, OCR pages whose text was seen before are dropped as ``duplicate``
@@ -74,7 +74,7 @@ class CurateStage(StageBase):
         c = spec.curate
         if not kinds_of(spec):
             return Demand(self.name)
-        return Demand(self.name, (Work("curate tasks", c.concurrency,
+        return Demand(self.name, (Work("curate actors", c.concurrency,
                                        {"CPU": c.num_cpus_per_worker, **placement(spec, c.group)}, group=c.group),))
 
     def outputs(self, layout: Layout) -> dict[str, str]:
@@ -182,7 +182,7 @@ def _run_blocks(spec: ClusterSpec, storage: Storage, kind: str, rows: list[dict]
     """Ray Data over the blocks; returns how many were reused from an earlier run."""
     if not rows:
         return 0
-    from actors.curate.outcome import run_block
+    from actors.curate.outcome import BlockRunner
 
     connect(spec)
     check_capacity(spec, STAGE.demand(spec))
@@ -191,9 +191,12 @@ def _run_blocks(spec: ClusterSpec, storage: Storage, kind: str, rows: list[dict]
 
     c = spec.curate
     remote: dict[str, Any] = {"resources": placement(spec, c.group)} if c.group else {}
-    fn = partial(run_block, storage=storage, out_dir=out_dir, blocks_dir=blocks_dir, work=work)
+    # an actor pool, as preprocess's tilers: Ray Data's resource budget ran a task pool one task at
+    # a time on a 2-CPU head ("backpressured: ResourceBudget"); the actors hold their CPUs and all run
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-        fn, num_cpus=c.num_cpus_per_worker, compute=ray.data.TaskPoolStrategy(size=c.concurrency), **remote)
+        BlockRunner, fn_constructor_kwargs=dict(storage=storage, out_dir=out_dir, blocks_dir=blocks_dir, work=work),
+        num_cpus=c.num_cpus_per_worker, compute=ray.data.ActorPoolStrategy(size=min(c.concurrency, len(rows))),
+        **remote)
     options = DataContext.get_current().execution_options
     old, options.preserve_order = options.preserve_order, True
     done = reused = 0
