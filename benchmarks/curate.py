@@ -133,8 +133,10 @@ def main() -> None:
             "c_stage_pages_s": round(stage, 1), "c_stage_pages_s_per_core": round(stage / cores, 1),
             "c_first_run_incl_ray_start_s": round(wall_first, 1), "c_phases_s": m["phases"],
             "c_blocks_phase_pages_s_per_core": round(m["items"] / m["phases"]["blocks"] / cores, 1),
+            "c_in_worker_pages_s_per_core": round(m["items"] / m["phases"]["workers_busy"], 1),
             "ratio_c_per_core_vs_a": round(stage / cores / plain, 2),
             "ratio_c_per_core_vs_b": round(stage / cores / ours_one, 2),
+            "ratio_c_in_worker_vs_b": round(m["items"] / m["phases"]["workers_busy"] / ours_one, 2),
         }
 
         coco = json.loads((folder / "coco" / "instances.json").read_text())
@@ -156,6 +158,7 @@ def main() -> None:
                       "d_curate_image_one_process_images_s": round(som_one, 1),
                       "e_stage_marked_images_s": round(som_stage, 1),
                       "e_stage_per_core": round(som_stage / cores, 1), "e_phases_s": m["phases"],
+                      "e_in_worker_images_s_per_core": round(m["samples"] / m["phases"]["workers_busy"], 1),
                       "ratio_e_per_core_vs_d": round(som_stage / cores / som_one, 2)}
     print(json.dumps(out))
 

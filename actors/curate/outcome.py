@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -54,12 +55,15 @@ def image_name(sample_id: str) -> str:
 
 def run_block(row: dict, *, storage: Storage, out_dir: str, blocks_dir: str,
               work: Callable[[dict], list[Outcome]]) -> dict:
-    """One Ray Data row ``{"key", "items"}`` (items: JSON text of a list) -> ``{"key", "outcomes", "reused"}``.
+    """One Ray Data row ``{"key", "items"}`` (items: JSON text of a list) -> ``{"key", "outcomes", "reused",
+    "seconds"}`` (the block's wall time in its worker).
 
     Skips the work when ``<blocks_dir>/<key>.jsonl`` exists (a finished block of an earlier run)."""
+    t0 = time.perf_counter()
     done = join(blocks_dir, f"{row['key']}.jsonl")
     if storage.exists(done):
-        return {"key": row["key"], "outcomes": storage.read_bytes(done).decode().count("\n"), "reused": True}
+        return {"key": row["key"], "outcomes": storage.read_bytes(done).decode().count("\n"), "reused": True,
+                "seconds": time.perf_counter() - t0}
     lines = []
     for item in json.loads(row["items"]):
         for outcome in work(item):
@@ -67,7 +71,7 @@ def run_block(row: dict, *, storage: Storage, out_dir: str, blocks_dir: str,
                 storage.write_bytes(join(out_dir, rel), data)
             lines.append(outcome.line())
     storage.write_bytes(done, "".join(line + "\n" for line in lines).encode())
-    return {"key": row["key"], "outcomes": len(lines), "reused": False}
+    return {"key": row["key"], "outcomes": len(lines), "reused": False, "seconds": time.perf_counter() - t0}
 
 
 class BlockRunner:

@@ -160,13 +160,14 @@ def curate(ctx: RunContext, kind: str) -> dict:
         if uri.rsplit("/", 1)[-1].removesuffix(".jsonl") not in set(keys):
             storage.delete(uri)
     t1 = time.time()
-    reused = _run_blocks(spec, storage, kind, [{"key": k, "items": json.dumps(b)} for k, b in zip(keys, blocks)],
+    reused, busy = _run_blocks(spec, storage, kind, [{"key": k, "items": json.dumps(b)} for k, b in zip(keys, blocks)],
                          inputs["work"], lay.curated(kind), blocks_dir)
     t2 = time.time()
     outcomes = list(early) + [o for k in keys for o in _read_block(storage, blocks_dir, k)]
     manifest = _assemble(ctx, kind, outcomes, inputs["other_files"])
     manifest.update(seconds=round(time.time() - t0, 2), blocks=len(blocks), blocks_reused=reused,
-                    phases={"inputs": round(t1 - t0, 2), "blocks": round(t2 - t1, 2), "assemble": round(time.time() - t2, 2)},
+                    phases={"inputs": round(t1 - t0, 2), "blocks": round(t2 - t1, 2), "assemble": round(time.time() - t2, 2),
+                            "workers_busy": round(busy, 2)},
                     code_version=code_version())
     storage.write_bytes(lay.curated_manifest(kind), json.dumps(manifest, indent=1).encode())
     return manifest
@@ -178,10 +179,11 @@ def _block_key(items: list, fingerprint: dict) -> str:
 
 
 def _run_blocks(spec: ClusterSpec, storage: Storage, kind: str, rows: list[dict], work: Callable,
-                out_dir: str, blocks_dir: str) -> int:
-    """Ray Data over the blocks; returns how many were reused from an earlier run."""
+                out_dir: str, blocks_dir: str) -> tuple[int, float]:
+    """Ray Data over the blocks; returns how many were reused from an earlier run and the seconds
+    the workers spent on blocks (summed over workers)."""
     if not rows:
-        return 0
+        return 0, 0.0
     from actors.curate.outcome import BlockRunner
 
     connect(spec)
@@ -200,16 +202,18 @@ def _run_blocks(spec: ClusterSpec, storage: Storage, kind: str, rows: list[dict]
     options = DataContext.get_current().execution_options
     old, options.preserve_order = options.preserve_order, True
     done = reused = 0
+    busy = 0.0
     progress = Progress(f"curate {kind}", total=len(rows), unit="blocks")
     try:
         for row in ds.iter_rows():
             done += 1
             reused += bool(row["reused"])
+            busy += float(row["seconds"])
             progress.update(done, reused=reused)
     finally:
         options.preserve_order = old
         progress.close()
-    return reused
+    return reused, busy
 
 
 def _read_block(storage: Storage, blocks_dir: str, key: str) -> list[dict]:
