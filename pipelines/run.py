@@ -132,7 +132,9 @@ def command(args: argparse.Namespace) -> int:
     address = args.address or spec.cluster.address
     stages = registry.ordered(list(args.stages))
     if address.startswith(("http://", "https://")):
-        run_jobs(spec, stages, address, force=args.force)
+        # a stage the spec gives nothing to do (curate without curate:, eval without benchmarks) is
+        # not worth a Ray Job (a runtime env, a driver) that would only find it complete
+        run_jobs(spec, [s for s in stages if registry.get(s).used(spec)], address, force=args.force)
         return 0
     ctx = RunContext.build(spec, force=args.force, options={"detach": args.detach})
     summaries = run_local(spec, stages, ctx=ctx)

@@ -57,6 +57,19 @@ def test_run_local_orders_stages_and_skips_complete_ones(monkeypatch):
         run.run_local(None, ["deploy"], ctx=types.SimpleNamespace(force=False))
 
 
+def test_run_on_a_cluster_submits_no_job_for_a_stage_the_spec_gives_nothing_to_do(monkeypatch, tmp_path):
+    from cluster.spec import parse_spec
+
+    submitted: list = []
+    monkeypatch.setattr(run, "run_jobs", lambda spec, stages, address, force=False: submitted.append(stages))
+    path = tmp_path / "s.yaml"
+    path.write_text(dump_spec(parse_spec({})))  # no curate:, no eval.benchmarks
+    assert main(["run", str(path), "--address", "http://head:8265"]) == 0
+    path.write_text(dump_spec(parse_spec({"curate": {"ocr": {"input": "docs"}}})))
+    assert main(["run", str(path), "--address", "http://head:8265", "--stages", "curate,preprocess"]) == 0
+    assert submitted == [["preprocess", "train", "serve"], ["curate", "preprocess"]]
+
+
 # ---------------------------------------------------------------- a real Ray head
 
 
