@@ -69,6 +69,10 @@ def test_the_verb_takes_the_kind_before_the_spec_and_runs_only_configured_kinds(
     assert curate._kinds(Ctx("all")) == curate._kinds(Ctx(None)) == ["som"]
     with pytest.raises(UserError, match="no curate.ocr section"):
         curate._kinds(Ctx("ocr"))
+    from pipelines.stages import plans
+
+    (first, *_) = plans(spec, "job-spec.yaml")  # a cluster run starts with it, as its own job
+    assert first.name == "curate" and first.entrypoint.endswith("--stages curate --address local")
 
 
 @pytest.mark.slow
