@@ -366,7 +366,8 @@ def _ocr_inputs(ctx: RunContext) -> dict:
     files = sorted(storage.list(prefix))
     if not files:
         raise UserError(f"curate.ocr.input: nothing under {prefix.uri}")
-    locs = [Location.parse(f) for f in files]
+    outputs = [lay.curated(k) for k in KINDS]  # an output inside the input prefix is never read back
+    locs = [loc for loc in map(Location.parse, files) if not any(loc.is_under(o) for o in outputs)]
     items = [{"id": loc.relative_to(prefix) or loc.name, "uri": loc.uri, "kind": input_kind(loc.name)} for loc in locs]
     config = OcrConfig.from_spec(ctx.spec)
     if section.engine == "tesseract":

@@ -144,3 +144,19 @@ def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_sou
     manifest = json.loads(storage.read_bytes(lay.curated_manifest("som")))
     assert manifest["blocks_reused"] == manifest["blocks"] == 2
     assert storage.read_bytes(lay.curated_records("som")) == before
+
+
+def test_ocr_inputs_skip_other_files_and_the_curated_output_inside_the_prefix(tmp_path):
+    from cluster.run_context import RunContext
+
+    spec = parse_spec({"storage": {"uri": str(tmp_path), "endpoint_url": None}, "curate": {"ocr": {"input": "."}}})
+    for rel, data in (("a.pdf", text_pdf(REPORT)), ("scans/p.png", _jpeg(Image.new("RGB", (8, 8)))),
+                      ("notes.txt", b"x"), ("curated/ocr/images/a.pdf-1-0.png", b"png")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    inputs = curate._ocr_inputs(RunContext.build(spec, options={"kind": "ocr"}))
+    assert [(i["id"], i["kind"]) for i in inputs["items"]] == [("a.pdf", "pdf"), ("scans/p.png", "image")]
+    assert inputs["other_files"] == 1
+    empty = parse_spec({"storage": {"uri": str(tmp_path), "endpoint_url": None}, "curate": {"ocr": {"input": "none"}}})
+    with pytest.raises(UserError, match="nothing under"):
+        curate._ocr_inputs(RunContext.build(empty, options={"kind": "ocr"}))
