@@ -160,3 +160,20 @@ def test_ocr_inputs_skip_other_files_and_the_curated_output_inside_the_prefix(tm
     empty = parse_spec({"storage": {"uri": str(tmp_path), "endpoint_url": None}, "curate": {"ocr": {"input": "none"}}})
     with pytest.raises(UserError, match="nothing under"):
         curate._ocr_inputs(RunContext.build(empty, options={"kind": "ocr"}))
+
+
+def test_som_inputs_quarantine_bad_image_entries_and_refuse_a_missing_file(tmp_path):
+    from cluster.run_context import RunContext
+
+    coco = {**COCO, "images": COCO["images"][:1] + [{"id": 8, "file_name": "../../etc/x.jpg", "width": 4, "height": 4},
+                                                    {"id": 9, "file_name": "y.jpg"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    spec = parse_spec({"storage": {"uri": str(tmp_path), "endpoint_url": None},
+                       "curate": {"som": {"annotations": "coco.json", "images": "img"}}})
+    inputs = curate._som_inputs(RunContext.build(spec, options={"kind": "som"}))
+    assert [i["id"] for i in inputs["items"]] == ["som:1"] and len(inputs["items"][0]["annotations"]) == 2
+    assert {q["id"]: q["reason"] for q in inputs["quarantined"]} == {"som:8": "outside_root", "som:9": "bad_annotation"}
+    missing = parse_spec({"storage": {"uri": str(tmp_path), "endpoint_url": None},
+                          "curate": {"som": {"annotations": "nope.json", "images": "img"}}})
+    with pytest.raises(UserError, match="curate.som.annotations: .*nope.json does not exist"):
+        curate._som_inputs(RunContext.build(missing, options={"kind": "som"}))
