@@ -12,8 +12,9 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 
 # A C++ compiler: DeepSpeed JIT-builds small ops on first use (cached under ~/.cache/torch_extensions).
+# tesseract-ocr (with its English data): `curate.ocr.engine: tesseract` for pages without a text layer.
 RUN sudo apt-get update \
- && sudo apt-get install -y --no-install-recommends g++ \
+ && sudo apt-get install -y --no-install-recommends g++ tesseract-ocr \
  && sudo rm -rf /var/lib/apt/lists/*
 
 WORKDIR /home/ray/sphinx-x
