@@ -133,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.spec import SpecError
     from models.errors import UserError
 
-    if args.verb in LONG_VERBS and argv is None:
+    owns_processes = args.verb in LONG_VERBS and argv is None
+    if owns_processes:
+        from cluster.reaper import adopt_orphans
+
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops a long verb as Ctrl-C does: cleanups run
+        adopt_orphans()  # orphans of its Ray (a vLLM engine whose replica died) stay its to stop
 
     try:
         if getattr(args, "stage", None):
@@ -162,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
               f"  (full traceback in {log_file()})", file=terminal())
         return 1
+    finally:
+        if owns_processes:  # no process of this command outlives it (cluster.reaper)
+            from cluster.reaper import reap
+
+            reap()
 
 
 def _interrupt(*_) -> None:

@@ -26,7 +26,9 @@ import argparse
 import logging
 import os
 import signal
+import threading
 import time
+from typing import Optional
 
 from cluster import layout as run_layout
 from cluster.capacity import Demand, Work, check_capacity
@@ -285,13 +287,43 @@ def run_stage(spec: ClusterSpec, *, force: bool = False) -> dict:
     return STAGE.run(RunContext.build(spec, force=force))
 
 
-def shutdown(spec: ClusterSpec) -> None:
-    """Delete the app (its replicas and ingress) and stop Serve if nothing else runs on it."""
+SHUTDOWN_WAIT_S = 10.0  # a healthy Serve deletes a CPU app in a few seconds
+
+
+def shutdown(spec: ClusterSpec, *, timeout_s: Optional[float] = None) -> bool:
+    """Delete the app (its replicas and ingress) and stop Serve if nothing else runs on it.
+
+    With ``timeout_s``, give up after that long and return False: a SIGTERM sent to the whole
+    process group stops Ray's own processes too, and Serve's calls then wait on a dead head
+    (``cluster.reaper`` stops what is left when the command exits)."""
     from ray import serve
 
-    serve.delete(spec.name)
-    if not serve.status().applications:
-        serve.shutdown()
+    def stop() -> None:
+        serve.delete(spec.name)
+        if not serve.status().applications:
+            serve.shutdown()
+
+    if timeout_s is None:
+        stop()
+        return True
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _capture(stop, errors), daemon=True, name="serve-shutdown")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("Serve did not delete app %s within %.0f s (Ray is stopping too?); leaving it to exit",
+                    spec.name, timeout_s)
+        return False
+    if errors:
+        raise errors[0]
+    return True
+
+
+def _capture(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as err:  # noqa: BLE001 - re-raised by the caller's thread
+        errors.append(err)
 
 
 def serve_until_interrupted(spec: ClusterSpec, summary: dict) -> None:
@@ -308,7 +340,7 @@ def serve_until_interrupted(spec: ClusterSpec, summary: dict) -> None:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-    shutdown(spec)
+    shutdown(spec, timeout_s=SHUTDOWN_WAIT_S)
 
 
 def _raise_interrupt(*_):

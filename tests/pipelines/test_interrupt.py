@@ -138,7 +138,7 @@ def _no_shared_ray():
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_demo_while_it_trains(tmp_path):
-    cmd = Command(["demo", "--quick", "--run-dir", str(tmp_path / "run")], tmp_path)
+    cmd = Command(["demo", "--quick", "--samples", "40", "4", "--run-dir", str(tmp_path / "run")], tmp_path)
     cmd.wait_for("[demo] train + export ...", timeout_s=400)
     time.sleep(15)  # inside Ray Train's fit: the workers run steps
     took, left = cmd.interrupt(signal.SIGINT)
@@ -149,7 +149,8 @@ def test_ctrl_c_stops_the_demo_while_it_trains(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_demo_that_keeps_serving(tmp_path):
-    cmd = Command(["demo", "--quick", "--steps", "10", "--keep-serving", "--run-dir", str(tmp_path / "run")], tmp_path)
+    cmd = Command(["demo", "--quick", "--samples", "40", "4", "--steps", "10", "--keep-serving", "--run-dir",
+                   str(tmp_path / "run")], tmp_path)
     cmd.wait_for("Ctrl-C stops", timeout_s=600)
     report = "\n".join(cmd.lines)
     assert "web page    http://" in report  # the address is shown while the page is served
@@ -161,15 +162,30 @@ def test_ctrl_c_stops_the_demo_that_keeps_serving(tmp_path):
 def test_ctrl_c_stops_run_in_any_stage(tmp_path):
     from pipelines.demo import synthetic
 
-    synthetic.write(synthetic.generate(200, 0, 0), tmp_path / "store" / "data")
+    synthetic.write(synthetic.generate(40, 0, 0), tmp_path / "store" / "data")
     spec = _spec(tmp_path, data={"sources": [{"name": "synthetic", "path": "data/train.jsonl", "image_root": "data",
                                               "dedup": "off"}]},
-                 train={"workers": 2, "steps": 400, "micro_batch": 2})
+                 train={"workers": 2, "steps": 400, "micro_batch": 2, "packing": False})  # 40 rows: one sample each
     cmd = Command(["run", str(spec), "--stages", "preprocess,train"], tmp_path)
     cmd.wait_for_log("train: running", timeout_s=400)
     time.sleep(20)  # Ray Train's workers are up and stepping
     took, left = cmd.interrupt(signal.SIGINT)
     assert took < STOP_WITHIN_S and not left, f"left running after Ctrl-C: {left}"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_serve(tmp_path):
+    """SIGTERM to the whole group (a service manager's stop) reaches Ray's own processes too: the
+    command must not hang on a dead Serve, and no vLLM engine of a killed replica may survive it
+    (cluster.reaper adopts and stops them)."""
+    spec = _spec(tmp_path, serve={"http": {"port": _free_port()},
+                                  "models": [{"name": "m", "flavour": "debug", "cpu_kv_cache_gb": 0.25,
+                                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]})
+    cmd = Command(["serve", str(spec)], tmp_path)
+    cmd.wait_for("Ctrl-C to stop", timeout_s=400)
+    assert any("VLLM" in _cmd(p) for p in cmd.descendants()), "no vLLM engine process to check"
+    took, left = cmd.interrupt(signal.SIGTERM)
+    assert took < STOP_WITHIN_S and not left, f"left running after SIGTERM: {left}"
 
 
 def _free_port() -> int:
