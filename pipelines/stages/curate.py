@@ -28,6 +28,8 @@ one quarantined item).
     $ sphinx-x curate som spec.yaml            # only curate.som
     $ sphinx-x curate all spec.yaml --force    # both, redone
     $ sphinx-x run spec.yaml                   # curate (both kinds the spec has), then preprocess, ...
+    $ sphinx-x curate ocr --input docs/ -o out/ocr          # one-off: no spec, local storage at OUT
+    $ sphinx-x curate som --annotations instances.json --images val2017/ -o out/som
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from functools import partial
 from typing import Any, Callable
@@ -63,9 +66,38 @@ MANIFEST_VERSION = 1
 class CurateStage(StageBase):
     name = "curate"
     help = "curate Set-of-Mark (som) and OCR-intensive (ocr) sets into sources data.sources reads"
+    spec_optional = True  # the one-off form: `curate ocr --input DIR -o OUT`
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("kind", choices=[*KINDS, "all"], help="which curate section to run (all: every one the spec has)")
+        parser.add_argument("--input", default=None, metavar="PREFIX", help="one-off ocr: PDFs / page images under it")
+        parser.add_argument("--engine", default="none", choices=["none", "tesseract"],
+                            help="one-off ocr: the engine for pages without a text layer")
+        parser.add_argument("--annotations", default=None, metavar="JSON", help="one-off som: a COCO instances file")
+        parser.add_argument("--images", default=None, metavar="DIR", help="one-off som: where its file_names are")
+        parser.add_argument("-o", "--output", default=None, metavar="OUT",
+                            help="one-off: where the curated source goes (OUT/som and OUT/ocr with all)")
+
+    def one_off_spec(self, args: argparse.Namespace) -> ClusterSpec:
+        """The spec of `sphinx-x curate ocr --input DIR -o OUT` / `curate som --annotations F --images DIR -o OUT`:
+        local storage at OUT (inputs: local paths, or s3:// read with the AWS environment)."""
+        from cluster.spec import parse_spec
+
+        kinds = list(KINDS) if args.kind == "all" else [args.kind]
+        missing = [flag for kind, flags in (("ocr", ("input",)), ("som", ("annotations", "images"))) if kind in kinds
+                   for flag in flags if not getattr(args, flag)]
+        if not args.output or missing:
+            raise UserError("sphinx-x curate: give a SPEC, or -o OUT with --input (ocr) / --annotations and --images "
+                            f"(som){'; missing --' + ', --'.join(missing) if missing else ''}")
+        here = lambda p: p if "://" in p else os.path.abspath(p)  # noqa: E731
+        out = here(args.output)
+        section: dict[str, Any] = {}
+        if "ocr" in kinds:
+            section["ocr"] = {"input": here(args.input), "engine": args.engine, "output": out if len(kinds) == 1 else "ocr"}
+        if "som" in kinds:
+            section["som"] = {"annotations": here(args.annotations), "images": here(args.images),
+                              "output": out if len(kinds) == 1 else "som"}
+        return parse_spec({"name": "curate", "storage": {"uri": out, "endpoint_url": None}, "curate": section})
 
     def used(self, spec: ClusterSpec) -> bool:
         return bool(kinds_of(spec))

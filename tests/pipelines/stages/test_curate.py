@@ -145,6 +145,27 @@ def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_sou
     assert manifest["blocks_reused"] == manifest["blocks"] == 2
     assert storage.read_bytes(lay.curated_records("som")) == before
 
+    # the one-off form: no spec, a local folder in, local storage at -o OUT
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "r.pdf").write_bytes(text_pdf(REPORT[1:]))
+    assert main(["curate", "ocr", "--input", str(tmp_path / "docs"), "-o", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "_manifest.json").read_text())
+    assert (one["samples"], one["source"]["path"]) == (1, str(tmp_path / "one" / "data.jsonl"))
+
+
+def test_the_one_off_form_builds_a_spec_from_its_flags(tmp_path):
+    parse = build_parser().parse_args
+    spec = curate.STAGE.one_off_spec(parse(["curate", "all", "--input", "docs", "--annotations", "a.json", "--images",
+                                            "img", "--engine", "tesseract", "-o", str(tmp_path)]))
+    assert spec.storage.uri == str(tmp_path) and spec.curate.ocr.engine == "tesseract"
+    assert (spec.curate.ocr.output, spec.curate.som.output) == ("ocr", "som")  # under OUT
+    assert spec.curate.ocr.input.endswith("/docs") and spec.curate.som.images.endswith("/img")
+    only = curate.STAGE.one_off_spec(parse(["curate", "som", "--annotations", "s3://b/a.json", "--images", "s3://b/i",
+                                            "-o", str(tmp_path)]))
+    assert (only.curate.som.output, only.curate.som.annotations, only.curate.ocr) == (str(tmp_path), "s3://b/a.json", None)
+    with pytest.raises(UserError, match="missing --annotations, --images"):
+        curate.STAGE.one_off_spec(parse(["curate", "som", "-o", str(tmp_path)]))
+
 
 def test_ocr_inputs_skip_other_files_and_the_curated_output_inside_the_prefix(tmp_path):
     from cluster.run_context import RunContext
