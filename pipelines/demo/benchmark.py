@@ -88,7 +88,8 @@ def evaluation(scores: dict, predictions: list[dict], questions: dict[str, tuple
     return {"types": types, "requests": len(predictions), "errors": errors, "wall_s": wall_s,
             "latency_s": {k: latency.get(k) for k in ("p50", "p99", "mean")},
             "requests_per_s": round(len(predictions) / wall_s, 2) if wall_s else None,
-            "samples": samples, "answers": answers, "score": scores["score"], "metric": scores["metric"]}
+            "samples": samples, "answers": answers, "score": scores["score"], "metric": scores["metric"],
+            "categories": by_category}
 
 
 def read_jsonl(data: bytes) -> list[dict]:

@@ -1,11 +1,12 @@
 """A shortened `sphinx-x demo` end to end: data in S3 -> shards -> DeepSpeed on Ray Train ->
 export -> Serve -> held-out questions through the HTTP endpoint with the openai client.
 
-The pieces must connect (shards and manifest, export with _SUCCESS, the endpoint answering
-every question and serving the web page, report.json with its fields and PNGs), the model
-trained inside the test must beat the majority-class baseline on at least one question type,
-and >= 99 % of the served greedy answers must be the PyTorch model's token for token
-(pipelines.demo.parity, issue #14).
+The demo runs as a user runs it (`sphinx-x demo --keep-serving`, its own Ray and S3). The pieces
+must connect (shards and manifest, the export served, the endpoint answering every question and
+serving the web page, report.json with its fields and PNGs, the per-type figures from the eval
+harness), the model trained inside the test must beat the majority-class baseline on at least
+one question type, >= 99 % of the served greedy answers must be the PyTorch model's token for
+token (pipelines.demo.parity, issue #14), and Ctrl-C then stops it leaving no process (#28).
 The small pure functions of the demo are tested on their own at the bottom.
 """
 
@@ -13,74 +14,77 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import replace
+import signal
 
 import pytest
 
 from pipelines.demo import benchmark, demo, synthetic
 
 # 200 steps: in a bare loop this data reaches colour 0.61 vs a 0.19 majority baseline
-CI = replace(demo.QUICK, n_train=240, n_heldout=30, steps=200, eval_threads=3)
+N_TRAIN, N_HELDOUT, STEPS = 240, 30, 200
 
 
 @pytest.mark.slow
-def test_short_demo_end_to_end(ray_local, tmp_path, monkeypatch):
-    from cluster.storage import open_storage
+def test_demo_end_to_end_then_ctrl_c_while_it_keeps_serving(tmp_path):
+    """`sphinx-x demo --keep-serving` as a user runs it (tests/cli_command.py: its own Ray and S3),
+    checked from its report while it serves, then stopped with Ctrl-C: no process may remain."""
+    import urllib.request
 
-    seen = {}
-    real_build = demo.build_spec
+    import psutil
+    import ray
 
-    def build(*a, **kw):
-        seen["spec"] = real_build(*a, **kw)
-        return seen["spec"]
+    from cli_command import STOP_WITHIN_S, Command
 
-    monkeypatch.setattr(demo, "build_spec", build)
+    if ray.is_initialized():  # the demo starts its own Ray: the session's gives its CPUs back
+        ray.shutdown()
     run_dir = tmp_path / "run"
-    report = demo.run(CI, run_dir)
-
-    # the files of the run directory
-    on_disk = json.loads((run_dir / "report.json").read_text())
-    assert on_disk == json.loads(json.dumps(report))
-    for name in ("loss.png", "tiling.png", "spec.yaml"):
-        assert (run_dir / name).stat().st_size > 1000 or name == "spec.yaml"
-    # the stages' outputs in S3
-    spec = seen["spec"]
-    storage = open_storage(spec.storage)
-    manifest = json.loads(storage.read_bytes(f"{spec.data.output}/_manifest.json"))
-    # every generated sample is written: the demo's source turns dedup off (its text-only chats
-    # repeat word for word on purpose), so the repeats are written and counted as none
-    assert manifest["duplicate_samples"] == 0
-    assert manifest["rows_written"] == CI.n_train and manifest["shards"]
-    assert storage.exists(f"{spec.train.output}/export/_SUCCESS")
-    assert report["training"]["steps"] == CI.steps and report["training"]["tokens_per_s"] > 0
-    assert report["training"]["final_loss"] < report["training"]["first_loss"]
-    # skip tokens: panoramas and tall images skip tiles
-    assert report["skip_tokens"]["saved_tokens"] > 0 and report["tiling_example"]["skipped"]
-    # the endpoint answered every held-out question and served the page
-    serving = report["serving"]
-    assert serving["requests"] == len(synthetic.generate(CI.n_train, CI.n_heldout, CI.seed).heldout_rows())
-    assert serving["errors"] == 0, report["errors"]
-    assert serving["latency_s"]["p50"] > 0 and serving["latency_s"]["p99"] >= serving["latency_s"]["p50"]
-    assert serving["web_page"].endswith("/")
-    # per type: accuracy next to the baseline, and the model learned something
-    q = report["questions"]
-    assert set(q) == set(synthetic.QUESTION_TYPES)
-    for t in q.values():
-        assert 0 <= t["accuracy"] <= 1 and 0 <= t["baseline"] <= 1 and t["total"] > 0
-    assert any(t["accuracy"] > t["baseline"] for t in q.values()), demo.format_report(report)
-    # the figures are the eval harness's (issue #23): its scores.json, per category = per type
-    scores = json.loads(storage.read_bytes(f"{report['eval']['output']}/{benchmark.BENCHMARK}/scores.json"))
-    assert scores["metric"] == "first_word" and scores["samples"] == serving["requests"]
-    for qtype, t in q.items():
-        assert t["accuracy"] == pytest.approx(scores["scores"]["categories"][qtype] / 100)
-    # parity (issue #14): the served greedy answers are the PyTorch model's, token for token
-    parity = report["parity"]
-    assert parity["total"] == serving["requests"]
-    assert parity["share"] >= 0.99, json.dumps(parity["differences"], indent=1)
-    # everything the demo started for its app is gone again
-    from ray import serve
-
-    assert spec.name not in serve.status().applications
+    cmd = Command(["demo", "--quick", "--samples", str(N_TRAIN), str(N_HELDOUT), "--steps", str(STEPS),
+                   "--keep-serving", "--run-dir", str(run_dir)], tmp_path)
+    try:
+        cmd.wait_for("Ctrl-C stops", timeout_s=900)
+        terminal = "\n".join(cmd.lines)
+        report = json.loads((run_dir / "report.json").read_text())
+        # the files of the run directory
+        for name in ("loss.png", "tiling.png"):
+            assert (run_dir / name).read_bytes()[:4] == b"\x89PNG" and (run_dir / name).stat().st_size > 1000
+        assert (run_dir / "spec.yaml").exists()
+        # every generated sample is written: the demo's source turns dedup off (its text-only chats
+        # repeat word for word on purpose), so the repeats are written and counted as none
+        data = report["data"]
+        assert data["duplicate_samples"] == 0 and data["rows_written"] == N_TRAIN and data["shard_files"] > 0
+        t = report["training"]
+        assert t["steps"] == STEPS and t["tokens_per_s"] > 0 and t["final_loss"] < t["first_loss"]
+        assert t["export"], "no export"
+        # skip tokens: panoramas and tall images skip tiles
+        assert report["skip_tokens"]["saved_tokens"] > 0 and report["tiling_example"]["skipped"]
+        # the endpoint answered every held-out question and serves the page (the address is shown)
+        serving = report["serving"]
+        assert serving["requests"] == len(synthetic.generate(N_TRAIN, N_HELDOUT, 0).heldout_rows())
+        assert serving["errors"] == 0, report["errors"]
+        assert serving["latency_s"]["p50"] > 0 and serving["latency_s"]["p99"] >= serving["latency_s"]["p50"]
+        assert f"web page    {serving['web_page']}" in terminal
+        with urllib.request.urlopen(serving["web_page"], timeout=30) as page:
+            assert page.status == 200 and b"<html" in page.read(2000).lower()
+        # per type: accuracy next to the baseline, and the model learned something
+        q = report["questions"]
+        assert set(q) == set(synthetic.QUESTION_TYPES)
+        for v in q.values():
+            assert 0 <= v["accuracy"] <= 1 and 0 <= v["baseline"] <= 1 and v["total"] > 0
+        assert any(v["accuracy"] > v["baseline"] for v in q.values()), terminal[-3000:]
+        # the figures are the eval harness's (issue #23): per category = per type, right / asked
+        ev = report["eval"]
+        assert ev["metric"] == "first_word" and ev["output"].endswith("/eval")
+        for qtype, v in q.items():
+            assert v["accuracy"] == pytest.approx(ev["categories"][qtype] / 100) == pytest.approx(v["correct"] / v["total"])
+        # parity (issue #14): the served greedy answers are the PyTorch model's, token for token
+        parity = report["parity"]
+        assert parity["total"] == serving["requests"]
+        assert parity["share"] >= 0.99, json.dumps(parity["differences"], indent=1)
+    except BaseException:
+        Command.kill_all(cmd.descendants() + [psutil.Process(cmd.proc.pid)])
+        raise
+    took, left = cmd.interrupt(signal.SIGINT)
+    assert took < STOP_WITHIN_S and not left, f"left running after Ctrl-C: {left}"
 
 
 # ----------------------------------------------------------------------------- pieces
