@@ -76,7 +76,7 @@ def test_the_verb_takes_the_kind_before_the_spec_and_runs_only_configured_kinds(
 
 
 @pytest.mark.slow
-def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_source(ray_local, make_spec, tmp_path,
+def test_curate_both_sets_then_preprocess_and_train_on_them_with_an_ordinary_source(ray_module, make_spec, tmp_path,
                                                                                       monkeypatch):
     from cluster.connect import storage_for
     from cluster.layout import Layout
