@@ -25,6 +25,8 @@ LIBRARIES = ("ray", "ray.train", "ray.data", "ray.serve", "ray.tune", "deepspeed
              "torch", "transformers", "filelock", "urllib3", "botocore", "werkzeug")
 # a worker line that reaches the terminal, not only the file
 _LOUD = re.compile(r"\b(ERROR|Error|Exception|Traceback|CRITICAL|FATAL|Killed|OOM)\b")
+# what Ray reports while Serve and its actors are being stopped on purpose (the log keeps it)
+_SHUTDOWN_NOISE = re.compile(r"graceful_shutdown failed|killed by `ray\.kill`")
 
 _log_file: Optional[Path] = None
 _terminal: Optional[TextIO] = None
@@ -118,13 +120,20 @@ def after_ray_init() -> None:
         global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
         global_worker_stdstream_dispatcher.remove_handler("sphinx_x_logs")
         global_worker_stdstream_dispatcher.add_handler("sphinx_x_logs", _worker_lines)
+        # Ray 2.60: the driver's error listener (worker.listen_error_messages) prints the raylet's
+        # messages to stdout itself, past the dispatcher; they go the same way as the workers'
+        import ray._private.worker as ray_worker
+
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
     except Exception:  # noqa: BLE001 - a Ray without this hook keeps printing as usual
         logging.getLogger(__name__).debug("worker log routing unavailable", exc_info=True)
 
 
 def _worker_lines(data: dict) -> None:
+    """Workers' (and the raylet's) output: all of it to the log file; to the terminal only loud
+    lines, and never the noise of a shutdown this process asked for (:data:`_SHUTDOWN_NOISE`)."""
     who = data.get("actor_name") or data.get("task_name") or ""
-    prefix = f"({who} pid={data.get('pid')}) "
+    prefix = f"({who} pid={data.get('pid')}) " if data.get("pid") != "raylet" else "(raylet) "
     lines = data.get("lines") or []
     try:
         with open(_log_file, "a") as f:  # type: ignore[arg-type]
@@ -132,7 +141,7 @@ def _worker_lines(data: dict) -> None:
     except OSError:
         pass
     for line in lines:
-        if _LOUD.search(line):
+        if _LOUD.search(line) and not _SHUTDOWN_NOISE.search(line):
             print(prefix + line, file=terminal(), flush=True)
 
 

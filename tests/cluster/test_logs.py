@@ -24,6 +24,11 @@ logging.getLogger("deepspeed").warning("a library warning")
 warnings.warn("a deprecation note", DeprecationWarning, stacklevel=1)
 os.write(2, b"raw C++ core line on fd 2\\n")
 print("plain stderr print", file=sys.stderr, flush=True)
+from cluster import logs
+# what Ray's driver listeners hand over (workers' lines; the raylet's error messages)
+logs._worker_lines({"pid": 7, "actor_name": "TrainWorker", "lines": ["step 3 ok", "Traceback (most recent call last):"]})
+logs._worker_lines({"pid": "raylet", "lines": ["Task ServeController.graceful_shutdown failed. Error: The actor "
+                                              "is dead because it was killed by `ray.kill`."]})
 """
 
 
@@ -34,8 +39,11 @@ def test_terminal_gets_ours_and_warnings_the_file_gets_everything(tmp_path):
     shown = out.stderr
     log = Path(next(l.split(" ", 1)[1] for l in shown.splitlines() if l.startswith("LOGFILE"))).read_text()
     assert "ours info" in shown and "a library warning" in shown
-    for hidden in ("TrainingReport(", "deprecation note", "raw C++ core line", "plain stderr print"):
+    for hidden in ("TrainingReport(", "deprecation note", "raw C++ core line", "plain stderr print", "step 3 ok",
+                   "graceful_shutdown failed"):
         assert hidden not in shown and hidden in log, hidden
+    # a worker's error reaches the terminal; Serve's own shutdown noise stays in the log (#28)
+    assert "(TrainWorker pid=7) Traceback (most recent call last):" in shown and "(raylet) Task ServeController" in log
     assert "ours info" in log and "a library warning" in log
 
 

@@ -85,6 +85,7 @@ def test_demo_end_to_end_then_ctrl_c_while_it_keeps_serving(tmp_path):
         raise
     took, left = cmd.interrupt(signal.SIGINT)
     assert took < STOP_WITHIN_S and not left, f"left running after Ctrl-C: {left}"
+    assert not [line for line in cmd.lines if "graceful_shutdown" in line]  # Ray's shutdown noise: the log's
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -1,8 +1,9 @@
 """Parity: vLLM serving SPHINX-X (actors.serve.vllm.model) == the PyTorch model (models.sphinx), greedy, fp32, CPU.
 
-For the debug (Llama) and debug-moe (Mixtral) flavours and the four-branch release geometry in miniature
-(debug-sphinx-moe-1k: Q-Former + CLIP + ConvNeXt + DINOv2, Mixtral, every tile kept, images right after
-<s>): one engine per flavour, 32 requests —
+For the debug (Llama) and debug-moe (Mixtral) flavours and the four-branch releases in miniature
+(Q-Former + CLIP + ConvNeXt + DINOv2, images right after <s>: debug-sphinx, one view on Llama with
+the release's ConvNeXt map repeated 2x; debug-sphinx-moe-1k, Mixtral, a global view + every tile
+kept): one engine per flavour, 32 requests —
 images of many aspect ratios (so kept/skipped tiles vary), as PNG/JPEG bytes, RGBA and PIL
 images, two-image prompts and text-only prompts. Each request must get
 
@@ -104,7 +105,7 @@ def _flask_proxies_resolvable():
         yield
 
 
-@pytest.fixture(scope="module", params=["debug", "debug-moe", "debug-sphinx-moe-1k"])
+@pytest.fixture(scope="module", params=["debug", "debug-moe", "debug-sphinx", "debug-sphinx-moe-1k"])
 def served(request, tokenizer, tmp_path_factory):
     """(PyTorch model, vLLM LLM, engine start seconds) for one flavour; the engine is shut down after."""
     from actors.serve.vllm.plugin import engine_args, register
