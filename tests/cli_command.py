@@ -35,7 +35,7 @@ class Command:
         env.update({"SPHINX_X_HOME": str(cwd / "home"), "PYTHONUNBUFFERED": "1", **(env_extra or {})})
         self.proc = subprocess.Popen([str(VENV_BIN / "sphinx-x"), *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_default_sigint)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -102,6 +102,12 @@ class Command:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def _default_sigint() -> None:
+    """SIGINT at its default in the child, as a terminal's foreground job has it: a test session
+    started in the background of a non-interactive shell ignores SIGINT, and exec keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def alive(p: psutil.Process) -> bool:
