@@ -65,7 +65,10 @@ def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
 
     from pipelines.upstream import fit_interruptibly
 
-    default = signal.getsignal(signal.SIGINT)
+    # Python's own Ctrl-C handler, whatever the session inherited (a test run started in the
+    # background of a non-interactive shell ignores SIGINT); the session's is put back at the end
+    default = signal.default_int_handler
+    inherited = signal.signal(signal.SIGINT, default)
     seen = {}
 
     def look(key: str, after: float) -> threading.Timer:
@@ -84,8 +87,11 @@ def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
     look("fixed", 8.0)
     threading.Timer(10.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        fit_interruptibly(_sleepy_trainer(tmp_path / "b", 20))
-    assert seen["fixed"] is default
-    assert time.monotonic() - t0 < 15
-    time.sleep(12)  # the abandoned run ends by itself (its loop sleeps 20 s) before the next test
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_interruptibly(_sleepy_trainer(tmp_path / "b", 20))
+        assert seen["fixed"] is default
+        assert time.monotonic() - t0 < 15
+        time.sleep(12)  # the abandoned run ends by itself (its loop sleeps 20 s) before the next test
+    finally:
+        signal.signal(signal.SIGINT, inherited)
