@@ -1,9 +1,9 @@
 """Parity: vLLM serving SPHINX-X (actors.serve.vllm.model) == the PyTorch model (models.sphinx), greedy, fp32, CPU.
 
-For the debug (Llama) and debug-moe (Mixtral) flavours and the four-branch releases in miniature
-(Q-Former + CLIP + ConvNeXt + DINOv2, images right after <s>: debug-sphinx, one view on Llama with
-the release's ConvNeXt map repeated 2x; debug-sphinx-moe-1k, Mixtral, a global view + every tile
-kept): one engine per flavour, 32 requests —
+For the debug (Llama) and debug-moe (Mixtral) flavours and every public release type in miniature
+(centred canvas, images right after <s>, every tile kept: the four-branch SPHINX / -1k / -MoE /
+-MoE-1k with Q-Former + CLIP + ConvNeXt + DINOv2, and the two-encoder SPHINX-Tiny / -Tiny-1k):
+one engine per flavour, 32 requests —
 images of many aspect ratios (so kept/skipped tiles vary), as PNG/JPEG bytes, RGBA and PIL
 images, two-image prompts and text-only prompts. Each request must get
 
@@ -105,7 +105,13 @@ def _flask_proxies_resolvable():
         yield
 
 
-@pytest.fixture(scope="module", params=["debug", "debug-moe", "debug-sphinx", "debug-sphinx-moe-1k"])
+# the project's two debug members, then every release type in miniature (issue #27): llama_ens,
+# llama_ens5, mixtral_sparse_ens, mixtral_sparse_ens5, llama_ens_light, llama_ens5_light
+RELEASE_TOYS = ["debug-sphinx", "debug-sphinx-1k", "debug-sphinx-moe", "debug-sphinx-moe-1k", "debug-sphinx-tiny",
+                "debug-sphinx-tiny-1k"]
+
+
+@pytest.fixture(scope="module", params=["debug", "debug-moe", *RELEASE_TOYS])
 def served(request, tokenizer, tmp_path_factory):
     """(PyTorch model, vLLM LLM, engine start seconds) for one flavour; the engine is shut down after."""
     from actors.serve.vllm.plugin import engine_args, register
