@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -161,7 +162,11 @@ def _restore(engine, storage, config: TrainWorkerConfig, rank: int) -> tuple[int
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        # a private copy per rank, not Ray's shared per-node download (`as_directory`): the ranks'
+        # copies never depend on another process's download or clean-up (a restore once read a
+        # ZeRO partition that ended before its first byte; cause not pinned down, BENCHMARKS.md)
+        with tempfile.TemporaryDirectory(prefix=f"sx-restore-r{rank}-") as directory:
+            checkpoint.to_directory(directory)
             step, history = load_checkpoint(engine, directory)
         log.info("rank %d: restored step %d", rank, step)
         return step, history, step
