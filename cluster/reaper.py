@@ -43,20 +43,25 @@ def adopt_orphans() -> bool:
         return False
 
 
-def _bounded(fn, timeout_s: float) -> bool:
-    """Run ``fn`` in a daemon thread; True if it returned within ``timeout_s``."""
-    done = threading.Event()
+def bounded(fn, timeout_s: float) -> bool:
+    """Run ``fn`` in a daemon thread, waiting at most ``timeout_s``: False if it is still running
+    then (it is left behind); its exception, if it raised one in time, is raised here."""
+    errors: list[BaseException] = []
 
     def target() -> None:
         try:
             fn()
-        except Exception:  # noqa: BLE001 - a dead cluster may raise anything here; we stop it anyway
-            log.debug("while stopping", exc_info=True)
-        finally:
-            done.set()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            errors.append(err)
 
-    threading.Thread(target=target, daemon=True, name="reaper").start()
-    return done.wait(timeout_s)
+    worker = threading.Thread(target=target, daemon=True, name="bounded")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return False
+    if errors:
+        raise errors[0]
+    return True
 
 
 def stop_ray(timeout_s: float = RAY_SHUTDOWN_WAIT_S) -> None:
@@ -64,7 +69,12 @@ def stop_ray(timeout_s: float = RAY_SHUTDOWN_WAIT_S) -> None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    if not _bounded(ray.shutdown, timeout_s):
+    try:
+        finished = bounded(ray.shutdown, timeout_s)
+    except Exception:  # noqa: BLE001 - a dead cluster may raise anything here; we stop it anyway
+        log.debug("while stopping Ray", exc_info=True)
+        finished = True
+    if not finished:
         log.warning("Ray did not shut down within %.0f s (its processes were already stopping); "
                     "stopping what is left of them", timeout_s)
 

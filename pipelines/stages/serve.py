@@ -26,7 +26,6 @@ import argparse
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Optional
 
@@ -306,24 +305,13 @@ def shutdown(spec: ClusterSpec, *, timeout_s: Optional[float] = None) -> bool:
     if timeout_s is None:
         stop()
         return True
-    errors: list[BaseException] = []
-    worker = threading.Thread(target=lambda: _capture(stop, errors), daemon=True, name="serve-shutdown")
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
+    from cluster.reaper import bounded
+
+    if not bounded(stop, timeout_s):
         log.warning("Serve did not delete app %s within %.0f s (Ray is stopping too?); leaving it to exit",
                     spec.name, timeout_s)
         return False
-    if errors:
-        raise errors[0]
     return True
-
-
-def _capture(fn, errors: list) -> None:
-    try:
-        fn()
-    except BaseException as err:  # noqa: BLE001 - re-raised by the caller's thread
-        errors.append(err)
 
 
 def serve_until_interrupted(spec: ClusterSpec, summary: dict) -> None:

@@ -65,3 +65,19 @@ def test_without_adopting_an_orphan_escapes_the_command():
         except psutil.NoSuchProcess:
             pass
 
+
+
+def test_bounded_waits_at_most_its_timeout_and_hands_errors_back():
+    import threading
+    import time
+
+    from cluster.reaper import bounded
+
+    assert bounded(lambda: None, 1.0) is True
+    with pytest.raises(ValueError, match="boom"):
+        bounded(lambda: (_ for _ in ()).throw(ValueError("boom")), 1.0)
+    release = threading.Event()
+    t0 = time.monotonic()
+    assert bounded(lambda: release.wait(10), 0.2) is False  # a call on a dead head: given up on
+    assert time.monotonic() - t0 < 2
+    release.set()
