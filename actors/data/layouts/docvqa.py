@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from actors.data.layouts.base import Context, Item, Layout, Rejected, as_id
-from actors.data.layouts.textvqa import data_list, qa_sample
+from actors.data.layouts.textvqa import qa_sample, questions
 
 
 class DocVqa(Layout):
@@ -33,15 +33,11 @@ class DocVqa(Layout):
                "question_id": "questionId"}
 
     def read(self, data: Any, index: int, ctx: Context) -> Iterator[Item]:
-        items = data_list(data, ctx)
-        if items is None:
-            yield Rejected(f"{ctx.prefix}:file", "bad_field", f"a DocVQA file holds a {ctx.col('data')!r} list",
-                           str(data)[:200])
-            return
-        for i, q in enumerate(items):
-            if not isinstance(q, dict):
-                yield Rejected(ctx.fallback(i), "bad_field", f"item {i} is not an object", q)
+        for item in questions(data, ctx, "DocVQA"):
+            if isinstance(item, Rejected):
+                yield item
                 continue
+            i, q = item
             rid = as_id(q.get(ctx.col("question_id"))) or ctx.fallback(i)
             answers = q.get(ctx.col("answers"))
             answer = next((a for a in answers if isinstance(a, str) and a.strip()), None) \

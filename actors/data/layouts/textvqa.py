@@ -16,7 +16,7 @@ Names: ``data``, ``question``, ``answers``, ``image_id``, ``question_id``. Quara
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 from actors.data.layouts.base import Context, Item, Layout, Rejected, Sample, as_id, most_common, turns
 
@@ -32,10 +32,16 @@ def qa_sample(ctx: Context, rid: str, question: Any, answer: Any, image: Any) ->
     return Sample(rid, turns(ctx.ask(rid, question=question.strip()), answer.strip()), [image])
 
 
-def data_list(data: Any, ctx: Context) -> Any:
-    """The ``data`` list of a TextVQA / DocVQA file, or None."""
+def questions(data: Any, ctx: Context, dataset: str) -> Iterator[Union[Rejected, tuple[int, dict]]]:
+    """The ``data`` list of a TextVQA / DocVQA file as ``(i, question object)``; a Rejected for a
+    file without the list and for an item that is not an object."""
     items = data.get(ctx.col("data")) if isinstance(data, dict) else None
-    return items if isinstance(items, list) else None
+    if not isinstance(items, list):
+        yield Rejected(f"{ctx.prefix}:file", "bad_field", f"a {dataset} file holds a {ctx.col('data')!r} list",
+                       str(data)[:200])
+        return
+    for i, q in enumerate(items):
+        yield (i, q) if isinstance(q, dict) else Rejected(ctx.fallback(i), "bad_field", f"item {i} is not an object", q)
 
 
 class TextVqa(Layout):
@@ -47,15 +53,11 @@ class TextVqa(Layout):
                "question_id": "question_id"}
 
     def read(self, data: Any, index: int, ctx: Context) -> Iterator[Item]:
-        items = data_list(data, ctx)
-        if items is None:
-            yield Rejected(f"{ctx.prefix}:file", "bad_field", f"a TextVQA file holds a {ctx.col('data')!r} list",
-                           str(data)[:200])
-            return
-        for i, q in enumerate(items):
-            if not isinstance(q, dict):
-                yield Rejected(ctx.fallback(i), "bad_field", f"item {i} is not an object", q)
+        for item in questions(data, ctx, "TextVQA"):
+            if isinstance(item, Rejected):
+                yield item
                 continue
+            i, q = item
             rid = as_id(q.get(ctx.col("question_id"))) or ctx.fallback(i)
             image = as_id(q.get(ctx.col("image_id")))
             answers = q.get(ctx.col("answers"))
