@@ -375,7 +375,10 @@ def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(ray_lo
     assert tilers, [a.class_name for a in list_actors()]
     os.kill(tilers[0].pid, signal.SIGKILL)
     run.join(300)
-    assert not run.is_alive() and out["m"]["rows_reused"] == 0
+    # A block the killed actor had finished (its book written) but not yet handed back comes back
+    # from its book on the retry, as after an interrupted run: at most the actor's blocks in flight
+    # (Ray Data's default of 4 per actor). The shards are the same either way.
+    assert not run.is_alive() and out["m"]["rows_reused"] <= 4, out.get("m")
     assert out["m"]["shards"] == whole["shards"] and out["m"]["rows_written"] == whole["rows_written"]
     assert _rows_of(storage, out["m"], str(tmp_path / "worker")) == _rows_of(storage, whole, "whole")
 
