@@ -515,6 +515,9 @@ class EvalBenchmark(_Strict):
     max_tokens: int = Field(32, ge=1)
     image_root: Optional[str] = None  # where `image_path` / JSONL `image` names resolve (default: beside the file)
     text_only: bool = False  # rows without an image are text-only questions (else malformed, as VLMEvalKit reads them)
+    # grounding: the square a predicted [x1,y1,x2,y2] is a fraction of (actors.eval.grounding); None:
+    # the evaluated model directory's own padding (its flavour's pad), "center" for an endpoint (the releases')
+    box_frame: Optional[Literal["center", "topleft", "image"]] = None
 
     _name = field_validator("name")(classmethod(lambda cls, v: _benchmark_name(v)))
 

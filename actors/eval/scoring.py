@@ -123,6 +123,8 @@ def _per_sample(metric: str, q: Question, raw: str, judge, frame: str) -> tuple[
         return label, float(label == gt)
     if metric == "grounding":
         gt = grounding.parse_box(q.answer)
+        if gt is None and len(q.answers) == 4:  # a TSV cell "[x1, y1, x2, y2]" reads as four VQA-style answers
+            gt = grounding.parse_box("[" + ",".join(q.answers) + "]")
         if gt is None:
             raise ValueError(f"answer {q.answer!r} is not a box [x1, y1, x2, y2]")
         size = [_number(q.extra.get(k)) for k in ("width", "height")]

@@ -121,13 +121,15 @@ def load(b: EvalBenchmark, uri: str, storage: Any, *, image_root: Optional[str] 
     return Loaded(b, metric, tuple(questions), requests, bad)
 
 
-def score(one: Loaded, answers: dict) -> tuple[list[dict], dict]:
-    """(per-sample rows, scores) of one benchmark's answers (``actors.eval.scoring``)."""
+def score(one: Loaded, answers: dict, *, frame: str = "center") -> tuple[list[dict], dict]:
+    """(per-sample rows, scores) of one benchmark's answers (``actors.eval.scoring``); ``frame``: the
+    box frame of a grounding benchmark without its own ``box_frame``."""
     from actors.eval.scoring import score_benchmark
 
     got = {q.id: answers[f"{one.benchmark.name}/{q.id}"] for q in one.questions}
     try:
-        result = score_benchmark(one.metric, [(q, got[q.id].text) for q in one.questions])
+        result = score_benchmark(one.metric, [(q, got[q.id].text) for q in one.questions],
+                                 grounding_frame=one.benchmark.box_frame or frame)
     except ValueError as err:
         raise UserError(f"eval benchmark {one.benchmark.name!r}: {err}") from None
     rows = [{**r.to_dict(), "error": got[r.id].error, **got[r.id].extras()} for r in result.rows]
@@ -175,6 +177,16 @@ def model_identity(ctx: RunContext) -> dict[str, str]:
     blob.pop("sphinx_x", None)  # our own scores never change the model
     digest = hashlib.sha256((uri + json.dumps(blob, sort_keys=True)).encode()).hexdigest()[:16]
     return {"kind": "model_dir", "uri": uri, "key": digest}
+
+
+def model_box_frame(ctx: RunContext, identity: dict[str, str]) -> str:
+    """The square the evaluated model's boxes are fractions of (``actors.eval.grounding.FRAMES``):
+    a model directory's flavour pad (``top_left`` -> ``topleft``, ``centre`` -> ``center``); for an
+    endpoint, whose model is not known here, the released models' ``center``."""
+    if identity["kind"] != "model_dir":
+        return "center"
+    flavour = json.loads(ctx.storage.read_bytes(f"{identity['uri'].rstrip('/')}/config.json"))["flavour"]
+    return "topleft" if flavour.get("pad", "top_left") == "top_left" else "center"
 
 
 def _engine(ctx: RunContext, identity: dict[str, str]):
@@ -290,8 +302,9 @@ def evaluate(ctx: RunContext) -> dict[str, Any]:
     answers = {a.id: a for a in _engine(ctx, identity).answer(requests)}
     wall_s = time.perf_counter() - t0
     results: dict[str, dict] = {}
+    frame = model_box_frame(ctx, identity) if any(one.metric == "grounding" for one in loaded) else "center"
     for one in loaded:
-        rows, scores = score(one, answers)
+        rows, scores = score(one, answers, frame=frame)
         _write_jsonl(ctx, ctx.layout.eval_predictions(one.benchmark.name), rows)
         record = {"version": SCORES_VERSION, "benchmark": one.benchmark.name, "model": identity,
                   "metric": one.metric, "score": main_score(scores), "scores": scores,

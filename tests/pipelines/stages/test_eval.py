@@ -173,3 +173,38 @@ def test_spec_section_is_checked():
         parse_spec({"eval": {"benchmarks": [{"name": "a", "path": "a.tsv", "format": "csv"}]}})
     assert not eval_stage.STAGE.used(parse_spec({}))
     assert eval_stage.STAGE.demand(parse_spec({})).work == ()
+
+
+def test_grounding_is_scored_in_the_models_own_frame_unless_the_benchmark_names_one(tmp_path, monkeypatch):
+    """A 200 x 100 image, gt box [50, 0, 150, 100] px. A top-left-padded model (the paper flavours,
+    config.json pad "top_left") sees it at [0.25, 0, 0.75, 0.5] of its square; the released
+    models' centred pad at [0.25, 0.25, 0.75, 0.75] (actors/eval/grounding.py's worked example).
+    The engine answers the top-left box: right in the model's own frame, wrong (IoU 1/3) when the
+    benchmark says ``box_frame: center``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 100), (9, 9, 9)).save(buf, "PNG")
+    (tmp_path / "where.tsv").write_text(tsv_text([{
+        "index": 0, "image": base64.b64encode(buf.getvalue()).decode(), "question": "Where is the box?",
+        "answer": "[50, 0, 150, 100]", "width": 200, "height": 100}]))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"format": "sphinx-x", "flavour": {"name": "debug",
+                                                                                     "pad": "top_left"}}))
+
+    class Engine:
+        def answer(self, requests):
+            return [Answer(r.id, "[0.25,0.00,0.75,0.50]") for r in requests]
+
+    monkeypatch.setattr(eval_stage, "_engine", lambda ctx, identity: Engine())
+
+    def scored(**extra):
+        data = {"name": "evaltest", "storage": {"uri": str(tmp_path / f"store{len(extra)}"), "endpoint_url": None},
+                "eval": {"model": str(model), "benchmarks": [
+                    {"name": "where", "path": str(tmp_path / "where.tsv"), "format": "vqa_tsv",
+                     "metric": "grounding", **extra}]}}
+        return eval_stage.STAGE.run(RunContext.build(parse_spec(data)))["scores"]["where"]
+
+    assert scored() == pytest.approx(100.0)
+    assert scored(box_frame="center") == pytest.approx(0.0)
+    with pytest.raises(Exception, match="box_frame"):
+        parse_spec({"eval": {"benchmarks": [{"name": "a", "path": "a.tsv", "format": "vqa_tsv", "box_frame": "left"}]}})
