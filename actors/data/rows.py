@@ -12,7 +12,7 @@ shard writer never see the format again:
 | ``image_paths`` | list<string> | full image paths (JSON sources), else empty |
 | ``image_bytes`` | list<binary> | image bytes (WebDataset / Parquet sources), else empty |
 | ``reason``, ``stage``, ``detail`` | string | null while the row is good; set once it is quarantined |
-| ``boxes`` | string | region layouts: JSON ``[[image, x1, y1, x2, y2], ...]`` in pixels, named ``<box:k>`` in the text; else null |
+| ``boxes`` | string | region rows: JSON ``[[image, x1, y1, x2, y2], ...]`` in pixels, named ``<box:k>`` in the text; else null |
 
 Before (one JSONL line of source ``vqa`` with ``image_root: s3://b/img``)::
 
@@ -33,6 +33,14 @@ loses the broken record and, when its end cannot be found, the unreadable remain
 ``invalid_json`` row; lone surrogates are ``invalid_text``, nesting deeper than Python's recursion
 limit ``too_deep``, integers over 4300 digits ``invalid_number``; anything else a record raises is
 ``unexpected_error`` with the exception type (docs/security.md lists what was tried).
+
+Boxes: a ``llava`` record (JSON / JSONL, a WebDataset ``.json``, a Parquet ``boxes`` column of lists
+or JSON text) may carry ``"boxes": [[image, x1, y1, x2, y2], ...]`` in pixels of its images, named
+in its text by ``<box:k>`` slots, as the region layouts' samples do (:func:`record_boxes`)::
+
+    {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\\nWhere is the red square?"},
+     {"from": "gpt", "value": "<box:0>"}], "boxes": [[0, 40.5, 12.25, 98.0, 69.75]]}
+    -> boxes: '[[0, 40.5, 12.25, 98.0, 69.75]]' (the tiler writes the slot as ``[x1,y1,x2,y2]``)
 
 Layouts (``data.sources[].layout``, ``actors.data.layouts``): ``llava`` records are read as above;
 any other layout turns a record (or, for annotation files, the whole file) into samples first, and
@@ -63,6 +71,7 @@ import pyarrow as pa
 from actors.data.json_records import Broken, array_items, error_detail, quarantine_reason
 from actors.data.layouts import Context, Reading, Rejected, Sample
 from actors.data.layouts import get as get_layout
+from actors.data.regions import check_boxes
 from cluster.location import Location
 from models.conversation import IMAGE
 from models.errors import UserError
@@ -228,10 +237,28 @@ def record_id(record: Any, fallback: str) -> str:
     return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) else fallback
 
 
+def record_boxes(record: dict, conversations: list, n_images: int) -> tuple[Optional[str], str, Optional[list]]:
+    """A valid record's optional ``boxes`` -> ``(None, "", boxes or None)``, or ``("bad_box", detail, None)``.
+
+    ``boxes`` is ``[[image, x1, y1, x2, y2], ...]`` in pixels of the record's images, named in its
+    text by ``<box:k>`` slots (the region layouts' convention, ``actors.data.layouts.base``); the
+    tiler writes each slot as SPHINX's box text in the flavour's canvas frame. Refused here: a
+    malformed or empty box, a box of an image the record does not have (a region without an
+    image), a slot naming no box (``actors.data.regions.check_boxes``); a box outside its image
+    is refused by the tiler, which knows the image's size (stage ``boxes``)."""
+    boxes = record.get("boxes")
+    detail = check_boxes(conversations, boxes, n_images)
+    if detail:
+        return "bad_box", detail, None
+    return None, "", [list(b) for b in boxes] if boxes else None
+
+
 def _record_row(source: str, record: Any, fallback_id: str, ratio: float, image_root: Optional[str],
                 allowed: Sequence[str] = ()) -> dict:
     reason, detail, conv, images = validate_record(record)
     row_id = record_id(record, fallback_id)
+    if not reason:
+        reason, detail, boxes = record_boxes(record, conv, len(images))
     if reason:
         return raw_row(source, row_id, ratio, conversations=conv or record, reason=reason, detail=detail)
     paths = []
@@ -243,7 +270,7 @@ def _record_row(source: str, record: Any, fallback_id: str, ratio: float, image_
         if reason:
             return raw_row(source, row_id, ratio, conversations=conv, reason=reason, detail=detail)
         paths.append(uri)
-    return raw_row(source, row_id, ratio, conversations=conv, image_paths=paths)
+    return raw_row(source, row_id, ratio, conversations=conv, image_paths=paths, boxes=boxes)
 
 
 def _guarded_row(source: str, row_id: str, ratio: float, where: str, raw_text: str, build) -> dict:
@@ -409,7 +436,7 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
     """One WebDataset sample (``decoder=None``: bytes per extension) -> a raw row.
 
-    Columns used: ``__key__``; ``json`` (a record with ``conversations``) or ``txt`` (a
+    Columns used: ``__key__``; ``json`` (a record with ``conversations``, optional ``boxes``) or ``txt`` (a
     caption: becomes ``<image>\\nDescribe the image briefly.`` / caption); one of
     ``jpg|jpeg|png|webp`` (the image bytes; none = a text-only sample).
     """
@@ -419,7 +446,7 @@ def wds_row(sample: dict, *, source: str, ratio: float) -> dict:
 
 
 def _wds_row(sample: dict, key: str, *, source: str, ratio: float) -> dict:
-    row_id = f"{source}:{key}"
+    row_id, boxes = f"{source}:{key}", None
     sample = {k: _blob(v) for k, v in sample.items()}  # a batch fills absent extensions with None/NaN
     image = next((sample[k] for k in WDS_IMAGE_KEYS if sample.get(k) is not None), None)
     images = [image] if image is not None else []
@@ -433,6 +460,8 @@ def _wds_row(sample: dict, key: str, *, source: str, ratio: float) -> dict:
         if isinstance(record, dict) and images:
             record = {**record, "image": "<bytes>"}
         reason, detail, conv, _ = validate_record(record)
+        if not reason:
+            reason, detail, boxes = record_boxes(record, conv, len(images))
     elif sample.get("txt") is not None:
         caption = sample["txt"].decode("utf-8", errors="replace").strip()
         conv = [{"from": "human", "value": "<image>\nDescribe the image briefly." if images else "Continue."},
@@ -442,7 +471,7 @@ def _wds_row(sample: dict, key: str, *, source: str, ratio: float) -> dict:
         reason, detail, conv = "bad_field", f"sample {key!r} has neither .json nor .txt", []
     if reason:
         return raw_row(source, row_id, ratio, conversations=conv, reason=reason, detail=detail)
-    return raw_row(source, row_id, ratio, conversations=conv, image_bytes=images)
+    return raw_row(source, row_id, ratio, conversations=conv, image_bytes=images, boxes=boxes)
 
 
 def _blob(value: Any) -> Optional[bytes]:
@@ -471,7 +500,8 @@ def parquet_row(rec: dict, *, source: str, ratio: float) -> dict:
 
     Columns: ``conversations`` (JSON text, or a list of ``{from, value}`` structs), ``image``
     (binary bytes, or a struct with ``bytes`` as Hugging Face datasets store images; null =
-    text-only; any other type is ``bad_field``), ``id`` (optional).
+    text-only; any other type is ``bad_field``), ``id`` (optional), ``boxes`` (optional: lists
+    ``[image, x1, y1, x2, y2]`` or their JSON text, :func:`record_boxes`).
     """
     return _guarded_row(source, record_id(rec, f"{source}:row"), ratio, "parquet row", "",
                         lambda: _parquet_row(rec, source=source, ratio=ratio))
@@ -498,9 +528,23 @@ def _parquet_row(rec: dict, *, source: str, ratio: float) -> dict:
     if images:
         record["image"] = "<bytes>"
     reason, detail, conv, _ = validate_record(record)
+    if not reason:
+        reason, detail, boxes = record_boxes(_boxes_decoded(rec), conv, len(images))
     if reason:
         return raw_row(source, row_id, ratio, conversations=conv or record, reason=reason, detail=detail)
-    return raw_row(source, row_id, ratio, conversations=conv, image_bytes=images)
+    return raw_row(source, row_id, ratio, conversations=conv, image_bytes=images, boxes=boxes)
+
+
+def _boxes_decoded(rec: dict) -> dict:
+    """A Parquet row whose ``boxes`` is JSON text, with that text parsed (left as it is when it
+    does not parse: :func:`record_boxes` names the problem)."""
+    text = rec.get("boxes")
+    if isinstance(text, (str, bytes)):
+        try:
+            return {**rec, "boxes": json.loads(text)}
+        except (ValueError, RecursionError):
+            pass
+    return rec
 
 
 def _image_bytes(value: Any) -> tuple[Optional[bytes], str]:

@@ -45,8 +45,9 @@ Region samples (``regions=True``) follow the region layouts' convention (``actor
 the answer is the slot ``<box:0>`` and the row carries ``boxes`` ``[[image, x1, y1, x2, y2]]`` in
 pixels of its image; preprocess writes the slot as SPHINX's ``[x1,y1,x2,y2]`` in the flavour's
 canvas frame (``actors.data.regions``, ``models.boxes``), so one file trains either padding.
-NOTE: the ``llava`` reader (``actors.data.rows``) does not carry a record's ``boxes`` yet, so these
-rows train only once it does; until then ``regions`` stays off in the demo::
+The ``llava`` reader carries a record's ``boxes`` (``actors.data.rows.record_boxes``: a slot without
+a box, a malformed box or one of a missing image is quarantined ``bad_box``), so these rows train
+as written::
 
     train.jsonl   {..., "conversations": [..., {"from": "human", "value": "Please provide the bounding box
                    coordinate of the region this sentence describes: the red square."},
@@ -332,11 +333,13 @@ def _make_sample(rng: random.Random, sid: str, kind: str, all_questions: bool, r
     shape, colour, count = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(COUNTS)
     img, boxes = render_scene(rng, size, shape, colour, count)
     qa = [("colour", q("colour"), colour), ("shape", q("shape"), shape), ("count", q("count"), str(count))]
-    where = []
-    if regions and count == 1:
-        qa.append((REGION_TYPE, q(REGION_TYPE, c=colour, s=shape), BOX_SLOT))
-        where = [[0] + [round(v, 2) for v in boxes[0]]]
     rng.shuffle(qa)
+    where = []
+    if regions and count == 1:  # its own random stream: the images and other questions stay as without regions
+        own = random.Random(f"{sid}:{REGION_TYPE}:{boxes[0]}")
+        qa.insert(own.randint(0, len(qa)), (REGION_TYPE, own.choice(QUESTIONS[REGION_TYPE]).format(c=colour, s=shape),
+                                            BOX_SLOT))
+        where = [[0] + [round(v, 2) for v in boxes[0]]]
     meta = {"shape": shape, "colour": colour, "count": count,
             "boxes": [[round(v / s, 3) for v, s in zip(b, (*size, *size))] for b in boxes]}
     return Sample(sid, kind, qa, _png(img), size, meta, where)

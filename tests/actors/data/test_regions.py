@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.data.regions import check_box, fill, slot, text_of
+from actors.data.regions import check_box, check_boxes, fill, slot, text_of
 from models.boxes import BoxError
 from models.tiling import TileSpec
 
@@ -34,3 +34,16 @@ def test_bad_boxes_and_slots():
     assert check_box([10, 10, 5, 20], (100, 100)) and check_box([0, 0, 101.5, 10], (100, 100))
     assert check_box([0, 0, 100, 100], (100, 100)) is None and check_box([0, 0, 1e9, 1], None) is None
     assert slot(0, 2) == "<box:0;2>" and text_of("at <box:3>") == "at [0.00,0.00,1.00,1.00]"
+
+
+def test_check_boxes_refuses_what_needs_no_image_size():
+    conv = [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "<box:0>"}]
+    assert check_boxes(conv, [[0, 1, 2, 30, 40]], 1) is None and check_boxes(conv, [[0.0, 1, 2, 3, 4]], 1) is None
+    assert check_boxes(conv[:1], None, 0) is None  # no slot, no box
+    assert "0 box(es)" in check_boxes(conv, None, 1) and "0 box(es)" in check_boxes(conv, [], 1)
+    assert "2 image(s)" in check_boxes(conv, [[2, 1, 2, 3, 4]], 2) and "-1" in check_boxes(conv, [[-1, 1, 2, 3, 4]], 1)
+    assert "image index" in check_boxes(conv, [[0.5, 1, 2, 3, 4]], 1)
+    assert "empty" in check_boxes(conv, [[0, 3, 2, 3, 4]], 1) and "empty" in check_boxes(conv, [[0, 1, 4, 3, 4]], 1)
+    for bad in ([[0, 1, 2, 3]], [[0, 1, 2, 3, None]], [(0, 1, 2, 3, float("nan"))], [[False, 1, 2, 3, 4]], ["x"]):
+        assert "expected [image, x1, y1, x2, y2]" in check_boxes(conv, bad, 1), bad
+    assert "expected a list" in check_boxes(conv, "[[0, 1, 2, 3, 4]]", 1)

@@ -79,3 +79,72 @@ def test_webdataset_and_parquet_rows():
 ])
 def test_image_references_resolve_under_the_root(root, rel, expected):
     assert raw.resolve_image(rel, root) == (expected, None, "")
+
+
+def test_llava_records_carry_their_boxes_or_are_quarantined_as_bad_box():
+    """A llava record's optional ``boxes`` (pixels, named by <box:k> slots) travels in the raw
+    column; what needs no image size is refused here with the region layouts' reason ``bad_box``."""
+    where = _turns("<image>\nWhere is the red square?", "<box:0>")
+    records = [
+        {"id": "ok", "image": "a.png", "conversations": where, "boxes": [[0, 40.5, 12.25, 98.0, 69.75]]},
+        {"id": "plain", "image": "a.png", "conversations": _turns()},
+        {"id": "unused", "image": "a.png", "conversations": _turns(), "boxes": [[0, 1, 1, 5, 5]]},
+        {"id": "two", "image": ["a.png", "b.png"], "boxes": [[0, 1, 1, 5, 5], [1, 2, 2, 9, 9]],
+         "conversations": _turns("<image><image>\nBoth?", "<p>dots</p> <box:0;1>")},
+        {"id": "no_box", "image": "a.png", "conversations": where},  # a slot without a box
+        {"id": "short", "image": "a.png", "conversations": where, "boxes": [[0, 1, 1, 5]]},  # malformed
+        {"id": "flat", "image": "a.png", "conversations": where, "boxes": [0, 1, 1, 5, 5]},
+        {"id": "text", "image": "a.png", "conversations": where, "boxes": [[0, "1", 1, 5, 5]]},
+        {"id": "bool", "image": "a.png", "conversations": where, "boxes": [[True, 1, 1, 5, 5]]},
+        {"id": "dict", "image": "a.png", "conversations": where, "boxes": {"0": [1, 1, 5, 5]}},
+        {"id": "image1", "image": "a.png", "conversations": where, "boxes": [[1, 1, 1, 5, 5]]},  # out of range
+        {"id": "half", "image": "a.png", "conversations": where, "boxes": [[0.5, 1, 1, 5, 5]]},
+        {"id": "noimg", "conversations": _turns("Where?", "<box:0>"), "boxes": [[0, 1, 1, 5, 5]]},  # no image
+        {"id": "empty", "image": "a.png", "conversations": where, "boxes": [[0, 5, 1, 5, 5]]},
+        {"id": "slot1", "image": "a.png", "conversations": _turns("<image>\nWhere?", "<box:0;1>"),
+         "boxes": [[0, 1, 1, 5, 5]]},
+        {"id": "inf", "image": "a.png", "conversations": where, "boxes": [[0, 1, 1, float("inf"), 5]]},
+    ]
+    data = "\n".join(json.dumps(r) for r in records).encode()
+    rows = {r["id"]: r for r in raw.parse_json_file(data, "g.jsonl", source="g", ratio=1.0, image_root="s3://b/img")}
+    assert json.loads(rows["ok"]["boxes"]) == [[0, 40.5, 12.25, 98.0, 69.75]] and rows["ok"]["reason"] is None
+    assert json.loads(rows["ok"]["conversations"]) == where and rows["ok"]["image_paths"] == ["s3://b/img/a.png"]
+    assert rows["plain"]["boxes"] is None and rows["plain"]["reason"] is None
+    assert rows["unused"]["reason"] is None and json.loads(rows["two"]["boxes"])[1] == [1, 2, 2, 9, 9]
+    bad = {"no_box", "short", "flat", "text", "bool", "dict", "image1", "half", "noimg", "empty", "slot1", "inf"}
+    assert {k for k, r in rows.items() if r["reason"]} == bad
+    assert {(rows[k]["reason"], rows[k]["stage"], rows[k]["boxes"]) for k in bad} == {("bad_box", "parse", None)}
+    assert "slot <box:0> names a box the record does not have (0 box(es))" in rows["no_box"]["detail"]
+    assert "box 0 is of image 1, but the record has 1 image(s)" in rows["image1"]["detail"]
+    assert "the record has 0 image(s)" in rows["noimg"]["detail"] and "is empty" in rows["empty"]["detail"]
+    assert "expected a list" in rows["dict"]["detail"] and "expected [image, x1, y1, x2, y2]" in rows["short"]["detail"]
+    # the tokenizer's text pass (no image root) carries them too
+    text_pass = raw.parse_json_file(data, "g.jsonl", source="g", ratio=1.0, image_root=None)
+    assert text_pass[0]["boxes"] == rows["ok"]["boxes"]
+
+
+def test_webdataset_and_parquet_llava_rows_carry_boxes():
+    rec = {"conversations": _turns("<image>\nWhere?", "<box:0>"), "boxes": [[0, 1, 2, 3, 4]]}
+    w = raw.wds_row({"__key__": "k", "png": b"PNG", "json": json.dumps(rec).encode()}, source="w", ratio=1.0)
+    assert w["reason"] is None and json.loads(w["boxes"]) == [[0, 1, 2, 3, 4]]
+    w2 = raw.wds_row({"__key__": "k", "json": json.dumps(rec).encode()}, source="w", ratio=1.0)
+    assert w2["reason"] == "image_mismatch"  # the placeholder's image is missing: checked first
+    for boxes in ([[0.0, 1.0, 2.0, 3.0, 4.0]], json.dumps([[0, 1, 2, 3, 4]])):
+        p = raw.parquet_row({**rec, "boxes": boxes, "image": b"IMG"}, source="p", ratio=1.0)
+        assert p["reason"] is None and json.loads(p["boxes"]) == [[0, 1, 2, 3, 4]]
+    for boxes in ("[[0, 1", None, [[2, 1, 2, 3, 4]]):
+        assert raw.parquet_row({**rec, "boxes": boxes, "image": b"IMG"}, source="p", ratio=1.0)["reason"] == "bad_box"
+
+
+def test_the_demos_region_rows_are_read_with_their_boxes():
+    """pipelines.demo.synthetic's ``regions=True`` train rows: every ``where`` answer keeps its box."""
+    from pipelines.demo import synthetic
+
+    ds = synthetic.generate(24, 2, seed=1, regions=True)  # 4 one-shape scenes
+    records = ds.train_rows()
+    data = "\n".join(json.dumps(r) for r in records).encode()
+    rows = raw.parse_json_file(data, "train.jsonl", source="demo", ratio=1.0, image_root="/d")
+    assert [r["reason"] for r in rows] == [None] * len(records)
+    with_boxes = [(r, rec) for r, rec in zip(rows, records) if "boxes" in rec]
+    assert with_boxes and all(json.loads(r["boxes"]) == rec["boxes"] for r, rec in with_boxes)
+    assert all(r["boxes"] is None for r, rec in zip(rows, records) if "boxes" not in rec)

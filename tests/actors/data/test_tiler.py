@@ -192,3 +192,21 @@ def test_layout_rows_system_turns_and_region_boxes(tokenizer, tmp_path):
     # 100x40 -> 96x38 at (0, 0): x 10 -> 0.10, y 4 -> 3.8/96 = 0.04, 60 -> 0.60, 36 -> 34.2/96 = 0.36
     assert parse_boxes(answer.replace(" ", ""))[0].boxes == [(0.10, 0.04, 0.60, 0.36)]
     assert (got["bad"]["reason"], got["bad"]["stage"]) == ("bad_box", "boxes")
+
+
+def test_llava_records_with_boxes_are_written_in_the_canvas_frame(tokenizer, tmp_path):
+    """A llava JSONL record's ``boxes`` (pixels) reach the shard as SPHINX's box text (debug: canvas
+    96, top_left); a box that leaves its decoded image is quarantined bad_box at stage ``boxes``."""
+    from models.boxes import parse_boxes
+
+    (tmp_path / "wide.png").write_bytes(_png(100, 40))
+    where = _turns("<image>\nWhere is the cat?", "<box:0>")
+    lines = [json.dumps({"id": "box", "image": "wide.png", "conversations": where, "boxes": [[0, 10, 4, 60, 36]]}),
+             json.dumps({"id": "out", "image": "wide.png", "conversations": where, "boxes": [[0, 10, 4, 60, 41.5]]})]
+    rows = raw.parse_json_file("\n".join(lines).encode(), "g.jsonl", source="g", ratio=1.0, image_root=str(tmp_path))
+    tiler, _ = _tiler(tokenizer)
+    got = {r["id"]: r for r in tiler(raw.to_table(rows)).to_pylist()}
+    answer = tokenizer.decode([t for t, lab in zip(got["box"]["input_ids"], got["box"]["labels"]) if lab != -100])
+    # 100x40 -> 96x38 at (0, 0): x 10 -> 0.10, y 4 -> 3.8/96 = 0.04, 60 -> 0.60, 36 -> 34.2/96 = 0.36
+    assert got["box"]["reason"] is None and parse_boxes(answer.replace(" ", ""))[0].boxes == [(0.10, 0.04, 0.60, 0.36)]
+    assert (got["out"]["reason"], got["out"]["stage"]) == ("bad_box", "boxes") and "40" in got["out"]["detail"]
