@@ -45,6 +45,7 @@ from actors.train.summaries import TrainSummary
 from cluster.layout import Layout
 from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
 from models.errors import UserError
+from models.flavours import from_name
 from pipelines.demo import benchmark, synthetic
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class DemoConfig:
     train_encoders: bool = False
     seed: int = 0
     eval_threads: int = 4
-    max_tokens: int = 4
+    max_tokens: int = 4  # the one-word answers' limit (the grounding answers': benchmark.WHERE_MAX_TOKENS)
+    regions: bool = True  # one-shape scenes are also asked where the shape is (the "where" type, Acc@IoU >= 0.5)
 
 
 FULL = DemoConfig()
@@ -116,8 +118,14 @@ def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 2,
                                "target_ongoing_requests": 2},
         "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8}]}
-    data["eval"] = benchmark.eval_section(f"{uri}/{DATA_DIR}/{benchmark.FILE}", f"http://127.0.0.1:{port}", MODEL_NAME,
-                                          concurrency=cfg.eval_threads, max_tokens=cfg.max_tokens)
+    files = {benchmark.BENCHMARK: benchmark.FILE}
+    if cfg.regions:
+        files[benchmark.WHERE_BENCHMARK] = benchmark.WHERE_FILE
+    flavour = from_name(data["model"]["flavour"], **data["model"]["overrides"])
+    data["eval"] = benchmark.eval_section({name: f"{uri}/{DATA_DIR}/{f}" for name, f in files.items()},
+                                          f"http://127.0.0.1:{port}", MODEL_NAME, concurrency=cfg.eval_threads,
+                                          max_tokens=cfg.max_tokens,
+                                          box_frame="topleft" if flavour.pad == "top_left" else "center")
     return parse_spec(data, "demo-spec")
 
 
@@ -135,16 +143,19 @@ def ask_heldout(spec: ClusterSpec, ds: synthetic.Dataset) -> tuple[dict, dict]:
     rows = ds.heldout_rows()
     images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
     ctx = RunContext.build(spec, force=True)
-    (bench,) = spec.eval.benchmarks
-    ctx.storage.write_bytes(ctx.layout.path(bench.path), benchmark.heldout_tsv(rows, images))
+    tsvs = benchmark.heldout_tsvs(rows, images)
+    benches = spec.eval.benchmarks
+    for bench in benches:
+        ctx.storage.write_bytes(ctx.layout.path(bench.path), tsvs[bench.name])
     summary = eval_stage.run_stage(spec, force=True)
-    scores = eval_stage.read_scores(ctx, bench.name)
-    predictions = benchmark.read_jsonl(ctx.storage.read_bytes(ctx.layout.eval_predictions(bench.name)))
+    results = [(eval_stage.read_scores(ctx, b.name),
+                benchmark.read_jsonl(ctx.storage.read_bytes(ctx.layout.eval_predictions(b.name)))) for b in benches]
     texts = {r["id"]: (r["conversations"][0]["value"].replace("<image>\n", ""), r["answer"]) for r in rows}
-    result = benchmark.evaluation(scores, predictions, texts, summary.get("wall_s"))
+    result = benchmark.evaluation(results, texts, summary.get("wall_s"))
     result["output"] = str(ctx.layout.evals)
-    loaded = eval_stage.load(bench, ctx.layout.path(bench.path), ctx.storage)
-    sent = {r.id.split("/", 1)[1]: (openai_messages(r.messages, r.images), list(r.images)) for r in loaded.requests}
+    requests = [r for b in benches for r in eval_stage.load(b, ctx.layout.path(b.path), ctx.storage).requests]
+    sent = {r.id.split("/", 1)[1]: (openai_messages(r.messages, r.images), list(r.images)) for r in requests}
+    result["max_tokens"] = {r.id.split("/", 1)[1]: r.max_tokens for r in requests}
     return result, sent
 
 
@@ -284,7 +295,6 @@ def _stage(name: str, fn, timings: dict) -> dict:
 def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
     """The whole demo; returns the report (also ``run_dir/report.json``)."""
     from cluster.connect import storage_for
-    from models.flavours import from_name
     from pipelines.demo import parity
     from pipelines.stages import preprocess, serve, train
 
@@ -298,8 +308,8 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
     try:
         _stage("start embedded S3 + local Ray", lambda: env.start(spec), timings)
         storage = storage_for(spec)
-        ds = _stage("generate synthetic data", lambda: synthetic.generate(cfg.n_train, cfg.n_heldout, cfg.seed),
-                    timings)
+        ds = _stage("generate synthetic data",
+                    lambda: synthetic.generate(cfg.n_train, cfg.n_heldout, cfg.seed, regions=cfg.regions), timings)
         where = _stage("upload to S3", lambda: synthetic.write(ds, DATA_DIR, storage), timings)
         shards = _stage("preprocess", lambda: preprocess.run_stage(spec, force=True), timings)
         trained = TrainSummary.from_dict(_stage("train + export", lambda: train.run_stage(spec, force=True), timings),
@@ -310,7 +320,7 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
                                        lambda: ask_heldout(spec, ds), timings)
         parity_report = _stage("parity: the served answers vs the PyTorch model",
                                lambda: parity.compare(spec, MODEL_NAME, questions, evaluation["answers"],
-                                                      max_tokens=cfg.max_tokens), timings)
+                                                      max_tokens=evaluation["max_tokens"]), timings)
         history = _metrics(storage, spec)
         loss_png(storage, spec, history, run_dir / "loss.png")
         flavour = from_name(spec.model.flavour, **spec.model.overrides)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from actors.serve.vllm.engine import TURN_SEPARATOR
 
@@ -128,8 +128,9 @@ def _margin(model, p, new: list[int], at: int) -> float:
 
 
 def compare(spec, model_name: str, questions: dict[str, tuple[list[dict], list[bytes]]],
-            answers: dict[str, dict], *, max_tokens: int) -> dict:
+            answers: dict[str, dict], *, max_tokens: int | Mapping[str, int]) -> dict:
     """Every answered question (``answers`` keys) served vs PyTorch; see the module docstring.
+    ``max_tokens``: one limit, or each question's own (its request's) by id.
 
     Returns ``{"identical", "total", "share", "differences": [first SHOWN], "wall_s"}``.
     """
@@ -140,7 +141,12 @@ def compare(spec, model_name: str, questions: dict[str, tuple[list[dict], list[b
     ids = [qid for qid in questions if qid in answers]
     prepared = [prepare_chat(*questions[qid], tokenizer, model.flavour, max_pixels=spec.serve.max_image_pixels)
                 for qid in ids]
-    generated = _generate(model, prepared, max_tokens)
+    limit = max_tokens.__getitem__ if isinstance(max_tokens, Mapping) else (lambda _: max_tokens)
+    generated: list[list[int]] = [[] for _ in ids]
+    for n in sorted({limit(q) for q in ids}):  # one batch run per distinct limit
+        part = [i for i, q in enumerate(ids) if limit(q) == n]
+        for i, new in zip(part, _generate(model, [prepared[i] for i in part], n)):
+            generated[i] = new
     identical, differences = 0, []
     for qid, p, new in zip(ids, prepared, generated):
         kept_ids, text = served_view(new, tokenizer)

@@ -101,8 +101,11 @@ def test_spec_is_the_local_example_with_the_demo_budget():
     (m,) = spec.serve.models
     assert m.checkpoint == "@train" and spec.serve.http.port == 8765
     # the held-out questions are asked by the eval harness through the served endpoint
-    (b,) = spec.eval.benchmarks
+    b, where = spec.eval.benchmarks
     assert b.path == "s3://sphinx-x/demo/r1/demo-data/heldout.tsv" and b.metric == "first_word" and b.text_only
+    # the grounding questions: Acc@IoU >= 0.5 in the debug flavour's own (top-left padded) frame
+    assert where.path == "s3://sphinx-x/demo/r1/demo-data/heldout-where.tsv" and where.metric == "grounding"
+    assert where.box_frame == "topleft" and where.max_tokens == benchmark.WHERE_MAX_TOKENS
     assert spec.eval.endpoint.url == "http://127.0.0.1:8765/v1" and spec.eval.endpoint.model == m.name
     assert spec.eval.endpoint.logprobs and spec.eval.endpoint.concurrency == demo.FULL.eval_threads
 
@@ -112,15 +115,25 @@ def test_heldout_questions_are_a_vlmevalkit_tsv_the_harness_reads():
     from actors.eval.prompts import build_messages
     from models.conversation import IMAGE
 
-    ds = synthetic.generate(20, 6, seed=3)
-    rows = ds.heldout_rows()
+    ds = synthetic.generate(20, 12, seed=3, regions=True)
+    all_rows = ds.heldout_rows()
+    rows = [r for r in all_rows if r["type"] != synthetic.REGION_TYPE]
     images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
-    data = benchmark.heldout_tsv(rows, images)
+    tsvs = benchmark.heldout_tsvs(all_rows, images)
+    data = tsvs[benchmark.BENCHMARK]
     parsed = read_benchmark("held.tsv", "tsv", reader=lambda _: data, text_only=True)
     assert not parsed.bad_rows and [q.id for q in parsed.questions] == [r["id"] for r in rows]
     with pytest.raises(Exception, match="no usable question|no image"):  # the field's rule without text_only
-        bad = benchmark.heldout_tsv([r for r in rows if "image" not in r], images)
+        bad = benchmark.heldout_tsvs([r for r in rows if "image" not in r], images)[benchmark.BENCHMARK]
         read_benchmark("held.tsv", "tsv", reader=lambda _: bad)
+    # the grounding questions: their own file, the pixel box and the image's size
+    where = [r for r in all_rows if r["type"] == synthetic.REGION_TYPE]
+    assert where and set(tsvs) == {benchmark.BENCHMARK, benchmark.WHERE_BENCHMARK}
+    parsed_where = read_benchmark("where.tsv", "tsv", reader=lambda _: tsvs[benchmark.WHERE_BENCHMARK])
+    for q, r in zip(parsed_where.questions, where):
+        s = next(s for s in ds.heldout if s.image_path == r["image"])
+        assert q.id == r["id"] and q.images == (s.image,) and json.loads(r["answer"]) == s.boxes[0][1:]
+        assert (q.extra["width"], q.extra["height"]) == tuple(str(v) for v in s.size)
     for q, r in zip(parsed.questions, rows):
         assert q.category == r["type"] and q.answers == (r["answer"],)
         assert q.images == ((images[r["image"]],) if "image" in r else ())
@@ -140,17 +153,24 @@ def test_evaluation_reads_the_harness_outputs():
         {"id": "b-shape", "raw": "circle", "right": True, "category": "shape", "error": None,
          "finish_reason": "length", "prompt_tokens": 41, "tokens": ["circle"]},
     ]
-    scores = {"score": 66.7, "metric": "first_word", "latency_s": {"p50": 0.1, "p99": 0.2, "mean": 0.15},
+    predictions[2]["latency_s"] = 0.3
+    scores = {"score": 66.7, "metric": "first_word", "latency_s": {"p50": 0.1, "p99": 0.3, "mean": 0.2},
               "scores": {"categories": {"colour": 100.0, "shape": 50.0}}}
-    questions = {p["id"]: (f"q {p['id']}", "x") for p in predictions}
-    ev = benchmark.evaluation(scores, predictions, questions, wall_s=2.0)
+    where = [{"id": "c-where", "raw": "[0.1,0.1,0.5,0.5]", "right": False, "category": "where", "error": None,
+              "latency_s": 0.5}]
+    where_scores = {"score": 0.0, "metric": "grounding", "scores": {"categories": {"where": 0.0}}}
+    questions = {p["id"]: (f"q {p['id']}", "x") for p in predictions + where}
+    ev = benchmark.evaluation([(scores, predictions)], questions, wall_s=2.0)
     assert ev["types"] == {"colour": {"correct": 1, "total": 1, "accuracy": 1.0},
                            "shape": {"correct": 1, "total": 2, "accuracy": 0.5}}
     assert ev["errors"] == [{"id": "a-shape", "error": "HTTP 503: busy"}] and ev["requests"] == 3
     assert ev["answers"]["a-colour"] == {"text": "red\n", "finish_reason": "stop", "prompt_tokens": 40,
                                          "tokens": ["red", "\n"]}
     assert set(ev["answers"]) == {"a-colour", "b-shape"} and ev["requests_per_s"] == 1.5
-    assert ev["latency_s"] == {"p50": 0.1, "p99": 0.2, "mean": 0.15}
+    assert ev["latency_s"] == {"p50": 0.1, "p99": 0.3, "mean": pytest.approx(0.2)}  # the answered ones
+    both = benchmark.evaluation([(scores, predictions), (where_scores, where)], questions, wall_s=2.0)
+    assert both["types"]["where"] == {"correct": 0, "total": 1, "accuracy": 0.0} and both["requests"] == 4
+    assert both["latency_s"]["p99"] == 0.5 and both["score"] == 66.7  # latencies of both; the first's score
     assert [s["id"] for s in ev["samples"]] == ["a-colour", "b-shape"]
 
 

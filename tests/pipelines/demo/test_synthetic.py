@@ -165,3 +165,12 @@ def test_region_baseline_is_the_mean_box_and_weak(regions):
     held = [s for s in regions.heldout if s.boxes]
     assert st["heldout"] == len(held)
     assert st["baseline"] == sum(box_iou(st["majority"], frac(s)) >= 0.5 for s in held) / len(held) < 0.5
+
+
+def test_regions_add_where_questions_and_change_nothing_else(regions):
+    """The ``where`` question draws from its own stream: with and without ``regions`` the images and
+    every other question are the same, so the held-out split of earlier runs is kept."""
+    plain = S.generate(120, 60, seed=5)
+    for a, b in zip(plain.train + plain.heldout, regions.train + regions.heldout):
+        assert (a.id, a.image, a.meta) == (b.id, b.image, b.meta)
+        assert a.qa == [x for x in b.qa if x[0] != S.REGION_TYPE]
