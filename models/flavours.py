@@ -219,7 +219,8 @@ def _four(name: str, arch: str, llm: dict[str, Any], release: str, *, grid: int,
 # Their toys: 4 queries, N = 4 + 17. llama_ens*: 56 px views (DINOv2, CLIP and the Q-Former's ViT take them
 # as they are, patch 14) and a 4-stage ConvNeXt (stride 32) nearest-resized to 64: a 2x2 map repeated onto
 # the 4x4 grid, as the release's 224 -> 256 gives 8x8 onto 16x16. mixtral_sparse_ens*: 64 px views, every
-# encoder at 64 (patch 16; the 3-stage ConvNeXt's 4x4 map)
+# encoder at 64 (patch 16; the 3-stage ConvNeXt's 4x4 map). As their real members, they resample as the release
+# does (models.release_pixels at these sizes: 224 -> the view side, 448 -> the canvas, 512 -> convnext_input)
 _TOY_QFORMER = dict(
     vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
                 layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu"),
@@ -233,11 +234,12 @@ _TOY_ENS = dict(
     convnext=dict(num_stages=4, hidden_sizes=[16, 24, 32, 96], depths=[1, 1, 1, 1]), convnext_input=64,
     dino=dict(_DEBUG_VISION["dino"], patch_size=14, image_size=56), dino_input=56,
     clip=_TOY_CLIP, clip_input=56, qformer=_TOY_QFORMER, qformer_input=56, tile_size=56,
-    convnext_resize="nearest_fp16",
+    convnext_resize="nearest_fp16", resample="release",
 )
 _TOY_MOE_ENS = dict(
     _TOY_RELEASE_VISION, clip=dict(_TOY_CLIP, patch_size=16), clip_input=64,
     qformer=dict(_TOY_QFORMER, vision=dict(_TOY_QFORMER["vision"], patch_size=16)), qformer_input=64, tile_size=64,
+    resample="release",
 )
 _TOY_MIXTRAL = dict(_DEBUG_LLM, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01)
 

@@ -35,11 +35,11 @@ built from transformers configs (random init; weights come from models.weights.m
 frozen by default (``flavour.freeze_vision``): no grads, always in eval mode.
 
 Every call runs every submodule and uses every parameter, also for a text-only batch (no
-images: one padding view is encoded and dropped) or one without skipped tiles (zero-row
-slices of start/end/skip join the output). So all ranks of a data-parallel run execute the
-same modules in the same order (ZeRO-3 gathers a module's parameters in that module's own
-forward) and every trainable parameter gets a gradient (zero when unused), which gradient
-reduction across ranks relies on.
+images: one padding view, or under ``resample: release`` one padding image's 1 + G² views, is
+encoded and dropped) or one without skipped tiles (zero-row slices of start/end/skip join the
+output). So all ranks of a data-parallel run execute the same modules in the same order (ZeRO-3
+gathers a module's parameters in that module's own forward) and every trainable parameter gets a
+gradient (zero when unused), which gradient reduction across ranks relies on.
 """
 
 from __future__ import annotations
@@ -249,8 +249,10 @@ class MixtureOfVisualExperts(nn.Module):
                             f"got {views.shape[1]}×{views.shape[2]}")
         if n_views:
             tokens = self.encode_views(views)  # [V, N, d]
-        else:  # no images: encode one padding view (all modules run, see the module docstring), keep none
-            pad = self.mean_u8.to(torch.uint8).view(1, 1, 1, 3).expand(1, s, s, 3)
+        else:  # no images: encode one padding view (all modules run, see the module docstring), keep none;
+            # the release's resampling rebuilds whole canvases, so it gets a whole padding image's views
+            n_pad = 1 + gg if self.flavour.resample == "release" else 1
+            pad = self.mean_u8.to(torch.uint8).view(1, 1, 1, 3).expand(n_pad, s, s, 3)
             tokens = self.encode_views(pad)[:0]
         start, end = self.start.to(tokens.dtype)[None], self.end.to(tokens.dtype)[None]
         skip = self.skip.to(tokens.dtype)[None]

@@ -113,7 +113,8 @@ def test_the_project_resampling_is_close_not_equal():
 
 
 def test_the_model_uses_them():
-    f = from_name("debug-sphinx-moe-1k", resample="release")
+    f = from_name("debug-sphinx-moe-1k")
+    assert f.resample == "release"  # the toys resample as their releases do
     vision = MixtureOfVisualExperts(f, 32).eval()
     views = torch.from_numpy(load_and_tile(_photo(130, 70), TileSpec.from_flavour(f)).views)
     got = vision.encoder_inputs(views)
@@ -122,6 +123,7 @@ def test_the_model_uses_them():
     assert all(torch.equal(got[k], want[k]) for k in want)
     with torch.no_grad():
         assert vision(views, torch.ones(1, 4, dtype=torch.bool)).shape == (5 * 23, 32)
+        assert vision(None, None).shape == (0, 32)  # text only: a whole padding image is encoded, none kept
 
 
 def test_preprocessing_stores_the_same_views():

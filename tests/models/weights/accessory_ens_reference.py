@@ -8,7 +8,9 @@ model-parallel shards by this file's own rules (fairscale's for the dense layers
 the experts). The forward is functional torch: open_clip's ViT, BLIP-2's ViT and Q-Former (BERT layers with
 cross-attention every ``cross_attention_frequency``), timm's ConvNeXt and the hub DINOv2 (from
 accessory_reference), Meta's Llama and the release's MoE (softmax, top-k, renormalise, per-expert SwiGLU),
-composed as each ``encode_image`` / ``forward`` does: ``[bos, (start, Q queries, N tokens, end) per view, caption]``.
+composed as each ``encode_image`` / ``forward`` does: ``[bos, (start, Q queries, N tokens, end) per view, caption]``,
+from the release's own input image (accessory_reference.release_image) through encode_image's fp16
+resize-then-crop (encoder_inputs).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class ToyEnsRelease:
     @property
     def toy(self) -> dict:
         return TOYS[self.llama_type]
+
+    @property
+    def canvas(self) -> int:
+        """The side of the release's input image (the real 224, 224 · 2, 512, 512 · 2)."""
+        return self.toy["side"] * (2 if self.toy["views"] > 1 else 1)
 
 
 def _llm_state(g: torch.Generator, n_words: int, moe: bool) -> dict[str, torch.Tensor]:
@@ -339,28 +346,40 @@ def meta_mixtral(s: dict[str, torch.Tensor], h: torch.Tensor, args: dict = MOE_A
     return meta_llama(s, h, args, ffn=ffn)
 
 
-def _pixels(views: torch.Tensor) -> torch.Tensor:
-    """uint8 [V, S, S, 3] → ToTensor + CLIP Normalize (the release's transform) [V, 3, S, S]."""
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (views.permute(0, 3, 1, 2).float() / 255 - mean) / std
+def _parts(x: torch.Tensor) -> list[torch.Tensor]:
+    """[B, 3, H, H] → its four quarters, as the release lists them: [:h, :h], [:h, h:], [h:, :h], [h:, h:]."""
+    h = x.shape[-1] // 2
+    return [x[..., :h, :h], x[..., :h, h:], x[..., h:, :h], x[..., h:, h:]]
 
 
-def image_tokens(release: ToyEnsRelease, views: torch.Tensor, *, convnext_global_fp16: bool = True) -> torch.Tensor:
-    """uint8 views of ONE image (global view first) → [V·(Q + N + 2), d], as the release's encode_image and
-    forward lay them out. ``convnext_global_fp16``: mixtral_sparse_ens5 gives the ConvNeXt its global view
-    through a bicubic fp16 interpolate (:691) and its tiles as they are (:692-697); False drops that round trip."""
-    s, lt, toy = release.state, release.llama_type, release.toy
-    x = _pixels(views)
-    if lt in MOE_TYPES:  # bicubic fp16 to the 224-side encoders (:669 / :682-689)
-        x224 = F.interpolate(x.half(), size=(toy["side"], toy["side"]), mode="bicubic").to(x.dtype)
-    else:  # llama_ens*: they take the views as they are (llama_ens.py:393-424)
-        x224 = x
-    if lt == "mixtral_sparse_ens5":
-        conv_in = x.clone()
-        if convnext_global_fp16:
-            conv_in[:1] = F.interpolate(x[:1].half(), size=(toy["conv_input"],) * 2, mode="bicubic").to(x.dtype)
-    else:  # nearest fp16 (llama_ens.py:399-401, mixtral_sparse_ens.py:676-678)
-        conv_in = F.interpolate(x.half(), size=(toy["conv_input"],) * 2).to(x.dtype)
+def _half(x: torch.Tensor, size: int, **kw) -> torch.Tensor:
+    """The release's ``F.interpolate(x.half(), size=(size, size), ...).to(x)`` (nearest unless a mode is given)."""
+    return F.interpolate(x.half(), size=(size, size), **kw).to(x)
+
+
+def encoder_inputs(release: ToyEnsRelease, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's input [1, 3, C, C] (release_image) → (what the Q-Former, CLIP and DINOv2 see, what the
+    ConvNeXt sees), each [V, 3, ·, ·], global view first: each encode_image's own resize-then-crop in fp16, at
+    the toy's sizes (the real 224 is the toy's ``side``, 448 its 2·side, 512 / 256 its ``conv_input``)."""
+    lt, side, conv = release.llama_type, release.toy["side"], release.toy["conv_input"]
+    if lt == "llama_ens":  # llama_ens.py:377-401: the 224 image as it is; the ConvNeXt's nearest fp16 -> 256
+        return image, _half(image, conv)
+    if lt == "llama_ens5":  # llama_ens5.py:383-385, then :407 as llama_ens
+        x = torch.cat([_half(image, side, mode="bicubic")] + _parts(image), dim=0)
+        return x, _half(x, conv)
+    if lt == "mixtral_sparse_ens":  # mixtral_sparse_ens.py:669 bicubic fp16 -> 224; :677 nearest fp16 -> 512
+        return _half(image, side, mode="bicubic"), _half(image, conv)
+    # mixtral_sparse_ens5.py:682-696: the 224 encoders get bicubic fp16 -> 224 and the quarters of bicubic fp16
+    # -> 448; the ConvNeXt bicubic fp16 -> 512 and the quarters of the image itself
+    x224 = torch.cat([_half(image, side, mode="bicubic")] + _parts(_half(image, 2 * side, mode="bicubic")), dim=0)
+    return x224, torch.cat([_half(image, conv, mode="bicubic")] + _parts(image), dim=0)
+
+
+def image_tokens(release: ToyEnsRelease, image: torch.Tensor) -> torch.Tensor:
+    """The release's input [1, 3, C, C] of ONE image (release_image at ``release.canvas``) → [V·(Q + N + 2), d],
+    as the release's encode_image and forward lay it out."""
+    s, toy = release.state, release.toy
+    x224, conv_in = encoder_inputs(release, image)
     fmap = timm_convnext(s, conv_in, eps=1e-6, depths=toy["conv_depths"])
     grid = toy["side"] // toy["patch"]
     if fmap.shape[-1] != grid:  # llama_ens: repeat_interleave onto the grid (:403-407)
@@ -381,13 +400,13 @@ def image_tokens(release: ToyEnsRelease, views: torch.Tensor, *, convnext_global
     return torch.cat([torch.cat([start, q, v, end]) for q, v in zip(queries, proj)])
 
 
-def release_logits(release: ToyEnsRelease, bos: int, caption: list[int], views: torch.Tensor | None,
-                   **kw) -> torch.Tensor:
-    """Logits [1, T, V] of ``[bos, image (if any), caption]`` as the release's forward lays it out."""
+def release_logits(release: ToyEnsRelease, bos: int, caption: list[int], image: torch.Tensor | None) -> torch.Tensor:
+    """Logits [1, T, V] of ``[bos, image (if any), caption]`` as the release's forward lays it out
+    (``image``: the release's input [1, 3, C, C], release_image)."""
     s = release.state
     h = s["tok_embeddings.weight"][torch.tensor([bos] + caption)][None]
-    if views is not None:
-        h = torch.cat([h[:, :1], image_tokens(release, views, **kw)[None], h[:, 1:]], dim=1)
+    if image is not None:
+        h = torch.cat([h[:, :1], image_tokens(release, image)[None], h[:, 1:]], dim=1)
     if release.llama_type in MOE_TYPES:
         return meta_mixtral(s, h, release.args)
     return meta_llama(s, h, release.args)

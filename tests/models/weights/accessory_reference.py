@@ -261,6 +261,24 @@ def hub_dino(state: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-6,
     return F.layer_norm(x, (C,), state[v + "norm.weight"], state[v + "norm.bias"], eps)
 
 
+def release_image(image, size: int) -> torch.Tensor:
+    """A PIL RGB image → the release's model input [1, 3, size, size]: SPHINX/sphinx.py:32-35's
+    get_transform("padded_resize", size), i.e. PadToSquare (a max(w, h) square of int(mean·255), the image
+    pasted at ((side - w) // 2, (side - h) // 2)), Resize(size, BICUBIC) of the PIL square, ToTensor,
+    Normalize(CLIP) (accessory/data/transform.py:11-34, 57-65)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    if w != h:
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = square
+    x = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1).float().div(255)
+    return ((x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1))[None]
+
+
 def image_tokens(state: dict[str, torch.Tensor], views: torch.Tensor) -> torch.Tensor:
     """uint8 views [V, S, S, 3] of ONE image (global view first) → [V·(N + 2), d]: llama_ens*_light's
     encode_image (mean of the conv tokens as CLS, channel concat, visual_proj) and the start/end per view.
