@@ -42,17 +42,42 @@ def test_repartition_without_cpus_fuses_into_the_cpu_free_parse(ray_local):
     assert sorted(r["x"] for r in fixed.take_all()) == list(range(8))
 
 
-def _sleepy_trainer(tmp_path, seconds: float):
+def _waiting_trainer(tmp_path):
+    """A one-worker trainer whose loop says it runs (``started``) and then waits for ``release``
+    (120 s at most): the test acts while fit is certainly inside the loop, not after a guessed delay."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    started, release = tmp_path / "started", tmp_path / "release"
+
     def loop(config):
+        import os
         import time
 
-        time.sleep(config["s"])
+        open(config["started"], "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(config["release"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
-    return TorchTrainer(loop, train_loop_config={"s": seconds}, scaling_config=ScalingConfig(num_workers=1),
-                        run_config=RunConfig(name="sleepy", storage_path=str(tmp_path)))
+    trainer = TorchTrainer(loop, train_loop_config={"started": str(started), "release": str(release)},
+                           scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(name="waiting", storage_path=str(tmp_path)))
+    return trainer, started, release
+
+
+def _once_it_exists(path, then) -> None:
+    """On a thread: when ``path`` exists (the loop runs, 120 s at most), call ``then()``."""
+    import threading
+    import time
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        then()
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
@@ -71,27 +96,33 @@ def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
     inherited = signal.signal(signal.SIGINT, default)
     seen = {}
 
-    def look(key: str, after: float) -> threading.Timer:
-        timer = threading.Timer(after, lambda: seen.setdefault(key, signal.getsignal(signal.SIGINT)))
-        timer.start()
-        return timer
-
     # without it: fit on the main thread swaps in Ray Train's SIGINT handler, which only asks for
-    # a graceful abort and lets fit return (a second Ctrl-C is ignored)
-    look("plain", 8.0)
-    _sleepy_trainer(tmp_path / "a", 12).fit()
+    # a graceful abort and lets fit return (a second Ctrl-C is ignored); looked at while the loop runs
+    trainer, started, release = _waiting_trainer(tmp_path / "a")
+    _once_it_exists(started, lambda: (seen.setdefault("plain", signal.getsignal(signal.SIGINT)), release.touch()))
+    trainer.fit()
     assert seen["plain"] is not default and "sigint_handler" in getattr(seen["plain"], "__name__", "")
     signal.signal(signal.SIGINT, default)
 
     # with it: the handler stays ours and Ctrl-C raises KeyboardInterrupt here within seconds
-    look("fixed", 8.0)
-    threading.Timer(10.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
-    t0 = time.monotonic()
+    trainer, started, release = _waiting_trainer(tmp_path / "b")
+
+    def ctrl_c():
+        seen["fixed"] = signal.getsignal(signal.SIGINT)
+        seen["sent"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    _once_it_exists(started, ctrl_c)
     try:
         with pytest.raises(KeyboardInterrupt):
-            fit_interruptibly(_sleepy_trainer(tmp_path / "b", 20))
-        assert seen["fixed"] is default
-        assert time.monotonic() - t0 < 15
-        time.sleep(12)  # the abandoned run ends by itself (its loop sleeps 20 s) before the next test
+            fit_interruptibly(trainer)
+        assert started.exists() and seen["fixed"] is default  # sent while the loop ran
+        assert time.monotonic() - seen["sent"] < 5
+        # the abandoned run ends by itself (its loop is released) before the next test
+        release.touch()
+        for thread in threading.enumerate():
+            if thread.name == "ray-train-fit":
+                thread.join(timeout=60)
+                assert not thread.is_alive(), "the abandoned fit did not end"
     finally:
         signal.signal(signal.SIGINT, inherited)
