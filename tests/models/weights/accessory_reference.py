@@ -280,8 +280,9 @@ def release_image(image, size: int) -> torch.Tensor:
 
 
 def image_tokens(state: dict[str, torch.Tensor], views: torch.Tensor) -> torch.Tensor:
-    """uint8 views [V, S, S, 3] of ONE image (global view first) → [V·(N + 2), d]: llama_ens*_light's
-    encode_image (mean of the conv tokens as CLS, channel concat, visual_proj) and the start/end per view.
+    """uint8 views [V, S, S, 3] of ONE image (global view first), each encoder taking them as they are
+    → [V·(N + 2), d]: llama_ens*_light's encode_image (mean of the conv tokens as CLS, channel concat,
+    visual_proj) and the start/end per view.
 
     The pixels are ToTensor'd and CLIP-normalised (the ConvNeXt's input); DINOv2's input is the
     release's re-normalisation of those: x·(clip_std/dino_std) + (clip_mean - dino_mean)/dino_std."""
@@ -289,8 +290,36 @@ def image_tokens(state: dict[str, torch.Tensor], views: torch.Tensor) -> torch.T
     clip_mean, clip_std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     dino_mean, dino_std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     clip_in = (x / 255 - clip_mean) / clip_std
-    dino_in = clip_in * (clip_std / dino_std) + (clip_mean - dino_mean) / dino_std
-    conv = timm_convnext(state, clip_in).flatten(-2).permute(0, 2, 1)
+    return _view_tokens(state, clip_in, clip_in * (clip_std / dino_std) + (clip_mean - dino_mean) / dino_std)
+
+
+def release_image_tokens(release: ToyRelease, image: torch.Tensor) -> torch.Tensor:
+    """The release's input [1, 3, C, C] (release_image; C = 64, or 128 for the 1k toy) → [V·(N + 2), d], each
+    encoder's views made by encode_image's own fp16 resize-then-crop at the toy's sizes (its 224 and 512
+    are the toy's 64, its 448 the toy's 128):
+    llama_ens_light.py:370-373: DINOv2 bicubic fp16 -> 224, the ConvNeXt nearest fp16 -> 512;
+    llama_ens5_light.py:370-384: DINOv2 bicubic fp16 -> 224 and the quarters of bicubic fp16 -> 448, the
+    ConvNeXt bicubic fp16 -> 512 and the quarters of the image itself."""
+    half = lambda x, size, **kw: F.interpolate(x.half(), size=(size, size), **kw).to(x)  # noqa: E731
+    side = DINO["patch"] * 4  # the toy's "224" and "512": 64
+
+    def quarters(x: torch.Tensor) -> list[torch.Tensor]:
+        h = x.shape[-1] // 2
+        return [x[..., :h, :h], x[..., :h, h:], x[..., h:, :h], x[..., h:, h:]]
+
+    if release.views == 1:
+        x224, conv_in = half(image, side, mode="bicubic"), half(image, side)
+    else:
+        x224 = torch.cat([half(image, side, mode="bicubic")] + quarters(half(image, 2 * side, mode="bicubic")))
+        conv_in = torch.cat([half(image, side, mode="bicubic")] + quarters(image))
+    clip_mean, clip_std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    dino_mean, dino_std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return _view_tokens(release.state, conv_in, (x224 * clip_std + clip_mean - dino_mean) / dino_std)
+
+
+def _view_tokens(state: dict[str, torch.Tensor], conv_in: torch.Tensor, dino_in: torch.Tensor) -> torch.Tensor:
+    """Each encoder's input [V, 3, ·, ·] → [V·(N + 2), d] (llama_ens*_light's encode_image and forward)."""
+    conv = timm_convnext(state, conv_in).flatten(-2).permute(0, 2, 1)
     conv = torch.cat([conv.mean(dim=1, keepdim=True), conv], dim=1)
     feats = torch.cat([conv, hub_dino(state, dino_in)], dim=2)
     proj = F.layer_norm(F.linear(feats, state["visual_proj.0.weight"], state["visual_proj.0.bias"]),
@@ -300,11 +329,14 @@ def image_tokens(state: dict[str, torch.Tensor], views: torch.Tensor) -> torch.T
     return torch.cat([torch.cat([start, view, end]) for view in proj])
 
 
-def release_logits(release: ToyRelease, bos: int, caption: list[int], views: torch.Tensor | None) -> torch.Tensor:
-    """Logits [1, T, V] of ``[bos, image (if any), caption]`` as the release's forward lays it out."""
+def release_logits(release: ToyRelease, bos: int, caption: list[int], views: torch.Tensor | None,
+                   image: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [1, T, V] of ``[bos, image (if any), caption]`` as the release's forward lays it out; the image as
+    uint8 ``views`` the encoders take as they are (image_tokens), or as the release's input ``image``
+    [1, 3, C, C] (release_image_tokens)."""
     s = release.state
     h = s["tok_embeddings.weight"][torch.tensor([bos] + caption)][None]
-    if views is not None:
-        img = image_tokens(s, views)
+    if views is not None or image is not None:
+        img = image_tokens(s, views) if image is None else release_image_tokens(release, image)
         h = torch.cat([h[:, :1], img[None], h[:, 1:]], dim=1)
     return meta_llama(s, h, release.args)
