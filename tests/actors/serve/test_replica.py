@@ -10,7 +10,7 @@ from PIL import Image
 
 from actors.serve.model_loader import debug_tokenizer
 from actors.serve.replica import engine_error, image_size, openai_logprobs, prompt_ids
-from models.conversation import build_prompt
+from models.conversation import SEP, build_prompt
 from models.flavours import from_name
 from models.tiling import TileSpec, image_token_count, load_and_tile
 
@@ -205,3 +205,78 @@ def test_a_region_box_survives_preprocess_text_and_serving_in_both_pads(flavour,
     assert trained == f"<p>the cat</p> {canvas_text}"
     assert answer_boxes(trained, [_png(100, 50)], from_name(flavour)) == [
         {"phrase": "the cat", "boxes": [[25.0, 25.0, 75.0, 50.0]]}]
+
+
+# (flavour, image size, the source row's pixel box, the box text the shard holds, worked out by hand)
+# debug: C 96, pad top_left; debug-sphinx-tiny-1k: C 128, pad centre (the release's frame)
+SOURCE_BOXES = [
+    ("debug", (100, 50), (25, 25, 75, 50), "[0.25,0.25,0.75,0.50]"),      # 96x48 at (0, 0): ·0.96
+    ("debug", (50, 100), (10, 25, 40, 75), "[0.10,0.25,0.40,0.75]"),      # 48x96 at (0, 0)
+    ("debug", (80, 80), (20, 40, 60, 80), "[0.25,0.50,0.75,1.00]"),       # the canvas is the image
+    ("debug", (200, 50), (50, 10, 150, 40), "[0.25,0.05,0.75,0.20]"),     # 96x24 at (0, 0): ·0.48
+    ("debug-sphinx-tiny-1k", (100, 50), (25, 25, 75, 50), "[0.25,0.50,0.75,0.75]"),  # 128x64 at (0, 32)
+    ("debug-sphinx-tiny-1k", (50, 100), (10, 25, 40, 75), "[0.35,0.25,0.65,0.75]"),  # 64x128 at (32, 0)
+    ("debug-sphinx-tiny-1k", (80, 80), (20, 40, 60, 80), "[0.25,0.50,0.75,1.00]"),
+    ("debug-sphinx-tiny-1k", (200, 50), (50, 5, 150, 45), "[0.25,0.40,0.75,0.60]"),  # 128x32 at (0, 48)
+]
+
+
+def _shard_answers(tmp_path, flavour, tok, records, images):
+    """Records (llava JSONL with pixel ``boxes``) -> the preprocess reader and tiler -> each row's
+    answer as the shard holds it (the supervised tokens, decoded) and the row's quarantine reason."""
+    import json
+
+    from actors.data import rows as raw
+    from actors.data.tiler import Tiler, TilerConfig
+
+    for name, (w, h) in images.items():
+        (tmp_path / name).write_bytes(_png(w, h))
+    data = "\n".join(json.dumps(r) for r in records).encode()
+    rows = raw.parse_json_file(data, "g.jsonl", source="g", ratio=1.0, image_root=str(tmp_path))
+    out = Tiler(TilerConfig.from_flavour(from_name(flavour), max_seq_len=1024), tok)(raw.to_table(rows)).to_pylist()
+    def answer(r: dict) -> str:  # the supervised tokens: " {answer}\\n###" (models.conversation)
+        text = tok.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100], skip_special_tokens=True)
+        return text.strip().removesuffix(SEP).strip().replace(" ", "")  # the debug BPE's own spacing
+
+    return {r["id"]: (answer(r) if r["reason"] is None else None, r["reason"]) for r in out}
+
+
+@pytest.mark.parametrize("flavour, size, box, canvas_text", SOURCE_BOXES)
+def test_a_source_rows_pixel_box_comes_back_exactly_from_the_shard_through_serving(tmp_path, tok, flavour, size,
+                                                                                    box, canvas_text):
+    """A llava source row's pixel box -> preprocess (actors.data.rows, the tiler) -> the text the
+    shard trains on -> that text as the model's answer -> the endpoint's pixel box: the same
+    coordinates, in both pads, on wide, tall, square and 4:1 images."""
+    from actors.serve.replica import answer_boxes
+
+    record = {"id": "r", "image": "a.png", "boxes": [[0, *box]], "conversations": [
+        {"from": "human", "value": "<image>\nWhere is the cat?"}, {"from": "gpt", "value": "<p>the cat</p> <box:0>"}]}
+    ((text, reason),) = _shard_answers(tmp_path, flavour, tok, [record], {"a.png": size}).values()
+    assert reason is None and text == f"<p>thecat</p>{canvas_text}"
+    assert answer_boxes(text, [_png(*size)], from_name(flavour)) == [
+        {"phrase": "thecat", "boxes": [[float(v) for v in box]]}]
+
+
+@pytest.mark.parametrize("flavour", ["debug", "debug-sphinx-tiny-1k"])
+def test_any_source_box_comes_back_within_the_text_forms_quantisation(tmp_path, tok, flavour):
+    """A box off the text form's grid comes back within half a hundredth of the canvas, in image
+    pixels: 0.005 · C · W / w' across (w' the image's width on the canvas), likewise down (the
+    release's frame: 0.005 · max(W, H)), plus the endpoint's 0.01 px rounding."""
+    from actors.serve.replica import answer_boxes
+    from models.tiling import plan
+
+    spec = TileSpec.from_flavour(from_name(flavour))
+    sizes = {"wide.png": (301, 97), "tall.png": (53, 170), "odd.png": (77, 75)}
+    boxes = {"wide.png": (12.3, 7.7, 251.9, 80.2), "tall.png": (3.3, 41.1, 50.05, 160.7), "odd.png": (0, 0, 77, 75)}
+    records = [{"id": name, "image": name, "boxes": [[0, *boxes[name]]], "conversations": [
+        {"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "<box:0>"}]} for name in sizes]
+    answers = _shard_answers(tmp_path, flavour, tok, records, sizes)
+    for name, (w, h) in sizes.items():
+        text, reason = answers[name]
+        assert reason is None
+        ((got,),) = [g["boxes"] for g in answer_boxes(text, [_png(w, h)], from_name(flavour))]
+        sw, sh = plan(w, h, spec).scaled_size
+        tol_x, tol_y = (0.005 * max(w, h),) * 2 if spec.resample == "release" else (
+            0.005 * spec.canvas * w / sw, 0.005 * spec.canvas * h / sh)
+        for v, want, tol in zip(got, boxes[name], (tol_x, tol_y, tol_x, tol_y)):
+            assert abs(v - want) <= tol + 0.005, (name, text, got)
