@@ -166,6 +166,7 @@ def test_answers_carry_their_boxes_in_pixels_of_the_first_image(tok):
         r.tokenizer, r.flavour, r.context, r.engine = tok, from_name(flavour), 8192, FakeEngine()
         r._active, r._peaks, r.aborted, r.batch_sizes = 0, {}, 0, __import__("collections").Counter()
         r._batch_metric = SimpleNamespace(observe=lambda v: None)
+        r._warming = False
         return r
 
     def payload(images):
@@ -280,3 +281,45 @@ def test_any_source_box_comes_back_within_the_text_forms_quantisation(tmp_path, 
             0.005 * spec.canvas * w / sw, 0.005 * spec.canvas * h / sh)
         for v, want, tol in zip(got, boxes[name], (tol_x, tol_y, tol_x, tol_y)):
             assert abs(v - want) <= tol + 0.005, (name, text, got)
+
+
+def test_a_replica_warms_up_on_a_text_and_a_whole_canvas_image_question_before_it_serves(tok):
+    """``warm_up`` (run at the end of the constructor, before Serve routes here) asks the engine one
+    text question and one image question of the flavour's whole canvas, one token each; neither
+    counts as traffic. A failing warm-up fails the replica (Serve then retries it)."""
+    import asyncio
+    import io as _io
+    from types import SimpleNamespace
+
+    import actors.serve.replica as rep
+
+    asked = []
+
+    class FakeEngine:
+        fail = False
+
+        async def generate(self, prompt, params, request_id):
+            if self.fail:
+                raise RuntimeError("engine broke")
+            asked.append((prompt, params.max_tokens))
+            yield SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[SimpleNamespace(
+                index=0, text="x", token_ids=[7], logprobs=None, finish_reason="length")])
+
+        async def abort(self, request_id):
+            pass
+
+    r = object.__new__(rep.ModelReplica.func_or_class)
+    r.name, r.tokenizer, r.flavour, r.context, r.engine = "m", tok, from_name("debug"), 8192, FakeEngine()
+    r._active, r._peaks, r.aborted, r.batch_sizes = 0, {}, 0, __import__("collections").Counter()
+    r._batch_metric = SimpleNamespace(observe=lambda v: (_ for _ in ()).throw(AssertionError("counted")))
+    r._warming = True
+    assert asyncio.run(r.warm_up()) >= 0
+    (text, _), (image, _) = asked
+    assert "multi_modal_data" not in text and [p for _, p in asked] == [1, 1]
+    (png,) = image["multi_modal_data"]["image"]
+    side = r.flavour.grid * r.flavour.tile_size
+    assert Image.open(_io.BytesIO(png)).size == (side, side)
+    assert not r._warming and not r.batch_sizes
+    r.engine.fail, r._warming = True, True
+    with pytest.raises(RuntimeError, match="engine broke"):
+        asyncio.run(r.warm_up())
