@@ -2,7 +2,8 @@
 
 For the debug (Llama) and debug-moe (Mixtral) flavours and every public release type in miniature
 (centred canvas, images right after <s>, every tile kept: the four-branch SPHINX / -1k / -MoE /
--MoE-1k with Q-Former + CLIP + ConvNeXt + DINOv2, and the two-encoder SPHINX-Tiny / -Tiny-1k):
+-MoE-1k with Q-Former + CLIP + ConvNeXt + DINOv2 and the release's resampling (``resample: release``:
+models.release_pixels), and the two-encoder SPHINX-Tiny / -Tiny-1k):
 one engine per flavour, 32 requests —
 images of many aspect ratios (so kept/skipped tiles vary), as PNG/JPEG bytes, RGBA and PIL
 images, two-image prompts and text-only prompts. Each request must get
