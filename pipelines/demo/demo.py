@@ -11,7 +11,9 @@
 4. has the eval harness (``pipelines.stages.eval``) ask the endpoint every held-out question,
    written as a VLMEvalKit TSV (pipelines.demo.benchmark), with the official ``openai`` client
    (a few at once); its per-category scores are the report's accuracies per question type,
-   next to the majority-class baseline;
+   next to the majority-class baseline; the grounding questions (``where``: the box of a
+   one-shape scene's shape) are a second file, scored by Acc@IoU >= 0.5 next to the IoU of one
+   fixed guess, the mean training box;
 5. reruns every question greedily on the PyTorch model (``models.sphinx``, fp32, CPU) from the
    served export and counts the answers identical token for token (pipelines.demo.parity);
 6. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png`` and
