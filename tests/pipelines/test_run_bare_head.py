@@ -10,7 +10,9 @@ the environment, the second reuses it (cached by content). Status and logs come 
 Cost on the 2-core CI machine (measured): the head's virtualenv ~75 s the first time (kept, keyed
 by the Ray pin, under ``$SPHINX_X_TEST_CACHE`` or ``~/.cache/sphinx-x/tests``); the runtime env
 install 66-140 s (printed: 140 s with a cold pip cache, DeepSpeed built from its sdist; ~70 s once
-pip's cache holds the wheels); the two stages ~80 s. The whole test: 2.5-5 min.
+pip's cache holds the wheels; 73 s with PIP_NO_COMPILE, 96 s compiling .pyc files); the two stages
+~80 s. The whole test: 2.5-5 min, plus 3-4 min to delete the head's temp dir (the runtime env's
+virtualenv) inline: a detached ``rm`` does that now (tests/remove_later.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pytest
 from cluster import pins
 from cluster.spec import dump_spec
 from pipelines.cli import main
+from remove_later import remove_without_waiting
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +85,10 @@ def bare_head(bare_venv, s3):
     dash, gcs = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
     env = {**_bare_env(), "PATH": f"{bare_venv / 'bin'}{os.pathsep}{_bare_env()['PATH']}",
-           "VIRTUAL_ENV": str(bare_venv), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+           "VIRTUAL_ENV": str(bare_venv), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           # the runtime env's pip (started by the head's agent, with its environment) writes no .pyc
+           # files: the jobs' imports compile what they load; the pins are installed all the same
+           "PIP_NO_COMPILE": "1"}
     cmd = [str(bare_venv / "bin" / "ray"), "start", "--head", "--block", "--num-cpus", "3",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
@@ -113,7 +119,7 @@ def bare_head(bare_venv, s3):
             except subprocess.TimeoutExpired:
                 pass
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        remove_without_waiting(Path(temp_dir))  # the jobs' runtime env: ~35k files, minutes to delete
 
 
 def test_stock_head_runs_preprocess_and_train_with_shipped_dependencies(bare_venv, bare_head, make_spec,
