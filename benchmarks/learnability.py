@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/learnability.py [--steps 800] [--batch 16] [--lr 3e-3]
         [--train-encoders | --frozen-encoders] [--n-train 1500] [--overrides JSON] [--threads 2]
+        [--schedule bare|deepspeed]
 
 The demo (pipelines/demo/demo.py) trains through Ray Train + DeepSpeed on 2 workers; this is the
 same model, data and recipe in one plain PyTorch loop, so settings can be tried in minutes:
@@ -12,7 +13,8 @@ same model, data and recipe in one plain PyTorch loop, so settings can be tried 
 - model: the demo's flavour (``debug`` + ``pipelines.demo.demo.MODEL_OVERRIDES`` unless
   ``--overrides`` replaces them), random init, encoders trainable as the demo sets them;
 - recipe: AdamW β (0.9, 0.95), no weight decay, linear warm-up 5 % then cosine to 0,
-  gradient clipping 1.0 (the demo's DeepSpeed config);
+  gradient clipping 1.0 (the demo's DeepSpeed config); ``--schedule deepspeed`` runs the train
+  stage's lr per step exactly (DeepSpeed's WarmupCosineLR: the first two steps at lr 0);
 - evaluation: greedy answers to every held-out question, exact match after
   ``synthetic.normalise_answer`` (the demo's scoring), next to the majority baseline.
 
@@ -90,6 +92,57 @@ def evaluate(model: SphinxX, ds: synthetic.Dataset, tok, spec: tiling.TileSpec, 
             for t, h in sorted(hits.items())}
 
 
+def bare_lr_factor(s: int, steps: int, warm: int) -> float:
+    """This loop's schedule (``LambdaLR``; ``s`` steps taken so far): min(1, (s+1)/warm) × a
+    cosine over all ``steps``, warm-up included."""
+    return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def deepspeed_lr_factor(s: int, steps: int, warm: int) -> float:
+    """The lr factor of the train stage's optimizer step ``s`` (0-based): DeepSpeed's
+    ``WarmupCosineLR`` as ``actors.train.deepspeed_config`` sets it (linear warm-up from 0 over
+    max(2, warm) steps, then a cosine to 0 over the rest). DeepSpeed sets lr 0 when it builds the
+    scheduler and steps it after every optimizer step, so step ``s`` runs at its ratio for
+    iteration s - 1: steps 0 AND 1 at lr 0, the warm-up and the cosine one step late
+    (tests/actors/train/test_loop_equivalence.py measures it on the engine)."""
+    i, warm = s - 1, max(2, warm)
+    if i < 0:
+        return 0.0
+    if i < warm:
+        return i / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm + 1) / max(1, steps - warm))))
+
+
+SCHEDULES = {"bare": bare_lr_factor, "deepspeed": deepspeed_lr_factor}
+
+
+def bare_optimizer(model: SphinxX, *, lr: float, steps: int, warmup_ratio: float,
+                   vision_lr: float | None = None, schedule: str = "bare"):
+    """(AdamW, LambdaLR) over ``model``'s trainable parameters: β (0.9, 0.95), eps 1e-8, no weight
+    decay, the lr factor of ``SCHEDULES[schedule]``; trained encoders in their own group at
+    ``vision_lr``. ``tests/actors/train/test_loop_equivalence.py`` holds this loop to the train
+    stage's DeepSpeed path step by step."""
+    params = [q for q in model.parameters() if q.requires_grad]
+    encoders = {id(q) for m in (model.vision.convnext, model.vision.dino) for q in m.parameters()}
+    groups = [{"params": [q for q in params if id(q) not in encoders]},
+              {"params": [q for q in params if id(q) in encoders], "lr": vision_lr or lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    warm, factor = max(1, math.ceil(warmup_ratio * steps)), SCHEDULES[schedule]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor(s, steps, warm))
+
+
+def bare_step(model: SphinxX, batch: dict, opt: torch.optim.Optimizer, sched,
+              grad_clip: float = 1.0) -> tuple[float, float]:
+    """One optimizer step on one whole (global) batch: the mean loss over its supervised tokens,
+    backward, clipping to a global gradient norm of ``grad_clip``, AdamW, the schedule; returns
+    (the loss before the update, the gradient norm before clipping)."""
+    loss = model(**batch).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], grad_clip)
+    opt.step(), sched.step(), opt.zero_grad()
+    return loss.item(), float(norm)
+
+
 def main() -> None:
     cfg = demo.FULL
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,6 +158,8 @@ def main() -> None:
     p.add_argument("--overrides", type=json.loads, default=None, help="flavour overrides (JSON)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=cfg.seed)
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="bare",
+                   help="lr schedule: this loop's own, or the train stage's (DeepSpeed's, step for step)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides = demo.MODEL_OVERRIDES if args.overrides is None else args.overrides
@@ -122,13 +177,8 @@ def main() -> None:
     model = SphinxX.from_flavour(flavour, tok)
     model.set_vision_trainable(train_encoders)
     params = [q for q in model.parameters() if q.requires_grad]
-    encoders = {id(q) for m in (model.vision.convnext, model.vision.dino) for q in m.parameters()}
-    groups = [{"params": [q for q in params if id(q) not in encoders]},
-              {"params": [q for q in params if id(q) in encoders], "lr": args.vision_lr or args.lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warm = max(1, math.ceil(cfg.warmup_ratio * args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    opt, sched = bare_optimizer(model, lr=args.lr, steps=args.steps, warmup_ratio=cfg.warmup_ratio,
+                                vision_lr=args.vision_lr, schedule=args.schedule)
     rng, order, losses = random.Random(args.seed), [], []
     cpu0, wall0 = time.process_time(), time.perf_counter()
     model.train()
@@ -137,11 +187,7 @@ def main() -> None:
             order += rng.sample(range(len(train)), len(train))
         batch = _collate([train[i] for i in order[:args.batch]], tok.pad_token_id)
         del order[:args.batch]
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(), sched.step(), opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(bare_step(model, batch, opt, sched)[0])
         if step % 100 == 0:
             print(f"step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.3f} "
                   f"cpu {time.process_time() - cpu0:.0f}s", file=sys.stderr, flush=True)
@@ -150,7 +196,7 @@ def main() -> None:
     print(json.dumps({
         "config": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "n_train": args.n_train,
                    "n_heldout": args.n_heldout, "train_encoders": train_encoders, "vision_lr": args.vision_lr, "overrides": overrides,
-                   "threads": args.threads, "seed": args.seed},
+                   "threads": args.threads, "seed": args.seed, "schedule": args.schedule},
         "accuracy": evaluate(model, ds, tok, spec, n_per_view),
         "loss": {"first": round(losses[0], 3), "final": round(sum(losses[-20:]) / len(losses[-20:]), 3)},
         "trainable_params": sum(q.numel() for q in params),

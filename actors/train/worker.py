@@ -20,10 +20,10 @@
    logits (``actors.train.export``), and rank 0 writes ``metrics.jsonl`` and ``loss.png``
    (``actors.train.metrics``).
 
-Metrics per step (rank 0 writes them, ``metrics.jsonl``): step, loss, lm_loss, aux_loss, lr,
-grad_norm, tokens, tokens_per_s, image_tokens, saved_tokens (image tokens skip tokens saved),
-step_time_s (data_s waiting for the input + compute_s forward/backward/step + sync_s all_reduce and
-grad norm), report_s (the previous step's pid file, report and checkpoint, outside step_time_s),
+Metrics per step (rank 0 writes them, ``metrics.jsonl``): step, loss, lm_loss, aux_loss, lr (the
+one this step ran at), grad_norm, tokens, tokens_per_s, image_tokens, saved_tokens (image tokens
+skip tokens saved), step_time_s (data_s waiting for the input + compute_s forward/backward/step +
+sync_s all_reduce and grad norm), report_s (the previous step's pid file, report and checkpoint, outside step_time_s),
 wall_t (unix time at the step's end), restored_from. Ray Train sees a report at every checkpoint
 and about every ``REPORT_EVERY_S`` seconds (config ``report_every_s``), not every step; rank 0
 also puts a small progress item (step, loss, tokens/s, its pid) on the driver's queue every step.
@@ -197,6 +197,7 @@ def _train_step(engine, batches: Iterator[dict], config: TrainWorkerConfig, step
     report (None on the other ranks); the step's all_reduce hands its decision to every rank, so
     all call ``ray.train.report`` together."""
     accum, micro = config.train.grad_accum, config.train.micro_batch
+    lr = float(engine.get_lr()[0])  # this step's lr: DeepSpeed steps the schedule after the optimizer step
     t0 = time.perf_counter()
     data_s = compute_s = 0.0
     sums = [0.0] * 6  # lm, aux, tokens, image tokens, saved tokens, "report now"
@@ -233,7 +234,7 @@ def _train_step(engine, batches: Iterator[dict], config: TrainWorkerConfig, step
         "loss": (lm_sum + float(engine.module.aux_loss_coef) * aux_sum) / accum,
         "lm_loss": lm_sum / accum,  # token-weighted over the ranks (see token_share)
         "aux_loss": aux_sum / accum,
-        "lr": float(engine.get_lr()[0]),
+        "lr": lr,
         "grad_norm": float(norm) if norm is not None else None,
         "tokens": int(sums[2]),
         "tokens_per_s": float(sums[2]) / elapsed,
