@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import socket
@@ -184,7 +183,8 @@ def windows(a: list, b: list, size: int) -> list[dict]:
     for k in range(0, len(a), size):
         x, y = [r[0] for r in a[k:k + size]], [r[0] for r in b[k:k + size]]
         out.append({"steps": f"{k}-{k + len(x) - 1}", "mean_a": round(sum(x) / len(x), 4),
-                    "mean_b": round(sum(y) / len(y), 4), "max_abs_diff": round(max(abs(p - q) for p, q in zip(x, y)), 6)})
+                    "mean_b": round(sum(y) / len(y), 4),
+                    "max_abs_diff": round(max(abs(p - q) for p, q in zip(x, y)), 6)})
     return out
 
 
