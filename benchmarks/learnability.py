@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/learnability.py [--steps 800] [--batch 16] [--lr 3e-3]
         [--train-encoders | --frozen-encoders] [--n-train 1500] [--overrides JSON] [--threads 2]
-        [--schedule bare|deepspeed]
+        [--schedule bare|deepspeed] [--regions] [--train-mix SCENE WORD CHAT]
 
 The demo (pipelines/demo/demo.py) trains through Ray Train + DeepSpeed on 2 workers; this is the
 same model, data and recipe in one plain PyTorch loop, so settings can be tried in minutes:
@@ -16,7 +16,11 @@ same model, data and recipe in one plain PyTorch loop, so settings can be tried 
   gradient clipping 1.0 (the demo's DeepSpeed config); ``--schedule deepspeed`` runs the train
   stage's lr per step exactly (DeepSpeed's WarmupCosineLR: the first two steps at lr 0);
 - evaluation: greedy answers to every held-out question, exact match after
-  ``synthetic.normalise_answer`` (the demo's scoring), next to the majority baseline.
+  ``synthetic.normalise_answer`` (the demo's scoring), next to the majority baseline;
+  ``--regions`` adds the demo's grounding questions (``where``: their ``<box:k>`` slots filled as
+  preprocess fills them, ``actors.data.regions.fill``), scored as the demo scores them
+  (Acc@IoU >= 0.5 in the flavour's own frame, ``actors.eval.grounding``); ``--train-mix`` draws
+  the training split with other (scene, word, chat) shares (the held-out split keeps the demo's).
 
 Prints ONE JSON object: ``{"config", "accuracy": {type: {"accuracy", "baseline", "n"}},
 "loss": {"first", "final"}, "train_cpu_s", "train_wall_s", "steps_per_cpu_s"}``. CPU time is
@@ -41,7 +45,10 @@ from models import conversation as conv  # noqa: E402
 from models import tiling  # noqa: E402
 from models.flavours import from_name  # noqa: E402
 from models.sphinx import SphinxX  # noqa: E402
+from actors.data.regions import fill, text_of  # noqa: E402
+from actors.eval.grounding import IOU_THRESHOLD, grounding_iou  # noqa: E402
 from pipelines.demo import demo, synthetic  # noqa: E402
+from pipelines.demo.benchmark import WHERE_MAX_TOKENS  # noqa: E402
 
 
 def _prepare(rows: list[dict], images: dict[str, bytes], tok, spec: tiling.TileSpec, n_per_view: int) -> list:
@@ -70,9 +77,22 @@ def _collate(items: list, pad_id: int) -> dict:
             "views": torch.cat(views) if views else None, "kept": torch.stack(kept) if kept else None}
 
 
+def filled_rows(ds: synthetic.Dataset, spec: tiling.TileSpec) -> list[dict]:
+    """The training rows with every ``<box:k>`` slot written as preprocess writes it."""
+    sizes = {s.image_path: s.size for s in ds.train if s.image is not None}
+    rows = ds.train_rows()
+    for row in rows:
+        if "boxes" in row:
+            row["conversations"] = fill(row["conversations"], row["boxes"], [sizes[row["image"]]], spec)
+    return rows
+
+
 def evaluate(model: SphinxX, ds: synthetic.Dataset, tok, spec: tiling.TileSpec, n_per_view: int) -> dict:
-    """Greedy answers to every held-out question; accuracy per type next to the majority baseline."""
+    """Greedy answers to every held-out question; accuracy per type next to the majority baseline
+    (``where``: Acc@IoU >= 0.5 next to the mean training box's)."""
     images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
+    sizes = {s.image_path: s.size for s in ds.heldout if s.image is not None}
+    frame = "topleft" if spec.pad == "top_left" else "center"
     hits: dict[str, list[bool]] = {}
     model.eval()
     with torch.no_grad():
@@ -84,9 +104,15 @@ def evaluate(model: SphinxX, ds: synthetic.Dataset, tok, spec: tiling.TileSpec, 
                 tiled = tiling.load_and_tile(images[row["image"]], spec)
                 n = [(1 + tiled.n_kept) * (n_per_view + 2) + tiled.n_skipped]
                 views, kept = torch.from_numpy(tiled.views), torch.from_numpy(tiled.kept)[None]
-            out = model.generate([conv.build_prompt(msgs, tok, n)], views, kept, max_new_tokens=4)[0]
-            answer = synthetic.normalise_answer(tok.decode(out, skip_special_tokens=True))
-            hits.setdefault(row["type"], []).append(answer == row["answer"])
+            where = row["type"] == synthetic.REGION_TYPE
+            out = model.generate([conv.build_prompt(msgs, tok, n)], views, kept,
+                                 max_new_tokens=WHERE_MAX_TOKENS if where else 4)[0]
+            text = tok.decode(out, skip_special_tokens=True)
+            if where:
+                iou, _ = grounding_iou(text, json.loads(row["answer"]), *sizes[row["image"]], frame)
+                hits.setdefault(row["type"], []).append(iou >= IOU_THRESHOLD)
+            else:
+                hits.setdefault(row["type"], []).append(synthetic.normalise_answer(text) == row["answer"])
     stats = ds.stats()["types"]
     return {t: {"accuracy": round(sum(h) / len(h), 3), "baseline": round(stats[t]["baseline"], 3), "n": len(h)}
             for t, h in sorted(hits.items())}
@@ -160,6 +186,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=cfg.seed)
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="bare",
                    help="lr schedule: this loop's own, or the train stage's (DeepSpeed's, step for step)")
+    p.add_argument("--regions", action="store_true", help="add the demo's grounding (where) questions")
+    p.add_argument("--train-mix", type=float, nargs=3, default=None, metavar=("SCENE", "WORD", "CHAT"),
+                   help="the training split's shares (default: the demo's 0.6 0.3 0.1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides = demo.MODEL_OVERRIDES if args.overrides is None else args.overrides
@@ -167,9 +196,13 @@ def main() -> None:
     flavour = from_name("debug", **json.loads(json.dumps(overrides)))
     spec, n_per_view = tiling.TileSpec.from_flavour(flavour), flavour.tokens_per_view
 
-    ds = synthetic.generate(args.n_train, args.n_heldout, seed=args.seed)
-    rows = ds.train_rows()
-    texts = [t["value"].replace(conv.IMAGE, " ") for r in rows for t in r["conversations"]]  # as preprocess
+    ds = synthetic.generate(args.n_train, args.n_heldout, seed=args.seed, regions=args.regions)
+    if args.train_mix:  # the held-out split stays the demo's (its own random stream)
+        train_only = synthetic.generate(args.n_train, 0, seed=args.seed, mix=tuple(args.train_mix), regions=args.regions)
+        ds = synthetic.Dataset(train_only.train, ds.heldout, ds.seed)
+    rows = filled_rows(ds, spec)
+    texts = [text_of(t["value"]).replace(conv.IMAGE, " ")  # as preprocess (a slot: a placeholder box)
+             for r in ds.train_rows() for t in r["conversations"]]
     tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
     train = _prepare(rows, {s.image_path: s.image for s in ds.train if s.image is not None}, tok, spec, n_per_view)
 
@@ -196,7 +229,8 @@ def main() -> None:
     print(json.dumps({
         "config": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "n_train": args.n_train,
                    "n_heldout": args.n_heldout, "train_encoders": train_encoders, "vision_lr": args.vision_lr, "overrides": overrides,
-                   "threads": args.threads, "seed": args.seed, "schedule": args.schedule},
+                   "threads": args.threads, "seed": args.seed, "schedule": args.schedule,
+                   "regions": args.regions, "train_mix": args.train_mix},
         "accuracy": evaluate(model, ds, tok, spec, n_per_view),
         "loss": {"first": round(losses[0], 3), "final": round(sum(losses[-20:]) / len(losses[-20:]), 3)},
         "trainable_params": sum(q.numel() for q in params),
