@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 
 import pytest
@@ -59,7 +60,8 @@ def test_demo_end_to_end_then_ctrl_c_while_it_keeps_serving(tmp_path):
         assert report["skip_tokens"]["saved_tokens"] > 0 and report["tiling_example"]["skipped"]
         # the endpoint answered every held-out question and serves the page (the address is shown)
         serving = report["serving"]
-        assert serving["requests"] == len(synthetic.generate(N_TRAIN, N_HELDOUT, 0).heldout_rows())
+        heldout = synthetic.generate(N_TRAIN, N_HELDOUT, 0, regions=True).heldout_rows()
+        assert serving["requests"] == len(heldout)
         assert serving["errors"] == 0, report["errors"]
         assert serving["latency_s"]["p50"] > 0 and serving["latency_s"]["p99"] >= serving["latency_s"]["p50"]
         assert f"web page    {serving['web_page']}" in terminal
@@ -67,7 +69,9 @@ def test_demo_end_to_end_then_ctrl_c_while_it_keeps_serving(tmp_path):
             assert page.status == 200 and b"<html" in page.read(2000).lower()
         # per type: accuracy next to the baseline, and the model learned something
         q = report["questions"]
-        assert set(q) == set(synthetic.QUESTION_TYPES)
+        assert set(q) == {*synthetic.QUESTION_TYPES, synthetic.REGION_TYPE} == {r["type"] for r in heldout}
+        # the grounding type's baseline is one fixed box (the mean training box), shown in the majority's place
+        assert len(q["where"]["majority_answer"]) == 4 and re.search(r"\n  where +\d\.\d\d +0\.\d\d", terminal)
         for v in q.values():
             assert 0 <= v["accuracy"] <= 1 and 0 <= v["baseline"] <= 1 and v["total"] > 0
         assert any(v["accuracy"] > v["baseline"] for v in q.values()), terminal[-3000:]
