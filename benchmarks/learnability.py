@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,6 +60,29 @@ def _prepare(rows: list[dict], images: dict[str, bytes], tok, spec: tiling.TileS
         n = [(1 + tiled.n_kept) * (n_per_view + 2) + tiled.n_skipped] if tiled else []
         t = conv.tokenize_conversation(row["conversations"], tok, image_tokens=n, max_seq_len=1024)
         out.append((t.input_ids, t.labels, tiled))
+    return out
+
+
+def tokenizer_and_items(ds: synthetic.Dataset, spec: tiling.TileSpec, flavour) -> tuple:
+    """(the debug BPE tokenizer trained on the training text as preprocess trains it, a slot read
+    as a placeholder box; the training rows as ``_prepare`` items, slots filled)."""
+    texts = [text_of(t["value"]).replace(conv.IMAGE, " ") for r in ds.train_rows() for t in r["conversations"]]
+    tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
+    images = {s.image_path: s.image for s in ds.train if s.image is not None}
+    return tok, _prepare(filled_rows(ds, spec), images, tok, spec, flavour.tokens_per_view)
+
+
+def shard_rows(ds: synthetic.Dataset, items: list, spec: tiling.TileSpec, n_per_view: int) -> list[dict]:
+    """``_prepare`` items -> rows in the shard schema's columns (``actors.data.tiler``), so the train
+    stage's own batching and collate can read what this loop trains on."""
+    out = []
+    for row, (ids, labels, tiled) in zip(ds.train_rows(), items):
+        out.append({
+            "id": row["id"], "input_ids": np.asarray(ids), "labels": np.asarray(labels),
+            "views": tiled.views.tobytes() if tiled else b"", "view_counts": [len(tiled.views)] if tiled else [],
+            "kept": tiled.kept.tolist() if tiled else [], "tile_size": spec.tile_size, "grid": spec.grid,
+            "image_tokens": (1 + tiled.n_kept) * (n_per_view + 2) + tiled.n_skipped if tiled else 0,
+            "saved_tokens": tiled.n_skipped * n_per_view if tiled else 0})
     return out
 
 
@@ -200,11 +224,7 @@ def main() -> None:
     if args.train_mix:  # the held-out split stays the demo's (its own random stream)
         train_only = synthetic.generate(args.n_train, 0, seed=args.seed, mix=tuple(args.train_mix), regions=args.regions)
         ds = synthetic.Dataset(train_only.train, ds.heldout, ds.seed)
-    rows = filled_rows(ds, spec)
-    texts = [text_of(t["value"]).replace(conv.IMAGE, " ")  # as preprocess (a slot: a placeholder box)
-             for r in ds.train_rows() for t in r["conversations"]]
-    tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
-    train = _prepare(rows, {s.image_path: s.image for s in ds.train if s.image is not None}, tok, spec, n_per_view)
+    tok, train = tokenizer_and_items(ds, spec, flavour)
 
     torch.manual_seed(args.seed)
     model = SphinxX.from_flavour(flavour, tok)

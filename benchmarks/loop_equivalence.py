@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learnability  # noqa: E402
 from actors.train.batching import collate, plan_batches  # noqa: E402
-from models import conversation as conv  # noqa: E402
 from models import tiling  # noqa: E402
 from models.sphinx import SphinxX  # noqa: E402
 from pipelines.demo import demo, synthetic  # noqa: E402
@@ -59,21 +58,10 @@ def demo_spec(steps: int, n_train: int, seed: int):
 
 def data(n_train: int, n_heldout: int, seed: int, flavour):
     """(dataset, tokenizer, shard-like rows, learnability's items), as learnability.py builds them."""
-    spec, n_per_view = tiling.TileSpec.from_flavour(flavour), flavour.tokens_per_view
+    spec = tiling.TileSpec.from_flavour(flavour)
     ds = synthetic.generate(n_train, n_heldout, seed=seed)
-    rows = ds.train_rows()
-    texts = [t["value"].replace(conv.IMAGE, " ") for r in rows for t in r["conversations"]]
-    tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
-    items = learnability._prepare(rows, {s.image_path: s.image for s in ds.train if s.image is not None}, tok, spec,
-                                  n_per_view)
-    shard_rows = []
-    for row, (ids, labels, tiled) in zip(rows, items):
-        shard_rows.append({
-            "id": row["id"], "input_ids": np.asarray(ids), "labels": np.asarray(labels),
-            "views": tiled.views.tobytes() if tiled else b"", "view_counts": [len(tiled.views)] if tiled else [],
-            "kept": tiled.kept.tolist() if tiled else [], "tile_size": spec.tile_size, "grid": spec.grid,
-            "image_tokens": 0, "saved_tokens": 0})
-    return ds, tok, shard_rows, items
+    tok, items = learnability.tokenizer_and_items(ds, spec, flavour)
+    return ds, tok, learnability.shard_rows(ds, items, spec, flavour.tokens_per_view), items
 
 
 def batch_of(rows: list[dict], pad_token_id: int) -> dict:

@@ -57,29 +57,16 @@ def _demo_spec(steps: int):
 
 def _rows(n: int, seed: int = 0):
     """(tokenizer, shard-like rows, learnability's prepared items) for ``n`` demo samples."""
-    from models import conversation as conv
     from models import tiling
     from pipelines.demo import synthetic
     from pipelines.stages.train import train_flavour
 
     learn = _learnability()
     flavour = train_flavour(_demo_spec(STEPS))
-    spec, n_per_view = tiling.TileSpec.from_flavour(flavour), flavour.tokens_per_view
+    spec = tiling.TileSpec.from_flavour(flavour)
     ds = synthetic.generate(n, 1, seed=seed)
-    rows = ds.train_rows()
-    texts = [t["value"].replace(conv.IMAGE, " ") for r in rows for t in r["conversations"]]
-    tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
-    items = learn._prepare(rows, {s.image_path: s.image for s in ds.train if s.image is not None}, tok, spec,
-                           n_per_view)
-    shard_rows = []
-    for row, (ids, labels, tiled) in zip(rows, items):
-        image_tokens = (1 + tiled.n_kept) * (n_per_view + 2) + tiled.n_skipped if tiled else 0
-        shard_rows.append({
-            "id": row["id"], "input_ids": np.asarray(ids), "labels": np.asarray(labels),
-            "views": tiled.views.tobytes() if tiled else b"", "view_counts": [len(tiled.views)] if tiled else [],
-            "kept": tiled.kept.tolist() if tiled else [], "tile_size": spec.tile_size, "grid": spec.grid,
-            "image_tokens": image_tokens, "saved_tokens": tiled.n_skipped * n_per_view if tiled else 0})
-    return tok, shard_rows, items
+    tok, items = learn.tokenizer_and_items(ds, spec, flavour)
+    return tok, learn.shard_rows(ds, items, spec, flavour.tokens_per_view), items
 
 
 def _collate(rows: list[dict], pad_token_id: int) -> dict:
