@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     d.add_argument("--samples", type=int, nargs=2, default=None, metavar=("TRAIN", "HELDOUT"),
                    help="override how many training and held-out samples are drawn (a quicker smoke run)")
+    d.add_argument("--seed", type=int, default=None,
+                   help="seed of the synthetic data (held-out split included), batch order and initial weights (default 0)")
 
     r = verb("run", "pipelines.run", "run the spec's stages in order, locally or as Ray Jobs")
     r.add_argument("spec")

@@ -1,6 +1,6 @@
 """`sphinx-x demo`: the main job, end to end on the embedded default, and it visibly learns.
 
-    sphinx-x demo [--run-dir DIR] [--keep-serving] [--quick] [--steps N] [--samples TRAIN HELDOUT]
+    sphinx-x demo [--run-dir DIR] [--keep-serving] [--quick] [--steps N] [--samples TRAIN HELDOUT] [--seed N]
 
 1. starts the embedded default: an S3 server on 127.0.0.1 (moto) and a local Ray;
 2. draws the synthetic dataset (pipelines.demo.synthetic) into S3: rendered scenes and words in
@@ -435,6 +435,10 @@ def command(args: argparse.Namespace) -> int:
             raise UserError(f"--samples needs at least {batch} training samples (one global batch) and 1 held-out "
                             f"sample, got {n_train} {n_heldout}")
         cfg = replace(cfg, n_train=n_train, n_heldout=n_heldout)
+    if getattr(args, "seed", None) is not None:
+        if args.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {args.seed}")
+        cfg = replace(cfg, seed=args.seed)
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     report = run(cfg, run_dir, keep_serving=args.keep_serving)
     return 0 if not report["serving"]["errors"] else 1

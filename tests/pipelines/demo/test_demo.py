@@ -16,6 +16,7 @@ import base64
 import json
 import re
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -194,3 +195,8 @@ def test_bad_steps_is_a_user_error():
         demo.command(argparse.Namespace(quick=True, steps=0, run_dir=None, keep_serving=False))
     with pytest.raises(UserError, match="--samples needs at least 16"):
         demo.command(argparse.Namespace(quick=True, steps=None, samples=[4, 2], run_dir=None, keep_serving=False))
+    with pytest.raises(UserError, match="--seed must be >= 0"):
+        demo.command(argparse.Namespace(quick=True, steps=None, samples=None, seed=-1, run_dir=None,
+                                        keep_serving=False))
+    # the seed reaches the data, the batch order and the initial weights (the train section's seed)
+    assert demo.build_spec(replace(demo.FULL, seed=3), run_id="r", port=1).train.seed == 3
