@@ -22,7 +22,7 @@
 
 The debug model starts from random weights (no weights can be downloaded here), so the demo
 trains with lr 3e-3, not the paper's 2e-5 (which fine-tunes pretrained LLMs). Everything
-runs on 2 CPU cores in about 13 minutes (BENCHMARKS.md, "sphinx-x demo"); ``--quick`` is the CI-sized version.
+runs on 2 CPU cores in about 14 minutes (BENCHMARKS.md, "sphinx-x demo"); ``--quick`` is the CI-sized version.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class DemoConfig:
 
     n_train: int = 5000
     n_heldout: int = 150
-    steps: int = 3500  # ~11 min under Ray Train on 2 cores (~5 steps/s); shape, count and the boxes need them
+    steps: int = 3500  # ~12 min under Ray Train on 2 cores (4.4-5 steps/s); shape, count and the boxes need them
     micro_batch: int = 8  # per worker; global batch = micro_batch x 2 workers
     lr: float = 3e-3  # best of 1e-3 / 3e-3 in a bare-loop sweep from random init
     warmup_ratio: float = 0.05
