@@ -47,7 +47,7 @@ from models import tiling  # noqa: E402
 from models.flavours import from_name  # noqa: E402
 from models.sphinx import SphinxX  # noqa: E402
 from actors.data.regions import fill, text_of  # noqa: E402
-from actors.eval.grounding import IOU_THRESHOLD, grounding_iou  # noqa: E402
+from actors.eval.grounding import IOU_THRESHOLD, frame_of_pad, grounding_iou  # noqa: E402
 from pipelines.demo import demo, synthetic  # noqa: E402
 from pipelines.demo.benchmark import WHERE_MAX_TOKENS  # noqa: E402
 
@@ -116,7 +116,7 @@ def evaluate(model: SphinxX, ds: synthetic.Dataset, tok, spec: tiling.TileSpec, 
     (``where``: Acc@IoU >= 0.5 next to the mean training box's)."""
     images = {s.image_path: s.image for s in ds.heldout if s.image is not None}
     sizes = {s.image_path: s.size for s in ds.heldout if s.image is not None}
-    frame = "topleft" if spec.pad == "top_left" else "center"
+    frame = frame_of_pad(spec.pad)
     hits: dict[str, list[bool]] = {}
     model.eval()
     with torch.no_grad():

@@ -23,6 +23,12 @@ from models.boxes import parse_boxes
 FRAMES = ("center", "topleft", "image")
 IOU_THRESHOLD = 0.5
 
+
+def frame_of_pad(pad: str) -> str:
+    """The frame of a flavour's padding (``models.flavours.Flavour.pad``): ``top_left`` (the paper)
+    -> ``topleft``, ``centre`` (the releases) -> ``center``."""
+    return {"top_left": "topleft", "centre": "center"}[pad]
+
 Box = tuple[float, float, float, float]
 
 

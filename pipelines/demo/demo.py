@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from actors.data.manifest import Manifest
+from actors.eval.grounding import frame_of_pad
 from actors.train.summaries import TrainSummary
 from cluster.layout import Layout
 from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
@@ -127,7 +128,7 @@ def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
     data["eval"] = benchmark.eval_section({name: f"{uri}/{DATA_DIR}/{f}" for name, f in files.items()},
                                           f"http://127.0.0.1:{port}", MODEL_NAME, concurrency=cfg.eval_threads,
                                           max_tokens=cfg.max_tokens,
-                                          box_frame="topleft" if flavour.pad == "top_left" else "center")
+                                          box_frame=frame_of_pad(flavour.pad))
     return parse_spec(data, "demo-spec")
 
 

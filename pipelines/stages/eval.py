@@ -183,10 +183,12 @@ def model_box_frame(ctx: RunContext, identity: dict[str, str]) -> str:
     """The square the evaluated model's boxes are fractions of (``actors.eval.grounding.FRAMES``):
     a model directory's flavour pad (``top_left`` -> ``topleft``, ``centre`` -> ``center``); for an
     endpoint, whose model is not known here, the released models' ``center``."""
+    from actors.eval.grounding import frame_of_pad
+
     if identity["kind"] != "model_dir":
         return "center"
     flavour = json.loads(ctx.storage.read_bytes(f"{identity['uri'].rstrip('/')}/config.json"))["flavour"]
-    return "topleft" if flavour.get("pad", "top_left") == "top_left" else "center"
+    return frame_of_pad(flavour.get("pad", "top_left"))
 
 
 def _engine(ctx: RunContext, identity: dict[str, str]):

@@ -36,3 +36,11 @@ def test_center_square_frame_by_hand():
     assert grounding_iou("nothing", [50, 0, 150, 100], 200, 100)[0] == 0.0
     with pytest.raises(ValueError):
         normalize_gt([50, 0, 150, 100], None, None)
+
+
+def test_a_flavours_pad_names_its_frame():
+    from actors.eval.grounding import frame_of_pad
+
+    assert frame_of_pad("top_left") == "topleft" and frame_of_pad("centre") == "center"
+    with pytest.raises(KeyError):
+        frame_of_pad("left")
