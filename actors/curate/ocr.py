@@ -159,7 +159,10 @@ def curate_file(item: dict, config: OcrConfig, storage: Storage) -> list[Outcome
 def curate_page(pid: str, image: Image.Image, lines: Optional[list[Line]], config: OcrConfig) -> Outcome:
     """One page picture + its text-layer lines (``None``: no text layer) -> an :class:`Outcome`."""
     section = config.section
-    gray = np.asarray(image.convert("L"))
+    rgb = np.asarray(image)
+    colourless = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    # a colourless page's grey level is any one channel (PIL's L weights sum to one, exactly)
+    gray = np.ascontiguousarray(rgb[..., 0]) if colourless else np.asarray(image.convert("L"))
     ink = gray < INK
     counts = {"pages_text_layer": 0, "pages_ocr": 0}
     if not lines or sum(len(ln.text.replace(" ", "")) for ln in lines) == 0:
@@ -197,17 +200,17 @@ def curate_page(pid: str, image: Image.Image, lines: Optional[list[Line]], confi
     except BoxError as err:
         return Outcome.quarantined(pid, "bad_box", err.detail, **counts)
     key = hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
-    return Outcome(id=pid, records=records, images={name: page_png(image)}, counts=counts, key=key,
+    picture = Image.fromarray(gray, mode="L") if colourless else image
+    return Outcome(id=pid, records=records, images={name: page_png(picture)}, counts=counts, key=key,
                    preview={"image": name, "boxes": [list(ln.box) for ln in lines]})
 
 
 def page_png(image: Image.Image) -> bytes:
-    """The page as PNG: one grey channel when the page has no colour (most documents: a third of
-    the bytes), zlib level 1 (encoding at the default level took over half a page's time)."""
-    rgb = np.asarray(image)
-    grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    """The page as PNG, zlib level 1 (encoding at the default level took over half a page's time).
+    ``curate_page`` hands a colourless page over as one grey channel (most documents: a third of
+    the bytes)."""
     buf = io.BytesIO()
-    (image.convert("L") if grey else image).save(buf, format="PNG", compress_level=1)
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -57,16 +57,17 @@ def text_layer(page, dpi: float) -> list[Line]:
     def flush() -> None:
         line = "".join(c for c, _ in chars).strip()
         if line:
-            words, word, boxes = [], "", []
+            words, word, box = [], "", None  # box: the word's characters' union so far
             for c, b in chars + [(" ", None)]:
                 if c.isspace():
-                    if word and boxes:
-                        words.append((word, _pad(union(boxes))))
-                    word, boxes = "", []
+                    if word and box:
+                        words.append((word, (box[0] - _PAD_PX, box[1] - _PAD_PX, box[2] + _PAD_PX, box[3] + _PAD_PX)))
+                    word, box = "", None
                 else:
                     word += c
                     if b is not None:
-                        boxes.append(b)
+                        box = b if box is None else (min(box[0], b[0]), min(box[1], b[1]), max(box[2], b[2]),
+                                                     max(box[3], b[3]))
             if words:
                 lines.append(Line(text=" ".join(line.split()), box=union([w[1] for w in words]), words=words))
         chars.clear()
@@ -85,10 +86,6 @@ def text_layer(page, dpi: float) -> list[Line]:
         chars.append((c, box))
     flush()
     return lines
-
-
-def _pad(box: Box) -> Box:
-    return (box[0] - _PAD_PX, box[1] - _PAD_PX, box[2] + _PAD_PX, box[3] + _PAD_PX)
 
 
 def reading_order(lines: list[Line]) -> list[list[Line]]:

@@ -180,3 +180,24 @@ def test_table_rows_are_read_cell_by_cell(storage):
     (g,) = parse_boxes(asked[1][0])
     x1, y1, x2, y2 = from_canvas(g.boxes[0], image.size, _config().tile)
     assert _ink(image)[int(y1):int(y2) + 1, int(x1):int(x2) + 1].sum() > 50  # on the row "Paper 2 4 EUR"
+
+
+def test_a_colourless_page_is_stored_grey_a_coloured_one_in_colour():
+    """The page picture: one grey channel, pixel for pixel PIL's ``convert("L")`` of the render,
+    when the page has no colour; RGB, as rendered, when it has."""
+    from actors.curate.ocr import curate_page
+    from actors.curate.pages import Line
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (60, 90, 1), dtype=np.uint8), 3, axis=2)
+    grey[10:20, 10:80] = 0  # a dark line of "text"
+    line = [Line(text="Hello there world", box=(9.0, 9.0, 81.0, 21.0), words=[("Hello", (9.0, 9.0, 81.0, 21.0))])]
+    config = _config(min_chars=1, min_text_fraction=0.0)
+    for pixels, mode in ((grey, "L"), (np.concatenate([grey[..., :2], grey[..., :1] // 2], axis=2), "RGB")):
+        image = Image.fromarray(pixels, mode="RGB")
+        out = curate_page("p#1", image, line, config)
+        assert out.reason is None, out.detail
+        (stored,) = [Image.open(io.BytesIO(b)) for b in out.images.values()]
+        assert stored.mode == mode
+        want = image.convert("L") if mode == "L" else image
+        assert np.array_equal(np.asarray(stored), np.asarray(want))
