@@ -51,7 +51,8 @@ class Answer:
     """The model's text for request ``id``; ``error`` (and text "") when it could not be answered.
 
     The endpoint engine also fills ``latency_s`` (the answered request, retries included),
-    ``finish_reason`` and ``prompt_tokens``, and with ``EndpointOptions.logprobs`` the answer's
+    ``attempts`` (1 + the retries after a 429/5xx/lost connection), ``finish_reason``,
+    ``prompt_tokens`` and ``completion_tokens``, and with ``EndpointOptions.logprobs`` the answer's
     per-token strings (``tokens``, OpenAI ``logprobs.content[i].token``; the demo's parity check)."""
 
     id: str
@@ -60,12 +61,16 @@ class Answer:
     latency_s: Optional[float] = None
     finish_reason: Optional[str] = None
     prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
+    attempts: Optional[int] = None
     tokens: Optional[tuple[str, ...]] = None
 
     def extras(self) -> dict:
         """The optional fields that are set, for a predictions row."""
-        return {k: v for k, v in (("latency_s", self.latency_s), ("finish_reason", self.finish_reason),
-                                  ("prompt_tokens", self.prompt_tokens), ("tokens", self.tokens)) if v is not None}
+        return {k: v for k, v in (("latency_s", self.latency_s), ("attempts", self.attempts),
+                                  ("finish_reason", self.finish_reason), ("prompt_tokens", self.prompt_tokens),
+                                  ("completion_tokens", self.completion_tokens), ("tokens", self.tokens))
+                if v is not None}
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,9 @@ class EndpointEngine:
                 choice = out.choices[0]
                 content = choice.logprobs.content if self.options.logprobs and choice.logprobs else None
                 return Answer(req.id, choice.message.content or "", latency_s=time.perf_counter() - t0,
-                              finish_reason=choice.finish_reason,
+                              attempts=attempt + 1, finish_reason=choice.finish_reason,
                               prompt_tokens=out.usage.prompt_tokens if out.usage else None,
+                              completion_tokens=out.usage.completion_tokens if out.usage else None,
                               tokens=tuple(t.token for t in content or ()) if self.options.logprobs else None)
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as err:
                 status = getattr(err, "status_code", None)

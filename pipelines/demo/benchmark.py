@@ -104,8 +104,9 @@ def evaluation(results: list[tuple[dict, list[dict]]], questions: dict[str, tupl
     ``questions``: id -> (question text, expected answer), for the report's samples. Returns
     ``{"types": {type: {"correct", "total", "accuracy"}}, "requests", "errors", "wall_s",
     "latency_s": {p50, p99, mean}, "requests_per_s", "samples", "answers", "score", "metric",
-    "categories"}`` (``score`` and ``metric``: the first benchmark's; ``latency_s``: of every
-    answer); ``answers`` holds every answered question by id as ``pipelines.demo.parity`` reads
+    "categories", "timing"}`` (``score`` and ``metric``: the first benchmark's; ``latency_s``: of every
+    answer; ``timing``: one row per request, slowest first: id, category, latency_s, attempts,
+    completion_tokens, finish_reason, error); ``answers`` holds every answered question by id as ``pipelines.demo.parity`` reads
     them (``text``, ``finish_reason``, ``prompt_tokens``, ``tokens``).
     """
     scores = results[0][0]
@@ -123,11 +124,14 @@ def evaluation(results: list[tuple[dict, list[dict]]], questions: dict[str, tupl
                 "expected": questions[p["id"]][1]} for p in predictions if not p.get("error")][:SAMPLES]
     latency = answer_timing([SimpleNamespace(latency_s=p.get("latency_s"), error=p.get("error"))
                              for p in predictions]) or {}
+    timing = sorted(({k: p.get(k) for k in ("id", "category", "latency_s", "attempts", "completion_tokens",
+                                             "finish_reason", "error")} for p in predictions),
+                    key=lambda t: -(t["latency_s"] or 0.0))
     return {"types": types, "requests": len(predictions), "errors": errors, "wall_s": wall_s,
             "latency_s": {k: latency.get(k) for k in ("p50", "p99", "mean")},
             "requests_per_s": round(len(predictions) / wall_s, 2) if wall_s else None,
             "samples": samples, "answers": answers, "score": scores["score"], "metric": scores["metric"],
-            "categories": by_category}
+            "categories": by_category, "timing": timing}
 
 
 def read_jsonl(data: bytes) -> list[dict]:

@@ -16,8 +16,9 @@
    fixed guess, the mean training box;
 5. reruns every question greedily on the PyTorch model (``models.sphinx``, fp32, CPU) from the
    served export and counts the answers identical token for token (pipelines.demo.parity);
-6. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png`` and
-   ``tiling.png`` into the run directory. Without ``--keep-serving`` it then shuts down
+6. prints the report and writes ``report.json``, ``spec.yaml``, ``loss.png``,
+   ``tiling.png`` and ``answers.jsonl`` (every answer's latency, slowest first) into the run
+   directory. Without ``--keep-serving`` it then shuts down
    Serve, Ray and the S3 server it started.
 
 The debug model starts from random weights (no weights can be downloaded here), so the demo
@@ -324,6 +325,8 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
         parity_report = _stage("parity: the served answers vs the PyTorch model",
                                lambda: parity.compare(spec, MODEL_NAME, questions, evaluation["answers"],
                                                       max_tokens=evaluation["max_tokens"]), timings)
+        # every answer's latency, slowest first: what a p99 is made of (the eval's own copy is on S3)
+        (run_dir / "answers.jsonl").write_text("".join(json.dumps(t) + "\n" for t in evaluation["timing"]))
         history = _metrics(storage, spec)
         loss_png(storage, spec, history, run_dir / "loss.png")
         flavour = from_name(spec.model.flavour, **spec.model.overrides)
@@ -370,7 +373,8 @@ def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_re
                         "rows": manifest.counts.rows_written},
         "serving": {"url": served["url"], "web_page": served["web_page"], "model": MODEL_NAME, "requests": evaluation["requests"],
                     "errors": len(evaluation["errors"]), "latency_s": evaluation["latency_s"],
-                    "requests_per_s": evaluation["requests_per_s"], "concurrency": cfg.eval_threads},
+                    "requests_per_s": evaluation["requests_per_s"], "concurrency": cfg.eval_threads,
+                    "slowest": evaluation["timing"][:3]},
         "parity": parity_report,
         "eval": {"benchmark": benchmark.BENCHMARK, "metric": evaluation["metric"], "score": evaluation["score"],
                  "categories": evaluation["categories"], "output": evaluation["output"]},
@@ -381,7 +385,8 @@ def _report(cfg, spec, ds, where, shards, trained, served, evaluation, parity_re
                  "shard_files": len(manifest.shards), "rows_written": manifest.counts.rows_written,
                  "duplicate_samples": manifest.counts.duplicate_samples},
         "files": {"report": str(run_dir / "report.json"), "loss_png": str(run_dir / "loss.png"),
-                  "tiling_png": str(run_dir / "tiling.png"), "spec": str(run_dir / "spec.yaml")},
+                  "tiling_png": str(run_dir / "tiling.png"), "spec": str(run_dir / "spec.yaml"),
+                  "answers": str(run_dir / "answers.jsonl")},
         "tiling_example": {k: tiling[k] for k in ("image", "original_size", "kept", "skipped", "image_tokens",
                                                  "tokens_saved")},
         "config": asdict(cfg),
@@ -409,6 +414,9 @@ def format_report(r: dict, *, serving: bool = False) -> str:
         f"({s['saved_fraction']:.0%}) over {s['rows']} rows",
         f"  serving     {v['requests']} requests, {v['concurrency']} at a time: p50 {fmt(lat['p50'])}, "
         f"p99 {fmt(lat['p99'])}, {v['errors']} errors",
+        "              slowest: " + ", ".join(f"{fmt(a['latency_s'])} ({a['category']}, {a['completion_tokens']} tokens"
+                                           + (f", {a['attempts']} tries" if (a['attempts'] or 1) > 1 else "") + ")"
+                                           for a in v.get("slowest", []) if a["latency_s"] is not None),
         f"  parity      vLLM vs PyTorch greedy (fp32, CPU): {p['identical']}/{p['total']} identical",
         f"  eval        {r['eval']['benchmark']} ({r['eval']['metric']}): {r['eval']['score']:.1f} % overall, "
         f"scored by the eval harness: {r['eval']['output']}",

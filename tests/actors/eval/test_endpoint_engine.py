@@ -102,7 +102,8 @@ def test_429_and_503_are_retried_with_backoff_other_errors_are_the_answer():
                             transport=httpx.MockTransport(handler))
     out = engine.answer([_req(0), _req(1), _req(2), _req(3)])
     assert (out[0].text, out[0].error) == ("ok", None) and calls["question 0"] == 3
-    assert out[0].latency_s >= 0.05  # the answered request's time, its retries included
+    assert out[0].latency_s >= 0.05 and out[0].attempts == 3  # the answered request's time, its retries included
+    assert out[3].attempts == 1
     assert stamps[1] - stamps[0] >= 0.05
     assert out[1].text == "" and "400" in out[1].error and "image too large" in out[1].error
     assert out[2].error and "503" in out[2].error and calls["question 2"] == 3  # 1 + 2 retries
@@ -128,7 +129,8 @@ def test_logprobs_ask_for_and_keep_the_answer_tokens():
     (a,) = engine.answer([_req(0)])
     assert seen[0]["logprobs"] is True
     assert a.tokens == (" 3", "\n", "###") and a.prompt_tokens == 37 and a.finish_reason == "length"
-    assert set(a.extras()) == {"latency_s", "finish_reason", "prompt_tokens", "tokens"}
+    assert a.completion_tokens == 1 and a.attempts == 1
+    assert set(a.extras()) == {"latency_s", "attempts", "finish_reason", "prompt_tokens", "completion_tokens", "tokens"}
 
 
 def test_a_missing_key_or_unknown_model_is_a_user_error(monkeypatch):

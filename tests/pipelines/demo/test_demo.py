@@ -65,6 +65,12 @@ def test_demo_end_to_end_then_ctrl_c_while_it_keeps_serving(tmp_path):
         assert serving["requests"] == len(heldout)
         assert serving["errors"] == 0, report["errors"]
         assert serving["latency_s"]["p50"] > 0 and serving["latency_s"]["p99"] >= serving["latency_s"]["p50"]
+        # answers.jsonl: every request's latency, slowest first, the report's three slowest on top
+        timing = [json.loads(line) for line in (run_dir / "answers.jsonl").read_text().splitlines()]
+        assert len(timing) == len(heldout) and timing[:3] == serving["slowest"]
+        assert [t["latency_s"] for t in timing] == sorted((t["latency_s"] for t in timing), reverse=True)
+        assert all(t["attempts"] >= 1 and t["completion_tokens"] >= 1 for t in timing)
+        assert "slowest: " in terminal
         assert f"web page    {serving['web_page']}" in terminal
         with urllib.request.urlopen(serving["web_page"], timeout=30) as page:
             assert page.status == 200 and b"<html" in page.read(2000).lower()
@@ -176,6 +182,10 @@ def test_evaluation_reads_the_harness_outputs():
     both = benchmark.evaluation([(scores, predictions), (where_scores, where)], questions, wall_s=2.0)
     assert both["types"]["where"] == {"correct": 0, "total": 1, "accuracy": 0.0} and both["requests"] == 4
     assert both["latency_s"]["p99"] == 0.5 and both["score"] == 66.7  # latencies of both; the first's score
+    # every request's timing, slowest first (the demo's answers.jsonl), the failed one included
+    assert [(t["id"], t["latency_s"]) for t in both["timing"]] == [("c-where", 0.5), ("b-shape", 0.3),
+                                                                   ("a-colour", 0.1), ("a-shape", None)]
+    assert both["timing"][3]["error"] == "HTTP 503: busy" and both["timing"][1]["finish_reason"] == "length"
     assert [s["id"] for s in ev["samples"]] == ["a-colour", "b-shape"]
 
 
