@@ -257,32 +257,6 @@ class Ingress:
         _, w, h = check_image_header(data, self.policy.max_pixels)
         return data, (w, h)
 
-    async def warm_up(self) -> dict[str, float]:
-        """One tiny text + image question per model through this ingress's own path (parse, image
-        checks, the model's DeploymentHandle), not counted in ``/v1/stats``; seconds per model.
-
-        The serve stage calls it once the app is up: a handle's first request waits while its router
-        learns the replicas, which made the demo's first four answers take 3.3-4.0 s against a p50 of
-        0.12 s (issue #28). Each replica warms its own engine (``ModelReplica.warm_up``)."""
-        import base64
-        import io
-        import json
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="PNG")
-        image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        took = {}
-        for name, handle in self.models.items():
-            t0 = time.perf_counter()
-            body = json.dumps({"model": name, "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "warm up"}]}]}).encode()
-            req = await asyncio.to_thread(oa.parse_chat_request, body)
-            _raise_replica_error(await handle.complete.remote(await self._payload(req)))
-            took[name] = round(time.perf_counter() - t0, 3)
-        return took
-
     # ------------------------------------------------------------ routes
 
     @app.get("/", response_class=HTMLResponse)

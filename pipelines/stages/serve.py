@@ -110,29 +110,6 @@ def build_application(spec: ClusterSpec):
         spec.serve, spec.storage, handles, key_hashes)
 
 
-def warm_up(spec: ClusterSpec, host: str, port: int) -> dict[str, float]:
-    """The first requests' one-off costs, paid before the stage returns: a GET /healthz through
-    Serve's HTTP proxy (its route to the ingress), then ``Ingress.warm_up`` (the ingress's handles
-    to every model). Returns the ingress's seconds per model. The GET is skipped with a log line
-    when this machine cannot reach the proxy (a remote cluster's head)."""
-    import urllib.request
-
-    from ray import serve
-
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    try:
-        with urllib.request.urlopen(f"http://{local}:{port}/healthz", timeout=30) as resp:
-            resp.read()
-    except OSError as err:
-        log.info("serve: the proxy at %s:%s did not answer the warm-up GET (%s); the first request pays it",
-                 local, port, err)
-    try:
-        return serve.get_app_handle(spec.name).warm_up.remote().result(timeout_s=300)
-    except Exception as err:  # noqa: BLE001 - a member that cannot answer one question is a failed deploy
-        raise UserError(f"serve: the app {spec.name!r} deployed but did not answer its warm-up question: "
-                        f"{str(err).strip().splitlines()[-1]}") from None
-
-
 def warn_if_open(spec: ClusterSpec, key_hashes: list[str]) -> bool:
     """Warn (log and terminal) when the endpoint has no API keys and listens beyond loopback."""
     import sys
@@ -283,7 +260,7 @@ class ServeStage(StageBase):
                             f"{str(err).strip().splitlines()[-1]}") from None
         host, port = _running_http() or (spec.serve.http.host, spec.serve.http.port)
         summary = {"app": spec.name, "url": f"http://{host}:{port}", "models": [m.name for m in spec.serve.models],
-                   "deploy_s": round(time.monotonic() - t0, 2), "warm_up_s": warm_up(spec, host, port)}
+                   "deploy_s": round(time.monotonic() - t0, 2)}
         log.info("serving %s at %s (models: %s)", spec.name, summary["url"], ", ".join(summary["models"]))
         return summary
 

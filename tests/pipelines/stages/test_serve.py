@@ -127,10 +127,9 @@ def live(s3, tmp_path_factory):
                              tile=TileSpec.from_dict(manifest["tiling"]))
     rows = reader({"file": np.array([0]), "row": np.array([0]), "_pos": np.array([0])}).to_pylist()
     client = openai.OpenAI(base_url=summary["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    at_start = httpx.get(summary["url"] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
     try:
         yield {"spec": spec, "url": summary["url"], "client": client, "image": image, "question": question,
-               "row": rows[0], "tokenizer": tokenizer, "summary": summary, "stats_at_start": at_start}
+               "row": rows[0], "tokenizer": tokenizer}
     finally:
         serve_stage.shutdown(spec)
 
@@ -142,11 +141,6 @@ def _ask(client, model="debug", content="Hello there", **kw):
 
 
 def test_text_request_and_models(live):
-    # the stage returned after one warm-up question per model through the ingress (issue #28's
-    # slow first answers), which the endpoint's own stats do not count
-    assert set(live["summary"]["warm_up_s"]) == {"debug", "debug-moe", "pre"}
-    assert all(s > 0 for s in live["summary"]["warm_up_s"].values())
-    assert all(m["requests"] == 0 for m in live["stats_at_start"]["models"].values()), live["stats_at_start"]
     client = live["client"]
     assert {m.id for m in client.models.list()} == {"debug", "debug-moe", "pre"}
     out = _ask(client)
