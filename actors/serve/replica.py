@@ -178,21 +178,29 @@ class ModelReplica:
                  config.engine.device, config.engine.dtype, self.context, warm_s)
 
     async def warm_up(self) -> float:
-        """Answer one text and one image question (one token each) before Serve routes anything here.
+        """Answer warm-up questions before Serve routes anything here: one text and one whole-canvas
+        image question, then four together with log-probs (two of each). Returns seconds.
 
         Serve sends requests to a replica once its constructor returns; the engine's first requests
-        pay one-off costs (the image processor's first call, the first prefill of each shape), which
-        stalled the demo's first answers (p99 3.4 s against p50 0.12 s, issue #28). Returns seconds."""
+        pay one-off costs (the image processor's first call, the first prefill of each shape, the
+        first batch of several requests and the log-prob path). With only the first two questions,
+        the demo's first four answers (four at a time, log-probs on) still took 2.6-4.4 s (p99
+        3.3 s against p50 0.12 s, issue #28); with the four together, none did (BENCHMARKS.md)."""
         t0 = time.perf_counter()
         side = self.flavour.grid * self.flavour.tile_size  # a whole canvas: every tile kept, the longest prefill
         buf = io.BytesIO()
         Image.new("RGB", (side, side), (128, 128, 128)).save(buf, format="PNG")
-        for images in ([], [buf.getvalue()]):
+
+        def ask(images: list, logprobs: bool):
             content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "warm up"}]
-            got = await self.complete({"messages": [{"role": "user", "content": content}], "images": images,
-                                       "max_tokens": 1, "temperature": 0.0})
-            if "error" in got:
-                raise RuntimeError(f"serve model {self.name}: the warm-up request failed: {got['error']}")
+            return self.complete({"messages": [{"role": "user", "content": content}], "images": images,
+                                  "max_tokens": 2, "temperature": 0.0, "logprobs": logprobs})
+
+        rounds = [[([], False)], [([buf.getvalue()], False)], [([buf.getvalue()] if i % 2 else [], True) for i in range(4)]]
+        for requests in rounds:
+            for got in await asyncio.gather(*(ask(images, logprobs) for images, logprobs in requests)):
+                if "error" in got:
+                    raise RuntimeError(f"serve model {self.name}: the warm-up request failed: {got['error']}")
         self._warming = False
         return time.perf_counter() - t0
 

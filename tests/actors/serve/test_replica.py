@@ -285,8 +285,9 @@ def test_any_source_box_comes_back_within_the_text_forms_quantisation(tmp_path, 
 
 def test_a_replica_warms_up_on_a_text_and_a_whole_canvas_image_question_before_it_serves(tok):
     """``warm_up`` (run at the end of the constructor, before Serve routes here) asks the engine one
-    text question and one image question of the flavour's whole canvas, one token each; neither
-    counts as traffic. A failing warm-up fails the replica (Serve then retries it)."""
+    text question and one image question of the flavour's whole canvas, then four together with
+    log-probs (two of each, as the eval harness asks); none counts as traffic. A failing warm-up
+    fails the replica (Serve then retries it)."""
     import asyncio
     import io as _io
     from types import SimpleNamespace
@@ -301,7 +302,8 @@ def test_a_replica_warms_up_on_a_text_and_a_whole_canvas_image_question_before_i
         async def generate(self, prompt, params, request_id):
             if self.fail:
                 raise RuntimeError("engine broke")
-            asked.append((prompt, params.max_tokens))
+            asked.append((prompt, params.max_tokens, params.logprobs))
+            await asyncio.sleep(0.01)  # the four of the last round overlap, as a batch
             yield SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[SimpleNamespace(
                 index=0, text="x", token_ids=[7], logprobs=None, finish_reason="length")])
 
@@ -314,8 +316,10 @@ def test_a_replica_warms_up_on_a_text_and_a_whole_canvas_image_question_before_i
     r._batch_metric = SimpleNamespace(observe=lambda v: (_ for _ in ()).throw(AssertionError("counted")))
     r._warming = True
     assert asyncio.run(r.warm_up()) >= 0
-    (text, _), (image, _) = asked
-    assert "multi_modal_data" not in text and [p for _, p in asked] == [1, 1]
+    (text, _, none1), (image, _, none2), *together = asked
+    assert "multi_modal_data" not in text and [n for _, n, _ in asked] == [2] * 6 and none1 is none2 is None
+    assert len(together) == 4 and all(lp is not None for _, _, lp in together)
+    assert sorted("multi_modal_data" in p for p, _, _ in together) == [False, False, True, True]
     (png,) = image["multi_modal_data"]["image"]
     side = r.flavour.grid * r.flavour.tile_size
     assert Image.open(_io.BytesIO(png)).size == (side, side)
