@@ -190,13 +190,15 @@ class ModelReplica:
         side = self.flavour.grid * self.flavour.tile_size  # a whole canvas: every tile kept, the longest prefill
         buf = io.BytesIO()
         Image.new("RGB", (side, side), (128, 128, 128)).save(buf, format="PNG")
+        canvas = buf.getvalue()
 
         def ask(images: list, logprobs: bool):
             content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "warm up"}]
+            # two tokens: a decode step too, not only the prefill
             return self.complete({"messages": [{"role": "user", "content": content}], "images": images,
                                   "max_tokens": 2, "temperature": 0.0, "logprobs": logprobs})
 
-        rounds = [[([], False)], [([buf.getvalue()], False)], [([buf.getvalue()] if i % 2 else [], True) for i in range(4)]]
+        rounds = [[([], False)], [([canvas], False)], [([canvas] if i % 2 else [], True) for i in range(4)]]
         for requests in rounds:
             for got in await asyncio.gather(*(ask(images, logprobs) for images, logprobs in requests)):
                 if "error" in got:

@@ -104,10 +104,11 @@ def evaluation(results: list[tuple[dict, list[dict]]], questions: dict[str, tupl
     ``questions``: id -> (question text, expected answer), for the report's samples. Returns
     ``{"types": {type: {"correct", "total", "accuracy"}}, "requests", "errors", "wall_s",
     "latency_s": {p50, p99, mean}, "requests_per_s", "samples", "answers", "score", "metric",
-    "categories", "timing"}`` (``score`` and ``metric``: the first benchmark's; ``latency_s``: of every
-    answer; ``timing``: one row per request, slowest first: id, category, latency_s, attempts,
-    completion_tokens, finish_reason, error); ``answers`` holds every answered question by id as ``pipelines.demo.parity`` reads
-    them (``text``, ``finish_reason``, ``prompt_tokens``, ``tokens``).
+    "categories", "timing"}`` (``score`` and ``metric``: the first benchmark's; ``latency_s``: of
+    every answer; ``timing``: one row per request, slowest first: id, category, latency_s,
+    attempts, completion_tokens, finish_reason, error); ``answers`` holds every answered question
+    by id as ``pipelines.demo.parity`` reads them (``text``, ``finish_reason``, ``prompt_tokens``,
+    ``tokens``).
     """
     scores = results[0][0]
     predictions = [p for _, rows in results for p in rows]
