@@ -21,10 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
-# two workers (pytest-xdist), a module's tests in one of them, the heaviest modules first
-# (tests/conftest.py): the 2-core machine stays busy while one worker waits on a process.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest tests -x -q --durations=25
 
 demo: $(STAMP)
 	$(BIN)/sphinx-x demo

@@ -8,6 +8,7 @@ When an upgrade fixes the upstream side, that test tells: delete the function an
     function                    upstream             works around
     ==========================  ===================  ==========================================
     ``share_fp32_master``       DeepSpeed 0.19.8     ZeRO keeps an fp32 clone of fp32 partitions
+    ``no_cpu_shm_comm_build``   DeepSpeed 0.19.8     every rank compiles an op training never uses
     ``bound_host_allocator``    glibc (2.x malloc)   freed heap memory stays resident on CPU
     ``hf_init_deferred``        transformers 5.19    ``post_init`` on ZeRO-3 partitions is a no-op
     ``hf_init_gathered``        transformers 5.19    (its counterpart: HF init, gathered)
@@ -60,6 +61,34 @@ def share_fp32_master(optimizer) -> int:
     if shared and hasattr(optimizer, "single_partition_of_fp32_groups"):
         optimizer._link_all_hp_params()  # its per-parameter fp32 views pointed into the clone
     return shared
+
+
+def no_cpu_shm_comm_build() -> bool:
+    """DeepSpeed 0.19.8 on its CPU accelerator: ``deepspeed.init_distributed`` (also inside
+    ``deepspeed.initialize``) no longer JIT-compiles the shared-memory allreduce op
+    (``deepspeed_shm_comm``). Call before either; idempotent.
+
+    The limitation: ``deepspeed.comm.torch.TorchBackend.__init__`` calls ``build_shm_op()``,
+    which compiles two C++ files with g++ through torch's extension loader (~30 s of both cores
+    of the 2-core box; 25-112 s of wall time measured) into ``~/.cache/torch_extensions``: the
+    first time in every environment, and again whenever the build command changes (another
+    virtualenv path: a fresh clone, a Ray runtime env), i.e. on a user's first ``sphinx-x demo``
+    and several times in a test run. Only ``inference_all_reduce`` (DeepSpeed's tensor-parallel
+    inference) uses the op; training's collectives are torch.distributed's (gloo on CPU).
+
+    Before: ``cdb.shm_comm_op`` is the compiled module. After: None, nothing compiled or
+    loaded. On another accelerator (CUDA: no such builder) nothing changes; returns whether it
+    patched."""
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return False
+    # by module name: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm imports it)
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
+    return True
 
 
 # ----------------------------------------------------------------------------- glibc

@@ -91,6 +91,7 @@ def _ray_worker(config):
 
     from actors.train.batching import model_inputs
     from actors.train.deepspeed_config import deepspeed_config
+    from actors.upstream import no_cpu_shm_comm_build
     from cluster.spec import TrainSection
 
     torch.set_num_threads(1)
@@ -98,6 +99,7 @@ def _ray_worker(config):
     model = _model(config["tokenizer"])
     train = TrainSection(workers=world, micro_batch=MICRO, lr=1e-4, zero_stage=2)
     cfg = deepspeed_config(train, model.flavour, world_size=world, total_steps=1000)
+    no_cpu_shm_comm_build()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=cfg)
     batches, steps = config["batches"], config["steps"]

@@ -7,11 +7,7 @@
   different cluster (``ray.cluster_utils.Cluster``) call ``ray.shutdown()`` and the next
   ``ray_local`` user starts the shared one again.
 - ``make_spec``: a spec on the embedded S3 with a unique prefix per test (and, when it serves, a
-  free HTTP port: two test workers may serve at once).
-
-`make test` runs the suite in two pytest-xdist workers (``-n 2 --dist loadfile``): a module's
-tests stay in one worker (its shared engines and apps), each worker has its own S3 and Ray. The
-heaviest modules are handed out first (``HEAVY_FIRST``) so that the last ones are short.
+  free HTTP port, not the spec's default 8000: a developer's own `sphinx-x serve` may hold it).
 """
 
 from __future__ import annotations
@@ -28,33 +24,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TEST_BUCKET = "sphinx-x-test"
-
-# The modules that take longest (seconds on the 2-core box, fresh clone at ec93200, BENCHMARKS.md
-# "make test from a fresh clone"), longest first: xdist's loadfile hands modules out in this order.
-HEAVY_FIRST = (
-    "tests/pipelines/stages/test_train.py",  # 314
-    "tests/pipelines/test_run.py",  # 221
-    "tests/pipelines/stages/test_serve.py",  # 195
-    "tests/pipelines/test_run_bare_head.py",  # 159
-    "tests/pipelines/demo/test_demo.py",  # 157
-    "tests/docker/test_install.py",  # 126
-    "tests/pipelines/test_interrupt.py",  # 123
-    "tests/pipelines/stages/test_preprocess.py",  # 78
-    "tests/actors/serve/vllm/test_vllm_model.py",  # 72
-    "tests/actors/eval/test_batch_engine.py",  # 64
-    "tests/pipelines/stages/test_preprocess_layouts.py",  # 58
-    "tests/pipelines/stages/test_curate.py",  # 50
-    "tests/actors/train/test_train_worker.py",  # 47
-    "tests/pipelines/test_convert.py",  # 43
-    "tests/actors/test_upstream.py",  # 38
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Heaviest modules first (HEAVY_FIRST), the rest in collection order; tests keep their order
-    within a module."""
-    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
 def free_port() -> int:
@@ -137,7 +106,7 @@ def make_spec(s3, tmp_path):
             else:
                 data[key] = value
         if isinstance(data.get("serve"), dict) and "http" not in data["serve"]:
-            data["serve"] = {**data["serve"], "http": {"port": free_port()}}  # not 8000: workers serve at once
+            data["serve"] = {**data["serve"], "http": {"port": free_port()}}  # not 8000
         return parse_spec(data, "test-spec")
 
     return _make

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from actors.upstream import bound_host_allocator, hf_init_deferred, hf_init_gathered, share_fp32_master
+from actors.upstream import (bound_host_allocator, hf_init_deferred, hf_init_gathered, no_cpu_shm_comm_build,
+                             share_fp32_master)
 from cluster.spec import TrainSection
 from models.errors import UserError
 from models.flavours import Flavour
@@ -111,6 +112,7 @@ def construct_model(flavour: Flavour, tokenizer, train: TrainSection, ds_config:
     if is_zero3(ds_config):
         import deepspeed
 
+        no_cpu_shm_comm_build()
         deepspeed.init_distributed()  # adopts the process group Ray Train made (zero.Init reads its size)
         # NOTE: the dtype comes from the config's bf16 flag (actors.train.deepspeed_config.use_bf16), not
         # dtype=: with a config, DeepSpeed 0.19 then picks fp16 / bf16 by what the accelerator
@@ -153,6 +155,7 @@ def build_engine(train: TrainSection, model, world_size: int, total_steps: int, 
     from actors.train.deepspeed_config import deepspeed_config
 
     cfg = ds_config or deepspeed_config(train, model.flavour, world_size=world_size, total_steps=total_steps)
+    no_cpu_shm_comm_build()  # deepspeed.initialize starts DeepSpeed's comm backend on its first call
     # No ZeRO-3 special cases: every parameter is used only inside its own module's forward, and
     # the vision module runs (and touches all its parameters) on every batch, images or not.
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -37,8 +37,33 @@ import os, json, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 dist.init_process_group("gloo", rank=0, world_size=1)
 import deepspeed
+from actors.upstream import no_cpu_shm_comm_build
+no_cpu_shm_comm_build()
 deepspeed.init_distributed()
 """
+
+
+def test_no_cpu_shm_comm_build_keeps_init_distributed_from_compiling(tmp_path):
+    """DeepSpeed 0.19.8 on CPU: the shared-memory allreduce op is one DeepSpeed builds (its builder
+    exists and is compatible here, so ``init_distributed`` would compile it with g++); after
+    no_cpu_shm_comm_build the comm backend starts without it and nothing is compiled. (The
+    "without" side is not run: it is the ~30 s compile the workaround saves.)"""
+    extensions = tmp_path / "torch_extensions"
+    code = f"""
+import os
+os.environ["TORCH_EXTENSIONS_DIR"] = {str(extensions)!r}
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+would_build = builder is not None and deepspeed.ops.__compatible_ops__[builder.NAME]
+""" + _one_rank(_free_port()) + """
+import deepspeed.comm.comm as cdb_module
+print(json.dumps([would_build, cdb_module.cdb.shm_comm_op is None]))
+"""
+    would_build, skipped = json.loads(_run(code))
+    assert would_build, "DeepSpeed no longer builds deepspeed_shm_comm on CPU: drop no_cpu_shm_comm_build"
+    assert skipped
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), "something was compiled"
 
 
 def test_share_fp32_master_drops_deepspeeds_fp32_clone():
