@@ -82,7 +82,18 @@ def ray_module(s3):
     yield _shared_ray(s3)
 
 
+def pytest_collection_finish(session):
+    """The slow pip installs some tests check start now, beside the first tests (tests/early.py)."""
+    import early
+
+    if not session.config.option.collectonly:
+        early.start(session.items)
+
+
 def pytest_sessionfinish(session, exitstatus):
+    import early
+
+    early.stop()
     try:
         import ray
 

@@ -12,8 +12,9 @@ build context, into a new virtualenv:
   Its CUDA dependencies are resolved from metadata; the CPU torch already satisfies its torch pin.
 - then check_env.py: every pin holds, sphinx-x's requirements are met; the installed copy imports.
 
-About two minutes on the 2-core CI machine (most of it pip installing the pins; pip's cache is
-shared with `make install`, so DeepSpeed's sdist is built once).
+About two minutes of pip on the 2-core CI machine (pip's cache is shared with `make install`, so
+DeepSpeed's sdist is built once), single-threaded: the install starts when the suite is collected
+and runs beside the tests before this one (tests/early.py); the test checks its outcome.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ from cluster import pins
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "docker"))
 import check_env  # noqa: E402  (docker/check_env.py: a script, not a package)
+import early  # noqa: E402  (tests/early.py)
 from remove_later import remove_without_waiting  # noqa: E402
 
 
@@ -48,35 +51,48 @@ def _build_context(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.slow
-def test_install_script_builds_the_pinned_environment_in_a_fresh_virtualenv(tmp_path):
-    context = _build_context(tmp_path / "context")
-    venv = tmp_path / "venv"
+def _install_in_fresh_venv(popen) -> tuple[int, str]:
+    """docker/install.sh on a copy of the build context into a new virtualenv (``_RUN`` keeps the
+    paths): started when the suite is collected (tests/early.py), its pip beside the other tests."""
+    root = Path(tempfile.mkdtemp(prefix="sphinx-x-install-"))
+    context, venv = _build_context(root / "context"), root / "venv"
+    _RUN.update(root=root, venv=venv)
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
+    rc, out = early.check_call(popen, [base, "-m", "venv", str(venv)])
+    if rc:
+        return rc, out
     # pip's own cache (the one `make install` filled): DeepSpeed's wheel, built from its sdist once
     env = {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()),
-           "PYTHON": str(python), "SPHINX_X_VLLM": "check", "PIP_CACHE_DIR": str(Path.home() / ".cache" / "pip")}
+           "PYTHON": str(venv / "bin" / "python"), "SPHINX_X_VLLM": "check",
+           "PIP_CACHE_DIR": str(Path.home() / ".cache" / "pip")}
     env.update({k: v for k, v in os.environ.items() if k.startswith("PIP_") and k != "PIP_CACHE_DIR"})
     # no .pyc files at install (the image's build compiles them; nothing here checks them): the
     # step-5 imports compile only the modules they load
     env["PIP_NO_COMPILE"] = "1"
-    proc = subprocess.run(["bash", "docker/install.sh"], cwd=context, env=env, capture_output=True, text=True,
-                          timeout=900)
-    out = proc.stdout + proc.stderr
+    return early.check_call(popen, ["bash", "docker/install.sh"], cwd=context, env=env)
+
+
+_RUN: dict[str, Path] = {}
+early.register(early.Job("install", f"tests/docker/{Path(__file__).name}::test_install_script", _install_in_fresh_venv))
+
+
+@pytest.mark.slow
+def test_install_script_builds_the_pinned_environment_in_a_fresh_virtualenv():
+    rc, out = early.result("install", timeout_s=900)
     print("\n" + "\n".join(re.findall(r"\[install\.sh [\d:]+\] .*", out)), file=sys.__stderr__)  # where the time went
-    assert proc.returncode == 0, out[-6000:]
+    assert rc == 0, out[-6000:]
+    venv = _RUN["venv"]
+    python = venv / "bin" / "python"
     assert "the plan" in out and out.count("keeps every pin") == 2, out[-3000:]
     assert re.search(rf"sphinx-x \S+ imports from {re.escape(str(venv))}/lib/python3\.\d+/site-packages/", out), out[-2000:]
     # the image's torch line took the local CPU wheel here (the image gets PyPI's CUDA build)
     version = subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"], capture_output=True,
-                             text=True, cwd=tmp_path).stdout.strip()
+                             text=True, cwd=_RUN["root"]).stdout.strip()
     assert version == f"{pins.pinned_version('torch')}+cpu"
     # every step announced itself, in order (the image build log reads the same)
     steps = re.findall(r"\[install\.sh [\d:]+\] (\d)/5", out)
     assert steps == ["1", "2", "3", "4", "5"]
-    remove_without_waiting(venv)  # passed: ~2 GB that pytest would otherwise delete, minutes long, at a later exit
+    remove_without_waiting(_RUN["root"])  # passed: ~2 GB that would otherwise stay in /tmp
 
 
 def test_dockerfile_builds_on_the_pinned_ray_and_runs_the_install_script():

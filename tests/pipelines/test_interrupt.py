@@ -12,7 +12,6 @@ the end of the demo's own end-to-end test (tests/pipelines/demo/test_demo.py).
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,7 @@ def _no_shared_ray():
 def test_ctrl_c_stops_the_demo_while_it_trains(tmp_path):
     cmd = Command(["demo", "--quick", "--samples", "40", "4", "--run-dir", str(tmp_path / "run")], tmp_path)
     cmd.wait_for("[demo] train + export ...", timeout_s=400)
-    time.sleep(15)  # inside Ray Train's fit: the workers run steps
+    cmd.wait_for("steps  loss", timeout_s=400)  # the first step's progress line: inside Ray Train's fit
     took, left = cmd.interrupt(signal.SIGINT)
     assert cmd.proc.returncode != 0 and took < STOP_WITHIN_S
     assert not left, f"left running after Ctrl-C: {left}"
@@ -61,7 +60,7 @@ def test_ctrl_c_stops_run_in_any_stage(tmp_path):
                  train={"workers": 2, "steps": 400, "micro_batch": 2, "packing": False})  # 40 rows: one sample each
     cmd = Command(["run", str(spec), "--stages", "preprocess,train"], tmp_path)
     cmd.wait_for_log("train: running", timeout_s=400)
-    time.sleep(20)  # Ray Train's workers are up and stepping
+    cmd.wait_for("steps  loss", timeout_s=400)  # the first step's progress line: the workers are stepping
     took, left = cmd.interrupt(signal.SIGINT)
     assert took < STOP_WITHIN_S and not left, f"left running after Ctrl-C: {left}"
 

@@ -8,7 +8,8 @@ the environment, the second reuses it (cached by content). Status and logs come 
 ``sphinx-x jobs``.
 
 Cost on the 2-core CI machine (measured): the head's virtualenv ~75 s the first time (kept, keyed
-by the Ray pin, under ``$SPHINX_X_TEST_CACHE`` or ``~/.cache/sphinx-x/tests``); the runtime env
+by the Ray pin, under ``$SPHINX_X_TEST_CACHE`` or ``~/.cache/sphinx-x/tests``; built beside the
+first tests, tests/early.py); the runtime env
 install 66-140 s (printed: 140 s with a cold pip cache, DeepSpeed built from its sdist; ~70 s once
 pip's cache holds the wheels; 73 s with PIP_NO_COMPILE, 96 s compiling .pyc files); the two stages
 ~80 s. The whole test: 2.5-5 min, plus 3-4 min to delete the head's temp dir (the runtime env's
@@ -33,6 +34,7 @@ import pytest
 from cluster import pins
 from cluster.spec import dump_spec
 from pipelines.cli import main
+import early
 from remove_later import remove_without_waiting
 
 pytestmark = pytest.mark.slow
@@ -56,25 +58,42 @@ def _bare_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def bare_venv() -> Path:
-    """A virtualenv with only ``ray[default]==<pin>`` (built once, then reused)."""
-    venv = _cache_dir() / f"bare-ray-{pins.ray_version()}"
+def _bare_venv_path() -> Path:
+    return _cache_dir() / f"bare-ray-{pins.ray_version()}"
+
+
+def _build_bare_venv(popen) -> tuple[int, str]:
+    """A virtualenv with only ``ray[default]==<pin>``, unless the cached one is that already: started
+    when the suite is collected (tests/early.py), its pip beside the other tests."""
+    venv = _bare_venv_path()
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import ray, importlib.util as u; "
              "assert ray.__version__ == %r and not u.find_spec('torch') and not u.find_spec('cluster')"
              % pins.ray_version()]
-    if python.exists() and subprocess.run(probe, cwd="/", env=_bare_env(), capture_output=True).returncode == 0:
-        return venv
+    if python.exists() and early.check_call(popen, probe, cwd="/", env=_bare_env())[0] == 0:
+        return 0, "cached"
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(venv)], check=True, env=_bare_env())
-    ray_default = f"ray[default]=={pins.ray_version()}"
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", ray_default], check=True, env=_bare_env(),
-                   cwd="/", timeout=600)
-    subprocess.run(probe, check=True, cwd="/", env=_bare_env())
-    return venv
+    out = ""
+    for argv in ([base, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "--quiet", f"ray[default]=={pins.ray_version()}"], probe):
+        rc, more = early.check_call(popen, argv, cwd="/", env=_bare_env())
+        out += more
+        if rc:
+            return rc, out
+    return 0, out
+
+
+early.register(early.Job("bare-ray", f"tests/pipelines/{Path(__file__).name}::", _build_bare_venv))
+
+
+@pytest.fixture(scope="module")
+def bare_venv() -> Path:
+    """A virtualenv with only ``ray[default]==<pin>`` (built once, then reused)."""
+    rc, out = early.result("bare-ray", timeout_s=600)
+    assert rc == 0, out[-3000:]
+    return _bare_venv_path()
 
 
 @pytest.fixture(scope="module")
