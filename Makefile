@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m compileall -q -j 0 actors cluster models pipelines
 	touch $(STAMP)
 
+# two pytest-xdist workers, a module's tests in one of them, the heaviest modules first
+# (tests/conftest.py): one worker's waits (process starts, pip) leave the other the cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -q --durations=25
+	$(BIN)/python -m pytest tests -x -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(BIN)/sphinx-x demo

@@ -25,6 +25,33 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TEST_BUCKET = "sphinx-x-test"
 
+# The modules that take longest (seconds on the 2-core box, BENCHMARKS.md "make test from a fresh
+# clone"), longest first: under pytest-xdist's loadfile (`make test`) they are handed out first,
+# so that the last modules to run are short ones.
+HEAVY_FIRST = (
+    "tests/pipelines/stages/test_train.py",  # 314
+    "tests/pipelines/test_run.py",  # 221
+    "tests/pipelines/stages/test_serve.py",  # 195
+    "tests/pipelines/test_run_bare_head.py",  # 159
+    "tests/pipelines/demo/test_demo.py",  # 157
+    "tests/docker/test_install.py",  # 126
+    "tests/pipelines/test_interrupt.py",  # 123
+    "tests/pipelines/stages/test_preprocess.py",  # 78
+    "tests/actors/serve/vllm/test_vllm_model.py",  # 72
+    "tests/actors/eval/test_batch_engine.py",  # 64
+    "tests/pipelines/stages/test_preprocess_layouts.py",  # 58
+    "tests/pipelines/stages/test_curate.py",  # 50
+    "tests/actors/train/test_train_worker.py",  # 47
+    "tests/pipelines/test_convert.py",  # 43
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest modules first (HEAVY_FIRST), the rest in collection order; a module's tests keep
+    their order."""
+    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -86,7 +113,9 @@ def pytest_collection_finish(session):
     """The slow pip installs some tests check start now, beside the first tests (tests/early.py)."""
     import early
 
-    if not session.config.option.collectonly:
+    # under pytest-xdist every worker collects every test but runs only some: the tests that need
+    # a job start it themselves (their worker's other modules run beside it)
+    if not session.config.option.collectonly and not os.environ.get("PYTEST_XDIST_WORKER"):
         early.start(session.items)
 
 
