@@ -370,9 +370,10 @@ def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(ray_lo
     books = lambda: list((tmp_path / "worker" / "_tmp").rglob("*.book.parquet"))  # noqa: E731
     while len(books()) < 3 and run.is_alive():
         time.sleep(0.02)
-    tilers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Tiler" in (a.class_name or "")
+    here = ray.get_runtime_context().gcs_address  # this session's Ray, not another on the machine
+    tilers = [a for a in list_actors(address=here, filters=[("state", "=", "ALIVE")]) if "Tiler" in (a.class_name or "")
               or "MapWorker" in (a.class_name or "")]
-    assert tilers, [a.class_name for a in list_actors()]
+    assert tilers, [a.class_name for a in list_actors(address=here)]
     os.kill(tilers[0].pid, signal.SIGKILL)
     run.join(300)
     # A block the killed actor had finished (its book written) but not yet handed back comes back
