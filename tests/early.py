@@ -103,7 +103,7 @@ def _run(job: Job) -> None:
         job.done.set()
 
 
-def check_call(popen, argv, **kwargs) -> tuple[int, str]:
+def run_command(popen, argv, **kwargs) -> tuple[int, str]:
     """One command through ``popen``: (exit status, its stdout and stderr together)."""
     proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
     out, _ = proc.communicate()

@@ -58,7 +58,7 @@ def _install_in_fresh_venv(popen) -> tuple[int, str]:
     context, venv = _build_context(root / "context"), root / "venv"
     _RUN.update(root=root, venv=venv)
     base = getattr(sys, "_base_executable", sys.executable)
-    rc, out = early.check_call(popen, [base, "-m", "venv", str(venv)])
+    rc, out = early.run_command(popen, [base, "-m", "venv", str(venv)])
     if rc:
         return rc, out
     # pip's own cache (the one `make install` filled): DeepSpeed's wheel, built from its sdist once
@@ -69,7 +69,7 @@ def _install_in_fresh_venv(popen) -> tuple[int, str]:
     # no .pyc files at install (the image's build compiles them; nothing here checks them): the
     # step-5 imports compile only the modules they load
     env["PIP_NO_COMPILE"] = "1"
-    return early.check_call(popen, ["bash", "docker/install.sh"], cwd=context, env=env)
+    return early.run_command(popen, ["bash", "docker/install.sh"], cwd=context, env=env)
 
 
 _RUN: dict[str, Path] = {}

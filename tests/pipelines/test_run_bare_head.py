@@ -70,7 +70,7 @@ def _build_bare_venv(popen) -> tuple[int, str]:
     probe = [str(python), "-c", "import ray, importlib.util as u; "
              "assert ray.__version__ == %r and not u.find_spec('torch') and not u.find_spec('cluster')"
              % pins.ray_version()]
-    if python.exists() and early.check_call(popen, probe, cwd="/", env=_bare_env())[0] == 0:
+    if python.exists() and early.run_command(popen, probe, cwd="/", env=_bare_env())[0] == 0:
         return 0, "cached"
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def _build_bare_venv(popen) -> tuple[int, str]:
     out = ""
     for argv in ([base, "-m", "venv", str(venv)],
                  [str(python), "-m", "pip", "install", "--quiet", f"ray[default]=={pins.ray_version()}"], probe):
-        rc, more = early.check_call(popen, argv, cwd="/", env=_bare_env())
+        rc, more = early.run_command(popen, argv, cwd="/", env=_bare_env())
         out += more
         if rc:
             return rc, out
