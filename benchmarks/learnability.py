@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/learnability.py [--steps 800] [--batch 16] [--lr 3e-3]
         [--train-encoders | --frozen-encoders] [--n-train 1500] [--overrides JSON] [--threads 2]
         [--schedule bare|deepspeed] [--regions] [--train-mix SCENE WORD CHAT]
+        [--spell off|row|sep] [--where-scenes N]
 
 The demo (pipelines/demo/demo.py) trains through Ray Train + DeepSpeed on 2 workers; this is the
 same model, data and recipe in one plain PyTorch loop, so settings can be tried in minutes:
@@ -20,7 +21,11 @@ same model, data and recipe in one plain PyTorch loop, so settings can be tried 
   ``--regions`` adds the demo's grounding questions (``where``: their ``<box:k>`` slots filled as
   preprocess fills them, ``actors.data.regions.fill``), scored as the demo scores them
   (Acc@IoU >= 0.5 in the flavour's own frame, ``actors.eval.grounding``); ``--train-mix`` draws
-  the training split with other (scene, word, chat) shares (the held-out split keeps the demo's).
+  the training split with other (scene, word, chat) shares (the held-out split keeps the demo's);
+- training-only extras (the held-out split is untouched): ``--spell`` asks every training word
+  image to be spelt ("Spell the word letter by letter." -> "z e b r a"), as a second turn of its
+  row in random order (``row``) or as a row of its own with the same image (``sep``);
+  ``--where-scenes N`` adds N one-shape scenes asked only where the shape is.
 
 Prints ONE JSON object: ``{"config", "accuracy": {type: {"accuracy", "baseline", "n"}},
 "loss": {"first", "final"}, "train_cpu_s", "train_wall_s", "steps_per_cpu_s"}``. CPU time is
@@ -70,6 +75,34 @@ def tokenizer_and_items(ds: synthetic.Dataset, spec: tiling.TileSpec, flavour) -
     tok = conv.train_bpe_tokenizer(texts, vocab_size=int(flavour.llm["vocab_size"]))
     images = {s.image_path: s.image for s in ds.train if s.image is not None}
     return tok, _prepare(filled_rows(ds, spec), images, tok, spec, flavour.tokens_per_view)
+
+
+SPELL_QUESTION = "Spell the word letter by letter."
+
+
+def training_extras(ds: synthetic.Dataset, spell: str, where_scenes: int) -> synthetic.Dataset:
+    """``ds`` with the training-only extras of ``--spell`` / ``--where-scenes`` (each from its own
+    random stream: the demo's samples, images and held-out split stay as they are)."""
+    train = list(ds.train)
+    for i, s in enumerate(ds.train):
+        if s.kind != "word" or spell == "off":
+            continue
+        turn = ("spell", SPELL_QUESTION, " ".join(s.meta["word"]))
+        if spell == "row":
+            qa = list(s.qa)
+            qa.insert(random.Random(f"{s.id}:spell").randint(0, len(qa)), turn)
+            train[i] = synthetic.Sample(s.id, s.kind, qa, s.image, s.size, s.meta, s.boxes)
+        else:
+            train.append(synthetic.Sample(f"{s.id}-spell", s.kind, [turn], s.image, s.size, s.meta))
+    rng = random.Random(f"extra-where:{ds.seed}")
+    for i in range(where_scenes):
+        size = rng.choice(synthetic.ASPECTS)
+        shape, colour = rng.choice(synthetic.SHAPES), rng.choice(list(synthetic.COLOURS))
+        img, boxes = synthetic.render_scene(rng, size, shape, colour, 1)
+        q = rng.choice(synthetic.QUESTIONS[synthetic.REGION_TYPE]).format(c=colour, s=shape)
+        train.append(synthetic.Sample(f"where-{i:05d}", "scene", [(synthetic.REGION_TYPE, q, synthetic.BOX_SLOT)],
+                                      synthetic._png(img), size, {}, [[0] + [round(v, 2) for v in boxes[0]]]))
+    return synthetic.Dataset(train, ds.heldout, ds.seed)
 
 
 def shard_rows(ds: synthetic.Dataset, items: list, spec: tiling.TileSpec, n_per_view: int) -> list[dict]:
@@ -213,6 +246,9 @@ def main() -> None:
     p.add_argument("--regions", action="store_true", help="add the demo's grounding (where) questions")
     p.add_argument("--train-mix", type=float, nargs=3, default=None, metavar=("SCENE", "WORD", "CHAT"),
                    help="the training split's shares (default: the demo's 0.6 0.3 0.1)")
+    p.add_argument("--spell", choices=("off", "row", "sep"), default="off",
+                   help="training word images also asked to spell the word: in their row, or a row of their own")
+    p.add_argument("--where-scenes", type=int, default=0, help="training-only one-shape scenes asked only 'where'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides = demo.MODEL_OVERRIDES if args.overrides is None else args.overrides
@@ -224,6 +260,9 @@ def main() -> None:
     if args.train_mix:  # the held-out split stays the demo's (its own random stream)
         train_only = synthetic.generate(args.n_train, 0, seed=args.seed, mix=tuple(args.train_mix), regions=args.regions)
         ds = synthetic.Dataset(train_only.train, ds.heldout, ds.seed)
+    if args.where_scenes and not args.regions:
+        p.error("--where-scenes needs --regions (the held-out where questions)")
+    ds = training_extras(ds, args.spell, args.where_scenes)
     tok, train = tokenizer_and_items(ds, spec, flavour)
 
     torch.manual_seed(args.seed)
@@ -250,7 +289,8 @@ def main() -> None:
         "config": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "n_train": args.n_train,
                    "n_heldout": args.n_heldout, "train_encoders": train_encoders, "vision_lr": args.vision_lr, "overrides": overrides,
                    "threads": args.threads, "seed": args.seed, "schedule": args.schedule,
-                   "regions": args.regions, "train_mix": args.train_mix},
+                   "regions": args.regions, "train_mix": args.train_mix, "spell": args.spell,
+                   "where_scenes": args.where_scenes},
         "accuracy": evaluate(model, ds, tok, spec, n_per_view),
         "loss": {"first": round(losses[0], 3), "final": round(sum(losses[-20:]) / len(losses[-20:]), 3)},
         "trainable_params": sum(q.numel() for q in params),

@@ -106,9 +106,8 @@ def bare_head(bare_venv, s3):
     env = {**_bare_env(), "PATH": f"{bare_venv / 'bin'}{os.pathsep}{_bare_env()['PATH']}",
            "VIRTUAL_ENV": str(bare_venv), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            # the runtime env's pip (started by the head's agent, with its environment) writes no .pyc
-           # files: the jobs' imports compile what they load, and write it for the next process (an
-           # inherited PYTHONDONTWRITEBYTECODE=1 would have every job process compile torch again)
-           "PIP_NO_COMPILE": "1", "PYTHONDONTWRITEBYTECODE": ""}
+           # files: the jobs' imports compile what they load; the pins are installed all the same
+           "PIP_NO_COMPILE": "1"}
     cmd = [str(bare_venv / "bin" / "ray"), "start", "--head", "--block", "--num-cpus", "3",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
