@@ -155,6 +155,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", LOCAL
 dist.init_process_group("gloo", rank=0, world_size=1)
 import deepspeed
 from actors.train.checkpoints import save_checkpoint, load_checkpoint
+from actors.upstream import no_cpu_shm_comm_build
+no_cpu_shm_comm_build()  # as actors.train.engine does: else init compiles deepspeed_shm_comm (~60 CPU-s)
 
 def engine(stage, bf16):
     torch.manual_seed(0)
@@ -181,10 +183,13 @@ print(json.dumps(out))
 """
 
 
-def test_deepspeed_checkpoints_round_trip_with_weights_only_loads():
+def test_deepspeed_checkpoints_round_trip_with_weights_only_loads(tmp_path):
     code = DEEPSPEED_ROUND_TRIP.format(port=_free_port())
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    extensions = tmp_path / "torch_extensions"  # where a JIT-built DeepSpeed op would land
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not extensions.exists(), "a DeepSpeed op was compiled"
     out = json.loads(run.stdout.strip().splitlines()[-1])
     for name, (step, hist, same, markers) in out.items():
         assert (step, hist, markers) == (2, 2, ["_rank00000-of-00001.json"]), name
