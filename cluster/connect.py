@@ -109,6 +109,12 @@ class Connection:
     ray_address: str = ""
 
 
+# What a private local Ray (one this process starts, on this machine only) sets in every worker:
+# no node of it can be drained or preempted, so Ray Train's preemption watcher (one more actor
+# process per run, ~3 CPU-s to start; ray/train/v2/_internal/execution/preemption.py) is off.
+PRIVATE_LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"))
 
@@ -158,5 +164,5 @@ def _start_or_join(spec: ClusterSpec, env: dict[str, str]) -> str:
     ray.init(address="local", num_cpus=head.cpus, num_gpus=head.gpus,
              resources={**group_resources(spec), **head.resources} or None,
              include_dashboard=True, dashboard_host="127.0.0.1",  # the state API (stall reports)
-             runtime_env=runtime_env)
+             runtime_env={"env_vars": {**env, **PRIVATE_LOCAL_ENV}})
     return "a private local Ray"

@@ -80,6 +80,7 @@ def s3():
 def _shared_ray(s3):
     import ray
 
+    from cluster.connect import PRIVATE_LOCAL_ENV
     from cluster.storage import embedded_worker_env
 
     if not ray.is_initialized():
@@ -92,7 +93,7 @@ def _shared_ray(s3):
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             log_to_driver=False,
-            runtime_env={"env_vars": embedded_worker_env(s3.endpoint_url)},
+            runtime_env={"env_vars": {**embedded_worker_env(s3.endpoint_url), **PRIVATE_LOCAL_ENV}},
         )
     return ray
 

@@ -105,7 +105,9 @@ def test_local_ray_gets_the_resources_the_spec_declares(make_spec, fake_ray, s3)
     (call,) = fake_ray.calls
     assert call["address"] == "local" and call["num_cpus"] == 3  # never someone else's Ray
     assert call["resources"] == {"sphinx_group_gpu_a": GROUP_CAPACITY}
-    assert call["runtime_env"]["env_vars"] == conn.env and conn.env["SPHINX_X_S3_ENDPOINT"] == s3.endpoint_url
+    # the worker env, and Ray Train's preemption watcher off (nothing on one machine is preempted)
+    assert call["runtime_env"]["env_vars"] == {**conn.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert conn.env["SPHINX_X_S3_ENDPOINT"] == s3.endpoint_url
 
 
 def test_reuses_an_initialized_ray(ray_local, make_spec):
