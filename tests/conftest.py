@@ -25,24 +25,27 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TEST_BUCKET = "sphinx-x-test"
 
-# The modules that take longest (seconds on the 2-core box, BENCHMARKS.md "make test from a fresh
-# clone"), longest first: under pytest-xdist's loadfile (`make test`) they are handed out first,
-# so that the last modules to run are short ones.
+# The modules that take longest (seconds of their tests under `make test`'s two workers on the 2-core
+# box, 2026-12-07, BENCHMARKS.md "make test from a fresh clone"), longest first: under pytest-xdist's
+# loadfile (`make test`) they are handed out first, so that the last modules to run are short ones.
 HEAVY_FIRST = (
-    "tests/pipelines/stages/test_train.py",  # 314
-    "tests/pipelines/test_run.py",  # 221
-    "tests/pipelines/stages/test_serve.py",  # 195
-    "tests/pipelines/test_run_bare_head.py",  # 159
-    "tests/pipelines/demo/test_demo.py",  # 157
-    "tests/docker/test_install.py",  # 126
-    "tests/pipelines/test_interrupt.py",  # 123
-    "tests/pipelines/stages/test_preprocess.py",  # 78
-    "tests/actors/serve/vllm/test_vllm_model.py",  # 72
-    "tests/actors/eval/test_batch_engine.py",  # 64
-    "tests/pipelines/stages/test_preprocess_layouts.py",  # 58
-    "tests/pipelines/stages/test_curate.py",  # 50
-    "tests/actors/train/test_train_worker.py",  # 47
-    "tests/pipelines/test_convert.py",  # 43
+    "tests/pipelines/stages/test_train.py",  # 696
+    "tests/pipelines/stages/test_serve.py",  # 393
+    "tests/pipelines/test_run.py",  # 354
+    "tests/pipelines/demo/test_demo.py",  # 261
+    "tests/pipelines/test_interrupt.py",  # 241
+    "tests/docker/test_install.py",  # 195
+    "tests/pipelines/test_run_bare_head.py",  # 186
+    "tests/actors/eval/test_batch_engine.py",  # 181
+    "tests/pipelines/stages/test_preprocess.py",  # 162
+    "tests/actors/serve/vllm/test_vllm_model.py",  # 137
+    "tests/pipelines/stages/test_preprocess_layouts.py",  # 122
+    "tests/pipelines/stages/test_curate.py",  # 111
+    "tests/actors/train/test_train_worker.py",  # 82
+    "tests/pipelines/test_convert.py",  # 71
+    "tests/pipelines/test_upstream_driver.py",  # 60
+    "tests/pipelines/stages/test_preprocess_hostile.py",  # 58
+    "tests/actors/train/test_loop_equivalence.py",  # 41
 )
 
 
