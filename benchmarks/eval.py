@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cluster.ports import free_port  # noqa: E402
 
 SIZES = [(96, 96), (200, 60), (60, 200), (300, 100), (50, 49), (640, 480)]
 
@@ -55,12 +55,6 @@ def _requests(n: int, max_tokens: int):
         out.append(AnswerRequest(id=str(i), messages=build_messages(q, "mcq"), images=[buf.getvalue()],
                                  max_tokens=max_tokens))
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -144,7 +138,7 @@ def main() -> None:
         from pipelines.stages import serve as serve_stage
 
         spec = parse_spec({"name": "eval-bench", "storage": {"uri": storage.uri, "endpoint_url": None},
-                           "serve": {"http": {"host": "127.0.0.1", "port": _free_port()},
+                           "serve": {"http": {"host": "127.0.0.1", "port": free_port()},
                                      "models": [{"name": "bench", "checkpoint": str(model_dir),
                                                  "ray_actor_options": {"num_cpus": a.threads},
                                                  "cpu_kv_cache_gb": a.kv_gb, "max_num_seqs": 64,

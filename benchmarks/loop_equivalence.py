@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learnability  # noqa: E402
 from actors.train.batching import collate, plan_batches  # noqa: E402
+from cluster.ports import free_port  # noqa: E402
 from models import tiling  # noqa: E402
 from models.sphinx import SphinxX  # noqa: E402
 from pipelines.demo import demo, synthetic  # noqa: E402
@@ -70,12 +70,6 @@ def batch_of(rows: list[dict], pad_token_id: int) -> dict:
         for k, v in row.items():
             columns[k][i] = v
     return collate(columns, pad_token_id=pad_token_id)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _engine_rank(rank: int, port: int, args, tok_dir: str, out) -> None:
@@ -127,7 +121,7 @@ def engine_path(args, tok) -> dict:
     out = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="sx-equiv-tok-") as tok_dir:
         tok.save_pretrained(tok_dir)
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_engine_rank, args=(r, port, args, tok_dir, out)) for r in (0, 1)]
         for p in procs:
             p.start()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cluster.ports import free_port  # noqa: E402
 
 PROMPT = "Describe the picture in detail: the shapes, their colours and where they are."
 IMAGE_SIZE = (60, 30)
@@ -60,12 +60,6 @@ def _content(image: bool):
     url = "data:image/png;base64," + base64.b64encode(_png()).decode()
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
 CONCURRENCY = (1, 8, 32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summary(latencies: list[float], wall: float, tokens: list[int]) -> dict:
@@ -177,7 +171,7 @@ def bench_endpoint(model_dir: Path, tokens: int, per_client: int, image: bool) -
     from pipelines.stages import serve as serve_stage
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    spec = parse_spec(_endpoint_spec(model_dir, _free_port(), {"max_num_seqs": 32}))
+    spec = parse_spec(_endpoint_spec(model_dir, free_port(), {"max_num_seqs": 32}))
     summary = serve_stage.run_stage(spec)
     try:
         return _drive_endpoint(summary["url"], tokens, per_client, image)
@@ -202,7 +196,7 @@ def bench_baseline(tree: Path, model_dir: Path, tokens: int, per_client: int, im
     workers), continuous batching with max_batch_size 32, batch_wait_timeout_s 0.01."""
     if not (tree / "actors" / "decode_loop.py").is_file():
         raise RuntimeError(f"{tree} is not a checkout with actors/decode_loop.py (git worktree add DIR fbfc7a6)")
-    spec = _endpoint_spec(model_dir, _free_port(), {"max_batch_size": 32, "batch_wait_timeout_s": 0.01})
+    spec = _endpoint_spec(model_dir, free_port(), {"max_batch_size": 32, "batch_wait_timeout_s": 0.01})
     env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([sys.executable, "-c", _BASELINE_SERVER, json.dumps(spec)], cwd=tree, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -271,7 +265,7 @@ def bench_transformers_serve(model_dir: Path, tokens: int, per_client: int) -> d
     model.llm.save_pretrained(hf_dir)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     tokenizer.save_pretrained(hf_dir)
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = open(hf_dir / "serve.log", "w")

@@ -22,12 +22,13 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+
+from cluster.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,12 +68,6 @@ def _png_url(side: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _burst(base: str, n: int, body: dict) -> Counter:
     import httpx
 
@@ -102,7 +97,7 @@ def main() -> None:
     import httpx
     import psutil
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     child = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--ongoing", str(a.ongoing),
                               "--queued", str(a.queued), "--gen-s", str(a.gen_s)], cwd=ROOT,

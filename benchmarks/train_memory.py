@@ -31,12 +31,12 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from cluster.ports import free_port  # noqa: E402
 
 SCALE_OVERRIDES = {"llm": {"hidden_size": 1024, "num_hidden_layers": 32, "num_attention_heads": 16,
                            "num_key_value_heads": 8, "intermediate_size": 2816}}
@@ -192,19 +192,13 @@ def _rank(mode: str, rank: int, world: int, port: int, out) -> None:
              "seconds": round(seconds, 1), "peak_after": phases, **({"export": export} if export else {})})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(mode: str) -> dict:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     world = 1 if mode == "single" else 2
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(mode, r, world, port, out)) for r in range(world)]
     for p in procs:
         p.start()

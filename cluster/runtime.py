@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from cluster.embedded_s3 import ENDPOINT_ENV, embedded_worker_env
 from cluster.placement import group_resources
+from cluster.ports import free_port
 from cluster.spec import ClusterSpec, load_spec
 from cluster.storage import open_storage
 from models.errors import UserError
@@ -102,12 +103,6 @@ def join_up_head(state: dict[str, Any], runtime_env: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- up
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(port: int) -> bool:
@@ -239,15 +234,15 @@ def _start_head(spec: Optional[ClusterSpec], directory: Path, env: dict[str, str
     with other Rays); return its state entry once the head is fully up."""
     region = spec.storage.region if spec else "us-east-1"
     ray_exe = Path(sys.executable).with_name("ray")
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     temp_dir = _ray_temp_dir(directory)
     address_file = temp_dir / "ray_current_cluster"
     address_file.unlink(missing_ok=True)
     resources = group_resources(spec) if spec else {}
     cmd = [str(ray_exe) if ray_exe.exists() else "ray", "start", "--head", "--block",
            "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-           "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()),
+           "--ray-client-server-port", str(free_port()),
+           "--dashboard-agent-listen-port", str(free_port()),
            "--temp-dir", str(temp_dir), "--disable-usage-stats",
            # logical CPUs: what the spec's head declares (cluster.head.cpus), else at least 4
            "--num-cpus", str(num_cpus or (spec.cluster.head.cpus if spec else max(4, os.cpu_count() or 1))),

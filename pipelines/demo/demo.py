@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import signal
 import threading
 import time
@@ -47,6 +46,7 @@ from actors.data.manifest import Manifest
 from actors.eval.grounding import frame_of_pad
 from actors.train.summaries import TrainSummary
 from cluster.layout import Layout
+from cluster.ports import free_port
 from cluster.spec import ClusterSpec, dump_spec, example_path, parse_spec
 from models.errors import UserError
 from models.flavours import from_name
@@ -86,12 +86,6 @@ MODEL_OVERRIDES: dict[str, Any] = {}
 
 
 # ----------------------------------------------------------------------------- the spec
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_spec(cfg: DemoConfig, *, run_id: str, port: int) -> ClusterSpec:
@@ -304,7 +298,7 @@ def run(cfg: DemoConfig, run_dir: Path, *, keep_serving: bool = False) -> dict:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    spec = build_spec(cfg, run_id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], port=_free_port())
+    spec = build_spec(cfg, run_id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], port=free_port())
     (run_dir / "spec.yaml").write_text(dump_spec(spec))
     env = _Embedded()
     timings: dict[str, float] = {}

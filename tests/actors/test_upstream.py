@@ -9,18 +9,13 @@ keep process-wide state.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from cluster.ports import free_port
+
 ROOT = Path(__file__).parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(code: str) -> str:
@@ -56,7 +51,7 @@ import deepspeed.ops
 from deepspeed.accelerator import get_accelerator
 builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
 would_build = builder is not None and deepspeed.ops.__compatible_ops__[builder.NAME]
-""" + _one_rank(_free_port()) + """
+""" + _one_rank(free_port()) + """
 import deepspeed.comm.comm as cdb_module
 print(json.dumps([would_build, cdb_module.cdb.shm_comm_op is None]))
 """
@@ -70,7 +65,7 @@ def test_share_fp32_master_drops_deepspeeds_fp32_clone():
     """DeepSpeed 0.19.8, fp32 ZeRO-2 and ZeRO-3: the optimizer's fp32 master partition is a clone
     of the fp32 parameter partition (another 4 B per parameter); after share_fp32_master it is the
     partition's own memory, and two AdamW steps give the same parameters as with the clone."""
-    code = _one_rank(_free_port()) + """
+    code = _one_rank(free_port()) + """
 from actors.upstream import share_fp32_master
 
 def pairs(opt):
@@ -143,7 +138,7 @@ def test_hf_init_is_lost_on_zero3_partitions_unless_deferred_and_gathered():
     init writes into 0-element partitions, so a Llama's embedding keeps torch's N(0, 1) instead of
     N(0, initializer_range=0.02). Deferred (hf_init_deferred) and run gathered (hf_init_gathered),
     the model gets its own init."""
-    code = _one_rank(_free_port()) + """
+    code = _one_rank(free_port()) + """
 from transformers import LlamaConfig, LlamaForCausalLM
 from actors.upstream import hf_init_deferred, hf_init_gathered
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from cluster.ports import free_port
 from pipelines.cli import main
 
 
@@ -96,12 +97,7 @@ def test_a_converted_release_serves_and_answers(release, tmp_path, make_spec, ra
                  "--flavour", "debug-sphinx-tiny-1k"]) == 0
     flavour = read_config(out)["flavour"]  # a Flavour
     assert not flavour.skip_tokens and flavour.image_position == "after_bos"
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    spec = make_spec(name="converted", serve={"http": {"host": "127.0.0.1", "port": port}, "models": [
+    spec = make_spec(name="converted", serve={"http": {"host": "127.0.0.1", "port": free_port()}, "models": [
         {"name": "sphinx-tiny", "checkpoint": str(out), "ray_actor_options": {"num_cpus": 0.5}}]})
     summary = serve_stage.run_stage(spec)
     try:

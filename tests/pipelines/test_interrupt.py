@@ -19,6 +19,8 @@ import yaml
 
 from cli_command import STOP_WITHIN_S, Command, cmdline
 
+from cluster.ports import free_port
+
 
 def _spec(tmp_path: Path, **sections) -> Path:
     data = {"name": "ctrlc", "storage": {"uri": str(tmp_path / "store"), "endpoint_url": None},
@@ -70,7 +72,7 @@ def test_sigterm_to_the_process_group_stops_serve(tmp_path):
     """SIGTERM to the whole group (a service manager's stop) reaches Ray's own processes too: the
     command must not hang on a dead Serve, and no vLLM engine of a killed replica may survive it
     (cluster.reaper adopts and stops them)."""
-    spec = _spec(tmp_path, serve={"http": {"port": _free_port()},
+    spec = _spec(tmp_path, serve={"http": {"port": free_port()},
                                   "models": [{"name": "m", "flavour": "debug", "cpu_kv_cache_gb": 0.25,
                                               "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]})
     cmd = Command(["serve", str(spec)], tmp_path)
@@ -78,11 +80,3 @@ def test_sigterm_to_the_process_group_stops_serve(tmp_path):
     assert any("VLLM" in cmdline(p) for p in cmd.descendants()), "no vLLM engine process to check"
     took, left = cmd.interrupt(signal.SIGTERM)
     assert took < STOP_WITHIN_S and not left, f"left running after SIGTERM: {left}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.ports import free_port
 from cluster.spec import dump_spec
 from models.errors import UserError
 from pipelines import run
@@ -73,12 +73,6 @@ def test_run_on_a_cluster_submits_no_job_for_a_stage_the_spec_gives_nothing_to_d
 # ---------------------------------------------------------------- a real Ray head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(s3):
     """`ray start --head --block` in its own process group, on its own ports and temp dir."""
@@ -86,14 +80,14 @@ def ray_head(s3):
     from ray.job_submission import JobSubmissionClient
 
     ray.shutdown()  # the shared session Ray is not needed while a head of our own runs
-    dash, gcs = _free_port(), _free_port()
+    dash, gcs = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayh7-", dir="/tmp")
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}  # independent of a ~/.ray/auth_token someone else created
     env.pop("RAY_ADDRESS", None)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "3",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = open(Path(temp_dir) / "ray-start.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -299,7 +293,7 @@ def test_ctrl_c_stops_run_while_serving_after_training(tmp_path):
     from cluster.spec import parse_spec
     from pipelines.demo.synthetic_shards import write_shards
 
-    port = _free_port()
+    port = free_port()
     spec = parse_spec({
         "name": "ctrl-c", "storage": {"uri": str(tmp_path / "store")},
         "cluster": {"head": {"cpus": 3}},

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,13 @@ from pathlib import Path
 import pytest
 
 from cluster import pins
+from cluster.ports import free_port
 from cluster.spec import dump_spec
 from pipelines.cli import main
 import early
 from remove_later import remove_without_waiting
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cache_dir() -> Path:
@@ -101,7 +95,7 @@ def bare_head(bare_venv, s3):
     """`ray start --head --block` from the bare virtualenv, in its own process group and temp dir."""
     from ray.job_submission import JobSubmissionClient
 
-    dash, gcs = _free_port(), _free_port()
+    dash, gcs = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
     env = {**_bare_env(), "PATH": f"{bare_venv / 'bin'}{os.pathsep}{_bare_env()['PATH']}",
            "VIRTUAL_ENV": str(bare_venv), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
@@ -110,7 +104,7 @@ def bare_head(bare_venv, s3):
            "PIP_NO_COMPILE": "1"}
     cmd = [str(bare_venv / "bin" / "ray"), "start", "--head", "--block", "--num-cpus", "3",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--temp-dir", temp_dir, "--disable-usage-stats"]
     log_path = Path(temp_dir) / "ray-start.log"
     log = open(log_path, "wb")

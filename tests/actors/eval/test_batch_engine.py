@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 
 import httpx
 import numpy as np
@@ -22,12 +21,7 @@ import pytest
 from PIL import Image
 
 from actors.eval.endpoint_engine import AnswerRequest, EndpointEngine, EndpointOptions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.ports import free_port
 
 
 def _image(i: int, size=(64, 40), fmt="PNG") -> bytes:
@@ -64,7 +58,7 @@ def served(tmp_path_factory, ray_module):
     save_model_dir(model, tokenizer, model_dir)
     spec = parse_spec({
         "name": "eval-engines", "storage": {"uri": str(tmp_path_factory.mktemp("store")), "endpoint_url": None},
-        "serve": {"http": {"host": "127.0.0.1", "port": _free_port()},
+        "serve": {"http": {"host": "127.0.0.1", "port": free_port()},
                   "models": [{"name": "m", "checkpoint": str(model_dir), "ray_actor_options": {"num_cpus": 0.5},
                               "cpu_kv_cache_gb": 0.25, "max_num_seqs": 8}]},
     })

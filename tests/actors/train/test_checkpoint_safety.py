@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from actors.train import checkpoints
 from actors.train.checkpoints import incomplete, load_checkpoint, marker_name, weights_only_loads
+from cluster.ports import free_port
 from models.errors import UserError
 
 ROOT = Path(__file__).parents[3]
@@ -143,12 +143,6 @@ def test_load_from_storage_refuses_dotdot_keys(s3, tmp_path):
         checkpoints.load_from_storage(FakeEngine(), storage, storage.uri_for("ckpt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DEEPSPEED_ROUND_TRIP = """
 import os, sys, json, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -184,7 +178,7 @@ print(json.dumps(out))
 
 
 def test_deepspeed_checkpoints_round_trip_with_weights_only_loads(tmp_path):
-    code = DEEPSPEED_ROUND_TRIP.format(port=_free_port())
+    code = DEEPSPEED_ROUND_TRIP.format(port=free_port())
     extensions = tmp_path / "torch_extensions"  # where a JIT-built DeepSpeed op would land
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})

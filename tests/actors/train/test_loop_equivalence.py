@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 5
@@ -91,12 +92,6 @@ def _plan(rows: list[dict], steps: int) -> np.ndarray:
                         steps=steps, seed=t.seed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _engine_rank(rank: int, port: int, tok_dir: str, rows: list[dict], plan: np.ndarray, steps: int, out) -> None:
     """One rank of the train stage's path: the demo's DeepSpeed engine and the worker's step."""
     import torch.distributed as dist
@@ -135,7 +130,7 @@ def _engine_path(tok, rows, plan, steps: int) -> list[tuple[float, float, float]
     out = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="sx-equiv-tok-") as tok_dir:
         tok.save_pretrained(tok_dir)
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_engine_rank, args=(r, port, tok_dir, rows, plan, steps, out)) for r in (0, 1)]
         for p in procs:
             p.start()

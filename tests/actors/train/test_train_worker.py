@@ -3,23 +3,17 @@ loading and export, the shared fp32 master (two real gloo processes)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cluster.ports import free_port
 from models.flavours import from_name
 from models.sphinx import SphinxX
 
 IGNORE = -100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_ranks(target, *args, timeout: float = 300) -> list:
@@ -27,7 +21,7 @@ def _two_ranks(target, *args, timeout: float = 300) -> list:
     returns what each rank put on ``out``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(2)]
     for p in procs:
         p.start()

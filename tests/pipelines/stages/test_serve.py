@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -23,16 +22,12 @@ import openai
 import pytest
 from PIL import Image
 
+from cluster.ports import free_port
+
 TEST_BUCKET = "sphinx-x-test"  # tests/conftest.py
 
 KEY_ENV = "SPHINX_X_TEST_SERVE_KEYS"
 KEY = "test-key-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(w: int, h: int, colour=(200, 30, 30)) -> bytes:
@@ -83,7 +78,7 @@ def live(s3, tmp_path_factory):
         "data": {"sources": [{"name": "one", "path": "src/one.json", "image_root": "src/images"}],
                  "output": "shards"},
         "serve": {
-            "http": {"host": "127.0.0.1", "port": _free_port()},
+            "http": {"host": "127.0.0.1", "port": free_port()},
             "api_keys_env": KEY_ENV,
             "max_request_bytes": 1 << 20,
             "allowed_image_s3_prefixes": [f"{prefix}/uploads"],
@@ -472,7 +467,7 @@ def test_a_second_app_on_another_port_is_refused_naming_both(live):
 
     data = live["spec"].model_dump(mode="json")
     running = int(live["url"].rsplit(":", 1)[1])
-    data.update(name="other-app", serve={**data["serve"], "http": {"host": "127.0.0.1", "port": _free_port()},
+    data.update(name="other-app", serve={**data["serve"], "http": {"host": "127.0.0.1", "port": free_port()},
                                          "models": [{"name": "x", "flavour": "debug"}]})
     with pytest.raises(UserError, match=f"already listens on 127.0.0.1:{running}"):
         serve_stage.run_stage(parse_spec(data))
