@@ -6,6 +6,8 @@ upstream no longer needs it.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from typing import Any
 
@@ -26,6 +28,34 @@ def repartition_without_cpus(ds):
     if hasattr(op, "ray_remote_args"):
         object.__setattr__(op, "ray_remote_args", {"num_cpus": 0})
     return ds
+
+
+# Ray Data's variable; the indexer reads it when read_parquet builds it, on the driver
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_ACTOR = 256  # each actor reads footers on 128 I/O threads
+
+
+def read_parquet_sized(files: list[str], **kwargs):
+    """Ray Data 2.60: ``ray.data.read_parquet(files, **kwargs)`` with one footer-reading actor per
+    256 files (at least 1, at most Ray's 32), not always 32.
+
+    Limitation: every parquet read lists its files through a ``FooterFileIndexer`` that starts
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default 32) ``FooterReader`` actors, whatever the
+    number of files (ray/data/_internal/datasource_v2/formats/parquet/footer_file_indexer.py):
+    32 new worker processes, ~1–1.5 CPU-s each to start, to read one file's footer on a 2-core
+    machine. The count is read from the environment when ``read_parquet`` builds the indexer (on
+    the caller's process, before any task), so it is set for that call only. A value the user set
+    is kept.
+    """
+    import ray.data
+
+    if FOOTER_ACTORS_ENV in os.environ:
+        return ray.data.read_parquet(files, **kwargs)
+    os.environ[FOOTER_ACTORS_ENV] = str(min(32, max(1, math.ceil(len(files) / FILES_PER_FOOTER_ACTOR))))
+    try:
+        return ray.data.read_parquet(files, **kwargs)
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
 
 
 def fit_interruptibly(trainer) -> Any:
