@@ -45,9 +45,11 @@ def read_parquet_sized(files: list[str], **kwargs):
     32 new worker processes, ~1–1.5 CPU-s each to start, to read one file's footer on a 2-core
     machine. The count is read from the environment when ``read_parquet`` builds the indexer (on
     the caller's process, before any task), so it is set for that call only. A value the user set
-    is kept.
+    is kept. (The indexer's module also reads it once at import, as its default: it is imported
+    first, so that default stays Ray's.)
     """
     import ray.data
+    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer  # noqa: F401
 
     if FOOTER_ACTORS_ENV in os.environ:
         return ray.data.read_parquet(files, **kwargs)

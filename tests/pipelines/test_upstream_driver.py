@@ -136,20 +136,29 @@ def _footer_readers() -> int:
 
 def test_read_parquet_sized_starts_one_footer_reader_for_one_file_not_32(ray_local, tmp_path):
     import os
+    import subprocess
+    import sys
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
 
     from pipelines.upstream import FOOTER_ACTORS_ENV, read_parquet_sized
 
     # Ray 2.60: the indexer of every parquet read starts 32 FooterReader actors, whatever the
     # files (BENCHMARKS.md measured it: 32 actors for one file); when it starts fewer, drop the
-    # workaround. (Checked on the indexer: running Ray's read would start the 32 processes.)
-    assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 32
+    # workaround. (Asked of a new indexer in a clean process: running Ray's read would start the 32
+    # processes.)
+    probe = ("from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer; "
+             "print(FooterFileIndexer(ignore_missing_paths=False)._num_actors)")
+    env = {k: v for k, v in os.environ.items() if k != FOOTER_ACTORS_ENV}
+    ray_default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert ray_default.stdout.split()[-1] == "32"
     path = str(tmp_path / "one.parquet")
     pq.write_table(pa.table({"x": list(range(5))}), path)
     before = _footer_readers()
     assert len(read_parquet_sized([path], num_cpus=0).take_all()) == 5
     assert _footer_readers() - before == 1
     assert FOOTER_ACTORS_ENV not in os.environ  # set for the call only
+    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
+
+    assert footer_file_indexer._DEFAULT_NUM_ACTORS == 32  # and Ray's default left as it was
