@@ -12,6 +12,7 @@ When an upgrade fixes the upstream side, that test tells: delete the function an
     ``bound_host_allocator``    glibc (2.x malloc)   freed heap memory stays resident on CPU
     ``hf_init_deferred``        transformers 5.19    ``post_init`` on ZeRO-3 partitions is a no-op
     ``hf_init_gathered``        transformers 5.19    (its counterpart: HF init, gathered)
+    ``cpu_engine_one_process``  vLLM 0.32 (CPU)      a one-rank engine starts a second process
     ==========================  ===================  ==========================================
 """
 
@@ -158,3 +159,32 @@ def hf_init_gathered(parts: Iterable) -> None:
                 part._init_weights(module)
         if hasattr(part, "tie_weights"):
             part.tie_weights()
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+
+def cpu_engine_one_process(tensor_parallel_size: int) -> bool:
+    """vLLM 0.32 on its CPU platform: a one-rank ``AsyncLLM`` engine runs its model worker inside
+    the engine core process (vLLM's ``uni`` executor) instead of in a third process. Call in the
+    replica before the engine is built, with OpenMP threads unpinned
+    (``VLLM_CPU_OMP_THREADS_BIND=nobind``); a no-op otherwise. Returns whether it applied.
+
+    The limitation: ``CpuPlatform.check_and_update_config`` switches a one-rank engine from
+    ``uni`` to the ``mp`` executor whenever ``VLLM_ENABLE_V1_MULTIPROCESSING`` is on (its
+    default), so that the worker process can pin its OpenMP threads to cores. The replica then
+    holds three processes that each import vLLM (replica, ``VLLM::EngineCore``,
+    ``VLLM::Worker``: ~10 CPU-s and a few hundred MB each, measured on the 2-core box). The
+    replicas here never pin (they share cores), so the worker gains nothing from its process.
+    ``AsyncLLM`` keeps its engine core in a child process either way (it has no in-process
+    client); that variable is read nowhere else on its path (``LLM``, the offline engine, would
+    run in-process: the batch engine, actors.eval.batch_engine, sets it for that reason).
+
+    Before: ``VllmConfig().parallel_config.distributed_executor_backend == "mp"``. After: ``"uni"``.
+    On GPU (another platform: ``uni`` already) and with tensor parallelism nothing changes."""
+    import os
+
+    if tensor_parallel_size != 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") != "nobind":
+        return False
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return True

@@ -162,3 +162,24 @@ print(json.dumps([embedding_std(plain), embedding_std(fixed)]))
     without, with_ = json.loads(_run(code))
     assert 0.8 < without < 1.2, f"transformers initialises ZeRO-3 partitions itself now (std {without})"
     assert 0.015 < with_ < 0.025
+
+
+def test_cpu_engine_one_process_keeps_vllms_single_process_executor():
+    """Without: vLLM's CPU platform turns a one-rank engine's ``uni`` executor into ``mp`` (a worker
+    process of its own). With (threads unpinned, one rank): ``uni``; pinned threads or tensor
+    parallelism: left alone. A fresh process: the variable is process-wide."""
+    out = _run("""
+import os
+os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+from vllm.config import VllmConfig
+from actors.upstream import cpu_engine_one_process
+without = VllmConfig().parallel_config.distributed_executor_backend
+skipped = [cpu_engine_one_process(2)]
+os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
+skipped.append(cpu_engine_one_process(1))
+os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+applied = cpu_engine_one_process(1)
+print(without, skipped, applied, VllmConfig().parallel_config.distributed_executor_backend)
+""")
+    assert out == "mp [False, False] True uni", out

@@ -8,8 +8,8 @@ of one request.
     >>> params = sampling_params({"max_tokens": 8, "temperature": 0, "stop": []}, options)
 
 The engine is vLLM's ``AsyncLLM``: its engine core runs in a child process of the replica (vLLM
-has no in-process async engine) and, with ``tensor_parallel_size`` > 1, one worker process per
-rank. ``device`` follows the replica's reservation: ``cuda`` when ``ray_actor_options.num_gpus``
+has no in-process async engine) with the model worker inside it, or, with ``tensor_parallel_size``
+> 1, one worker process per rank (on CPU: ``actors.upstream.cpu_engine_one_process``). ``device`` follows the replica's reservation: ``cuda`` when ``ray_actor_options.num_gpus``
 > 0 (bf16 by default, CUDA graphs unless ``enforce_eager``), else ``cpu`` (fp32 by default, the
 KV cache ``cpu_kv_cache_gb`` GiB, OpenMP threads = the replica's CPUs, never pinned: replicas
 share cores).
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from actors.upstream import cpu_engine_one_process
 from models.errors import UserError
 
 # The template's turn separator (models.conversation: " Assistant: {a}\n###"): always a stop.
@@ -76,6 +77,7 @@ def start_engine(model_dir: Union[str, Path], options: EngineOptions, *, max_ima
     if options.device == "cpu":
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several replicas share the cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, options.threads))
+        cpu_engine_one_process(options.tensor_parallel_size)  # the model worker in the engine core
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
