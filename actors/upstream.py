@@ -9,6 +9,7 @@ When an upgrade fixes the upstream side, that test tells: delete the function an
     ==========================  ===================  ==========================================
     ``share_fp32_master``       DeepSpeed 0.19.8     ZeRO keeps an fp32 clone of fp32 partitions
     ``no_cpu_shm_comm_build``   DeepSpeed 0.19.8     every rank compiles an op training never uses
+    ``zero_check_without_muon`` DeepSpeed 0.19.8     ZeRO's optimizer check imports torch.compile
     ``bound_host_allocator``    glibc (2.x malloc)   freed heap memory stays resident on CPU
     ``hf_init_deferred``        transformers 5.19    ``post_init`` on ZeRO-3 partitions is a no-op
     ``hf_init_gathered``        transformers 5.19    (its counterpart: HF init, gathered)
@@ -89,6 +90,35 @@ def no_cpu_shm_comm_build() -> bool:
     # by module name: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm imports it)
     backend = importlib.import_module("deepspeed.comm.torch")
     backend.build_shm_op = lambda: None
+    return True
+
+
+def zero_check_without_muon() -> bool:
+    """DeepSpeed 0.19.8: ``deepspeed.initialize``'s ZeRO optimizer check answers for an optimizer
+    of ZeRO's supported types without importing DeepSpeed's Muon optimizer. Call before
+    ``deepspeed.initialize``; idempotent. Returns whether it patched.
+
+    The limitation: ``deepspeed.runtime.zero.utils.is_zero_supported_optimizer`` imports
+    ``deepspeed.runtime.zero.muon.muon_optimizer`` on every call, to add Muon to the supported
+    list. That module decorates a function with ``torch.compile``, which imports
+    ``torch._dynamo`` and ``torch._inductor``: ~3 CPU-s in every rank of every run (measured in a
+    Ray Train worker on the 2-core box), for an optimizer this project never builds.
+
+    Before: after ``deepspeed.initialize`` with ZeRO, ``torch._inductor.compile_fx`` is in
+    ``sys.modules``. After: not (an optimizer of another type, Muon's included, still gets
+    DeepSpeed's own check, import and all)."""
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.runtime.zero import utils
+
+    original = utils.is_zero_supported_optimizer
+    if getattr(ds_engine.is_zero_supported_optimizer, "_sphinx_x", False):
+        return False
+
+    def is_zero_supported_optimizer(optimizer) -> bool:
+        return type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS or original(optimizer)
+
+    is_zero_supported_optimizer._sphinx_x = True  # type: ignore[attr-defined]
+    ds_engine.is_zero_supported_optimizer = is_zero_supported_optimizer  # engine.py imported it by name
     return True
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from actors.upstream import (bound_host_allocator, hf_init_deferred, hf_init_gathered, no_cpu_shm_comm_build,
-                             share_fp32_master)
+                             share_fp32_master, zero_check_without_muon)
 from cluster.spec import TrainSection
 from models.errors import UserError
 from models.flavours import Flavour
@@ -156,6 +156,7 @@ def build_engine(train: TrainSection, model, world_size: int, total_steps: int, 
 
     cfg = ds_config or deepspeed_config(train, model.flavour, world_size=world_size, total_steps=total_steps)
     no_cpu_shm_comm_build()  # deepspeed.initialize starts DeepSpeed's comm backend on its first call
+    zero_check_without_muon()
     # No ZeRO-3 special cases: every parameter is used only inside its own module's forward, and
     # the vision module runs (and touches all its parameters) on every batch, images or not.
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -183,3 +183,24 @@ applied = cpu_engine_one_process(1)
 print(without, skipped, applied, VllmConfig().parallel_config.distributed_executor_backend)
 """)
     assert out == "mp [False, False] True uni", out
+
+
+def test_zero_check_without_muon_keeps_torch_compile_unimported():
+    """DeepSpeed 0.19.8: ``deepspeed.initialize`` with ZeRO imports Muon (and with it torch.compile's
+    inductor) to check the optimizer; after zero_check_without_muon it does not, and the check still
+    passes for the optimizer training builds. Two fresh processes: imports are process-wide."""
+    def initialize(patch: bool) -> str:
+        return _run(_one_rank(free_port()) + f"""
+import sys
+from actors.upstream import zero_check_without_muon
+patched = zero_check_without_muon() if {patch} else False
+cfg = {{"train_micro_batch_size_per_gpu": 2, "zero_optimization": {{"stage": 2}},
+       "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-2, "torch_adam": True}}}}}}
+model = torch.nn.Linear(8, 4)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+print(json.dumps([patched, zero_check_without_muon() if {patch} else False, type(engine.optimizer).__name__,
+                  "torch._inductor.compile_fx" in sys.modules]))
+""")
+
+    assert json.loads(initialize(False)) == [False, False, "DeepSpeedZeroOptimizer", True], "DeepSpeed no longer imports Muon"
+    assert json.loads(initialize(True)) == [True, False, "DeepSpeedZeroOptimizer", False]
