@@ -6,8 +6,6 @@ upstream no longer needs it.
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 from typing import Any
 
@@ -30,34 +28,34 @@ def repartition_without_cpus(ds):
     return ds
 
 
-# Ray Data's variable; the indexer reads it when read_parquet builds it, on the driver
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FILES_PER_FOOTER_ACTOR = 256  # each actor reads footers on 128 I/O threads
+def read_parquet_cpu_free(files: list[str], **kwargs):
+    """Ray Data 2.60: ``ray.data.read_parquet(files, **kwargs)`` through Ray's V1 parquet datasource
+    (``DataContext.use_datasource_v2`` off for this call), whose read tasks take the ``num_cpus``
+    given and which starts no actor.
 
-
-def read_parquet_sized(files: list[str], **kwargs):
-    """Ray Data 2.60: ``ray.data.read_parquet(files, **kwargs)`` with one footer-reading actor per
-    256 files (at least 1, at most Ray's 32), not always 32.
-
-    Limitation: every parquet read lists its files through a ``FooterFileIndexer`` that starts
-    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default 32) ``FooterReader`` actors, whatever the
-    number of files (ray/data/_internal/datasource_v2/formats/parquet/footer_file_indexer.py):
-    32 new worker processes, ~1–1.5 CPU-s each to start, to read one file's footer on a 2-core
-    machine. The count is read from the environment when ``read_parquet`` builds the indexer (on
-    the caller's process, before any task), so it is set for that call only. A value the user set
-    is kept. (The indexer's module also reads it once at import, as its default: it is imported
-    first, so that default stays Ray's.)
+    Limitation: the default (V2) reader plans every read as ``ListFiles -> ReadFiles``. The
+    ``num_cpus`` argument reaches only ``ReadFiles``: the ``ListFiles`` tasks ask for 1 CPU
+    whatever the caller says (hard-coded in ray/data/_internal/planner/plan_list_files_op.py).
+    Behind an actor pool as large as the cluster (preprocess's tilers on a 2-CPU head) the
+    listing task never gets its CPU and the read never starts: ``sphinx-x preprocess`` with a
+    parquet source stalled for good. V2 also lists through a ``FooterFileIndexer`` that starts
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default 32) ``FooterReader`` actors for any number of
+    files: 32 worker processes, ~1–1.5 CPU-s each, for one file. V1 lists the files on the
+    caller's process, and samples a few in short tasks, when ``read_parquet`` is called: before
+    the dataset's actor pools exist. The flag is Ray's public switch (``RAY_DATA_USE_DATASOURCE_V2=0``); the dataset keeps
+    a copy of the context, so restoring the flag after the call changes nothing in it.
     """
-    import ray.data
-    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer  # noqa: F401
+    from ray.data import DataContext
 
-    if FOOTER_ACTORS_ENV in os.environ:
-        return ray.data.read_parquet(files, **kwargs)
-    os.environ[FOOTER_ACTORS_ENV] = str(min(32, max(1, math.ceil(len(files) / FILES_PER_FOOTER_ACTOR))))
+    import ray.data
+
+    ctx = DataContext.get_current()
+    was = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
     try:
         return ray.data.read_parquet(files, **kwargs)
     finally:
-        del os.environ[FOOTER_ACTORS_ENV]
+        ctx.use_datasource_v2 = was
 
 
 def fit_interruptibly(trainer) -> Any:

@@ -122,7 +122,7 @@ from pipelines.stage import StageBase
 from pipelines.stages.preprocess_report import QuarantineError, format_summary
 from pipelines.stages.preprocess_sources import Source, resolve_source
 from pipelines.stages.preprocess_tokenizer import prepare_tokenizer
-from pipelines.upstream import read_parquet_sized, repartition_without_cpus
+from pipelines.upstream import read_parquet_cpu_free, repartition_without_cpus
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def _raw_dataset(src: Source, ratio: float):
         return ds.map_batches(_parse_wds_batch, batch_size=_BATCH_ROWS, fn_kwargs=dict(source=name, ratio=ratio),
                               **light)
     if src.format == "parquet":
-        ds = read_parquet_sized(files, filesystem=src.filesystem, num_cpus=0)
+        ds = read_parquet_cpu_free(files, filesystem=src.filesystem, num_cpus=0)
         return ds.map_batches(_parse_parquet_batch, batch_size=_BATCH_ROWS,
                               fn_kwargs=dict(source=name, ratio=ratio, reading=src.reading, image_root=src.image_root,
                                              image_prefixes=src.image_prefixes), **light)

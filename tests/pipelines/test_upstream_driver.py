@@ -128,37 +128,52 @@ def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
         signal.signal(signal.SIGINT, inherited)
 
 
-def _footer_readers() -> int:
-    from ray._private.state import actors
+_STALL = """
+import json, sys, threading
+import pyarrow as pa, pyarrow.parquet as pq, ray, ray.data
+from ray._private.state import actors
+from pipelines.upstream import read_parquet_cpu_free
 
-    return sum(a["ActorClassName"] == "FooterReader" for a in actors().values())
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+path = sys.argv[1]
+pq.write_table(pa.table({"x": list(range(5))}), path)
+
+class Pool:  # an actor pool as large as the cluster, as preprocess's tilers on a 2-CPU head
+    def __call__(self, batch):
+        return batch
+
+def rows_within(read, seconds):
+    ds = read([path], num_cpus=0).map_batches(Pool, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1,
+                                              batch_format="pyarrow")
+    got = []
+    t = threading.Thread(target=lambda: got.append(len(ds.take_all())), daemon=True)
+    t.start()
+    t.join(seconds)
+    return (got or [None])[0], "ListFiles" in ds._logical_plan.dag.dag_str
+
+out = {"with": rows_within(read_parquet_cpu_free, 120),
+       "footer_readers": sum(a["ActorClassName"] == "FooterReader" for a in actors().values()),
+       "v2_after": ray.data.DataContext.get_current().use_datasource_v2}
+out["without"] = rows_within(ray.data.read_parquet, 15)  # last: its pool keeps the CPUs
+print(json.dumps(out), flush=True)
+import os; os._exit(0)
+"""
 
 
-def test_read_parquet_sized_starts_one_footer_reader_for_one_file_not_32(ray_local, tmp_path):
-    import os
+def test_read_parquet_cpu_free_reads_beside_an_actor_pool_that_holds_every_cpu(tmp_path):
+    """Ray Data 2.60, a fresh 2-CPU Ray in a child process: a parquet read feeding an actor pool of
+    both CPUs. Ray's default reader plans a ``ListFiles`` operator whose task waits for a CPU the pool
+    never frees: no rows (when it reads, drop the workaround). The workaround's read has no such
+    operator, starts no ``FooterReader`` actor and reads every row; Ray's flag is left as it was."""
+    import json
     import subprocess
     import sys
+    from pathlib import Path
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines.upstream import FOOTER_ACTORS_ENV, read_parquet_sized
-
-    # Ray 2.60: the indexer of every parquet read starts 32 FooterReader actors, whatever the
-    # files (BENCHMARKS.md measured it: 32 actors for one file); when it starts fewer, drop the
-    # workaround. (Asked of a new indexer in a clean process: running Ray's read would start the 32
-    # processes.)
-    probe = ("from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer; "
-             "print(FooterFileIndexer(ignore_missing_paths=False)._num_actors)")
-    env = {k: v for k, v in os.environ.items() if k != FOOTER_ACTORS_ENV}
-    ray_default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
-    assert ray_default.stdout.split()[-1] == "32"
-    path = str(tmp_path / "one.parquet")
-    pq.write_table(pa.table({"x": list(range(5))}), path)
-    before = _footer_readers()
-    assert len(read_parquet_sized([path], num_cpus=0).take_all()) == 5
-    assert _footer_readers() - before == 1
-    assert FOOTER_ACTORS_ENV not in os.environ  # set for the call only
-    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
-
-    assert footer_file_indexer._DEFAULT_NUM_ACTORS == 32  # and Ray's default left as it was
+    root = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, "-c", _STALL, str(tmp_path / "one.parquet")], capture_output=True,
+                         text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["without"] == [None, True], f"Ray's own read no longer stalls: {got}"
+    assert got["with"] == [5, False] and got["footer_readers"] == 0 and got["v2_after"] is True, got
