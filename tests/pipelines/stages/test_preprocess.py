@@ -171,7 +171,6 @@ def _read(storage, prefix: str) -> pa.Table:
 def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     from cluster.storage import open_storage
     from pipelines.stages import preprocess
-    from pipelines.cli import main
 
     root, images, expected = dataset
     spec = _spec(make_spec, root, "shards")
@@ -225,33 +224,47 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
         [r["source"] for r in shards.to_pylist()], key=["mix", "arr", "wds", "pq"].index)
 
     # 2. a re-run (--force, through the CLI, on a simulated 2-node cluster) replaces the old
-    #    shards, deletes stale ones and writes byte-identical files; a plain run then skips
+    #    shards, deletes stale ones and writes byte-identical files; a plain run then skips.
+    #    The cluster lives in a child process: a Ray `Cluster` started and shut down in this
+    #    worker left a GCS client behind that ended the worker ~60 s later ("Failed to connect
+    #    to GCS within 60 seconds", BENCHMARKS.md), whichever test it was running then.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+
     first = _files(storage, "shards")
     storage.write_bytes("shards/part-00099.parquet", b"stale")
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from cluster.storage import embedded_worker_env
-
+    ray.shutdown()  # the session's Ray gives its CPUs to the two nodes
+    spec2 = _spec(make_spec, root, "shards", max_quarantine_fraction=0.9)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**spec2.model_dump(mode="json"), "storage": spec.storage.model_dump(mode="json")}))
+    two_nodes = f"""
+import ray
+from ray.cluster_utils import Cluster
+from cluster.storage import embedded_worker_env
+from pipelines.cli import main
+cluster = Cluster()
+try:
+    cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False,
+             runtime_env={{"env_vars": embedded_worker_env({storage.endpoint_url!r})}})
+    nodes = len([n for n in ray.nodes() if n["Alive"]])
+    rc = main(["preprocess", {str(path)!r}, "--force"])
+finally:
     ray.shutdown()
-    cluster = Cluster()
-    try:
-        cluster.add_node(num_cpus=2)
-        cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": embedded_worker_env(storage.endpoint_url)})
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        spec2 = _spec(make_spec, root, "shards", max_quarantine_fraction=0.9)
-        path = tmp_path / "spec.yaml"
-        path.write_text(yaml.safe_dump({**spec2.model_dump(mode="json"), "storage": spec.storage.model_dump(mode="json")}))
-        assert main(["preprocess", str(path), "--force"]) == 0
-        assert _files(storage, "shards") == first
-        loose = spec.model_copy(update={"data": spec2.data})  # spec's storage, spec2's limit
-        assert preprocess.run_stage(loose)["skipped"] is True
-        assert not preprocess.is_complete(spec)  # over spec's stricter limit: not complete there
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    cluster.shutdown()
+print("nodes", nodes, "rc", rc)
+"""
+    out = subprocess.run([sys.executable, "-c", two_nodes], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).parents[3])
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "nodes 2 rc 0", out.stdout[-3000:] + out.stderr[-3000:]
+    assert _files(storage, "shards") == first
+    loose = spec.model_copy(update={"data": spec2.data})  # spec's storage, spec2's limit
+    assert preprocess.run_stage(loose)["skipped"] is True
+    assert not preprocess.is_complete(spec)  # over spec's stricter limit: not complete there
 
 
 def test_published_weights_bring_their_tokenizer_and_the_vocab_follows_it(ray_local, make_spec):
