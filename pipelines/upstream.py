@@ -42,14 +42,13 @@ def read_parquet_cpu_free(files: list[str], **kwargs):
     ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default 32) ``FooterReader`` actors for any number of
     files: 32 worker processes, ~1–1.5 CPU-s each, for one file. V1 lists the files on the
     caller's process, and samples a few in short tasks, when ``read_parquet`` is called: before
-    the dataset's actor pools exist. The flag is Ray's public switch (``RAY_DATA_USE_DATASOURCE_V2=0``); the dataset keeps
-    a copy of the context, so restoring the flag after the call changes nothing in it.
+    the dataset's actor pools exist. The flag is Ray's public switch
+    (``RAY_DATA_USE_DATASOURCE_V2=0``); the dataset keeps a copy of the context, so restoring the
+    flag after the call changes nothing in it.
     """
-    from ray.data import DataContext
-
     import ray.data
 
-    ctx = DataContext.get_current()
+    ctx = ray.data.DataContext.get_current()
     was = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
