@@ -110,9 +110,9 @@ def zero_check_without_muon() -> bool:
     import deepspeed.runtime.engine as ds_engine
     from deepspeed.runtime.zero import utils
 
-    original = utils.is_zero_supported_optimizer
     if getattr(ds_engine.is_zero_supported_optimizer, "_sphinx_x", False):
         return False
+    original = utils.is_zero_supported_optimizer
 
     def is_zero_supported_optimizer(optimizer) -> bool:
         return type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS or original(optimizer)

@@ -7,12 +7,13 @@ of one request.
     >>> engine = start_engine("out/export", options, max_image_pixels=40_000_000)   # vllm AsyncLLM
     >>> params = sampling_params({"max_tokens": 8, "temperature": 0, "stop": []}, options)
 
-The engine is vLLM's ``AsyncLLM``: its engine core runs in a child process of the replica (vLLM
-has no in-process async engine) with the model worker inside it, or, with ``tensor_parallel_size``
-> 1, one worker process per rank (on CPU: ``actors.upstream.cpu_engine_one_process``). ``device`` follows the replica's reservation: ``cuda`` when ``ray_actor_options.num_gpus``
-> 0 (bf16 by default, CUDA graphs unless ``enforce_eager``), else ``cpu`` (fp32 by default, the
-KV cache ``cpu_kv_cache_gb`` GiB, OpenMP threads = the replica's CPUs, never pinned: replicas
-share cores).
+The engine is vLLM's ``AsyncLLM``: its engine core runs in a child process of the replica (vLLM has
+no in-process async engine) with the model worker inside it (on CPU:
+``actors.upstream.cpu_engine_one_process``), or, with ``tensor_parallel_size`` > 1, one worker
+process per rank. ``device`` follows the replica's reservation: ``cuda`` when
+``ray_actor_options.num_gpus`` > 0 (bf16 by default, CUDA graphs unless ``enforce_eager``), else
+``cpu`` (fp32 by default, the KV cache ``cpu_kv_cache_gb`` GiB, OpenMP threads = the replica's CPUs,
+never pinned: replicas share cores).
 """
 
 from __future__ import annotations
