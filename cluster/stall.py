@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PENDING_ACTOR = "PENDING_CREATION"
 PENDING_TASK = "PENDING_NODE_ASSIGNMENT"
+JOIN_S = 15.0
 
 
 def pending_work() -> list[dict]:
@@ -86,3 +87,7 @@ def stall_watch(stage: str, *, after_s: float = 45.0, every_s: float = 5.0) -> I
         yield
     finally:
         stop.set()
+        # no call into Ray may still be running when the caller goes on to ``ray.shutdown``: a
+        # thread inside Ray's core worker then ends the process (pipelines.upstream.fit_interruptibly);
+        # the state API calls time out after 5 s each
+        thread.join(timeout=JOIN_S)

@@ -6,7 +6,6 @@ upstream no longer needs it.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 
@@ -63,22 +62,20 @@ def fit_interruptibly(trainer) -> Any:
     Bug: on the main thread, ``DataParallelTrainer.fit`` replaces the process's SIGINT handler
     with one that only asks the controller to abort "gracefully" and lets ``fit`` return (the
     caller then goes on: exports, serves, ...); a second Ctrl-C is logged and ignored, only the
-    third exits. Ray skips that handler off the main thread (as under Tune), so ``fit`` runs on
-    a worker thread here and Ctrl-C raises KeyboardInterrupt in the caller at once; the caller's
-    cleanup (``ray.shutdown``, ``Serve`` teardown) then stops the controller and its workers.
+    third exits. Ray installs it through the trainer's private ``_register_sigint_handler``, which
+    this trainer's instance answers with a no-op: the process keeps its own handler, Ctrl-C
+    raises KeyboardInterrupt out of ``fit``'s ``ray.get`` at once, and the caller's cleanup
+    (``ray.shutdown``, ``Serve`` teardown) then stops the controller and its workers.
+
+    ``fit`` stays on the calling thread on purpose. Running it on a thread of its own (this
+    function's earlier form: Ray skips the handler off the main thread) left that thread blocked
+    in ``ray.get`` when the caller's cleanup called ``ray.shutdown``; a thread that touches Ray's
+    core worker during or after its shutdown ends the whole process on the spot (Ray's
+    ``QuickExit``: "The core worker has already been shutdown ... The process will exit"), before
+    the command's reaper (cluster.reaper) runs, and Ray's agents were left running.
     """
-    out: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            out["result"] = trainer.fit()
-        except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
-            out["error"] = err
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)  # short waits: the main thread stays interruptible
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
+    if not callable(getattr(type(trainer), "_register_sigint_handler", None)):
+        raise RuntimeError(f"{type(trainer).__name__} has no _register_sigint_handler: Ray Train changed; "
+                           "check pipelines.upstream.fit_interruptibly against it")
+    trainer._register_sigint_handler = lambda controller: None
+    return trainer.fit()

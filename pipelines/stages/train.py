@@ -361,7 +361,9 @@ class _follow:
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.thread.join(timeout=2)
+        # its ``get`` waits 0.5 s at most; it must be out of Ray before the caller's ``ray.shutdown``
+        # (pipelines.upstream.fit_interruptibly says why)
+        self.thread.join(timeout=10)
         self.bar.close()
         try:
             import ray

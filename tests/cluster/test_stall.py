@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from cluster.stall import stall_watch
@@ -21,6 +22,8 @@ def test_work_pending_on_resources_is_reported(ray_local, caplog):
                 deadline = time.monotonic() + 60
                 while not caplog.records and time.monotonic() < deadline:
                     time.sleep(0.5)
+        # the watcher is out of Ray when the block ends: the caller may shut Ray down next
+        assert not [t for t in threading.enumerate() if t.name.startswith("stall-watch")]
         text = caplog.records[0].getMessage()
         assert text.startswith("train: 1 actor(s) waiting for resources for ")
         assert "'CPU', 64.0" in text or "'CPU': 64.0" in text

@@ -104,11 +104,15 @@ def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
     assert seen["plain"] is not default and "sigint_handler" in getattr(seen["plain"], "__name__", "")
     signal.signal(signal.SIGINT, default)
 
-    # with it: the handler stays ours and Ctrl-C raises KeyboardInterrupt here within seconds
+    # with it: the handler stays ours, fit runs on this thread (no thread of ours is left inside
+    # Ray when the caller's cleanup shuts Ray down) and Ctrl-C raises KeyboardInterrupt here within seconds
+    from ray._private.state import actors
+
     trainer, started, release = _waiting_trainer(tmp_path / "b")
 
     def ctrl_c():
         seen["fixed"] = signal.getsignal(signal.SIGINT)
+        seen["threads"] = {t.name for t in threading.enumerate()}
         seen["sent"] = time.monotonic()
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -118,12 +122,14 @@ def test_fit_interruptibly_lets_ctrl_c_stop_ray_train(ray_local, tmp_path):
             fit_interruptibly(trainer)
         assert started.exists() and seen["fixed"] is default  # sent while the loop ran
         assert time.monotonic() - seen["sent"] < 5
-        # the abandoned run ends by itself (its loop is released) before the next test
+        assert not any("fit" in name for name in seen["threads"]), seen["threads"]
+        # the abandoned run ends (its loop is released) and its worker is gone before the next test
         release.touch()
-        for thread in threading.enumerate():
-            if thread.name == "ray-train-fit":
-                thread.join(timeout=60)
-                assert not thread.is_alive(), "the abandoned fit did not end"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+                a["ActorClassName"] == "RayTrainWorker" and a["State"] != "DEAD" for a in actors().values()):
+            time.sleep(0.5)
+        assert time.monotonic() < deadline, "the abandoned run did not end"
     finally:
         signal.signal(signal.SIGINT, inherited)
 

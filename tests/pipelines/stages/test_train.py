@@ -232,3 +232,28 @@ def _manifest_json(tiling) -> str:
                     max_seq_len=4096, overflow="truncate", max_image_pixels=64_000_000, counts=counts, rows_reused=0,
                     tokens=Tokens(text=1, image=1, saved=0), image_bytes=ImageBytes(source=1, stored=1, codec="webp"),
                     sources={}, code_version="0", seconds=0.0, quarantine_gate=QuarantineGate(0.5, True)).to_json()
+
+
+def test_the_progress_thread_is_out_of_ray_when_training_ends():
+    """The progress feed's thread is joined, not left waiting in a queue ``get``, when the stage's
+    block ends: the caller may call ``ray.shutdown`` next, and a thread inside Ray's core worker then
+    ends the process (pipelines.upstream.fit_interruptibly). A slow ``get`` (a starved queue actor:
+    3 s) is waited for (no Ray)."""
+    import threading
+    import time
+
+    from ray.util.queue import Empty
+
+    from pipelines.stages.train import _follow
+
+    class SlowQueue:
+        actor = None
+
+        def get(self, timeout):
+            time.sleep(3)
+            raise Empty
+
+    with _follow(SlowQueue(), total=1, on_step=None) as follow:
+        time.sleep(0.2)  # the thread is inside its first get
+    assert not follow.thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "train-progress"]
