@@ -9,20 +9,9 @@ keep process-wide state.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
+from child_python import last_line
 from cluster.ports import free_port
-
-ROOT = Path(__file__).parents[2]
-
-
-def _run(code: str) -> str:
-    """``code`` in a fresh interpreter at the repository root; its last line of output."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip().splitlines()[-1]
 
 
 def _one_rank(port: int) -> str:
@@ -55,7 +44,7 @@ would_build = builder is not None and deepspeed.ops.__compatible_ops__[builder.N
 import deepspeed.comm.comm as cdb_module
 print(json.dumps([would_build, cdb_module.cdb.shm_comm_op is None]))
 """
-    would_build, skipped = json.loads(_run(code))
+    would_build, skipped = json.loads(last_line(code))
     assert would_build, "DeepSpeed no longer builds deepspeed_shm_comm on CPU: drop no_cpu_shm_comm_build"
     assert skipped
     assert not extensions.exists() or not any(extensions.rglob("*.so")), "something was compiled"
@@ -101,7 +90,7 @@ for stage in (2, 3):
     out[stage] = [n0, same0, n1, same1, bool(torch.allclose(got, want, rtol=1e-6, atol=1e-7)), got.numel()]
 print(json.dumps(out))
 """
-    got = json.loads(_run(code))
+    got = json.loads(last_line(code))
     params = 8 * 16 + 16 + 16 * 4 + 4
     for stage in ("2", "3"):
         without_n, without_same, with_n, with_same, same_values, numel = got[stage]
@@ -130,7 +119,7 @@ from actors.upstream import bound_host_allocator
 ok = bound_host_allocator()
 print(default, blocks_for(2 << 20), ok)
 """
-    assert _run(code) == "(0, 0) (1, 0) True"  # default: from the heap; bounded: its own mmap, returned
+    assert last_line(code) == "(0, 0) (1, 0) True"  # default: from the heap; bounded: its own mmap, returned
 
 
 def test_hf_init_is_lost_on_zero3_partitions_unless_deferred_and_gathered():
@@ -159,7 +148,7 @@ with hf_init_deferred(), deepspeed.zero.Init(config_dict_or_path=ds):
 hf_init_gathered([fixed])
 print(json.dumps([embedding_std(plain), embedding_std(fixed)]))
 """
-    without, with_ = json.loads(_run(code))
+    without, with_ = json.loads(last_line(code))
     assert 0.8 < without < 1.2, f"transformers initialises ZeRO-3 partitions itself now (std {without})"
     assert 0.015 < with_ < 0.025
 
@@ -168,7 +157,7 @@ def test_cpu_engine_one_process_keeps_vllms_single_process_executor():
     """Without: vLLM's CPU platform turns a one-rank engine's ``uni`` executor into ``mp`` (a worker
     process of its own). With (threads unpinned, one rank): ``uni``; pinned threads or tensor
     parallelism: left alone. A fresh process: the variable is process-wide."""
-    out = _run("""
+    out = last_line("""
 import os
 os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
@@ -190,7 +179,7 @@ def test_zero_check_without_muon_keeps_torch_compile_unimported():
     inductor) to check the optimizer; after zero_check_without_muon it does not, and the check still
     passes for the optimizer training builds. Two fresh processes: imports are process-wide."""
     def initialize(patch: bool) -> str:
-        return _run(_one_rank(free_port()) + f"""
+        return last_line(_one_rank(free_port()) + f"""
 import sys
 from actors.upstream import zero_check_without_muon
 patched = zero_check_without_muon() if {patch} else False

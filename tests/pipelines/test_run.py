@@ -17,7 +17,6 @@ import types
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cluster.ports import free_port
 from cluster.spec import dump_spec
@@ -245,6 +244,8 @@ def test_each_stage_runs_on_its_node_group(s3, make_spec, tmp_path):
 
     import ray
 
+    from child_python import last_line
+
     ray.shutdown()  # the session's Ray gives its CPUs to the three nodes
     spec = make_spec(
         cluster={"worker_groups": [{"name": "cpu", "cpus": 2}, {"name": "gpu", "cpus": 3}]},
@@ -290,10 +291,7 @@ finally:
     cluster.shutdown()
 print(json.dumps({{"stages": sorted(summaries), "where": {{k: sorted(v) for k, v in where.items()}}}}))
 """
-    out = subprocess.run([sys.executable, "-c", three_nodes], capture_output=True, text=True, timeout=900,
-                         cwd=Path(__file__).parents[2])
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(last_line(three_nodes, timeout=900))
     assert got["stages"] == ["preprocess", "serve", "train"]
     assert got["where"] == {"data": ["cpu"], "train": ["gpu"], "serve": ["gpu"]}
 

@@ -172,14 +172,9 @@ def test_read_parquet_cpu_free_reads_beside_an_actor_pool_that_holds_every_cpu(t
     never frees: no rows (when it reads, drop the workaround). The workaround's read has no such
     operator, starts no ``FooterReader`` actor and reads every row; Ray's flag is left as it was."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).parents[2]
-    out = subprocess.run([sys.executable, "-c", _STALL, str(tmp_path / "one.parquet")], capture_output=True,
-                         text=True, cwd=root, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    from child_python import last_line
+
+    got = json.loads(last_line(_STALL, str(tmp_path / "one.parquet")))
     assert got["without"] == [None, True], f"Ray's own read no longer stalls: {got}"
     assert got["with"] == [5, False] and got["footer_readers"] == 0 and got["v2_after"] is True, got

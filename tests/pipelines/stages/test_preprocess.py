@@ -228,11 +228,9 @@ def test_preprocess_end_to_end(ray_local, make_spec, dataset, tmp_path):
     #    The cluster lives in a child process: a Ray `Cluster` started and shut down in this
     #    worker left a GCS client behind that ended the worker ~60 s later ("Failed to connect
     #    to GCS within 60 seconds", BENCHMARKS.md), whichever test it was running then.
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import ray
+
+    from child_python import last_line
 
     first = _files(storage, "shards")
     storage.write_bytes("shards/part-00099.parquet", b"stale")
@@ -258,9 +256,7 @@ finally:
     cluster.shutdown()
 print("nodes", nodes, "rc", rc)
 """
-    out = subprocess.run([sys.executable, "-c", two_nodes], capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).parents[3])
-    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "nodes 2 rc 0", out.stdout[-3000:] + out.stderr[-3000:]
+    assert last_line(two_nodes, timeout=600) == "nodes 2 rc 0"
     assert _files(storage, "shards") == first
     loose = spec.model_copy(update={"data": spec2.data})  # spec's storage, spec2's limit
     assert preprocess.run_stage(loose)["skipped"] is True
